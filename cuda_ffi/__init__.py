@@ -1,0 +1,1 @@
+"""CUDA sources, their build and their jax.ffi registration. Imports nothing of jaxquant."""

@@ -1,0 +1,5 @@
+"""Quantized weight formats (pytrees) and their registry."""
+from jaxquant.formats.base import FORMATS, QuantizedWeight, is_quantized, quantized_format, static
+from jaxquant.formats.scalar import ScalarQuantized
+
+__all__ = ["FORMATS", "QuantizedWeight", "ScalarQuantized", "is_quantized", "quantized_format", "static"]

@@ -1,0 +1,67 @@
+"""Scalar grid format shared by RTN, HQQ and GPTQ: packed integer codes, one scale and zero per group.
+
+``w = (q - zero) * scale`` with ``q`` in ``[0, levels)``. Groups follow HQQ's semantics on the
+row-major flattened weight: ``axis=1`` groups ``group_size`` consecutive weights (inputs of one
+row when ``group_size`` divides ``in``); ``axis=0`` views the weight as ``[group_size, -1]`` and
+a group is one column of that view. Codes are bit-packed per row (``packing.pack``).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.formats import packing
+from jaxquant.formats.base import QuantizedWeight, quantized_format, static
+
+
+def group_view(shape: tuple[int, int], group_size: int, axis: int) -> tuple[int, int]:
+    """The 2-D view of the flattened weight in which groups reduce over ``axis``."""
+    n = shape[0] * shape[1]
+    if axis not in (0, 1):
+        raise ValueError(f"group axis must be 0 or 1, got {axis!r}")
+    if group_size <= 0 or n % group_size:
+        raise ValueError(f"group size {group_size} does not divide the {shape[0]}x{shape[1]} weight")
+    return (n // group_size, group_size) if axis == 1 else (group_size, n // group_size)
+
+
+@quantized_format("scalar")
+class ScalarQuantized(QuantizedWeight):
+    codes: jax.Array  # int32 [out, packed_words(in, bits)]
+    scale: jax.Array  # float16, the group view reduced over `axis` (keepdims)
+    zero: jax.Array  # float16, same shape as scale, in code units
+    shape: tuple[int, int] = static()
+    bits: int = static()
+    group_size: int = static()
+    axis: int = static(1)
+    levels: int = static(0)  # number of code values; 0 means 2**bits (ternary stores 3 in 2 bits)
+
+    @property
+    def num_levels(self) -> int:
+        return self.levels or 2**self.bits
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        q = packing.unpack(self.codes, self.bits, self.shape[1]).astype(jnp.float32)
+        q = q.reshape(group_view(self.shape, self.group_size, self.axis))
+        w = (q - self.zero.astype(jnp.float32)) * self.scale.astype(jnp.float32)
+        return w.reshape(self.shape).astype(dtype)
+
+
+def encode(w: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int, group_size: int,
+           axis: int = 1, levels: int = 0, param_dtype=jnp.float16) -> ScalarQuantized:
+    """Round ``w`` onto the grid given by per-group ``scale``/``zero`` (as stored) and pack it."""
+    shape = tuple(int(d) for d in w.shape)
+    view = group_view(shape, group_size, axis)
+    scale, zero = scale.astype(param_dtype), zero.astype(param_dtype)
+    q = jnp.round(w.reshape(view).astype(jnp.float32) / scale.astype(jnp.float32)
+                  + zero.astype(jnp.float32))
+    q = jnp.clip(q, 0, (levels or 2**bits) - 1).astype(jnp.uint32).reshape(shape)
+    return ScalarQuantized(packing.pack(q, bits), scale, zero, shape, bits, group_size, axis, levels)
+
+
+def minmax_grid(w: jax.Array, *, levels: int, group_size: int, axis: int = 1):
+    """Asymmetric min-max scale and zero (code units) per group, float32."""
+    wg = w.reshape(group_view(w.shape, group_size, axis)).astype(jnp.float32)
+    lo, hi = wg.min(axis=axis, keepdims=True), wg.max(axis=axis, keepdims=True)
+    span = hi - lo
+    scale = jnp.where(span > 0, span / (levels - 1), jnp.maximum(jnp.abs(lo), 1e-8))
+    return scale, -lo / scale

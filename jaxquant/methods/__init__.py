@@ -1,0 +1,5 @@
+"""Quantization methods. Each module registers itself; a new method is a new file plus a line here."""
+from jaxquant.methods.registry import METHODS, Method, config_from_dict, config_to_dict, method_of
+from jaxquant.methods.rtn import RTNConfig
+
+__all__ = ["METHODS", "Method", "RTNConfig", "config_from_dict", "config_to_dict", "method_of"]

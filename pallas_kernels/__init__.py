@@ -1,0 +1,1 @@
+"""Pallas GPU kernels (Hadamard transform, decode + matvec per format). Imports nothing of jaxquant."""
