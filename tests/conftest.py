@@ -1,0 +1,23 @@
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> pathlib.Path:
+    """The default model's GGUF (downloaded once into the jaxquant cache)."""
+    from jaxquant.model.hub import resolve_alias
+
+    return resolve_alias("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> pathlib.Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA
