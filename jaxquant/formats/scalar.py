@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.formats import packing
 from jaxquant.formats.base import QuantizedWeight, quantized_format, static
@@ -65,3 +66,82 @@ def minmax_grid(w: jax.Array, *, levels: int, group_size: int, axis: int = 1):
     span = hi - lo
     scale = jnp.where(span > 0, span / (levels - 1), jnp.maximum(jnp.abs(lo), 1e-8))
     return scale, -lo / scale
+
+
+# --- Meta-quantized variant: the per-group scale and zero are themselves b-bit min-max codes. ---
+
+def meta_quantize(x: jax.Array, *, bits: int, group_size: int, param_dtype=jnp.float16):
+    """Asymmetric min-max RTN of a parameter array, flattened in row-major order, in groups of
+    ``group_size`` (the tail is padded with its last value). Returns ``(codes uint8 [k, group],
+    scale [k, 1], zero [k, 1])``; ``meta_dequantize`` inverts it."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"meta quantization stores codes in uint8: 1 to 8 bits, got {bits!r}")
+    flat = x.reshape(-1).astype(jnp.float32)
+    flat = jnp.pad(flat, (0, -flat.size % group_size), mode="edge").reshape(-1, group_size)
+    scale, zero = minmax_grid(flat, levels=2**bits, group_size=group_size)
+    scale, zero = scale.astype(param_dtype), zero.astype(param_dtype)
+    q = jnp.round(flat / scale.astype(jnp.float32) + zero.astype(jnp.float32))
+    return jnp.clip(q, 0, 2**bits - 1).astype(jnp.uint8), scale, zero
+
+
+def meta_dequantize(codes: jax.Array, scale: jax.Array, zero: jax.Array, shape) -> jax.Array:
+    """float32 parameters of ``shape`` from ``meta_quantize``'s output."""
+    x = (codes.astype(jnp.float32) - zero.astype(jnp.float32)) * scale.astype(jnp.float32)
+    return x.reshape(-1)[: int(np.prod(shape))].reshape(shape)
+
+
+@quantized_format("scalar_meta")
+class ScalarMetaQuantized(QuantizedWeight):
+    """``ScalarQuantized`` whose scale and zero are stored as 8-bit (``meta_bits``) codes with an
+    fp16 scale and zero per ``meta_group_size`` consecutive groups (HQQ's meta quantization)."""
+
+    codes: jax.Array  # int32 [out, packed_words(in, bits)]
+    scale_codes: jax.Array  # uint8 [k, meta_group_size]
+    scale_scale: jax.Array  # float16 [k, 1]
+    scale_zero: jax.Array  # float16 [k, 1]
+    zero_codes: jax.Array
+    zero_scale: jax.Array
+    zero_zero: jax.Array
+    shape: tuple[int, int] = static()
+    bits: int = static()
+    group_size: int = static()
+    axis: int = static(1)
+    levels: int = static(0)
+    meta_bits: int = static(8)
+    meta_group_size: int = static(128)
+
+    @property
+    def num_levels(self) -> int:
+        return self.levels or 2**self.bits
+
+    def grid(self) -> tuple[jax.Array, jax.Array]:
+        """float32 scale and zero of every group, shaped like ``ScalarQuantized.scale``."""
+        view = group_view(self.shape, self.group_size, self.axis)
+        pshape = (1, view[1]) if self.axis == 0 else (view[0], 1)
+        return (meta_dequantize(self.scale_codes, self.scale_scale, self.scale_zero, pshape),
+                meta_dequantize(self.zero_codes, self.zero_scale, self.zero_zero, pshape))
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        scale, zero = self.grid()
+        q = packing.unpack(self.codes, self.bits, self.shape[1]).astype(jnp.float32)
+        q = q.reshape(group_view(self.shape, self.group_size, self.axis))
+        return ((q - zero) * scale).reshape(self.shape).astype(dtype)
+
+
+def encode_meta(w: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int, group_size: int,
+                axis: int = 1, levels: int = 0, meta_bits: int = 8, meta_group_size: int = 128,
+                param_dtype=jnp.float16, scale_meta=None) -> ScalarMetaQuantized:
+    """Meta-quantize per-group ``scale``/``zero`` (float32), then round ``w`` onto the grid they
+    decode to (so the codes match what ``dequantize`` sees) and pack it. ``scale_meta``: an
+    already meta-quantized scale (``meta_quantize`` output) to store as is."""
+    shape = tuple(int(d) for d in w.shape)
+    view = group_view(shape, group_size, axis)
+    sq = scale_meta if scale_meta is not None else meta_quantize(
+        scale, bits=meta_bits, group_size=meta_group_size, param_dtype=param_dtype)
+    zq = meta_quantize(zero, bits=meta_bits, group_size=meta_group_size, param_dtype=param_dtype)
+    s = meta_dequantize(*sq, scale.shape)
+    z = meta_dequantize(*zq, zero.shape)
+    q = jnp.round(w.reshape(view).astype(jnp.float32) / s + z)
+    q = jnp.clip(q, 0, (levels or 2**bits) - 1).astype(jnp.uint32).reshape(shape)
+    return ScalarMetaQuantized(packing.pack(q, bits), *sq, *zq, shape, bits, group_size, axis,
+                               levels, meta_bits, meta_group_size)

@@ -1,0 +1,165 @@
+"""A Flax NNX Llama. Every linear goes through ``jaxquant.matmul`` so any weight may be quantized.
+
+Parameter names are Hugging Face's without the ``model.`` prefix (``layers.3.mlp.up_proj.weight``),
+weights ``[out, in]``. The KV cache is a plain pytree passed in and returned, so decode steps jit
+once and can donate it.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxquant.model.config import LlamaConfig
+from jaxquant.quant import matmul
+
+
+class Linear(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, rngs: nnx.Rngs):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (d_out, d_in), jnp.float32) * 0.02)
+        self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if bias else None
+
+    def __call__(self, x):
+        y = matmul(x, self.weight.value)
+        return y if self.bias is None else y + self.bias.value.astype(y.dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim), jnp.float32) * 0.02)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.weight.value.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
+    """Inverse frequencies [head_dim/2], with Llama-3 or linear scaling when configured."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    if s[0] == "linear":
+        return inv / s[1]
+    if s[0] == "freq_factors":  # llama.cpp's rope_freqs tensor
+        return inv / jnp.asarray(s[1], jnp.float32)
+    _, factor, low, high, old_ctx = s  # Llama 3.1: smooth interpolation between the two bands
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > old_ctx / low, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """x [B, T, heads, hd]; positions [T]; HF's rotate-half convention."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[None, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[None, :, None, :]
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], -1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        d, hd, b = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
+        self.q_proj = Linear(d, cfg.num_attention_heads * hd, bias=b, rngs=rngs)
+        self.k_proj = Linear(d, cfg.num_key_value_heads * hd, bias=b, rngs=rngs)
+        self.v_proj = Linear(d, cfg.num_key_value_heads * hd, bias=b, rngs=rngs)
+        self.o_proj = Linear(cfg.num_attention_heads * hd, d, bias=b, rngs=rngs)
+        self.cfg = cfg
+
+    def __call__(self, x, positions, inv_freq, kv=None, cache_pos=0):
+        """x [B, T, d]. Without ``kv``: causal self-attention over x. With ``kv`` = (k, v) caches
+        [B, S, kv_heads, hd]: x's keys are written at ``cache_pos`` and attention covers the cache."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        kvh, groups = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+        q = apply_rope(self.q_proj(x).reshape(B, T, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
+        k = apply_rope(self.k_proj(x).reshape(B, T, kvh, cfg.head_dim), positions, inv_freq)
+        v = self.v_proj(x).reshape(B, T, kvh, cfg.head_dim)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_pos, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_pos, axis=1)
+            kv = (k, v)
+        q = q.reshape(B, T, kvh, groups, cfg.head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = scores / math.sqrt(cfg.head_dim)
+        key_pos = jnp.arange(k.shape[1])
+        mask = key_pos[None, :] <= positions[:, None]  # [T, S]
+        scores = jnp.where(mask, scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, -1)
+        return self.o_proj(out.astype(x.dtype)), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = Linear(d, f, bias=b, rngs=rngs)
+        self.up_proj = Linear(d, f, bias=b, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=b, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, kv=None, cache_pos=0):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv, cache_pos)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False, rngs=rngs)
+
+    def embed(self, tokens):
+        return jnp.take(jnp.asarray(self.embed_tokens.weight.value), tokens, axis=0)
+
+    def logits(self, h):
+        h = self.norm(h)
+        if self.lm_head is None:
+            return matmul(h, self.embed_tokens.weight.value).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def __call__(self, tokens, cache=None, cache_pos=0):
+        """tokens [B, T] -> (logits [B, T, vocab] fp32, updated cache or None)."""
+        positions = cache_pos + jnp.arange(tokens.shape[1])
+        inv_freq = rope_frequencies(self.config)
+        h = self.embed(tokens)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            h, kv = layer(h, positions, inv_freq, None if cache is None else cache[i], cache_pos)
+            new_cache.append(kv)
+        return self.logits(h), (None if cache is None else new_cache)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32):
+    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]
