@@ -62,6 +62,10 @@ class QuantizedWeight:
         bits = sum(np.dtype(leaf.dtype).itemsize * 8 * leaf.size for leaf in jax.tree.leaves(self))
         return bits / (self.shape[0] * self.shape[1])
 
+    def arrays(self) -> dict[str, Any]:
+        """The array fields by name (the pytree leaves)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("static")}
+
     def static_metadata(self) -> dict[str, Any]:
         """Static fields as JSON-able values (for checkpoint sidecars)."""
         out = {"format": self.format_name}

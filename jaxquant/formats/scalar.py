@@ -145,3 +145,31 @@ def encode_meta(w: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int, g
     q = jnp.clip(q, 0, (levels or 2**bits) - 1).astype(jnp.uint32).reshape(shape)
     return ScalarMetaQuantized(packing.pack(q, bits), *sq, *zq, shape, bits, group_size, axis,
                                levels, meta_bits, meta_group_size)
+
+
+# --- Input-permuted variant: GPTQ act-order with groups formed in the permuted order. ---
+
+@quantized_format("scalar_permuted")
+class PermutedScalarQuantized(QuantizedWeight):
+    """A ``ScalarQuantized`` weight whose input columns are stored in the order ``perm``:
+    stored column ``j`` is input ``perm[j]``. Groups are consecutive in the stored order, so a
+    kernel needs no per-column group index: ``y = x[..., perm] @ stored.T``."""
+
+    codes: jax.Array  # int32 [out, packed_words(in, bits)], stored (permuted) column order
+    scale: jax.Array  # float16 [out * in / group_size, 1]
+    zero: jax.Array  # float16, same shape as scale, in code units
+    perm: jax.Array  # int32 [in]
+    shape: tuple[int, int] = static()
+    bits: int = static()
+    group_size: int = static()
+
+    def stored(self) -> ScalarQuantized:
+        """The weight in stored column order, as a plain ``ScalarQuantized``."""
+        return ScalarQuantized(self.codes, self.scale, self.zero, self.shape, self.bits, self.group_size)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        inverse = jnp.argsort(self.perm)
+        return jnp.take(self.stored().dequantize(dtype), inverse, axis=1)
+
+    def matmul(self, x: jax.Array, backend: str = "auto") -> jax.Array:
+        return self.stored().matmul(jnp.take(x, self.perm, axis=-1), backend=backend)

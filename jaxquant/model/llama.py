@@ -83,8 +83,13 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, positions, inv_freq, kv=None, cache_pos=0):
-        """x [B, T, d]. Without ``kv``: causal self-attention over x. With ``kv`` = (k, v) caches
-        [B, S, kv_heads, hd]: x's keys are written at ``cache_pos`` and attention covers the cache."""
+        out, kv = self.attend(x, positions, inv_freq, kv, cache_pos)
+        return self.o_proj(out), kv
+
+    def attend(self, x, positions, inv_freq, kv=None, cache_pos=0):
+        """Attention output before o_proj. x [B, T, d]. Without ``kv``: causal self-attention
+        over x. With ``kv`` = (k, v) caches [B, S, kv_heads, hd]: x's keys are written at
+        ``cache_pos`` and attention covers the cache."""
         cfg = self.cfg
         B, T, _ = x.shape
         kvh, groups = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
@@ -103,7 +108,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask, scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, -1)
-        return self.o_proj(out.astype(x.dtype)), kv
+        return out.astype(x.dtype), kv
 
 
 class MLP(nnx.Module):

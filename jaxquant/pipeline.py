@@ -1,0 +1,164 @@
+"""``quantize_model``: stream the decoder blocks, quantize every linear with its method.
+
+Per block (only that block's weights are moved to the device):
+  1. for each linear group in order (qkv, o, up, down), compute the group's inputs with the block
+     as quantized so far (GPTQ's true-sequential order) and, for Hessian methods, H = E[x xᵀ];
+  2. quantize the group's linears;
+  3. run the quantized block on its inputs: the next block's inputs (GPTQ-style online mode).
+Embeddings, norms and lm_head stay in full precision unless a rule names them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.methods.registry import method_of
+from jaxquant.model.llama import DecoderLayer, Llama, rope_frequencies
+from jaxquant.model.params import get_param, set_param
+from jaxquant.quant import quantize_weight
+
+# linear groups of a decoder block, in forward order; members share one input (and one Hessian)
+GROUPS = {
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Layers whose name (e.g. ``layers.3.mlp.down_proj``) matches ``pattern`` (``re.search``) get
+    ``config``; ``config=None`` keeps them in full precision. The first matching rule wins."""
+
+    pattern: str
+    config: Any | None
+
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def layer_config(name: str, default: Any, rules: Sequence[Rule]) -> Any | None:
+    for rule in rules:
+        if re.search(rule.pattern, name):
+            return rule.config
+    return default
+
+
+def quantize_model(model: Llama, config: Any, *, rules: Sequence[Rule] = (), calibration: np.ndarray | None = None,
+                   key: jax.Array | None = None, batch_size: int = 8, progress: Progress | None = None,
+                   hessians: Callable[[int, str], np.ndarray] | None = None) -> Llama:
+    """A new model whose block linears are quantized (``model`` itself is left unchanged).
+
+    ``config`` is the default method config; ``rules`` override it per layer. Hessian methods need
+    ``calibration`` token windows ``[n, ctx]`` (online Hessians) or ``hessians(block, group)``
+    returning stored ones (offline).
+    """
+    graphdef, state = nnx.split(model)
+    qmodel = nnx.merge(graphdef, state)  # new Variables over the same arrays: no copy
+    cfg = model.config
+    key = jax.random.key(0) if key is None else key
+    configs = {(i, f"layers.{i}.{member}"): layer_config(f"layers.{i}.{member}", config, rules)
+               for i in range(cfg.num_hidden_layers) for members in GROUPS.values() for member in members}
+    needs_h = any(c is not None and method_of(c).needs_hessian for c in configs.values())
+    if needs_h and calibration is None and hessians is None:
+        raise ValueError("a Hessian-aware method needs calibration windows or stored Hessians")
+    x = None
+    if needs_h and calibration is not None:
+        x = _embed(qmodel, jnp.asarray(calibration, jnp.int32))
+        positions = jnp.arange(calibration.shape[1])
+        inv_freq = rope_frequencies(cfg)
+    for i in range(cfg.num_hidden_layers):
+        layer = qmodel.layers[i]
+        for g, (group, members) in enumerate(GROUPS.items()):
+            h = None
+            if any(configs[(i, f"layers.{i}.{m}")] is not None and method_of(configs[(i, f"layers.{i}.{m}")]).needs_hessian
+                   for m in members):
+                h = hessians(i, group) if hessians is not None else _group_hessian(layer, group, x, positions,
+                                                                                 inv_freq, batch_size)
+            for j, member in enumerate(members):
+                name = f"layers.{i}.{member}"
+                c = configs[(i, name)]
+                if c is None:
+                    continue
+                w = get_param(qmodel, name + ".weight")
+                k = jax.random.fold_in(key, i * 16 + g * 4 + j)
+                qw = quantize_weight(w, c, hessian=h if method_of(c).needs_hessian else None, key=k, name=name)
+                set_param(qmodel, name + ".weight", jax.device_get(qw))
+        if x is not None:
+            x = _run_block(layer, x, positions, inv_freq, batch_size)
+        if progress:
+            progress("quantize", i + 1, cfg.num_hidden_layers)
+    return qmodel
+
+
+def _embed(model: Llama, tokens: jax.Array) -> jax.Array:
+    return jax.jit(lambda w, t: jnp.take(w, t, axis=0))(jnp.asarray(model.embed_tokens.weight.value), tokens)
+
+
+def _block_fn(fn):
+    """jit ``fn(layer, x, positions, inv_freq)`` over batches, the layer split into graph + state."""
+
+    def run(layer: DecoderLayer, x, positions, inv_freq, batch_size):
+        graphdef, state = nnx.split(layer)
+        step = _jit_block(graphdef, fn)
+        return [step(state, x[s : s + batch_size], positions, inv_freq) for s in range(0, x.shape[0], batch_size)]
+
+    return run
+
+
+_JITTED: dict = {}
+
+
+def _jit_block(graphdef, fn):
+    key = (graphdef, fn)
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(lambda state, x, p, f: fn(nnx.merge(graphdef, state), x, p, f))
+    return _JITTED[key]
+
+
+def _group_input(layer: DecoderLayer, group: str, x, positions, inv_freq):
+    """Input activations of a linear group, the block as quantized so far."""
+    h = layer.input_layernorm(x)
+    if group == "qkv":
+        return h
+    attn, _ = layer.self_attn.attend(h, positions, inv_freq)
+    if group == "o":
+        return attn
+    x = x + layer.self_attn.o_proj(attn)
+    h = layer.post_attention_layernorm(x)
+    if group == "up":
+        return h
+    return jax.nn.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h)
+
+
+def _second_moment(layer, x, positions, inv_freq, group):
+    a = _group_input(layer, group, x, positions, inv_freq).astype(jnp.float32)
+    a = a.reshape(-1, a.shape[-1])
+    return a.T @ a, a.shape[0]
+
+
+def _group_hessian(layer, group, x, positions, inv_freq, batch_size) -> jax.Array:
+    """H = E[x xᵀ] of the group's inputs over all calibration tokens (fp32 partial sums)."""
+    fn = _GROUP_FNS.setdefault(group, lambda l, x, p, f: _second_moment(l, x, p, f, group))
+    parts = _block_fn(fn)(layer, x, positions, inv_freq, batch_size)
+    total = sum(np.asarray(s, np.float64) for s, _ in parts)
+    count = sum(int(c) for _, c in parts)
+    return jnp.asarray(total / count, jnp.float32)
+
+
+_GROUP_FNS: dict = {}
+
+
+def _block_forward(layer, x, positions, inv_freq):
+    return layer(x, positions, inv_freq)[0]
+
+
+def _run_block(layer, x, positions, inv_freq, batch_size):
+    return jnp.concatenate(_block_fn(_block_forward)(layer, x, positions, inv_freq, batch_size))
