@@ -158,7 +158,7 @@ class PermutedScalarQuantized(QuantizedWeight):
     codes: jax.Array  # int32 [out, packed_words(in, bits)], stored (permuted) column order
     scale: jax.Array  # float16 [out * in / group_size, 1]
     zero: jax.Array  # float16, same shape as scale, in code units
-    perm: jax.Array  # int32 [in]
+    perm: jax.Array  # int16 (int32 when in > 32768) [in]
     shape: tuple[int, int] = static()
     bits: int = static()
     group_size: int = static()

@@ -70,9 +70,9 @@ def fit_grid(x: jax.Array, *, bits: int, sym: bool) -> tuple[jax.Array, jax.Arra
 
 
 def round_to_grid(x, scale, zero, *, bits: int):
-    """(codes, dequantized values) with the stored format's arithmetic."""
+    """(dequantized values, codes) with the stored format's arithmetic."""
     q = jnp.clip(jnp.round(x / scale + zero), 0, 2**bits - 1)
-    return q.astype(jnp.uint32), (q - zero) * scale
+    return (q - zero) * scale, q.astype(jnp.uint32)
 
 
 @register_method("gptq", GPTQConfig, needs_hessian=True)
@@ -101,6 +101,7 @@ def quantize_with_hat(w, cfg: GPTQConfig, hessian):
                                        dynamic=dynamic, lazy=cfg.block_size)
     shape = (out, n)
     if dynamic and cfg.act_order:
+        perm = perm.astype(jnp.int16 if n <= 2**15 else jnp.int32)
         qw = PermutedScalarQuantized(packing.pack(codes, cfg.bits), scale, zero, perm, shape,
                                      cfg.bits, group)
     else:
