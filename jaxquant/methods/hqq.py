@@ -37,7 +37,7 @@ class HQQConfig:
     beta: float = 10.0
     kappa: float = 1.01
     iters: int = 20
-    early_stop: bool = True  # a group stops at its first non-improving step (its best is kept)
+    early_stop: bool = True  # stop once the matrix error stops improving; groups keep their best
     refine_scale: bool = False  # also fit the scale: least squares of (W - W_e) on the codes
     meta_bits: int | None = None  # 8: store scale and zero as 8-bit codes (ScalarMetaQuantized)
     meta_group_size: int = 128  # groups of scales/zeros sharing one meta scale and zero
@@ -165,61 +165,58 @@ def optimize_grid(wg: jax.Array, scale: jax.Array, zero: jax.Array, cfg: HQQConf
     """The half-quadratic solver on the group view ``wg``; returns the best ``(scale, zero, err)``
     per group, ``err`` being its mean absolute reconstruction error (the start is iterate 0).
 
-    Iterates ``cfg.iters`` updates (with ``early_stop``, a group freezes at its first step that
-    does not lower its error); the scale only moves with ``refine_scale``.
+    Runs ``cfg.iters`` updates; with ``early_stop`` it stops once the whole matrix's mean
+    absolute error fails to improve (upstream's rule), each group keeping its best iterate. The
+    scale only moves with ``refine_scale``.
     """
     axis, top = cfg.axis, cfg.levels - 1
     p = cfg.lp_norm
 
-    def reconstruct(s, z):
-        w32 = wg.astype(jnp.float32)  # cast inside the loop: the fp32 copy is never materialized
-        q = jnp.clip(jnp.round(w32 / s + z), 0, top)
-        return w32, q, (q - z) * s
-
-    def shrink(d, beta):  # generalized soft threshold, the prox of |d|^p / beta
+    def shrink(d, beta):  # generalized soft threshold: the prox of |d|^p / beta
         a = jnp.abs(d)
         return jnp.sign(d) * jnp.maximum(a - jnp.where(a > 0, a, 1.0) ** (p - 1) / beta, 0.0)
 
     def body(carry):
-        i, beta, s, z, best_s, best_z, best_err, active = carry
-        w32, q, r = reconstruct(s, z)
+        i, beta, s, z, best_s, best_z, best_err, prev_total, _ = carry
+        w32 = wg.astype(jnp.float32)  # cast inside the loop: no fp32 copy of W is materialized
+        q = jnp.clip(jnp.round(w32 / s + z), 0, top)  # exactly as scalar.encode rounds
+        r = (q - z) * s
         err = jnp.mean(jnp.abs(w32 - r), axis=axis, keepdims=True)
         better = err < best_err
         best_s, best_z = jnp.where(better, s, best_s), jnp.where(better, z, best_z)
         best_err = jnp.where(better, err, best_err)
-        if cfg.early_stop:
-            active = active & better
+        total = jnp.mean(err)
+        running = (total < prev_total) if cfg.early_stop else jnp.bool_(True)
         target = w32 - shrink(w32 - r, beta)  # W - W_e
         if cfg.refine_scale:
-            new_s, new_z = _fit_grid(q, target, s, z, axis)
+            s_new, z_new = _fit_grid(q, target, s, axis)
+            s = _as_stored(s_new)
         else:
-            new_s, new_z = s, jnp.mean(q - target / s, axis=axis, keepdims=True)
-        if cfg.refine_scale:  # otherwise s stays exactly as given (e.g. meta-quantized)
-            s = jnp.where(active, _as_stored(new_s), s)
-        z = jnp.where(active, _as_stored(new_z), z)
-        return i + 1, beta * cfg.kappa, s, z, best_s, best_z, best_err, active
+            z_new = jnp.mean(q - target / s, axis=axis, keepdims=True)
+        return (i + 1, beta * cfg.kappa, s, _as_stored(z_new), best_s, best_z, best_err,
+                jnp.minimum(total, prev_total), running)
 
     def cond(carry):
-        i, *_, active = carry
-        return (i <= cfg.iters) & jnp.any(active)  # iters updates, iters + 1 evaluations
+        i, *_, running = carry
+        return (i <= cfg.iters) & running  # iters updates, iters + 1 evaluations
 
     inf = jnp.full(zero.shape, jnp.inf, jnp.float32)
-    init = (0, jnp.float32(cfg.beta), scale, zero, scale, zero, inf, jnp.ones(zero.shape, bool))
-    _, _, _, _, best_s, best_z, best_err, _ = jax.lax.while_loop(cond, body, init)
+    init = (0, jnp.float32(cfg.beta), scale, zero, scale, zero, inf, jnp.float32(jnp.inf),
+            jnp.bool_(True))
+    _, _, _, _, best_s, best_z, best_err, _, _ = jax.lax.while_loop(cond, body, init)
     return best_s, best_z, best_err
 
 
-def _fit_grid(q, target, s, z, axis):
-    """Least-squares ``target ~ (q - z) * s`` per group; keeps ``(s, z)`` where degenerate."""
+def _fit_grid(q, target, s, axis):
+    """Least squares ``target ~ (q - z) * s`` over ``(s, z)`` per group (the half-quadratic
+    step with the scale free); groups with constant codes or a non-positive slope only move z."""
     qm, tm = q.mean(axis=axis, keepdims=True), target.mean(axis=axis, keepdims=True)
     var = jnp.mean((q - qm) ** 2, axis=axis, keepdims=True)
     cov = jnp.mean((q - qm) * (target - tm), axis=axis, keepdims=True)
     slope = cov / jnp.where(var > 0, var, 1.0)
-    ok = (var > 1e-6) & (slope > 1e-8)
-    new_s = jnp.where(ok, slope, s)
-    new_z = jnp.where(ok, qm - tm / jnp.where(ok, slope, 1.0), jnp.mean(q - target / s, axis=axis,
-                                                                         keepdims=True))
-    return new_s, new_z
+    ok = (var > 1e-6) & (slope >= 1 / 2e4)  # the start's bound on 1/scale
+    s = jnp.where(ok, slope, s)
+    return s, qm - tm / s
 
 
 def _as_stored(x: jax.Array) -> jax.Array:

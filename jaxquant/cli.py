@@ -1,0 +1,295 @@
+"""The ``jaxquant`` command: a thin layer over the library, with progress bars.
+
+Method options are generated from the config dataclasses of the registered methods, so a new
+method brings its flags with it (``--bits``, ``--group-size``, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import typing
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _progress_bar(desc: str):
+    from tqdm.auto import tqdm
+
+    bars: dict = {}
+
+    def update(*args):
+        stage, done, total = args if len(args) == 3 else (desc, *args)
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+# --- method options from config dataclasses --------------------------------------------------
+
+def _method_fields() -> dict[str, tuple[type, list[str]]]:
+    from jaxquant.methods import METHODS
+
+    fields: dict[str, tuple[type, list[str]]] = {}
+    for name, method in METHODS.items():
+        hints = typing.get_type_hints(method.config)
+        for f in dataclasses.fields(method.config):
+            kind = _scalar_type(hints[f.name])
+            fields.setdefault(f.name, (kind, []))[1].append(name)
+    return fields
+
+
+def _scalar_type(hint) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    for t in (bool, int, float, str):
+        if t in args:
+            return t
+    return str
+
+
+def _parse_value(kind: type, text: str):
+    if text.lower() in ("none", "null"):
+        return None
+    if kind is bool:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+    return kind(text)
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    from jaxquant.methods import METHODS
+
+    p.add_argument("--method", default="rtn", choices=sorted(METHODS), help="quantization method (default rtn)")
+    group = p.add_argument_group("method options (each applies to the methods named)")
+    for name, (kind, methods) in sorted(_method_fields().items()):
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", default=None, metavar=kind.__name__.upper(),
+                           type=lambda s, k=kind: _parse_value(k, s), help=f"{', '.join(methods)}")
+
+
+def config_from_args(args) -> typing.Any:
+    from jaxquant.methods import METHODS
+
+    config_cls = METHODS[args.method].config
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    given = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    foreign = sorted(set(given) - names)
+    if foreign:
+        raise SystemExit(f"error: --{', --'.join(n.replace('_', '-') for n in foreign)} "
+                         f"not an option of method {args.method}")
+    try:
+        return config_cls(**given)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def rules_from_args(args):
+    from jaxquant.methods import config_from_dict
+    from jaxquant.pipeline import Rule
+
+    rules = [Rule(pattern, None) for pattern in (args.keep or [])]
+    if args.rules:
+        for entry in json.loads(open(args.rules).read()):
+            cfg = entry.get("config")
+            rules.append(Rule(entry["pattern"], None if cfg is None else config_from_dict(cfg)))
+    return rules
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def cmd_eval(args) -> dict:
+    from jaxquant import data
+    from jaxquant.evaluate import perplexity
+    from jaxquant.model.load import load_model, load_tokenizer
+
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    text, used = data.load_text_with_fallback(args.data_file)
+    windows = data.eval_windows(data.tokenize(tokenizer, text), args.ctx, args.max_windows)
+    start = time.perf_counter()
+    result = perplexity(model, windows, batch_size=args.batch_size, progress=_progress_bar("eval"))
+    seconds = time.perf_counter() - start
+    result.update(model=str(args.model), data=used, seconds=seconds, tokens_per_s=windows.size / seconds)
+    print(json.dumps(result) if args.json else
+          f"perplexity {result['ppl']:.4f} on {used} ({result['windows']} windows x {args.ctx} tokens, "
+          f"{result['tokens_per_s']:.0f} tokens/s)")
+    return result
+
+
+def _calibration(args, tokenizer):
+    from jaxquant import data
+
+    text, used = data.load_text_with_fallback(args.calib_file, default="wikitext2-valid")
+    tokens = data.tokenize(tokenizer, text)
+    return data.calibration_windows(tokens, args.calib_samples, args.calib_ctx, seed=args.seed), used
+
+
+def cmd_quantize(args):
+    import jax
+
+    from jaxquant.checkpoint import save
+    from jaxquant.methods import config_to_dict, method_of
+    from jaxquant.model.load import load_model, load_tokenizer
+    from jaxquant.pipeline import quantize_model
+    from jaxquant.report import summarize
+
+    cfg = config_from_args(args)
+    rules = rules_from_args(args)
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    calibration = None
+    if method_of(cfg).needs_hessian:
+        calibration, used = _calibration(args, tokenizer)
+        print(f"calibration: {calibration.shape[0]} windows x {calibration.shape[1]} tokens from {used}")
+    start = time.perf_counter()
+    qmodel = quantize_model(model, cfg, rules=rules, calibration=calibration, key=jax.random.key(args.seed),
+                            progress=_progress_bar("quantize"))
+    recipe = {"config": config_to_dict(cfg), "rules": [{"pattern": r.pattern, "config": r.config and config_to_dict(r.config)}
+                                                       for r in rules], "source": str(args.model)}
+    summary = summarize(qmodel)
+    print(f"quantized in {time.perf_counter() - start:.1f} s: {summary}")
+    path = save(qmodel, args.out, tokenizer=tokenizer, recipe={**recipe, **summary})
+    print(f"saved {path}")
+    return qmodel, tokenizer
+
+
+def cmd_generate(args):
+    from jaxquant.generate import generate
+    from jaxquant.model.load import load_model, load_tokenizer
+
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat, temperature=args.temperature,
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=lambda s: print(s, end="", flush=True))
+    print()
+
+
+def cmd_demo(args):
+    """Fetch the default model, quantize it, compare perplexity, save, reload, generate."""
+    import jax
+
+    from jaxquant import data
+    from jaxquant.checkpoint import load, save
+    from jaxquant.evaluate import perplexity
+    from jaxquant.generate import generate
+    from jaxquant.methods import config_to_dict
+    from jaxquant.model.load import load_model, load_tokenizer
+    from jaxquant.pipeline import quantize_model
+    from jaxquant.report import summarize
+
+    print(f"[1/5] loading {args.model}")
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    text, used = data.load_text_with_fallback(args.data_file)
+    windows = data.eval_windows(data.tokenize(tokenizer, text), args.ctx, args.max_windows)
+    print(f"[2/5] perplexity of the original model on {used} ({windows.shape[0]} windows x {args.ctx})")
+    before = perplexity(model, windows, progress=_progress_bar("eval fp"))
+    cfg = config_from_args(args)
+    print(f"[3/5] quantizing with {config_to_dict(cfg)}")
+    calibration = _calibration(args, tokenizer)[0] if cmd_needs_hessian(cfg) else None
+    qmodel = quantize_model(model, cfg, calibration=calibration, key=jax.random.key(args.seed),
+                            progress=_progress_bar("quantize"))
+    summary = summarize(qmodel)
+    print(f"[4/5] saving to {args.out} and reloading")
+    save(qmodel, args.out, tokenizer=tokenizer, recipe={"config": config_to_dict(cfg), **summary})
+    qmodel = load(args.out)
+    after = perplexity(qmodel, windows, progress=_progress_bar("eval quantized"))
+    print(f"\nperplexity: original {before['ppl']:.3f} -> quantized {after['ppl']:.3f} "
+          f"({summary['bits_per_weight']:.3f} bits per quantized weight, ctx {args.ctx}, {windows.shape[0]} windows)")
+    print(f"[5/5] generating from the quantized model: {args.prompt!r}")
+    generate(qmodel, tokenizer, args.prompt, args.max_new_tokens, chat=True,
+             stream=lambda s: print(s, end="", flush=True))
+    print()
+
+
+def cmd_needs_hessian(cfg) -> bool:
+    from jaxquant.methods import method_of
+
+    return method_of(cfg).needs_hessian
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxquant", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_arg(q, default=DEFAULT_MODEL):
+        q.add_argument("--model", default=default, help=f"alias, GGUF file, HF/Flax folder or jaxquant checkpoint (default {default})")
+
+    def calib_args(q):
+        q.add_argument("--calib-file", help="calibration text (.txt/.jsonl/.parquet or wikitext2-valid/c4/builtin); "
+                                           "default wikitext2-valid via datasets, else builtin")
+        q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+        q.add_argument("--calib-ctx", type=int, default=2048, help="tokens per calibration window (default 2048)")
+
+    def eval_args(q, max_windows=None):
+        q.add_argument("--data-file", help="evaluation text (.txt/.raw/.jsonl/.parquet, wikitext2, c4 or builtin); "
+                                          "default wikitext2 via datasets, else builtin")
+        q.add_argument("--ctx", type=int, default=2048, help="tokens per window (default 2048)")
+        q.add_argument("--max-windows", type=int, default=max_windows, help=f"evaluate at most N windows (default {max_windows or 'all'})")
+
+    q = sub.add_parser("eval", help="perplexity over non-overlapping windows")
+    model_arg(q, None)
+    eval_args(q)
+    q.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(fn=cmd_eval)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a checkpoint")
+    model_arg(q)
+    q.add_argument("--out", required=True, help="output checkpoint folder (replaced atomically)")
+    add_method_args(q)
+    q.add_argument("--keep", action="append", metavar="REGEX", help="keep matching layers (e.g. 'mlp.down_proj') in full precision; repeatable")
+    q.add_argument("--rules", metavar="JSON", help='per-layer rules file: [{"pattern": REGEX, "config": {"method": ..., ...} | null}, ...]')
+    calib_args(q)
+    q.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
+    q.set_defaults(fn=cmd_quantize)
+
+    q = sub.add_parser("generate", help="generate text with a KV cache")
+    model_arg(q)
+    q.add_argument("--prompt", required=True)
+    q.add_argument("--max-new-tokens", type=int, default=64, help="(default 64)")
+    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    q.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    q.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    q.set_defaults(fn=cmd_generate)
+
+    q = sub.add_parser("demo", help="fetch the default model, quantize, compare perplexity, save, generate")
+    model_arg(q)
+    eval_args(q, max_windows=4)
+    add_method_args(q)
+    calib_args(q)
+    q.add_argument("--out", default="jaxquant-demo-checkpoint", help="checkpoint folder (default ./jaxquant-demo-checkpoint)")
+    q.add_argument("--prompt", default="Name three uses of a paperclip.")
+    q.add_argument("--max-new-tokens", type=int, default=40)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=cmd_demo)
+    return p
+
+
+DEMO_DEFAULTS = {"bits": 4, "group_size": 64}  # applied where the chosen method has the option
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from jaxquant.methods import METHODS
+
+        fields = {f.name for f in dataclasses.fields(METHODS[args.method].config)}
+        for name, value in DEMO_DEFAULTS.items():
+            if name in fields and getattr(args, f"opt_{name}") is None:
+                setattr(args, f"opt_{name}", value)
+    try:
+        args.fn(args)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Viterbi search over QTIP's bitshift trellis (arXiv:2406.11235 §3, App. A), batched in JAX.
+
+Notation: a sequence of T weights is n = T/V steps; step t emits the V values of its L-bit state
+s_t, and consecutive states overlap in L - kV bits (``s_{t+1} >> kV == s_t mod 2^(L-kV)``).
+Write P = 2^(L-kV) and D = 2^kV. The predecessors of s are ``d·P + (s >> kV)`` for d < D, so the
+best predecessor depends on s only through ``s >> kV``. The recursion therefore carries
+
+    M_t(p) = min_d C_t(d·P + p),   C_t(s) = e_t(s) + M_{t-1}(s >> kV),   p < P,
+
+with C_t the best cost of a path ending in s at step t and e_t(s) = ‖c_s‖² - 2⟨x_t, c_s⟩ the
+squared error up to the constant ‖x_t‖². One step maps M (B, P) and x_t (B, V) to M' and the
+argmin d (uint8 back-pointers, B x P): with s = d·P + h·D + l it is a broadcast over the reshaped
+tables plus a log2(D)-level compare/select tree over d -- no gathers, one elementwise fusion.
+Carrying M (P entries) instead of C (2^L) divides the per-step memory traffic by D.
+
+Tail-biting (QTIP App. A): the stream of a tile is the top kV bits of every state, n·kV = T·k
+bits, read circularly, so the last state's low L-kV bits must equal the first state's high
+L-kV bits ("overlap" O). Pass 1 runs unconstrained on the sequence rotated by n/2 steps and
+reads O off the state where the two ends meet; pass 2 runs with M_{-1} = 0 only at p = O
+(forcing s_0 >> kV = O) and ends in the state d·P + O with d the back-pointer of M_{n-1}(O).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DEFAULT_MAX_BACKPOINTER_BYTES = 1 << 30
+
+
+def code_tables(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``[2^L, V]`` code values -> (``[V, 2^L]`` values, ``[2^L]`` squared norms), float32."""
+    values = jnp.asarray(values, jnp.float32)
+    return values.T, jnp.sum(values * values, axis=-1)
+
+
+def _check(L: int, kV: int, n: int) -> None:
+    if not 1 <= kV <= 8:
+        raise ValueError(f"k·V must be in [1, 8] (uint8 back-pointers), got {kV}")
+    if L < 2 * kV:
+        raise ValueError(f"the bitshift trellis needs L >= 2·k·V, got L={L}, kV={kV}")
+    if n * kV < L:
+        raise ValueError(f"a tail-biting sequence of {n} steps holds {n * kV} bits < L={L}")
+
+
+def _step(m, x_t, vals, sqn, *, L, kV):
+    """One trellis step: M_{t-1} (B, P), x_t (B, V) -> M_t (B, P), back-pointers (B, P) uint8."""
+    B, V = x_t.shape
+    D, H = 1 << kV, 1 << (L - 2 * kV)
+    e = sqn[None, :]
+    for v in range(V):  # ‖c‖² - 2<x, c>, state-major so that s = d·P + h·D + l
+        e = e - (2.0 * x_t[:, v:v + 1]) * vals[v][None, :]
+    cand = e.reshape(B, D, H, D) + m.reshape(B, D, H, 1)
+    idx = lax.broadcasted_iota(jnp.int32, (1, D, 1, 1), 1)
+    while cand.shape[1] > 1:  # min/argmin over d as a compare/select tree (ties -> smaller d)
+        half = cand.shape[1] // 2
+        a, b = cand[:, :half], cand[:, half:]
+        take = b < a
+        cand = jnp.where(take, b, a)
+        idx = jnp.where(take, idx[:, half:], idx[:, :half])
+    return cand.reshape(B, -1), jnp.broadcast_to(idx, cand.shape).reshape(B, -1).astype(jnp.uint8)
+
+
+def _forward(x, m0, vals, sqn, *, L, kV, unroll):
+    """x (n, B, V) -> (M_{n-1} (B, P), back-pointers (n, B, P) uint8)."""
+    step = functools.partial(_step, vals=vals, sqn=sqn, L=L, kV=kV)
+    return lax.scan(lambda m, x_t: step(m, x_t), m0, x, unroll=unroll)
+
+
+def _backtrace(bp, s_last, *, L, kV):
+    """Back-pointers (n, B, P) and the last states (B,) -> states (B, n) int32."""
+    P = 1 << (L - kV)
+
+    def back(s, bp_t):  # s_t -> s_{t-1}
+        p = s >> kV
+        d = jnp.take_along_axis(bp_t, p[:, None], axis=1)[:, 0].astype(jnp.int32)
+        prev = d * P + p
+        return prev, prev
+
+    _, prev = lax.scan(back, s_last, bp[:-1], reverse=True)
+    return jnp.concatenate([prev, s_last[None]], axis=0).T
+
+
+def _solve(x, m0, vals, sqn, overlap, *, L, kV, unroll):
+    """One Viterbi pass on x (n, B, V); ``overlap`` (B,) fixes the end state's low bits, or None."""
+    P = 1 << (L - kV)
+    m_last, bp = _forward(x, m0, vals, sqn, L=L, kV=kV, unroll=unroll)
+    p = jnp.argmin(m_last, axis=1).astype(jnp.int32) if overlap is None else overlap
+    d = jnp.take_along_axis(bp[-1], p[:, None], axis=1)[:, 0].astype(jnp.int32)
+    return _backtrace(bp, d * P + p, L=L, kV=kV)
+
+
+def _start_costs(overlap, P):
+    """M_{-1}: zero everywhere (free start) or zero only at p = overlap (tail-biting pass 2)."""
+    if overlap is None:
+        return None
+    return jnp.where(jnp.arange(P, dtype=jnp.int32)[None, :] == overlap[:, None], 0.0, jnp.inf
+                     ).astype(jnp.float32)
+
+
+def _to_steps(x, V):
+    B, T = x.shape
+    return jnp.asarray(x, jnp.float32).reshape(B, T // V, V).transpose(1, 0, 2)
+
+
+@functools.partial(jax.jit, static_argnames=("L", "k", "V", "chunk", "unroll"))
+def _viterbi_chunked(x, overlap, values, *, L, k, V, chunk, unroll):
+    kV = k * V
+    P = 1 << (L - kV)
+    vals, sqn = code_tables(values)
+    free = overlap is None
+
+    def solve(args):
+        xc, oc = args
+        n, Bc = xc.shape[1] // V, xc.shape[0]
+        m0 = jnp.zeros((Bc, P), jnp.float32) if free else _start_costs(oc, P)
+        return _solve(_to_steps(xc, V), m0, vals, sqn, None if free else oc, L=L, kV=kV, unroll=unroll)
+
+    return _map_chunks(solve, x, overlap if not free else jnp.zeros(x.shape[0], jnp.int32), chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("L", "k", "V", "chunk", "unroll"))
+def _tailbiting_chunked(x, values, *, L, k, V, chunk, unroll):
+    kV = k * V
+    P = 1 << (L - kV)
+    vals, sqn = code_tables(values)
+
+    def solve(args):
+        xc, _ = args
+        Bc, T = xc.shape
+        n = T // V
+        half = n // 2
+        # Pass 1: rotate by n/2 steps so that the tile's two ends meet mid-sequence.
+        rot = jnp.roll(xc, -half * V, axis=1)
+        s_rot = _solve(_to_steps(rot, V), jnp.zeros((Bc, P), jnp.float32), vals, sqn, None,
+                       L=L, kV=kV, unroll=unroll)
+        overlap = s_rot[:, n - half] >> kV  # rotated step n - half is original step 0
+        # Pass 2: the original order with s_0 >> kV = overlap = s_{n-1} mod P.
+        return _solve(_to_steps(xc, V), _start_costs(overlap, P), vals, sqn, overlap,
+                      L=L, kV=kV, unroll=unroll)
+
+    return _map_chunks(solve, x, jnp.zeros(x.shape[0], jnp.int32), chunk)
+
+
+def _map_chunks(fn, x, aux, chunk):
+    """``fn`` over row chunks of ``chunk`` sequences (sequential ``lax.map``), padded, unpadded."""
+    B = x.shape[0]
+    if B <= chunk:
+        return fn((x, aux))
+    nchunk = -(-B // chunk)
+    pad = nchunk * chunk - B
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    aux = jnp.pad(aux, (0, pad))
+    out = lax.map(fn, (x.reshape(nchunk, chunk, -1), aux.reshape(nchunk, chunk)))
+    return out.reshape(nchunk * chunk, -1)[:B]
+
+
+def chunk_size(B: int, T: int, *, L: int, k: int, V: int,
+               max_backpointer_bytes: int = DEFAULT_MAX_BACKPOINTER_BYTES) -> int:
+    """Sequences per chunk so that one chunk's uint8 back-pointers fit in the byte budget."""
+    per_seq = (T // V) << (L - k * V)
+    return max(1, min(B, max_backpointer_bytes // per_seq))
+
+
+def viterbi(x: jax.Array, values: jax.Array, *, L: int, k: int, overlap: jax.Array | None = None,
+            max_backpointer_bytes: int = DEFAULT_MAX_BACKPOINTER_BYTES, unroll: int = 1) -> jax.Array:
+    """Minimum squared-error state paths of the bitshift trellis (one Viterbi pass).
+
+    x: ``[B, T]`` targets in code units; values: ``[2^L, V]`` code values by state.
+    overlap: ``[B]`` optional; fixes ``s_0 >> kV = s_{n-1} mod 2^(L-kV) = overlap`` (the
+    tail-biting constraint with known overlap bits). Returns ``[B, T/V]`` int32 states.
+    """
+    V = _shape_check(x, values, L, k)
+    chunk = chunk_size(x.shape[0], x.shape[1], L=L, k=k, V=V, max_backpointer_bytes=max_backpointer_bytes)
+    if overlap is not None:
+        overlap = jnp.asarray(overlap, jnp.int32)
+    return _viterbi_chunked(x, overlap, values, L=L, k=k, V=V, chunk=chunk, unroll=unroll)
+
+
+def viterbi_tailbiting(x: jax.Array, values: jax.Array, *, L: int, k: int,
+                       max_backpointer_bytes: int = DEFAULT_MAX_BACKPOINTER_BYTES,
+                       unroll: int = 1) -> jax.Array:
+    """Tail-biting state paths by QTIP's two-pass approximation (App. A): ``[B, T]`` -> ``[B, T/V]``.
+
+    Every returned path satisfies ``s_0 >> kV == s_{n-1} mod 2^(L-kV)``, so its n·kV = T·k stream
+    bits (``stream_symbols``) alone determine it. Sequences are processed ``chunk_size`` at a
+    time so that back-pointers stay within ``max_backpointer_bytes``.
+    """
+    V = _shape_check(x, values, L, k)
+    chunk = chunk_size(x.shape[0], x.shape[1], L=L, k=k, V=V, max_backpointer_bytes=max_backpointer_bytes)
+    return _tailbiting_chunked(x, values, L=L, k=k, V=V, chunk=chunk, unroll=unroll)
+
+
+def _shape_check(x, values, L, k) -> int:
+    if x.ndim != 2 or values.ndim != 2 or values.shape[0] != 1 << L:
+        raise ValueError(f"expected x [B, T] and values [2^L={1 << L}, V], got {x.shape}, {values.shape}")
+    V = values.shape[1]
+    if x.shape[1] % V:
+        raise ValueError(f"sequence length {x.shape[1]} is not a multiple of V={V}")
+    _check(L, k * V, x.shape[1] // V)
+    return V
+
+
+def stream_symbols(states: jax.Array, *, L: int, kV: int) -> jax.Array:
+    """The kV-bit symbol each state contributes to the stream: its top kV bits."""
+    return (states >> (L - kV)).astype(jnp.uint32)
+
+
+def path_cost(x: jax.Array, states: jax.Array, values: jax.Array) -> jax.Array:
+    """Squared error per sequence of the reconstruction along ``states``: ``[B]``."""
+    B, T = x.shape
+    rec = jnp.asarray(values, jnp.float32)[states].reshape(B, T)
+    return jnp.sum((x - rec) ** 2, axis=1)
+
