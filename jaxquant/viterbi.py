@@ -45,27 +45,51 @@ def _check(L: int, kV: int, n: int) -> None:
         raise ValueError(f"a tail-biting sequence of {n} steps holds {n * kV} bits < L={L}")
 
 
-def _step(m, x_t, vals, sqn, *, L, kV):
-    """One trellis step: M_{t-1} (B, P), x_t (B, V) -> M_t (B, P), back-pointers (B, P) uint8."""
+STEP_IMPLS = ("reduce", "tree")
+
+
+def _step(m, x_t, vals, sqn, *, L, kV, impl):
+    """One trellis step: M_{t-1} (B, P), x_t (B, V) -> M_t (B, P), back-pointers (B, P) uint8.
+
+    ``impl``: "reduce" is one variadic (value, index) reduction over d; "tree" is an
+    elementwise compare/select tree. Both return a minimizing d (ties: "reduce" takes the
+    smallest, "tree" any of them) and the same minimum. XLA's speed of the two
+    differs by backend and kV (``scripts/bench_viterbi.py`` compares them).
+    """
     B, V = x_t.shape
     D, H = 1 << kV, 1 << (L - 2 * kV)
     e = sqn[None, :]
     for v in range(V):  # ‖c‖² - 2<x, c>, state-major so that s = d·P + h·D + l
         e = e - (2.0 * x_t[:, v:v + 1]) * vals[v][None, :]
     cand = e.reshape(B, D, H, D) + m.reshape(B, D, H, 1)
-    idx = lax.broadcasted_iota(jnp.int32, (1, D, 1, 1), 1)
-    while cand.shape[1] > 1:  # min/argmin over d as a compare/select tree (ties -> smaller d)
+    if impl == "reduce":
+        idx = lax.broadcasted_iota(jnp.uint8, cand.shape, 1)
+
+        def smaller(a, b):
+            (va, ia), (vb, ib) = a, b
+            take = (vb < va) | ((vb == va) & (ib < ia))
+            return jnp.where(take, vb, va), jnp.where(take, ib, ia)
+
+        best, arg = lax.reduce((cand, idx), (jnp.float32(jnp.inf), jnp.uint8(0)), smaller, (1,))
+        return best.reshape(B, -1), arg.reshape(B, -1)
+    idx = lax.broadcasted_iota(jnp.uint8, (1, D, 1, 1), 1)
+    while cand.shape[1] > 1:
         half = cand.shape[1] // 2
         a, b = cand[:, :half], cand[:, half:]
         take = b < a
         cand = jnp.where(take, b, a)
         idx = jnp.where(take, idx[:, half:], idx[:, :half])
-    return cand.reshape(B, -1), jnp.broadcast_to(idx, cand.shape).reshape(B, -1).astype(jnp.uint8)
+    return cand.reshape(B, -1), jnp.broadcast_to(idx, cand.shape).reshape(B, -1)
 
 
-def _forward(x, m0, vals, sqn, *, L, kV, unroll):
+def default_impl(kV: int) -> str:
+    """The faster step on XLA:CPU (measured): the reduction for D <= 16, else the tree."""
+    return "reduce" if kV <= 4 else "tree"
+
+
+def _forward(x, m0, vals, sqn, *, L, kV, impl, unroll):
     """x (n, B, V) -> (M_{n-1} (B, P), back-pointers (n, B, P) uint8)."""
-    step = functools.partial(_step, vals=vals, sqn=sqn, L=L, kV=kV)
+    step = functools.partial(_step, vals=vals, sqn=sqn, L=L, kV=kV, impl=impl)
     return lax.scan(lambda m, x_t: step(m, x_t), m0, x, unroll=unroll)
 
 
@@ -83,10 +107,10 @@ def _backtrace(bp, s_last, *, L, kV):
     return jnp.concatenate([prev, s_last[None]], axis=0).T
 
 
-def _solve(x, m0, vals, sqn, overlap, *, L, kV, unroll):
+def _solve(x, m0, vals, sqn, overlap, *, L, kV, impl, unroll):
     """One Viterbi pass on x (n, B, V); ``overlap`` (B,) fixes the end state's low bits, or None."""
     P = 1 << (L - kV)
-    m_last, bp = _forward(x, m0, vals, sqn, L=L, kV=kV, unroll=unroll)
+    m_last, bp = _forward(x, m0, vals, sqn, L=L, kV=kV, impl=impl, unroll=unroll)
     p = jnp.argmin(m_last, axis=1).astype(jnp.int32) if overlap is None else overlap
     d = jnp.take_along_axis(bp[-1], p[:, None], axis=1)[:, 0].astype(jnp.int32)
     return _backtrace(bp, d * P + p, L=L, kV=kV)
@@ -105,8 +129,8 @@ def _to_steps(x, V):
     return jnp.asarray(x, jnp.float32).reshape(B, T // V, V).transpose(1, 0, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("L", "k", "V", "chunk", "unroll"))
-def _viterbi_chunked(x, overlap, values, *, L, k, V, chunk, unroll):
+@functools.partial(jax.jit, static_argnames=("L", "k", "V", "chunk", "impl", "unroll"))
+def _viterbi_chunked(x, overlap, values, *, L, k, V, chunk, impl, unroll):
     kV = k * V
     P = 1 << (L - kV)
     vals, sqn = code_tables(values)
@@ -116,13 +140,13 @@ def _viterbi_chunked(x, overlap, values, *, L, k, V, chunk, unroll):
         xc, oc = args
         n, Bc = xc.shape[1] // V, xc.shape[0]
         m0 = jnp.zeros((Bc, P), jnp.float32) if free else _start_costs(oc, P)
-        return _solve(_to_steps(xc, V), m0, vals, sqn, None if free else oc, L=L, kV=kV, unroll=unroll)
+        return _solve(_to_steps(xc, V), m0, vals, sqn, None if free else oc, L=L, kV=kV, impl=impl, unroll=unroll)
 
     return _map_chunks(solve, x, overlap if not free else jnp.zeros(x.shape[0], jnp.int32), chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("L", "k", "V", "chunk", "unroll"))
-def _tailbiting_chunked(x, values, *, L, k, V, chunk, unroll):
+@functools.partial(jax.jit, static_argnames=("L", "k", "V", "chunk", "impl", "unroll"))
+def _tailbiting_chunked(x, values, *, L, k, V, chunk, impl, unroll):
     kV = k * V
     P = 1 << (L - kV)
     vals, sqn = code_tables(values)
@@ -135,11 +159,11 @@ def _tailbiting_chunked(x, values, *, L, k, V, chunk, unroll):
         # Pass 1: rotate by n/2 steps so that the tile's two ends meet mid-sequence.
         rot = jnp.roll(xc, -half * V, axis=1)
         s_rot = _solve(_to_steps(rot, V), jnp.zeros((Bc, P), jnp.float32), vals, sqn, None,
-                       L=L, kV=kV, unroll=unroll)
+                       L=L, kV=kV, impl=impl, unroll=unroll)
         overlap = s_rot[:, n - half] >> kV  # rotated step n - half is original step 0
         # Pass 2: the original order with s_0 >> kV = overlap = s_{n-1} mod P.
         return _solve(_to_steps(xc, V), _start_costs(overlap, P), vals, sqn, overlap,
-                      L=L, kV=kV, unroll=unroll)
+                      L=L, kV=kV, impl=impl, unroll=unroll)
 
     return _map_chunks(solve, x, jnp.zeros(x.shape[0], jnp.int32), chunk)
 
@@ -165,7 +189,8 @@ def chunk_size(B: int, T: int, *, L: int, k: int, V: int,
 
 
 def viterbi(x: jax.Array, values: jax.Array, *, L: int, k: int, overlap: jax.Array | None = None,
-            max_backpointer_bytes: int = DEFAULT_MAX_BACKPOINTER_BYTES, unroll: int = 1) -> jax.Array:
+            max_backpointer_bytes: int = DEFAULT_MAX_BACKPOINTER_BYTES, impl: str | None = None,
+            unroll: int = 1) -> jax.Array:
     """Minimum squared-error state paths of the bitshift trellis (one Viterbi pass).
 
     x: ``[B, T]`` targets in code units; values: ``[2^L, V]`` code values by state.
@@ -176,12 +201,12 @@ def viterbi(x: jax.Array, values: jax.Array, *, L: int, k: int, overlap: jax.Arr
     chunk = chunk_size(x.shape[0], x.shape[1], L=L, k=k, V=V, max_backpointer_bytes=max_backpointer_bytes)
     if overlap is not None:
         overlap = jnp.asarray(overlap, jnp.int32)
-    return _viterbi_chunked(x, overlap, values, L=L, k=k, V=V, chunk=chunk, unroll=unroll)
+    return _viterbi_chunked(x, overlap, values, L=L, k=k, V=V, chunk=chunk, impl=_impl(impl, k * V), unroll=unroll)
 
 
 def viterbi_tailbiting(x: jax.Array, values: jax.Array, *, L: int, k: int,
                        max_backpointer_bytes: int = DEFAULT_MAX_BACKPOINTER_BYTES,
-                       unroll: int = 1) -> jax.Array:
+                       impl: str | None = None, unroll: int = 1) -> jax.Array:
     """Tail-biting state paths by QTIP's two-pass approximation (App. A): ``[B, T]`` -> ``[B, T/V]``.
 
     Every returned path satisfies ``s_0 >> kV == s_{n-1} mod 2^(L-kV)``, so its n·kV = T·k stream
@@ -190,7 +215,14 @@ def viterbi_tailbiting(x: jax.Array, values: jax.Array, *, L: int, k: int,
     """
     V = _shape_check(x, values, L, k)
     chunk = chunk_size(x.shape[0], x.shape[1], L=L, k=k, V=V, max_backpointer_bytes=max_backpointer_bytes)
-    return _tailbiting_chunked(x, values, L=L, k=k, V=V, chunk=chunk, unroll=unroll)
+    return _tailbiting_chunked(x, values, L=L, k=k, V=V, chunk=chunk, impl=_impl(impl, k * V), unroll=unroll)
+
+
+def _impl(impl, kV):
+    impl = impl or default_impl(kV)
+    if impl not in STEP_IMPLS:
+        raise ValueError(f"unknown Viterbi step {impl!r}; known: {STEP_IMPLS}")
+    return impl
 
 
 def _shape_check(x, values, L, k) -> int:
