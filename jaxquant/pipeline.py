@@ -99,7 +99,7 @@ def quantize_model(model: Llama, config: Any, *, rules: Sequence[Rule] = (), cal
 
 
 def _embed(model: Llama, tokens: jax.Array) -> jax.Array:
-    return jax.jit(lambda w, t: jnp.take(w, t, axis=0))(jnp.asarray(model.embed_tokens.weight.value), tokens)
+    return jax.jit(lambda w, t: jnp.take(w, t, axis=0))(jnp.asarray(model.embed_tokens.weight.get_value()), tokens)
 
 
 def _block_fn(fn):

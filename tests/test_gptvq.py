@@ -16,6 +16,10 @@ def random_hessian(rng, n, samples, spread=0.5):
     return (X.T @ X / samples).astype(np.float32)
 
 
+# One shape and one configuration for the tests that run the whole method: compiled once.
+MAIN = gptvq.GPTVQConfig(bits=2, vq_dim=2, group_size=256, tile_size=2048, kmeans_iters=30)
+
+
 @pytest.fixture
 def layer():
     rng = np.random.default_rng()
@@ -26,7 +30,7 @@ def layer():
 
 def test_gptvq_2d_at_2_125_bpw_beats_gptq_2bit_g128(layer):
     W, H = layer
-    cfg = gptvq.GPTVQConfig(bits=2, vq_dim=2, group_size=256, tile_size=2048, kmeans_iters=30)
+    cfg = MAIN
     assert cfg.nominal_bits_per_weight == 2.125
     qv, W_sweep = gptvq.quantize_with_hat(W, cfg, H, key=jax.random.key(1))
     assert isinstance(qv, vq.VQQuantized) and (qv.group_rows, qv.group_cols) == (8, 256)
@@ -39,8 +43,10 @@ def test_gptvq_2d_at_2_125_bpw_beats_gptq_2bit_g128(layer):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(vq_dim=1, bits=3, tile_size=256, group_size=128, init="kmeans++"),
-    dict(vq_dim=4, bits=1, tile_size=512, group_size=128, exact_block_update=False),
+    pytest.param(dict(vq_dim=1, bits=3, tile_size=256, group_size=128, init="kmeans++"),
+                 marks=pytest.mark.slow),
+    pytest.param(dict(vq_dim=4, bits=1, tile_size=512, group_size=128, exact_block_update=False),
+                 marks=pytest.mark.slow),
     dict(vq_dim=2, bits=2, tile_size=1024, group_size=128, scale_block=64),
 ])
 def test_stored_weight_is_the_sweeps_result(layer, kwargs):
@@ -72,6 +78,8 @@ def test_em_is_monotone_and_m_step_is_the_weighted_metric_mean():
     B = rng.standard_normal((nb, D, D))
     M = jnp.asarray(B @ np.swapaxes(B, 1, 2) + 0.5 * np.eye(D), jnp.float32)
 
+    em = jax.jit(gptvq._em, static_argnums=4)
+
     def objective(C):
         a = gptvq._assign(x, M, C)
         e = x - C[a]
@@ -80,11 +88,11 @@ def test_em_is_monotone_and_m_step_is_the_weighted_metric_mean():
     C = gptvq._mahalanobis_init(x.reshape(-1, D), K)
     losses = [objective(C)]
     for _ in range(5):
-        C = gptvq._em(x, w, M, C, 1)
+        C = em(x, w, M, C, 1)
         losses.append(objective(C))
     assert all(b <= a * (1 + 1e-5) for a, b in zip(losses, losses[1:]))
     # K = 1: the centroid is (Σ w M)⁻¹ Σ w M x.
-    c = np.asarray(gptvq._em(x, w, M, C[:1], 1))[0]
+    c = np.asarray(em(x, w, M, C[:1], 1))[0]
     wM = np.asarray(w)[..., None, None] * np.asarray(M)[None]
     ref = np.linalg.solve(wM.sum((0, 1)), np.einsum("rnde,rne->d", wM, np.asarray(x)))
     np.testing.assert_allclose(c, ref, rtol=1e-4, atol=1e-5)
@@ -115,11 +123,18 @@ def test_odd_shapes_choose_a_dividing_tile():
     cfg = gptvq.GPTVQConfig()
     assert gptvq.tile_shape(4096, 11008, cfg) == (8, 256)
     assert gptvq.tile_shape(576, 576, cfg) == (12, 192)  # SmolLM2: 576 = 3·192
+    assert gptvq.tile_shape(192, 576, cfg) == (12, 192)
+    assert gptvq.tile_shape(48, 96, gptvq.GPTVQConfig(group_size=64)) == (48, 48)
+
+
+@pytest.mark.slow
+def test_odd_shape_quantizes():
     rng = np.random.default_rng()
     W = jnp.asarray(rng.standard_normal((48, 96)), jnp.float32)
-    qv = gptvq.quantize(W, gptvq.GPTVQConfig(group_size=64, kmeans_iters=5, update_iters=2),
+    qv = gptvq.quantize(W, gptvq.GPTVQConfig(group_size=64, kmeans_iters=5, update_iters=0),
                         hessian=random_hessian(rng, 96, 192))
     assert (qv.group_rows, qv.group_cols) == (48, 48)
+    assert qv.dequantize().shape == (48, 96)
     assert np.isfinite(np.asarray(qv.dequantize())).all()
 
 
@@ -132,9 +147,8 @@ def test_bad_configs_and_singular_hessian():
     with pytest.raises(ValueError, match="Hessian"):
         quantize_weight(jnp.zeros((8, 256)), gptvq.GPTVQConfig())
     rng = np.random.default_rng()
-    X = rng.standard_normal((10, 256)).astype(np.float32)
+    X = rng.standard_normal((10, 512)).astype(np.float32)  # rank 10, three dead inputs
     X[:, :3] = 0
-    W = jnp.asarray(rng.standard_normal((16, 256)), jnp.float32)
-    qv = gptvq.quantize(W, gptvq.GPTVQConfig(tile_size=1024, kmeans_iters=5, update_iters=3),
-                        hessian=X.T @ X)
+    W = jnp.asarray(rng.standard_normal((64, 512)), jnp.float32)
+    qv = gptvq.quantize(W, MAIN, hessian=X.T @ X)
     assert np.isfinite(np.asarray(qv.dequantize())).all()

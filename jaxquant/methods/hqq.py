@@ -38,7 +38,7 @@ class HQQConfig:
     kappa: float = 1.01
     iters: int = 20
     early_stop: bool = True  # stop once the matrix error stops improving; groups keep their best
-    refine_scale: bool = False  # also fit the scale: least squares of (W - W_e) on the codes
+    refine_scale: bool = True  # also fit the scale (least squares of W - W_e on the codes)
     meta_bits: int | None = None  # 8: store scale and zero as 8-bit codes (ScalarMetaQuantized)
     meta_group_size: int = 128  # groups of scales/zeros sharing one meta scale and zero
 

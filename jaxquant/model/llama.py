@@ -22,8 +22,8 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if bias else None
 
     def __call__(self, x):
-        y = matmul(x, self.weight.value)
-        return y if self.bias is None else y + self.bias.value.astype(y.dtype)
+        y = matmul(x, self.weight.get_value())
+        return y if self.bias is None else y + self.bias.get_value().astype(y.dtype)
 
 
 class Embedding(nnx.Module):
@@ -39,7 +39,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.weight.value.astype(jnp.float32)).astype(x.dtype)
+        return (x32 * self.weight.get_value().astype(jnp.float32)).astype(x.dtype)
 
 
 def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
@@ -145,12 +145,12 @@ class Llama(nnx.Module):
             cfg.hidden_size, cfg.vocab_size, bias=False, rngs=rngs)
 
     def embed(self, tokens):
-        return jnp.take(jnp.asarray(self.embed_tokens.weight.value), tokens, axis=0)
+        return jnp.take(jnp.asarray(self.embed_tokens.weight.get_value()), tokens, axis=0)
 
     def logits(self, h):
         h = self.norm(h)
         if self.lm_head is None:
-            return matmul(h, self.embed_tokens.weight.value).astype(jnp.float32)
+            return matmul(h, self.embed_tokens.weight.get_value()).astype(jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
     def __call__(self, tokens, cache=None, cache_pos=0):

@@ -22,7 +22,7 @@ def _variables(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable]]:
 
 def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    return {name: tuple(var.value.shape) for name, var in _variables(abstract)}
+    return {name: tuple(var.get_value().shape) for name, var in _variables(abstract)}
 
 
 def model_from_params(cfg: LlamaConfig, params: dict[str, Any], *, source: str = "params") -> Llama:
@@ -38,29 +38,29 @@ def model_from_params(cfg: LlamaConfig, params: dict[str, Any], *, source: str =
     for name, var in expected.items():
         value = params[name]
         shape = tuple(value.shape)
-        if shape != tuple(var.value.shape):
-            raise ValueError(f"{source}: tensor {name} has shape {shape}, expected {tuple(var.value.shape)}")
-        var.value = value
+        if shape != tuple(var.get_value().shape):
+            raise ValueError(f"{source}: tensor {name} has shape {shape}, expected {tuple(var.get_value().shape)}")
+        var.set_value(value)
     return model
 
 
 def named_params(model: nnx.Module) -> dict[str, Any]:
     """``{name: value}``; a value is a dense array or a ``QuantizedWeight``."""
-    return {name: var.value for name, var in _variables(model)}
+    return {name: var.get_value() for name, var in _variables(model)}
 
 
 def set_param(model: nnx.Module, name: str, value: Any) -> None:
     node: Any = model
     for part in _path(name):
         node = node[part] if isinstance(part, int) else getattr(node, part)
-    node.value = value
+    node.set_value(value)
 
 
 def get_param(model: nnx.Module, name: str) -> Any:
     node: Any = model
     for part in _path(name):
         node = node[part] if isinstance(part, int) else getattr(node, part)
-    return node.value
+    return node.get_value()
 
 
 def num_weights(model: nnx.Module) -> int:
