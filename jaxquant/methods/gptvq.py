@@ -145,11 +145,33 @@ def _kmeanspp_init(x, w, M, K, key):
     return C
 
 
-def _assign(x, M, C):
-    """argmin_k (x − c_k)ᵀ M (x − c_k) for points x [R, nb, D] with metric M [nb, D, D]."""
-    xM = jnp.einsum("rnd,nde->rne", x, M)
-    cMc = jnp.einsum("kd,nde,ke->nk", C, M, C)
-    return jnp.argmin(cMc[None] - 2.0 * jnp.einsum("rne,ke->rnk", xM, C), axis=-1)
+def _assign(x, M, C, xM=None):
+    """argmin_k (x − c_k)ᵀ M (x − c_k) for points x [R, nb, D] with metric M [nb, D, D];
+    ``xM = x M`` may be passed precomputed."""
+    xM = jnp.einsum("rnd,nde->rne", x, M) if xM is None else xM
+    dist = jnp.einsum("kd,nde,ke->nk", C, M, C)[None]
+    for e in range(C.shape[1]):  # D <= 4: broadcast FMAs beat a batched dot here
+        dist = dist - 2.0 * xM[..., e, None] * C[:, e]
+    return jnp.argmin(dist, axis=-1)
+
+
+def _spd_solve(S, T):
+    """Solve ``S c = T`` for a batch of small SPD ``S [..., D, D]`` (D <= 4): an unrolled
+    Cholesky, elementwise on the batch (no per-matrix LAPACK calls)."""
+    D = S.shape[-1]
+    L = [[None] * D for _ in range(D)]
+    for j in range(D):
+        d = S[..., j, j] - sum(L[j][k] ** 2 for k in range(j))
+        L[j][j] = jnp.sqrt(jnp.maximum(d, 1e-30))
+        for i in range(j + 1, D):
+            L[i][j] = (S[..., i, j] - sum(L[i][k] * L[j][k] for k in range(j))) / L[j][j]
+    y = []
+    for i in range(D):
+        y.append((T[..., i] - sum(L[i][k] * y[k] for k in range(i))) / L[i][i])
+    c = [None] * D
+    for i in reversed(range(D)):
+        c[i] = (y[i] - sum(L[k][i] * c[k] for k in range(i + 1, D))) / L[i][i]
+    return jnp.stack(c, axis=-1)
 
 
 def _em(x, w, M, C, iters):
@@ -157,17 +179,17 @@ def _em(x, w, M, C, iters):
     ``c_k = (Σ w M)⁻¹ Σ w M x`` over the points of cluster k; empty clusters stay put.
     x [R, nb, D], w [R, nb], M [nb, D, D], C [K, D]."""
     K, D = C.shape
-    wM = w[..., None, None] * M[None]  # [R, nb, D, D]
-    wMx = jnp.einsum("rnde,rne->rnd", wM, x)
-    eye = jnp.eye(D, dtype=x.dtype)
+    wM = (w[..., None, None] * M[None]).reshape(-1, D * D)  # [N, D²]
+    wMx = jnp.einsum("rn,nde,rne->rnd", w, M, x).reshape(-1, D)
+    stats = jnp.concatenate([wM, wMx, jnp.ones_like(wMx[:, :1])], axis=1)  # [N, D² + D + 1]
+    xM = jnp.einsum("rnd,nde->rne", x, M)
 
     def step(_, C):
-        a = _assign(x, M, C).reshape(-1)
-        S = jax.ops.segment_sum(wM.reshape(-1, D, D), a, num_segments=K)
-        T = jax.ops.segment_sum(wMx.reshape(-1, D), a, num_segments=K)
-        count = jax.ops.segment_sum(jnp.ones_like(a, x.dtype), a, num_segments=K)
+        onehot = jax.nn.one_hot(_assign(x, M, C, xM).reshape(-1), K, dtype=x.dtype)  # [N, K]
+        acc = jnp.matmul(onehot.T, stats, precision=core.HIGHEST)  # cluster sums, no scatter
+        S, T, count = acc[:, :D * D].reshape(K, D, D), acc[:, D * D:-1], acc[:, -1]
         ridge = 1e-7 * jnp.trace(S, axis1=1, axis2=2)[:, None, None] / D + 1e-30
-        C_new = jnp.linalg.solve(S + ridge * eye, T[..., None])[..., 0]
+        C_new = _spd_solve(S + ridge * jnp.eye(D, dtype=x.dtype), T)
         return jnp.where(count[:, None] > 0, C_new, C)
 
     return jax.lax.fori_loop(0, iters, step, C)
