@@ -20,7 +20,7 @@ DATASETS = {
     "c4": ("allenai/c4", "en", "validation"),
 }
 BUILTIN_MODULES = ("argparse", "collections", "functools", "itertools", "json", "logging", "pathlib",
-                   "re", "statistics", "string", "textwrap", "typing", "unittest", "inspect", "decimal")
+                   "re", "statistics", "string", "textwrap", "unittest", "inspect", "decimal")
 
 
 def load_text(source: str | pathlib.Path, *, max_chars: int | None = None) -> str:

@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_RANDOM_K = 4096  # largest K×K random orthogonal fallback factor (64 MiB in float32)
-_MAX_SEARCH_ORBITS = 14  # Williamson search: at most 2**14 candidate sequences per order
+_MAX_SEARCH_ORBITS = 12  # Williamson search: at most 2**12 candidate sequences per order
 _MAX_SEARCH_PAIRS = 500_000
+_MAX_WILLIAMSON_W = 255
 
 
 # ----------------------------------------------------------------------------- finite fields
@@ -154,19 +155,23 @@ def _williamson_search(w: int, orbits: list[list[int]]):
 def _williamson_sequences(w: int):
     """Williamson sequences of odd order w, or None if the restricted search finds none."""
     if w == 1:
-        one = np.ones(1)
+        one = np.ones(1, np.int64)
         return one, one, one, one
+    if w > _MAX_WILLIAMSON_W:
+        return None
+    searched = set()
     candidates = []
     for g in range(2, w - 1):
         if math.gcd(g, w) == 1:
             orbits = _subgroup_orbits(w, (w - 1, g))
-            if len(orbits) <= _MAX_SEARCH_ORBITS:
-                candidates.append((len(orbits), g, orbits))
-    for _, _, orbits in sorted(candidates, key=lambda c: (c[0], c[1])):
-        found = _williamson_search(w, orbits)
-        if found is not None:
-            return tuple(np.asarray(s, np.int64) for s in found)
-    if len(orbits := _subgroup_orbits(w, (w - 1,))) <= _MAX_SEARCH_ORBITS:
+            key = tuple(map(tuple, orbits))
+            if len(orbits) <= _MAX_SEARCH_ORBITS and key not in searched:
+                searched.add(key)
+                candidates.append(orbits)
+    orbits = _subgroup_orbits(w, (w - 1,))
+    if len(orbits) <= _MAX_SEARCH_ORBITS and tuple(map(tuple, orbits)) not in searched:
+        candidates.append(orbits)
+    for orbits in sorted(candidates, key=len):  # fewest orbits first: the cheapest searches
         found = _williamson_search(w, orbits)
         if found is not None:
             return tuple(np.asarray(s, np.int64) for s in found)

@@ -110,3 +110,18 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def _hf_name(name: str) -> str:
     return name if name.startswith("lm_head") else "model." + name
+
+
+def write_tokenizer(folder: pathlib.Path, vocab_size: int) -> None:
+    """A small BPE tokenizer trained on the builtin corpus, saved in HF format."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxquant.data import builtin_corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=60)
+    tok.train_from_iterator([builtin_corpus()[:20000]], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(folder))

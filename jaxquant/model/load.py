@@ -52,6 +52,8 @@ def load_tokenizer(source: str | pathlib.Path):
     from transformers import AutoTokenizer
 
     kind, path = resolve_source(source)
+    if kind == "jaxquant":
+        path = path / "tokenizer"
     if kind != "gguf":
         try:
             return AutoTokenizer.from_pretrained(str(path))
