@@ -70,6 +70,20 @@ def test_stored_weight_is_the_sweeps_result(layer, kwargs):
     assert int(qv.indices().max()) < cfg.num_entries
 
 
+@pytest.mark.slow
+def test_svd_compressed_1d_codebooks(layer):
+    W, H = layer
+    base = dict(vq_dim=1, bits=3, tile_size=256, group_size=128, kmeans_iters=20)
+    plain = gptvq.quantize(W, gptvq.GPTVQConfig(**base), hessian=H)
+    cfg = gptvq.GPTVQConfig(svd_rank=0.5, **base)
+    qs = gptvq.quantize(W, cfg, hessian=H)
+    assert isinstance(qs, vq.VQSVDQuantized) and qs.factor.shape[-1] == 4
+    C = np.asarray(qs.codebooks())[..., 0]
+    assert (np.diff(C, axis=-1) >= -1e-6 * np.abs(C).max()).mean() > 0.95  # sorted (up to rounding)
+    assert qs.bits_per_weight < plain.bits_per_weight
+    assert proxy_loss(W, qs.dequantize(), H) < 1.5 * proxy_loss(W, plain.dequantize(), H)
+
+
 def test_em_is_monotone_and_m_step_is_the_weighted_metric_mean():
     rng = np.random.default_rng()
     R, nb, D, K = 16, 8, 2, 4
@@ -141,7 +155,8 @@ def test_odd_shape_quantizes():
 def test_bad_configs_and_singular_hessian():
     for kwargs in ({"vq_dim": 3}, {"bits": 0}, {"bits": 5, "vq_dim": 4}, {"init": "random"},
                    {"tile_size": 1000}, {"codebook_bits": 9}, {"group_size": 255},
-                   {"bits": 4, "vq_dim": 2, "tile_size": 256}, {"update_iters": -1}):
+                   {"bits": 4, "vq_dim": 2, "tile_size": 256}, {"update_iters": -1},
+                   {"svd_rank": 0.5}, {"svd_rank": 2.0, "vq_dim": 1}):
         with pytest.raises(ValueError):
             gptvq.GPTVQConfig(**kwargs)
     with pytest.raises(ValueError, match="Hessian"):

@@ -3,7 +3,8 @@
 A vector is ``vq_dim`` (D) consecutive inputs of one row. The weight is cut into tiles of
 ``group_rows`` rows × ``group_cols`` columns; each tile has its own codebook of ``K`` D-vectors
 (int8 entries times one float16 scale), and each vector stores its ``index_bits``-bit index,
-bit-packed per row. ``VQScaledQuantized`` adds GPTVQ's blockwise scales: one ``scale_bits``
+bit-packed per row. ``VQSVDQuantized`` stores 1-D codebooks as a low-rank product (GPTVQ's
+SVD codebook compression). ``VQScaledQuantized`` adds GPTVQ's blockwise scales: one ``scale_bits``
 log-domain code per row and ``scale_block`` columns, ``s = 2^(lo + code·(hi − lo)/(2^bits − 1))``,
 multiplying the decoded weights.
 """
@@ -43,8 +44,24 @@ def log_scale_values(codes: jax.Array, scale_range: jax.Array, bits: int) -> jax
     return jnp.exp2(lo + codes.astype(jnp.float32) * (hi - lo) / (2**bits - 1))
 
 
+class _VQ(QuantizedWeight):
+    """Shared decode of the VQ formats; subclasses say how their codebooks are stored."""
+
+    def codebooks(self) -> jax.Array:
+        """float32 codebooks ``[out/rows, in/cols, K, D]`` as used by ``dequantize``."""
+        raise NotImplementedError
+
+    def indices(self) -> jax.Array:
+        return packing.unpack(self.codes, self.index_bits, self.shape[1] // self.vq_dim)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        w = decode(self.indices(), self.codebooks(), group_rows=self.group_rows,
+                   group_cols=self.group_cols)
+        return w.astype(dtype)
+
+
 @quantized_format("vq")
-class VQQuantized(QuantizedWeight):
+class VQQuantized(_VQ):
     codes: jax.Array  # int32 [out, packed_words(in / vq_dim, index_bits)]
     codebook: jax.Array  # int8 [out / group_rows, in / group_cols, 2**index_bits, vq_dim]
     codebook_scale: jax.Array  # float16 [out / group_rows, in / group_cols, 1, 1]
@@ -55,16 +72,27 @@ class VQQuantized(QuantizedWeight):
     group_cols: int = static()
 
     def codebooks(self) -> jax.Array:
-        """float32 codebooks ``[out/rows, in/cols, K, D]`` as used by ``dequantize``."""
         return self.codebook.astype(jnp.float32) * self.codebook_scale.astype(jnp.float32)
 
-    def indices(self) -> jax.Array:
-        return packing.unpack(self.codes, self.index_bits, self.shape[1] // self.vq_dim)
 
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        w = decode(self.indices(), self.codebooks(), group_rows=self.group_rows,
-                   group_cols=self.group_cols)
-        return w.astype(dtype)
+@quantized_format("vq_svd")
+class VQSVDQuantized(_VQ):
+    """1-D codebooks (sorted) stored as a low-rank product: tile ``t``'s codebook is
+    ``(factor[t] · factor_scale[t]) @ basis`` with int8 factors and one float16 basis."""
+
+    codes: jax.Array  # int32 [out, packed_words(in, index_bits)]
+    factor: jax.Array  # int8 [out / group_rows, in / group_cols, rank]
+    factor_scale: jax.Array  # float16 [out / group_rows, in / group_cols, 1]
+    basis: jax.Array  # float16 [rank, 2**index_bits]
+    shape: tuple[int, int] = static()
+    vq_dim: int = static()
+    index_bits: int = static()
+    group_rows: int = static()
+    group_cols: int = static()
+
+    def codebooks(self) -> jax.Array:
+        a = self.factor.astype(jnp.float32) * self.factor_scale.astype(jnp.float32)
+        return (a @ self.basis.astype(jnp.float32))[..., None]
 
 
 @quantized_format("vq_scaled")

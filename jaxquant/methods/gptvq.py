@@ -8,7 +8,9 @@ Per layer (REFERENCE §4):
    loss metric and its error fed forward;
 2. with the assignments fixed, the codebooks are refined by Adam on ``tr((W−Ŵ)H(W−Ŵ)ᵀ)``
    (lr ×0.1 and restart from the best point whenever the loss goes up), re-quantized to int8,
-   and kept only if that lowers the loss.
+   and kept only if that lowers the loss;
+3. optionally (1-D only) the codebooks are compressed by a truncated SVD of the stacked sorted
+   codebooks, refined the same way (``VQSVDQuantized``).
 
 ``exact_block_update`` (default) uses the exact D×D metric ``(U_BB⁻¹)(U_BB⁻¹)ᵀ`` for
 assignment and EM and the exact block feedback; ``False`` reproduces upstream's diagonal
@@ -26,8 +28,8 @@ import numpy as np
 import optax
 
 from jaxquant.formats import packing
-from jaxquant.formats.vq import (VQQuantized, VQScaledQuantized, decode, log_scale_values,
-                                 quantize_codebooks)
+from jaxquant.formats.vq import (VQQuantized, VQScaledQuantized, VQSVDQuantized, decode,
+                                 log_scale_values, quantize_codebooks)
 from jaxquant.methods import ldlq as core
 from jaxquant.methods.registry import register_method
 
@@ -45,6 +47,7 @@ class GPTVQConfig:
     codebook_bits: int = 8  # signed integer codebook entries (stored as int8)
     update_iters: int = 25  # Adam steps of the codebook update after the sweep (0: off)
     update_lr: float = 1e-3
+    svd_rank: float = 0.0  # ρ: 1-D codebooks stored as a rank int(K·ρ) product (SVD); 0: off
     scale_block: int = 0  # columns per blockwise log-domain scale (GPTVQ uses 64); 0: off
     scale_bits: int = 4
     exact_block_update: bool = True  # exact D×D metric and feedback (upstream: diagonal)
@@ -82,6 +85,11 @@ class GPTVQConfig:
             raise ValueError(f"GPTVQ scale_bits must be 1 to 8, got {self.scale_bits!r}")
         if not (isinstance(self.damp, (int, float)) and self.damp >= 0):
             raise ValueError(f"damp must be a non-negative number, got {self.damp!r}")
+        if self.svd_rank:
+            if not 0 < self.svd_rank <= 1:
+                raise ValueError(f"GPTVQ svd_rank is a fraction ρ in (0, 1], got {self.svd_rank!r}")
+            if self.vq_dim != 1 or self.scale_block:
+                raise ValueError("GPTVQ SVD codebook compression needs vq_dim=1 and no scale_block")
 
     @property
     def num_entries(self) -> int:
@@ -91,7 +99,10 @@ class GPTVQConfig:
     def nominal_bits_per_weight(self) -> float:
         """The paper's bpv: ``b + K·D·b_c / l (+ scale_bits / scale_block)``; the stored
         weight's exact ``bits_per_weight`` adds each codebook's 16-bit scale and padding."""
-        bpv = self.bits + self.num_entries * self.vq_dim * self.codebook_bits / self.tile_size
+        entries = self.num_entries * self.vq_dim
+        if self.svd_rank:  # per tile: int(K·ρ) factors (the shared basis is not counted)
+            entries = max(1, int(self.num_entries * self.svd_rank))
+        bpv = self.bits + entries * self.codebook_bits / self.tile_size
         return bpv + (self.scale_bits / self.scale_block if self.scale_block else 0.0)
 
 
@@ -246,39 +257,70 @@ def _sweep(W, U, S, key, *, rows, cols, D, K, init, iters, cb_bits, exact):
 
 # ---------------------------------------------------------------- codebook update
 
+def _adam_with_restarts(loss, p0, lr, steps):
+    """Minimize ``loss`` from the pytree ``p0`` with Adam; whenever the loss goes up, return to
+    the best point with a fresh Adam state and lr × 0.1. Returns (best params, best loss)."""
+    adam = optax.scale_by_adam()
+    where = lambda c, a, b: jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)  # noqa: E731
+    L0, g0 = jax.value_and_grad(loss)(p0)
+
+    def step(_, st):
+        p, opt, best, lr = st
+        L, g = jax.value_and_grad(loss)(p)
+        better = L < best[1]
+        best = where(better, (p, L, g), best)
+        p, g = where(better, (p, g), (best[0], best[2]))
+        opt = where(better, opt, adam.init(best[0]))
+        lr = jnp.where(better, lr, lr * 0.1)
+        u, opt = adam.update(g, opt)
+        return jax.tree.map(lambda x, d: x - lr * d, p, u), opt, best, lr
+
+    best = (p0, L0 * (1 + 1e-6) + 1e-30, g0)  # the first step always counts as "better"
+    p, _, best, _ = jax.lax.fori_loop(0, steps, step, (p0, adam.init(p0), best, lr))
+    L = loss(p)
+    return where(L < best[1], p, best[0]), jnp.minimum(L, best[1])
+
+
 @partial(jax.jit, static_argnames=("rows", "cols", "steps", "cb_bits"))
 def _update_codebooks(W, H, S, idx, C_int, C_scale, lr, *, rows, cols, steps, cb_bits):
     """Adam on the float codebooks with the assignments fixed, then int8 re-quantization; the
     update is kept only if the quantized result lowers the proxy loss."""
-    def reconstruct(C):
-        return decode(idx, C, group_rows=rows, group_cols=cols) * S
-
     def loss(C):
-        return core.proxy_loss_jnp(W, reconstruct(C), H)
+        return core.proxy_loss_jnp(W, decode(idx, C, group_rows=rows, group_cols=cols) * S, H)
 
-    adam = optax.scale_by_adam()
     C0 = C_int.astype(jnp.float32) * C_scale.astype(jnp.float32)
-    L0, g0 = jax.value_and_grad(loss)(C0)
-
-    def step(_, st):
-        C, opt, best, lr = st
-        L, g = jax.value_and_grad(loss)(C)
-        better = L < best[1]
-        best = jax.tree.map(lambda a, b: jnp.where(better, a, b), (C, L, g), best)
-        # On an increase: back to the best point, fresh Adam state, lr × 0.1.
-        C, g = jax.tree.map(lambda a, b: jnp.where(better, a, b), (C, g), (best[0], best[2]))
-        opt = jax.tree.map(lambda a, b: jnp.where(better, a, b), opt, adam.init(best[0]))
-        lr = jnp.where(better, lr, lr * 0.1)
-        u, opt = adam.update(g, opt)
-        return C - lr * u, opt, best, lr
-
-    best = (C0, L0 * (1 + 1e-6) + 1e-30, g0)  # the first step always counts as "better"
-    C, _, best, _ = jax.lax.fori_loop(0, steps, step, (C0, adam.init(C0), best, lr))
-    C = jnp.where(loss(C) < best[1], C, best[0])
+    L0 = loss(C0)
+    C, _ = _adam_with_restarts(loss, C0, lr, steps)
     C_int_new, C_scale_new = quantize_codebooks(C, cb_bits)
     L_new = loss(C_int_new.astype(jnp.float32) * C_scale_new.astype(jnp.float32))
     keep = L_new < L0
     return jnp.where(keep, C_int_new, C_int), jnp.where(keep, C_scale_new, C_scale), L0, L_new
+
+
+@partial(jax.jit, static_argnames=("rows", "cols", "rank", "steps", "cb_bits"))
+def _svd_codebooks(W, H, S, idx, C_int, C_scale, lr, *, rows, cols, rank, steps, cb_bits):
+    """GPTVQ's SVD compression of 1-D codebooks: sort each codebook (and remap the indices)
+    so the stacked ``[tiles, K]`` matrix is near low rank, truncate its SVD to ``rank``, refine
+    both factors with Adam on the proxy loss, then store the per-tile factors as integers."""
+    Tr, Tc, K, _ = C_int.shape
+    C = (C_int.astype(jnp.float32) * C_scale.astype(jnp.float32))[..., 0]
+    order = jnp.argsort(C, axis=-1)
+    rank_of = jnp.argsort(order, axis=-1)
+    out, nv = idx.shape
+    flat = ((jnp.arange(out) // rows)[:, None] * Tc + (jnp.arange(nv) // cols)[None, :]) * K
+    idx = rank_of.reshape(-1)[flat + idx.astype(jnp.int32)].astype(jnp.uint32)
+    u, s, vt = jnp.linalg.svd(jnp.take_along_axis(C, order, -1).reshape(-1, K), full_matrices=False)
+
+    def codebooks(p):
+        return (p[0] @ p[1]).reshape(Tr, Tc, K, 1)
+
+    def loss(p):
+        return core.proxy_loss_jnp(W, decode(idx, codebooks(p), group_rows=rows, group_cols=cols) * S, H)
+
+    (A, B), _ = _adam_with_restarts(loss, (u[:, :rank] * s[:rank], vt[:rank]), lr, steps)
+    B = B.astype(jnp.float16)
+    A_int, A_scale = quantize_codebooks(A.reshape(Tr, Tc, 1, rank), cb_bits)
+    return idx, A_int.reshape(Tr, Tc, rank), A_scale.reshape(Tr, Tc, 1), B
 
 
 # ---------------------------------------------------------------- blockwise scales
@@ -327,8 +369,13 @@ def quantize_with_hat(w, cfg: GPTVQConfig, hessian, *, key=None):
         C_int, C_scale, _, _ = _update_codebooks(W, H, S, idx, C_int, C_scale, jnp.float32(cfg.update_lr),
                                                  rows=rows, cols=cols, steps=cfg.update_iters,
                                                  cb_bits=cfg.codebook_bits)
-    codes = packing.pack(idx, cfg.bits * D)
     common = dict(shape=(out, n), vq_dim=D, index_bits=cfg.bits * D, group_rows=rows, group_cols=cols)
+    if cfg.svd_rank:
+        idx, A, A_scale, B = _svd_codebooks(W, H, S, idx, C_int, C_scale, jnp.float32(cfg.update_lr),
+                                            rows=rows, cols=cols, rank=max(1, int(K * cfg.svd_rank)),
+                                            steps=cfg.update_iters, cb_bits=cfg.codebook_bits)
+        return VQSVDQuantized(packing.pack(idx, cfg.bits * D), A, A_scale, B, **common), W_hat
+    codes = packing.pack(idx, cfg.bits * D)
     if cfg.scale_block:
         qw = VQScaledQuantized(codes, C_int, C_scale, scale_codes=packing.pack(scale_codes.reshape(-1), cfg.scale_bits),
                                scale_range=scale_range, scale_block=cfg.scale_block,
