@@ -168,3 +168,5 @@ def test_bad_arguments():
         core.prepare_hessian(jnp.zeros((3, 4)))
     with pytest.raises(ValueError, match="NaN"):
         core.inverse_cholesky_upper(jnp.full((3, 3), jnp.nan))
+    with pytest.raises(TypeError, match="outside jit"):
+        jax.jit(core.inverse_cholesky_upper)(jnp.eye(3))

@@ -73,12 +73,14 @@ def inverse_cholesky_upper(H, *, damp: float = 0.01, max_tries: int = 6) -> jax.
     mean(diag H) · I`` (total damping ×10 per retry, host-side loop) and warns; after
     ``max_tries`` attempts it raises ``FloatingPointError``. Call it outside ``jit``.
     """
-    if isinstance(H, jax.core.Tracer):
-        raise TypeError("inverse_cholesky_upper retries on the host: call it outside jit")
     H = jnp.asarray(H, jnp.float32)
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"Hessian must be square [in, in], got shape {tuple(H.shape)}")
-    if not bool(jnp.isfinite(H).all()):
+    try:
+        finite = bool(jnp.isfinite(H).all())
+    except jax.errors.ConcretizationTypeError:
+        raise TypeError("inverse_cholesky_upper retries on the host: call it outside jit") from None
+    if not finite:
         raise ValueError("Hessian contains NaN or Inf")
     base = damp if damp > 0 else 0.01
     for t in range(max_tries):
