@@ -48,6 +48,14 @@ def test_matmul_matches_dequantize_and_jits():
     np.testing.assert_allclose(np.asarray(jax.jit(jq.matmul)(x, qw)), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_group_not_dividing_width_pads_rows():
+    w = np.random.default_rng().standard_normal((8, 576)).astype(np.float32)
+    qw = jq.quantize_weight(w, jq.RTNConfig(bits=4, group_size=128))
+    assert qw.bits_per_weight == pytest.approx((4 + 32 / 128) * 640 / 576)
+    w_hat = np.asarray(jq.dequantize(qw))
+    assert w_hat.shape == w.shape and np.mean((w_hat - w) ** 2) < 0.02
+
+
 def test_per_channel_groups():
     w = np.random.default_rng().standard_normal((16, 96)).astype(np.float32)
     qw = jq.quantize_weight(w, jq.RTNConfig(bits=4, group_size=None))
@@ -58,8 +66,8 @@ def test_bad_inputs_give_clear_errors():
     w = np.ones((8, 64), np.float32)
     with pytest.raises(ValueError, match="1 to 8 bits"):
         jq.RTNConfig(bits=9)
-    with pytest.raises(ValueError, match="group size 48 does not divide"):
-        jq.quantize_weight(w, jq.RTNConfig(bits=4, group_size=48))
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        jq.RTNConfig(bits=4, group_size=0)
     with pytest.raises(ValueError, match="NaN or Inf"):
         jq.quantize_weight(np.where(np.eye(8, 64) > 0, np.nan, w), jq.RTNConfig())
     with pytest.raises(ValueError, match="2-D"):

@@ -15,14 +15,36 @@ from jaxquant.formats import packing
 from jaxquant.formats.base import QuantizedWeight, quantized_format, static
 
 
+def padded_width(shape: tuple[int, int], group_size: int, axis: int) -> int:
+    """Input width as stored: with ``axis=1`` each row is padded to whole groups (576 inputs in
+    groups of 128 store 640), so any group size works on any width."""
+    return -(-shape[1] // group_size) * group_size if axis == 1 else shape[1]
+
+
 def group_view(shape: tuple[int, int], group_size: int, axis: int) -> tuple[int, int]:
-    """The 2-D view of the flattened weight in which groups reduce over ``axis``."""
-    n = shape[0] * shape[1]
+    """The 2-D view of the (row-padded) flattened weight in which groups reduce over ``axis``."""
     if axis not in (0, 1):
         raise ValueError(f"group axis must be 0 or 1, got {axis!r}")
-    if group_size <= 0 or n % group_size:
+    if group_size <= 0:
+        raise ValueError(f"group size must be positive, got {group_size}")
+    n = shape[0] * padded_width(shape, group_size, axis)
+    if n % group_size:
         raise ValueError(f"group size {group_size} does not divide the {shape[0]}x{shape[1]} weight")
     return (n // group_size, group_size) if axis == 1 else (group_size, n // group_size)
+
+
+def pad_rows(w: jax.Array, group_size: int, axis: int) -> jax.Array:
+    """``w`` with each row padded (by repeating its last value) to ``padded_width``."""
+    extra = padded_width(tuple(w.shape), group_size, axis) - w.shape[1]
+    return jnp.pad(w, ((0, 0), (0, extra)), mode="edge") if extra else w
+
+
+def dequantize_codes(codes, scale, zero, shape, bits, group_size, axis, dtype) -> jax.Array:
+    """``(q - zero) * scale`` of packed codes, cropped to the dense ``shape``."""
+    width = padded_width(shape, group_size, axis)
+    q = packing.unpack(codes, bits, width).astype(jnp.float32)
+    w = (q.reshape(group_view(shape, group_size, axis)) - zero) * scale
+    return w.reshape(shape[0], width)[:, : shape[1]].astype(dtype)
 
 
 @quantized_format("scalar")
@@ -41,10 +63,8 @@ class ScalarQuantized(QuantizedWeight):
         return self.levels or 2**self.bits
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        q = packing.unpack(self.codes, self.bits, self.shape[1]).astype(jnp.float32)
-        q = q.reshape(group_view(self.shape, self.group_size, self.axis))
-        w = (q - self.zero.astype(jnp.float32)) * self.scale.astype(jnp.float32)
-        return w.reshape(self.shape).astype(dtype)
+        return dequantize_codes(self.codes, self.scale.astype(jnp.float32), self.zero.astype(jnp.float32),
+                                self.shape, self.bits, self.group_size, self.axis, dtype)
 
 
 def encode(w: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int, group_size: int,
@@ -53,15 +73,16 @@ def encode(w: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int, group_
     shape = tuple(int(d) for d in w.shape)
     view = group_view(shape, group_size, axis)
     scale, zero = scale.astype(param_dtype), zero.astype(param_dtype)
-    q = jnp.round(w.reshape(view).astype(jnp.float32) / scale.astype(jnp.float32)
+    wp = pad_rows(w, group_size, axis)
+    q = jnp.round(wp.reshape(view).astype(jnp.float32) / scale.astype(jnp.float32)
                   + zero.astype(jnp.float32))
-    q = jnp.clip(q, 0, (levels or 2**bits) - 1).astype(jnp.uint32).reshape(shape)
+    q = jnp.clip(q, 0, (levels or 2**bits) - 1).astype(jnp.uint32).reshape(wp.shape)
     return ScalarQuantized(packing.pack(q, bits), scale, zero, shape, bits, group_size, axis, levels)
 
 
 def minmax_grid(w: jax.Array, *, levels: int, group_size: int, axis: int = 1):
     """Asymmetric min-max scale and zero (code units) per group, float32."""
-    wg = w.reshape(group_view(w.shape, group_size, axis)).astype(jnp.float32)
+    wg = pad_rows(w, group_size, axis).reshape(group_view(w.shape, group_size, axis)).astype(jnp.float32)
     lo, hi = wg.min(axis=axis, keepdims=True), wg.max(axis=axis, keepdims=True)
     span = hi - lo
     scale = jnp.where(span > 0, span / (levels - 1), jnp.maximum(jnp.abs(lo), 1e-8))
@@ -123,9 +144,7 @@ class ScalarMetaQuantized(QuantizedWeight):
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         scale, zero = self.grid()
-        q = packing.unpack(self.codes, self.bits, self.shape[1]).astype(jnp.float32)
-        q = q.reshape(group_view(self.shape, self.group_size, self.axis))
-        return ((q - zero) * scale).reshape(self.shape).astype(dtype)
+        return dequantize_codes(self.codes, scale, zero, self.shape, self.bits, self.group_size, self.axis, dtype)
 
 
 def encode_meta(w: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int, group_size: int,
@@ -141,8 +160,9 @@ def encode_meta(w: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int, g
     zq = meta_quantize(zero, bits=meta_bits, group_size=meta_group_size, param_dtype=param_dtype)
     s = meta_dequantize(*sq, scale.shape)
     z = meta_dequantize(*zq, zero.shape)
-    q = jnp.round(w.reshape(view).astype(jnp.float32) / s + z)
-    q = jnp.clip(q, 0, (levels or 2**bits) - 1).astype(jnp.uint32).reshape(shape)
+    wp = pad_rows(w, group_size, axis)
+    q = jnp.round(wp.reshape(view).astype(jnp.float32) / s + z)
+    q = jnp.clip(q, 0, (levels or 2**bits) - 1).astype(jnp.uint32).reshape(wp.shape)
     return ScalarMetaQuantized(packing.pack(q, bits), *sq, *zq, shape, bits, group_size, axis,
                                levels, meta_bits, meta_group_size)
 

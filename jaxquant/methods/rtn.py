@@ -23,9 +23,7 @@ class RTNConfig:
 
 @register_method("rtn", RTNConfig)
 def quantize(w: jax.Array, cfg: RTNConfig, *, hessian=None, key=None) -> scalar.ScalarQuantized:
-    group = cfg.group_size or w.shape[1]
-    if w.shape[1] % group:
-        raise ValueError(f"RTN group size {group} does not divide the input width {w.shape[1]}")
+    group = cfg.group_size or w.shape[1]  # a group that does not divide the width pads each row
     return _quantize(w, bits=cfg.bits, group=group)
 
 
