@@ -16,8 +16,9 @@ H_K is built by code, never stored:
 Llama needs K ∈ {12, 20, 28, 36, 52, 60, 108, 140, 156, 172}; ``hadamard_construction`` names
 the recipe used for any width. Where no Hadamard factor exists, K is the odd part of n and H_K is
 a seeded random orthogonal matrix scaled by sqrt(K) (QuIP# reports < 0.1 ppl loss for such
-non-Hadamard incoherence); only when that odd part is too large to hold does this module raise,
-and ``padded_width`` gives the nearest larger width with an exact Hadamard factor.
+non-Hadamard incoherence). Dense factors are limited to K ≤ MAX_K; only when the odd part of n
+exceeds it does this module raise, and ``padded_width`` names the nearest larger width with an
+exact Hadamard factor (zero padding is the caller's choice).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_RANDOM_K = 4096  # largest K×K random orthogonal fallback factor (64 MiB in float32)
+MAX_K = 4096  # largest dense K×K factor, Hadamard or random orthogonal (64 MiB in float32)
 _MAX_SEARCH_ORBITS = 12  # Williamson search: at most 2**12 candidate sequences per order
 _MAX_SEARCH_PAIRS = 500_000
 _MAX_WILLIAMSON_W = 255
@@ -263,7 +264,8 @@ def _build(k: int) -> np.ndarray:
         h = _t3_williamson(recipe[1])
     else:
         h = np.kron(_build(recipe[1]), _build(recipe[2]))
-    if not np.array_equal(h @ h.T, k * np.eye(k, dtype=np.int64)):  # every build is verified
+    hf = h.astype(np.float64)  # exact: integer sums below 2**53
+    if not np.array_equal(hf @ hf.T, k * np.eye(k)):  # every build is verified
         raise AssertionError(f"{_describe(recipe)} did not give a Hadamard matrix")
     h.setflags(write=False)
     return h
@@ -285,12 +287,12 @@ def hadamard_factors(n: int) -> tuple[int, int]:
     if m == 1:
         return 1, s
     for j in range(2, s + 1):
-        if _recipe(m << j) is not None:
+        if (m << j) <= MAX_K and _recipe(m << j) is not None:
             return m << j, s - j
-    if m > MAX_RANDOM_K:
+    if m > MAX_K:
         raise ValueError(
-            f"width {n} = {m} * 2**{s}: no Hadamard factor and the odd part {m} exceeds the "
-            f"random-orthogonal limit {MAX_RANDOM_K}; pad to padded_width({n}) = {padded_width(n)}")
+            f"width {n} = {m} * 2**{s}: no Hadamard factor of order <= {MAX_K} and the odd part "
+            f"{m} exceeds the random-orthogonal limit; pad to padded_width({n}) = {padded_width(n)}")
     return m, s
 
 
@@ -315,7 +317,7 @@ def padded_width(n: int, *, max_k: int = 256) -> int:
     while True:
         s = (n2 & -n2).bit_length() - 1
         m = n2 >> s
-        if m == 1 or any(_recipe(m << j) is not None and (m << j) <= max_k for j in range(2, s + 1)):
+        if m == 1 or any((m << j) <= max_k and _recipe(m << j) is not None for j in range(2, s + 1)):
             return n2
         n2 += 1
 
@@ -376,6 +378,7 @@ def _compute_dtype(x):
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("seed",))
 def rht(x: jax.Array, signs: jax.Array, *, seed: int = 0) -> jax.Array:
     """Randomized Hadamard transform along the last axis: ``(x * signs) @ A_n``.
 
@@ -386,6 +389,7 @@ def rht(x: jax.Array, signs: jax.Array, *, seed: int = 0) -> jax.Array:
     return _apply(y, transpose=False, seed=seed).astype(x.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("seed",))
 def rht_inverse(y: jax.Array, signs: jax.Array, *, seed: int = 0) -> jax.Array:
     """Exact inverse of ``rht``: ``(y @ A_nᵀ) * signs``."""
     y = jnp.asarray(y)
