@@ -329,8 +329,9 @@ def _block_scales(W, block, bits):
     """Log-domain ``bits``-bit scales, max|w| per row and ``block`` columns."""
     out, n = W.shape
     amax = jnp.max(jnp.abs(W.reshape(out, n // block, block)), axis=-1)
-    log = jnp.log2(jnp.maximum(amax, 1e-12))
-    lo, hi = jnp.min(log), jnp.max(log)
+    log = jnp.log2(jnp.maximum(amax, 1e-30))
+    hi = jnp.max(log)
+    lo = jnp.min(jnp.where(amax > 0, log, hi))  # all-zero blocks must not stretch the range
     step = jnp.maximum(hi - lo, 1e-12) / (2**bits - 1)
     codes = jnp.clip(jnp.round((log - lo) / step), 0, 2**bits - 1).astype(jnp.uint32)
     scale_range = jnp.stack([lo, lo + step * (2**bits - 1)]).astype(jnp.float32)
