@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxquant.methods.registry import method_of
 from jaxquant.model.llama import DecoderLayer, Llama, rope_frequencies
-from jaxquant.model.params import get_param, set_param
+from jaxquant.model.params import get_param, model_from_params, named_params, set_param
 from jaxquant.quant import quantize_weight
 
 # linear groups of a decoder block, in forward order; members share one input (and one Hessian)
@@ -60,9 +60,8 @@ def quantize_model(model: Llama, config: Any, *, rules: Sequence[Rule] = (), cal
     ``calibration`` token windows ``[n, ctx]`` (online Hessians) or ``hessians(block, group)``
     returning stored ones (offline).
     """
-    graphdef, state = nnx.split(model)
-    qmodel = nnx.merge(graphdef, state)  # new Variables over the same arrays: no copy
     cfg = model.config
+    qmodel = model_from_params(cfg, named_params(model))  # new Variables over the same arrays: no copy
     key = jax.random.key(0) if key is None else key
     configs = {(i, f"layers.{i}.{member}"): layer_config(f"layers.{i}.{member}", config, rules)
                for i in range(cfg.num_hidden_layers) for members in GROUPS.values() for member in members}

@@ -17,6 +17,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 from jaxquant import data
 from jaxquant.evaluate import perplexity
@@ -37,7 +38,8 @@ def parse_recipe(text: str):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data-file", required=True)
+    p.add_argument("--data-file", help="evaluation text (tokenized with the model's tokenizer)")
+    p.add_argument("--tokens-file", help="pre-tokenized text (.npy of int32), instead of --data-file")
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--recipes", nargs="+", default=["fp", "rtn:4:128", "rtn:3:128", "rtn:2:128"])
@@ -47,12 +49,16 @@ def main(argv=None):
     out = pathlib.Path(args.json)
     results = json.loads(out.read_text()) if out.exists() else {}
     results.setdefault("meta", {}).update(
-        model=args.model, data=args.data_file, ctx=args.ctx, device=str(jax.devices()[0].device_kind),
+        model=args.model, data=args.data_file or args.tokens_file, ctx=args.ctx, device=str(jax.devices()[0].device_kind),
         platform=platform.platform(), python=platform.python_version(), jax=jax.__version__,
         command=" ".join(sys.argv))
     rows = results.setdefault("rows", {})
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    windows = data.eval_windows(data.tokenize(tokenizer, data.load_text(args.data_file)), args.ctx, args.max_windows)
+    model = load_model(args.model)
+    if args.tokens_file:
+        tokens = np.load(args.tokens_file)
+    else:
+        tokens = data.tokenize(load_tokenizer(args.model), data.load_text(args.data_file))
+    windows = data.eval_windows(tokens, args.ctx, args.max_windows)
     for recipe in args.recipes:
         if recipe in rows:
             continue

@@ -72,3 +72,13 @@ def test_corruption_and_version_are_detected(tmp_path, qmodel):
     (path / "jaxquant.json").write_text(json.dumps(sidecar))
     with pytest.raises(ValueError, match="version 99"):
         checkpoint.load(path)
+
+
+def test_quantize_model_leaves_its_input_unchanged():
+    cfg = tiny_config()
+    model = model_from_params(cfg, random_params(cfg))
+    before = named_params(model)
+    quantize_model(model, jq.RTNConfig(bits=4, group_size=32))
+    after = named_params(model)
+    assert all(after[n] is before[n] for n in before)
+    quantize_model(model, jq.RTNConfig(bits=2, group_size=32))  # a second recipe on the same model
