@@ -52,8 +52,7 @@ def _step(m, x_t, vals, sqn, *, L, kV, impl):
     """One trellis step: M_{t-1} (B, P), x_t (B, V) -> M_t (B, P), back-pointers (B, P) uint8.
 
     ``impl``: "reduce" is one variadic (value, index) reduction over d; "tree" is an
-    elementwise compare/select tree. Both return a minimizing d (ties: "reduce" takes the
-    smallest, "tree" any of them) and the same minimum. XLA's speed of the two
+    elementwise compare/select tree. Both return the minimum and a minimizing d (on ties, any). XLA's speed of the two
     differs by backend and kV (``scripts/bench_viterbi.py`` compares them).
     """
     B, V = x_t.shape
@@ -67,7 +66,7 @@ def _step(m, x_t, vals, sqn, *, L, kV, impl):
 
         def smaller(a, b):
             (va, ia), (vb, ib) = a, b
-            take = (vb < va) | ((vb == va) & (ib < ia))
+            take = vb < va  # no index tie-break: it defeats vectorization on XLA:CPU
             return jnp.where(take, vb, va), jnp.where(take, ib, ia)
 
         best, arg = lax.reduce((cand, idx), (jnp.float32(jnp.inf), jnp.uint8(0)), smaller, (1,))

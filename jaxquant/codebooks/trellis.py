@@ -5,7 +5,8 @@ A state is an L-bit integer; each trellis step shifts k·V new bits in from the 
 integer arithmetic only (uint32, wrapping), so a GPU kernel reproduces them bit for bit:
 
 - ``1mad`` (V=1, QTIP Alg. 1): one multiply-add, then the sum of the 4 bytes: approximately
-  Gaussian by the central limit theorem, centred by 510 and divided by its std 147.80...
+  Gaussian by the central limit theorem, centred by 510 and scaled by 1/147.80... (its std),
+  as one fp32 multiply by the rounded reciprocal.
 - ``3inst`` (V=1, QTIP Alg. 2): one multiply-add, a mask and a xor make two fp16 bit patterns in
   [±0.125, ±2); their fp16 sum (as a ``half2`` add computes it) is the value.
 - ``hyb`` (V=2, QTIP Alg. 3): ``h = s(s+1) mod 2^L`` hashes the state; Q bits of h index a
@@ -31,6 +32,9 @@ CODES = ("1mad", "3inst", "hyb", "lut")
 CODE_V = {"1mad": 1, "3inst": 1, "hyb": 2}  # "lut" takes any V
 
 MAD1_A, MAD1_B, MAD1_CENTER, MAD1_DIV = 34038481, 76625530, 510, 147.800537109375
+# Kernels multiply by the fp32 reciprocal rather than divide (XLA rewrites a division by a
+# constant that way on some backends): value = fp32(y) · fp32(1/147.800537109375), <= 1 ulp from y/147.8.
+MAD1_SCALE = float(np.float32(1.0 / MAD1_DIV))
 INST3_A, INST3_B, INST3_MASK, INST3_XOR = 89226354, 64248484, 0x8FFF8FFF, 0x3B603B60
 HYB_STD = float(np.sqrt(15 / 16))  # rms of each coordinate of the HYB table (QTIP §3.3)
 
@@ -41,7 +45,7 @@ def decode_1mad(s: jax.Array) -> jax.Array:
     x = s.astype(jnp.uint32) * jnp.uint32(MAD1_A) + jnp.uint32(MAD1_B)
     m = jnp.uint32(0xFF)
     y = (x & m) + ((x >> 8) & m) + ((x >> 16) & m) + (x >> 24)
-    return (y.astype(jnp.int32) - MAD1_CENTER).astype(jnp.float32) / jnp.float32(MAD1_DIV)
+    return (y.astype(jnp.int32) - MAD1_CENTER).astype(jnp.float32) * jnp.float32(MAD1_SCALE)
 
 
 def decode_3inst(s: jax.Array) -> jax.Array:
@@ -165,6 +169,15 @@ def _cache_dir() -> pathlib.Path:
 HYB_KMEANS_SAMPLES = 1 << 18  # with ≤ 100 Lloyd steps: ~30 s once; more changes trellis MSE < 0.5 %
 
 
+def kmeans_table(Q: int, seed: int, samples: int) -> np.ndarray:
+    """The HYB table before caching: seeded k-means of ``samples`` 2-D N(0,1) points, float16."""
+    rng = np.random.default_rng([seed, Q, 0x9E3779B9])
+    init = rng.standard_normal((1 << Q, 2))
+    data = rng.standard_normal((samples, 2))
+    c = kmeans(data, init)
+    return (c / c.std() * HYB_STD).astype(np.float16)
+
+
 @functools.lru_cache(maxsize=None)
 def hyb_table(Q: int = 9, seed: int = 0) -> np.ndarray:
     """``[2^Q, 2]`` float16 HYB table: k-means (Lloyd, float64, ≤ 100 steps) of 2^18 seeded 2-D
@@ -174,17 +187,12 @@ def hyb_table(Q: int = 9, seed: int = 0) -> np.ndarray:
     Deterministic given (Q, seed); cached in memory and under the jaxquant cache directory
     (``$JAXQUANT_CACHE``, else ``$XDG_CACHE_HOME/jaxquant``, else ``~/.cache/jaxquant``).
     """
-    tag = f"hyb-kmeans-v2-Q{Q}-seed{seed}-n{HYB_KMEANS_SAMPLES}"
-    path = _cache_dir() / "qtip" / f"{tag}.npy"
+    path = hyb_table_path(Q, seed)
     if path.exists():
         table = np.load(path)
         if table.shape == (1 << Q, 2) and table.dtype == np.float16:
             return table
-    rng = np.random.default_rng([seed, Q, 0x9E3779B9])
-    init = rng.standard_normal((1 << Q, 2))
-    data = rng.standard_normal((HYB_KMEANS_SAMPLES, 2))
-    c = kmeans(data, init)
-    table = (c / c.std() * HYB_STD).astype(np.float16)
+    table = kmeans_table(Q, seed, HYB_KMEANS_SAMPLES)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
@@ -193,6 +201,10 @@ def hyb_table(Q: int = 9, seed: int = 0) -> np.ndarray:
     except OSError:
         pass  # a read-only cache only costs recomputation
     return table
+
+
+def hyb_table_path(Q: int = 9, seed: int = 0) -> pathlib.Path:
+    return _cache_dir() / "qtip" / f"hyb-kmeans-v2-Q{Q}-seed{seed}-n{HYB_KMEANS_SAMPLES}.npy"
 
 
 def table_digest(table: np.ndarray) -> str:
