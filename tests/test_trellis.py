@@ -42,12 +42,12 @@ def test_compute_codes_bit_exact(rng, L):
         got = np.asarray(TrellisCode(name, L=L).decode(states.astype(np.uint32)))[:, 0]
         want = np.array([ref(int(s)) for s in states], np.float32)
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=name)
-    # 1MAD's reciprocal multiply stays within an ulp of the exact quotient y / 147.800537109375
+    # 1MAD's reciprocal multiply stays within ~1 ulp of the exact quotient y / 147.800537109375
     y = np.array([sum(((34038481 * int(s) + 76625530) & M32) >> (8 * i) & 255 for i in range(4))
                   for s in states]) - 510
     got = np.asarray(TrellisCode("1mad", L=L).decode(states.astype(np.uint32)))[:, 0]
     exact = y / 147.800537109375
-    assert np.all(np.abs(got - exact) <= np.spacing(np.abs(exact).astype(np.float32)))
+    assert np.all(np.abs(got - exact) <= 1.5 * np.spacing(np.abs(exact).astype(np.float32)))
 
 
 @pytest.mark.parametrize("L,Q", [(16, 9), (12, 6), (10, 9)])

@@ -33,7 +33,7 @@ CODE_V = {"1mad": 1, "3inst": 1, "hyb": 2}  # "lut" takes any V
 
 MAD1_A, MAD1_B, MAD1_CENTER, MAD1_DIV = 34038481, 76625530, 510, 147.800537109375
 # Kernels multiply by the fp32 reciprocal rather than divide (XLA rewrites a division by a
-# constant that way on some backends): value = fp32(y) · fp32(1/147.800537109375), <= 1 ulp from y/147.8.
+# constant that way on some backends): value = fp32(y) · fp32(1/147.800537109375), within ~1 ulp of y/147.8.
 MAD1_SCALE = float(np.float32(1.0 / MAD1_DIV))
 INST3_A, INST3_B, INST3_MASK, INST3_XOR = 89226354, 64248484, 0x8FFF8FFF, 0x3B603B60
 HYB_STD = float(np.sqrt(15 / 16))  # rms of each coordinate of the HYB table (QTIP §3.3)
