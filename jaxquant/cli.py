@@ -35,15 +35,30 @@ def _progress_bar(desc: str):
 # --- method options from config dataclasses --------------------------------------------------
 
 def _method_fields() -> dict[str, tuple[type, list[str]]]:
+    """option -> (type, ["method (default): comment", ...]) over all registered configs."""
     from jaxquant.methods import METHODS
 
     fields: dict[str, tuple[type, list[str]]] = {}
     for name, method in METHODS.items():
         hints = typing.get_type_hints(method.config)
+        docs = _field_comments(method.config)
         for f in dataclasses.fields(method.config):
             kind = _scalar_type(hints[f.name])
-            fields.setdefault(f.name, (kind, []))[1].append(name)
+            note = f"{name} (default {f.default})" + (f": {docs[f.name]}" if f.name in docs else "")
+            fields.setdefault(f.name, (kind, []))[1].append(note)
     return fields
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The ``# comment`` after each field of a config dataclass: its flag's documentation."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", source, re.M)}
 
 
 def _scalar_type(hint) -> type:
@@ -71,7 +86,7 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("method options (each applies to the methods named)")
     for name, (kind, methods) in sorted(_method_fields().items()):
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", default=None, metavar=kind.__name__.upper(),
-                           type=lambda s, k=kind: _parse_value(k, s), help=f"{', '.join(methods)}")
+                           type=lambda s, k=kind: _parse_value(k, s), help="; ".join(methods))
 
 
 def config_from_args(args) -> typing.Any:

@@ -1,5 +1,8 @@
 """Quantization methods. Each module registers itself; a new method is a new file plus a line here."""
 from jaxquant.methods.registry import METHODS, Method, config_from_dict, config_to_dict, method_of
+from jaxquant.methods.gptq import GPTQConfig
+from jaxquant.methods.gptvq import GPTVQConfig
 from jaxquant.methods.rtn import RTNConfig
 
-__all__ = ["METHODS", "Method", "RTNConfig", "config_from_dict", "config_to_dict", "method_of"]
+__all__ = ["METHODS", "GPTQConfig", "GPTVQConfig", "Method", "RTNConfig", "config_from_dict", "config_to_dict",
+           "method_of"]

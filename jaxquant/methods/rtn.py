@@ -11,7 +11,7 @@ from jaxquant.methods.registry import register_method
 
 @dataclasses.dataclass(frozen=True)
 class RTNConfig:
-    bits: int = 4
+    bits: int = 4  # 1 to 8
     group_size: int | None = 128  # None: one group per output channel
 
     def __post_init__(self):
