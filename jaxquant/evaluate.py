@@ -26,6 +26,7 @@ def perplexity(model, windows: np.ndarray, *, batch_size: int = 1,
     windows = np.asarray(windows, np.int32)
     n, ctx = windows.shape
     graphdef, state = nnx.split(model)
+    state = jax.device_put(state)  # host (numpy) weights would otherwise be copied on every call
     step = jax.jit(lambda state, batch: window_nll(nnx.merge(graphdef, state), batch))
     total = 0.0
     for start in range(0, n, batch_size):

@@ -26,6 +26,7 @@ from jaxquant.pipeline import quantize_model
 
 def time_eval(model, windows: np.ndarray, batch: int) -> float:
     graphdef, state = nnx.split(model)
+    state = jax.device_put(state)
     step = jax.jit(lambda s, t: window_nll(nnx.merge(graphdef, s), t))
     step(state, windows[:batch]).block_until_ready()  # compile
     start = time.perf_counter()
@@ -39,7 +40,7 @@ def main(argv=None):
     p.add_argument("--shape", nargs="+", default=["llama2-7b"], choices=sorted(PRESETS))
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--windows", type=int, default=8)
     p.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--layers", type=int, default=None, help="truncate to N layers (quick checks)")
     p.add_argument("--rtn-bits", type=int, nargs="*", default=[4])
