@@ -66,7 +66,11 @@ def rename(tensors: dict[str, np.ndarray], rules: list[Rule], transforms: dict[s
 def read_hf(folder: pathlib.Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     from safetensors import safe_open
 
-    cfg = LlamaConfig.from_hf(_read_json(folder / "config.json"))
+    config = _read_json(folder / "config.json")
+    cfg = LlamaConfig.from_hf(config)
+    quant_method = (config.get("quantization_config") or {}).get("quant_method")
+    if quant_method not in (None, "jaxquant"):
+        raise ValueError(f"{folder}: quantization method {quant_method!r} is not readable by jaxquant")
     index = folder / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(_read_json(index)["weight_map"].values()))
@@ -86,6 +90,10 @@ def read_hf(folder: pathlib.Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
                         tensors[key] = np.asarray(f.get_tensor(key))
         except Exception as e:  # safetensors raises its own error types for truncated headers/data
             raise ValueError(f"{path}: unreadable or truncated safetensors file ({e})") from e
+    if quant_method == "jaxquant":
+        from jaxquant.export import regroup_quantized
+
+        tensors = regroup_quantized(config, tensors, str(folder))
     return cfg, rename(tensors, HF_RULES, {}, str(folder))
 
 
