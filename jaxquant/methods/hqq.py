@@ -185,31 +185,42 @@ def optimize_grid(groups: jax.Array, scale: jax.Array, zero: jax.Array, cfg: HQQ
     absolute error fails to improve (upstream's rule), each group keeping its best iterate. The
     scale only moves with ``refine_scale``.
     """
-    axis, top = 1, cfg.levels - 1
-    p = cfg.lp_norm
+    top, p = cfg.levels - 1, cfg.lp_norm
 
     def shrink(d, beta):  # generalized soft threshold: the prox of |d|^p / beta
         a = jnp.abs(d)
         return jnp.sign(d) * jnp.maximum(a - jnp.where(a > 0, a, 1.0) ** (p - 1) / beta, 0.0)
 
+    def row_mean(x):
+        return jnp.mean(x, axis=1, keepdims=True)
+
     def body(carry):
         i, beta, s, z, best_s, best_z, best_err, prev_total, _ = carry
         w32 = groups.astype(jnp.float32)  # cast inside the loop: no fp32 copy of W is materialized
         q = jnp.clip(jnp.round(w32 / s + z), 0, top)  # exactly as scalar.encode rounds
-        r = (q - z) * s
-        err = jnp.mean(jnp.abs(w32 - r), axis=axis, keepdims=True)
+        u = q - z  # codes relative to the zero: W_r = u * s
+        err = row_mean(jnp.abs(w32 - u * s))
+        target = w32 - shrink(w32 - u * s, beta)  # W - W_e
+        # one pass over W: every per-group statistic below is a row mean of the same producers
+        mu, mt = row_mean(u), row_mean(target)
         better = err < best_err
         best_s, best_z = jnp.where(better, s, best_s), jnp.where(better, z, best_z)
         best_err = jnp.where(better, err, best_err)
         total = jnp.mean(err)
         running = (total < prev_total) if cfg.early_stop else jnp.bool_(True)
-        target = w32 - shrink(w32 - r, beta)  # W - W_e
-        if cfg.refine_scale:
-            s_new, z_new = _fit_grid(q, target, s, axis)
-            s = _as_stored(s_new)
+        if cfg.refine_scale:  # least squares target ~ (q - z') * s' over (s', z')
+            muu, mut = row_mean(u * u), row_mean(u * target)
+            var, cov = muu - mu * mu, mut - mu * mt
+            slope = cov / jnp.where(var > 0, var, 1.0)
+            # near-constant codes (var lost in rounding) or a slope fp16 cannot hold: z only
+            ok = (var > 1e-4 * muu + 1e-12) & (slope >= 1 / 2e4) & (slope <= 6e4)
+            s_new = _as_stored(jnp.where(ok, slope, s))
         else:
-            z_new = jnp.mean(q - target / s, axis=axis, keepdims=True)
-        return (i + 1, beta * cfg.kappa, s, _as_stored(z_new), best_s, best_z, best_err,
+            s_new = s
+        z_new = _as_stored(mu + z - mt / s_new)  # = mean(q - target / s_new)
+        ok = jnp.isfinite(z_new)
+        s, z = jnp.where(ok, s_new, s), jnp.where(ok, z_new, z)
+        return (i + 1, beta * cfg.kappa, s, z, best_s, best_z, best_err,
                 jnp.minimum(total, prev_total), running)
 
     def cond(carry):
@@ -221,18 +232,6 @@ def optimize_grid(groups: jax.Array, scale: jax.Array, zero: jax.Array, cfg: HQQ
             jnp.bool_(True))
     _, _, _, _, best_s, best_z, best_err, _, _ = jax.lax.while_loop(cond, body, init)
     return best_s, best_z, best_err
-
-
-def _fit_grid(q, target, s, axis):
-    """Least squares ``target ~ (q - z) * s`` over ``(s, z)`` per group (the half-quadratic
-    step with the scale free); groups with constant codes or a non-positive slope only move z."""
-    qm, tm = q.mean(axis=axis, keepdims=True), target.mean(axis=axis, keepdims=True)
-    var = jnp.mean((q - qm) ** 2, axis=axis, keepdims=True)
-    cov = jnp.mean((q - qm) * (target - tm), axis=axis, keepdims=True)
-    slope = cov / jnp.where(var > 0, var, 1.0)
-    ok = (var > 1e-6) & (slope >= 1 / 2e4)  # the start's bound on 1/scale
-    s = jnp.where(ok, slope, s)
-    return s, qm - tm / s
 
 
 def _as_stored(x: jax.Array) -> jax.Array:
