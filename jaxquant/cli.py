@@ -183,6 +183,17 @@ def cmd_generate(args):
     print()
 
 
+def cmd_export(args):
+    from jaxquant.checkpoint import read_sidecar
+    from jaxquant.export import export_safetensors
+    from jaxquant.model.load import load_model, load_tokenizer, resolve_source
+
+    kind, path = resolve_source(args.model)
+    recipe = read_sidecar(path).get("recipe") if kind == "jaxquant" else None
+    out = export_safetensors(load_model(args.model), args.out, tokenizer=load_tokenizer(args.model), recipe=recipe)
+    print(f"exported {out}")
+
+
 def cmd_demo(args):
     """Fetch the default model, quantize it, compare perplexity, save, reload, generate."""
     import jax
@@ -274,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     q.set_defaults(fn=cmd_generate)
+
+    q = sub.add_parser("export", help="write a safetensors folder with an HF-style quantization_config")
+    model_arg(q, None)
+    q.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    q.set_defaults(fn=cmd_export)
 
     q = sub.add_parser("demo", help="fetch the default model, quantize, compare perplexity, save, generate")
     model_arg(q)

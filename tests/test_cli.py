@@ -39,6 +39,11 @@ def test_quantize_eval_generate(tmp_path, tiny_model_dir, capsys):
     cli.main(["generate", "--model", str(out), "--prompt", "The module", "--max-new-tokens", "5"])
     assert capsys.readouterr().out.strip()
 
+    cli.main(["export", "--model", str(out), "--out", str(tmp_path / "st")])
+    exported = named_params(load_model(tmp_path / "st"))
+    np.testing.assert_array_equal(np.asarray(exported["layers.0.mlp.up_proj.weight"].codes),
+                                  np.asarray(params["layers.0.mlp.up_proj.weight"].codes))
+
 
 def test_errors_are_clear(tmp_path, tiny_model_dir):
     with pytest.raises(SystemExit, match="1 to 8 bits"):
