@@ -64,7 +64,7 @@ def best_ratio(code: TrellisCode, bits: int, *, samples: int = 1 << 13, seed: in
 
 
 def gaussian_mse(codebook: str, bits: int, *, samples: int = 1 << 16, seed: int = 0, L: int = 16,
-                 tune_samples: int = 1 << 13, ratio: float | None = None) -> dict:
+                 tune_samples: int = 1 << 13, tune_tol: float = 0.01, ratio: float | None = None) -> dict:
     """MSE per weight of the tail-biting trellis code on ``samples`` N(0, 1) weights.
 
     ``codebook``: ``qtip-1mad`` / ``qtip-3inst`` / ``qtip-hyb`` / ``qtip-lut`` (or the bare code
@@ -74,7 +74,7 @@ def gaussian_mse(codebook: str, bits: int, *, samples: int = 1 << 16, seed: int 
     code = TrellisCode(name, L=L)
     t0 = time.perf_counter()
     if ratio is None:
-        ratio = best_ratio(code, bits, samples=tune_samples, seed=seed + 1)
+        ratio = best_ratio(code, bits, samples=tune_samples, seed=seed + 1, tol=tune_tol)
     t1 = time.perf_counter()
     values = code.values() / code.rms()
     per_seq = _sequence_mse(_gaussian(samples, seed), values, ratio, L=L, k=bits)
