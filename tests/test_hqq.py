@@ -257,6 +257,8 @@ def test_half_precision_inputs_match_float32():
 def test_registered_and_config_round_trips():
     cfg = hqq.HQQConfig(bits=1.58, group_size=None, axis=0, meta_bits=8)
     assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert hqq.HQQConfig(bits=4.0) == hqq.HQQConfig(bits=4)
+    assert type(hqq.HQQConfig(bits=3.0).bits) is int
     w = heavy_tailed(fresh_rng(), (24, 40))
     q = jaxquant.quantize_weight(w, cfg)  # group_size=None: one group per input column (axis 0)
     assert q.group_size == 24 and q.scale_codes.size >= 40
