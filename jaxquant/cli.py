@@ -76,6 +76,11 @@ def _parse_value(kind: type, text: str):
         if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
         return text.lower() in ("1", "true", "yes")
+    if kind in (int, float):  # one flag can be int for one method and float for another (--bits 1.58)
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
     return kind(text)
 
 

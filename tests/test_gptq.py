@@ -116,6 +116,19 @@ def test_bad_configs():
             gptq.GPTQConfig(**kwargs)
     W = jnp.zeros((4, 96))
     with pytest.raises(ValueError, match="does not divide"):
-        gptq.quantize(W, gptq.GPTQConfig(group_size=64), hessian=jnp.eye(96))
+        gptq.quantize(W, gptq.GPTQConfig(group_size=64, act_order=True), hessian=jnp.eye(96))
     with pytest.raises(ValueError, match="needs a Hessian"):
         quantize_weight(W, gptq.GPTQConfig(group_size=32))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_group_not_dividing_width_pads_rows(static):
+    rng = np.random.default_rng()
+    n = 96 + 32
+    X = rng.standard_normal((4 * n, n)) @ (np.eye(n) + 0.2 * rng.standard_normal((n, n)))
+    H = jnp.asarray(X.T @ X / len(X), jnp.float32)
+    W = jnp.asarray(rng.standard_normal((16, n)), jnp.float32)
+    qw = gptq.quantize(W, gptq.GPTQConfig(bits=3, group_size=96, static_groups=static), hessian=H)
+    D = np.asarray(qw.dequantize())
+    assert D.shape == W.shape and qw.bits_per_weight == pytest.approx((3 + 32 / 96) * 192 / n)
+    assert proxy_loss(W, D, H) < proxy_loss(W, rtn.quantize(W, rtn.RTNConfig(3, 96)).dequantize(), H)

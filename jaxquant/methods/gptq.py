@@ -84,10 +84,16 @@ def quantize(w: jax.Array, cfg: GPTQConfig, *, hessian=None, key=None):
 
 def quantize_with_hat(w, cfg: GPTQConfig, hessian):
     """``(quantized weight, Ŵ from the sweep)``; Ŵ equals ``dequantize`` of the first."""
-    out, n = w.shape
-    group = cfg.group_size or n
-    if n % group:
-        raise ValueError(f"GPTQ group size {group} does not divide the input width {n}")
+    out, n_in = w.shape
+    group = cfg.group_size or n_in
+    dynamic = cfg.group_size is not None and not cfg.static_groups
+    n = -(-n_in // group) * group  # rows padded to whole groups, as the scalar format stores them
+    if n != n_in:
+        if dynamic and cfg.act_order:
+            raise ValueError(f"GPTQ act-order with dynamic groups needs a group size dividing the input "
+                             f"width ({group} does not divide {n_in}); use static_groups or another group size")
+        w = jnp.pad(jnp.asarray(w, jnp.float32), ((0, 0), (0, n - n_in)))
+        hessian = jnp.pad(hessian, ((0, n - n_in), (0, n - n_in)))  # dead inputs: zero weight, H_ii = 1
     H, dead = core.prepare_hessian(hessian, damp=cfg.damp)
     W = jnp.where(dead[None, :], 0.0, jnp.asarray(w, jnp.float32))
     if cfg.act_order:
@@ -96,10 +102,9 @@ def quantize_with_hat(w, cfg: GPTQConfig, hessian):
     else:
         perm = jnp.arange(n, dtype=jnp.int32)
     U = core.inverse_cholesky_upper(H, damp=cfg.damp)
-    dynamic = cfg.group_size is not None and not cfg.static_groups
     codes, scale, zero, W_hat = _sweep(W, U, perm, bits=cfg.bits, group=group, sym=cfg.sym,
                                        dynamic=dynamic, lazy=cfg.block_size)
-    shape = (out, n)
+    shape, W_hat = (out, n_in), W_hat[:, :n_in]
     if dynamic and cfg.act_order:
         perm = perm.astype(jnp.int16 if n <= 2**15 else jnp.int32)
         qw = PermutedScalarQuantized(packing.pack(codes, cfg.bits), scale, zero, perm, shape,
