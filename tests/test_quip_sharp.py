@@ -12,7 +12,7 @@ from jaxquant.methods import quip_sharp as qs
 from jaxquant.methods.registry import METHODS
 
 
-SHAPE = (64, 192)  # one shape for most tests: jit compiles are shared
+SHAPE = (192, 576)  # SmolLM2 k_proj (Paley factors 12 and 36); one shape so jit compiles are shared
 
 
 def _random_spd(key, n, *, rank_boost=4):
@@ -62,11 +62,12 @@ def test_roundtrip_identity_hessian_matches_codebook_distortion(bits):
     resid = {2: 0, 3: 8, 4: 16}[bits]
     assert qw.resid_codes.size == (m * n // 8 if resid else 0)
     assert qw.bits_per_weight == pytest.approx(bits + (16 * (m + n) + 32) / (m * n), abs=1e-12)
+    assert qw.parts == () and qw.part_slices() == [slice(0, m)]
 
 
 def test_dequantize_matches_matmul_and_rotated_loss():
     key = _fresh_key()
-    m, n = 192, 576  # SmolLM2's k_proj shape: Paley factors 12 and 36
+    m, n = SHAPE
     w, h, qw = _quantize(m, n, 2, key)
     w_hat = qw.dequantize()
     x = jax.random.normal(jax.random.fold_in(key, 3), (5, n))
@@ -79,7 +80,7 @@ def test_dequantize_matches_matmul_and_rotated_loss():
     H, _ = core.prepare_hessian(h, damp=0.01)
     su, sv = qw.SU.astype(jnp.float32), qw.SV.astype(jnp.float32)
     wr, hr = qs.incoherence(w, H, su, sv)
-    rotated = core.proxy_loss(wr, qw.rotated(), hr)
+    rotated = core.proxy_loss(wr, qw.rotated() * qw.scale, hr)
     np.testing.assert_allclose(core.proxy_loss(w, w_hat, H), rotated, rtol=1e-3)
 
 
@@ -104,3 +105,21 @@ def test_pytree_registration_seed_and_errors():
         METHODS["quip#"].quantize(w[:, :60], qs.QuIPSharpConfig(), hessian=h[:60, :60], key=key)
     with pytest.raises(ValueError, match="bits"):
         qs.QuIPSharpConfig(bits=5)
+
+
+def test_fused_parts_each_keep_their_scale():
+    key = _fresh_key()
+    n = SHAPE[1]
+    ws = [s * jax.random.normal(jax.random.fold_in(key, i), (rows, n))
+          for i, (rows, s) in enumerate([(96, 0.02), (48, 2.0), (48, 2e-4)])]
+    qw = qs.quantize_fused(ws, qs.QuIPSharpConfig(bits=2, tune_iters=1), hessian=jnp.eye(n), key=key)
+    assert qw.parts == (96, 48, 48) and qw.shape == SHAPE and qw.scale.shape == (3,)
+    w_hat = qw.dequantize()
+    for w, rows in zip(ws, qw.part_slices()):
+        rel = float(jnp.sum((w_hat[rows] - w) ** 2) / jnp.sum(w**2))
+        assert rel < 0.2, rel  # each part at the codebook's distortion, whatever its magnitude
+    x = jax.random.normal(jax.random.fold_in(key, 9), (3, n))
+    y, y_ref = qw.matmul(x), x @ w_hat.T
+    for rows in qw.part_slices():
+        np.testing.assert_allclose(y[:, rows], y_ref[:, rows], atol=1e-5 * float(jnp.abs(y_ref[:, rows]).max()))
+    assert qw.bits_per_weight == pytest.approx(2 + (16 * (192 + n) + 3 * 32) / (192 * n), abs=1e-12)

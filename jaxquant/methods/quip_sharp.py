@@ -65,9 +65,23 @@ class QuIPSharpConfig:
 
 @register_method("quip#", QuIPSharpConfig, needs_hessian=True)
 def quantize(w: jax.Array, cfg: QuIPSharpConfig, *, hessian=None, key=None) -> QuIPSharpQuantized:
+    return quantize_fused([w], cfg, hessian=hessian, key=key)
+
+
+def quantize_fused(ws, cfg: QuIPSharpConfig, *, hessian=None, key=None) -> QuIPSharpQuantized:
+    """Quantize weights that read the same input (q/k/v, gate/up) as one ``[Σ out, in]`` matrix.
+
+    Each part is divided by its own RMS first (QuIP# §5); the result's ``part_slices()`` give
+    each part's output rows. With one weight this is the plain per-layer method.
+    """
     if hessian is None:
         raise ValueError("QuIP# needs the layer's input Hessian (hessian=[in, in])")
-    m, n = w.shape
+    ws = [jnp.asarray(w, jnp.float32) for w in ws]
+    n = ws[0].shape[1]
+    if any(w.ndim != 2 or w.shape[1] != n for w in ws):
+        raise ValueError(f"fused parts must share the input width; got {[tuple(w.shape) for w in ws]}")
+    parts = tuple(int(w.shape[0]) for w in ws)
+    m = sum(parts)
     if n % BLOCK:
         raise ValueError(f"QuIP# quantizes blocks of {BLOCK} inputs; input width {n} is not a multiple")
     for width in (m, n):
@@ -76,7 +90,13 @@ def quantize(w: jax.Array, cfg: QuIPSharpConfig, *, hessian=None, key=None) -> Q
     su = hadamard.random_signs(jax.random.fold_in(key, 0), n)
     sv = hadamard.random_signs(jax.random.fold_in(key, 1), m)
     H, dead = core.prepare_hessian(hessian, damp=cfg.damp)
-    W = jnp.where(dead[None, :], 0.0, jnp.asarray(w, jnp.float32))
+    if len(ws) > 1:
+        part_rms = jnp.stack([jnp.sqrt(jnp.mean(w**2)) for w in ws])
+        part_rms = jnp.where(part_rms > 0, part_rms, 1.0)
+        W = jnp.concatenate([w / r for w, r in zip(ws, part_rms)])
+    else:
+        part_rms, W = jnp.ones((1,), jnp.float32), ws[0]
+    W = jnp.where(dead[None, :], 0.0, W)
     Wr, Hr = incoherence(W, H, su, sv, seed=cfg.seed)
     scale = jnp.sqrt(jnp.mean(Wr**2)) / cfg.scale_rho
     scale = jnp.where(scale > 0, scale, 1.0)
@@ -85,8 +105,8 @@ def quantize(w: jax.Array, cfg: QuIPSharpConfig, *, hessian=None, key=None) -> Q
                                 lazy_batch=cfg.lazy_batch)
     resid = codes[1] if len(codes) > 1 else jnp.zeros((0,), jnp.uint8)
     return QuIPSharpQuantized(codes[0], resid, su.astype(jnp.float16), sv.astype(jnp.float16),
-                              jnp.reshape(scale, (1,)).astype(jnp.float32), (m, n), cfg.bits,
-                              cfg.codebook, cfg.seed)
+                              (scale * part_rms).astype(jnp.float32), (m, n), cfg.bits, cfg.codebook,
+                              cfg.seed, parts if len(parts) > 1 else ())
 
 
 @partial(jax.jit, static_argnames=("seed",))
