@@ -325,10 +325,10 @@ def padded_width(n: int, *, max_k: int = 256) -> int:
 @functools.cache
 def _factor(k: int, seed: int) -> np.ndarray:
     if _recipe(k) is not None:
-        return _build(k).astype(np.float64)
-    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((k, k)))
-    q = q * np.sign(np.diag(r))  # Haar distributed
-    out = q * math.sqrt(k)
+        out = _build(k).astype(np.float64)
+    else:
+        q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((k, k)))
+        out = q * np.sign(np.diag(r)) * math.sqrt(k)  # Haar distributed, scaled like H_K
     out.setflags(write=False)
     return out
 

@@ -8,9 +8,11 @@ source vector exactly half of the 256 sign patterns give an even sum, so
 256 · 128 · 2 = 2^16 codewords, all in E8 + ¼·1.
 
 Which 29 norm-12 vectors: all 56 are images of each other under coordinate permutations, which
-leave the rest of the codebook invariant, so any choice has the same size and nearly the same
-distortion; we take the 29 whose three ½ positions are spread most evenly over the coordinates
-(greedy, lexicographic tie-break; see ``_norm12_choice``).
+leave the rest of the codebook invariant, so only how the chosen ones sit relative to each other
+matters. We take the 29 whose three ½ positions are spread most evenly over the coordinates
+(greedy, lexicographic tie-break; see ``_norm12_choice``): on the same 2^21 Gaussian weights at
+scale 1.04 that gave MSE 0.09125, against 0.09132 for a random choice and 0.09142 for the
+lexicographically first 29.
 
 16-bit code layout (ours; kernels decode exactly this):
     bits 0-7   index of |v| in S (``e8p_source_set()`` order)
