@@ -10,6 +10,7 @@ Embeddings, norms and lm_head stay in full precision unless a rule names them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Sequence
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant import hessian
 from jaxquant.methods.registry import method_of
 from jaxquant.model.llama import DecoderLayer, Llama, rope_frequencies
 from jaxquant.model.params import get_param, model_from_params, named_params, set_param
@@ -138,18 +140,18 @@ def _group_input(layer: DecoderLayer, group: str, x, positions, inv_freq):
 
 
 def _second_moment(layer, x, positions, inv_freq, group):
-    a = _group_input(layer, group, x, positions, inv_freq).astype(jnp.float32)
-    a = a.reshape(-1, a.shape[-1])
-    return a.T @ a, a.shape[0]
+    """The ``hessian.InputsFn`` of one group: its inputs, no block output."""
+    return {group: _group_input(layer, group, x, positions, inv_freq)}, None
 
 
 def _group_hessian(layer, group, x, positions, inv_freq, batch_size) -> jax.Array:
-    """H = E[x xᵀ] of the group's inputs over all calibration tokens (fp32 partial sums)."""
-    fn = _GROUP_FNS.setdefault(group, lambda l, x, p, f: _second_moment(l, x, p, f, group))
-    parts = _block_fn(fn)(layer, x, positions, inv_freq, batch_size)
-    total = sum(np.asarray(s, np.float64) for s, _ in parts)
-    count = sum(int(c) for _, c in parts)
-    return jnp.asarray(total / count, jnp.float32)
+    """H = E[x xᵀ] of the group's inputs over all calibration tokens, data-parallel over the local
+    devices with compensated fp32 accumulation (``jaxquant.hessian``)."""
+    fn = _GROUP_FNS.setdefault(group, functools.partial(_second_moment, group=group))
+    width = hessian.group_widths(layer.self_attn.cfg)[group]
+    batches = hessian.batches_from_array(x, hessian.make_mesh(jax.local_devices()), batch_size)
+    stats = hessian.collect_block(layer, batches, positions, inv_freq, fn, {group: width})[group]
+    return jax.device_put(stats.matrix, jax.local_devices()[0])
 
 
 _GROUP_FNS: dict = {}
