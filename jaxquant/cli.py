@@ -199,6 +199,21 @@ def cmd_export(args):
     print(f"exported {out}")
 
 
+def cmd_bench_codebook(args):
+    """Gaussian MSE per weight of a codebook at its best scale (QuIP# / QTIP tables)."""
+    if args.codebook.startswith("qtip-"):
+        from jaxquant.codebooks.trellis_bench import gaussian_mse
+
+        result = gaussian_mse(args.codebook, args.bits or 2, samples=args.samples, seed=args.seed)
+    else:
+        from jaxquant.codebooks.bench import gaussian_mse
+
+        result = gaussian_mse(args.codebook, args.samples, args.seed)
+    print(json.dumps(result) if args.json else
+          f"{result['codebook']}: {result['bits']} bits, MSE {result['mse']:.5f} per weight "
+          f"on {result['samples']} N(0,1) samples (seed {args.seed})")
+
+
 def cmd_demo(args):
     """Fetch the default model, quantize it, compare perplexity, save, reload, generate."""
     import jax
@@ -295,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(q, None)
     q.add_argument("--out", required=True, help="output folder (replaced atomically)")
     q.set_defaults(fn=cmd_export)
+
+    q = sub.add_parser("bench", help="benchmarks (see also scripts/)")
+    bench = q.add_subparsers(dest="bench", required=True)
+    q = bench.add_parser("codebook", help="MSE per weight of N(0,1) data at the best scale")
+    q.add_argument("--codebook", required=True,
+                   choices=["e8p", "e8p-rvq3", "e8p-rvq4", "qtip-1mad", "qtip-3inst", "qtip-hyb", "qtip-lut"])
+    q.add_argument("--bits", type=int, default=None, help="bits per weight for qtip-* codes (default 2)")
+    q.add_argument("--samples", type=int, default=1 << 16, help="number of Gaussian weights (default 65536)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(fn=cmd_bench_codebook)
 
     q = sub.add_parser("demo", help="fetch the default model, quantize, compare perplexity, save, generate")
     model_arg(q)
