@@ -6,7 +6,7 @@ import pytest
 
 from jaxquant.codebooks.e8p import get_codebook
 from jaxquant.formats.base import FORMATS
-from jaxquant.formats.quip_sharp import QuIPSharpQuantized
+from jaxquant.formats.quip_sharp import QuIPSharpQuantized, pack_codes
 from jaxquant.methods import ldlq as core
 from jaxquant.methods import quip_sharp as qs
 from jaxquant.methods.registry import METHODS
@@ -58,9 +58,10 @@ def test_roundtrip_identity_hessian_matches_codebook_distortion(bits):
     w, _, qw = _quantize(m, n, bits, _fresh_key(), hessian=jnp.eye(n))
     rel = float(jnp.sum((qw.dequantize() - w) ** 2) / jnp.sum(w**2))
     assert rel < {2: 0.12, 3: 0.04, 4: 0.013}[bits], rel
-    assert qw.shape == (m, n) and qw.codes.shape == (m, n // 8) and qw.codes.dtype == jnp.uint16
-    resid = {2: 0, 3: 8, 4: 16}[bits]
-    assert qw.resid_codes.size == (m * n // 8 if resid else 0)
+    assert qw.shape == (m, n) and qw.codes.shape == (m, n // 8, bits) and qw.codes.dtype == jnp.uint8
+    stages = qw.stage_codes()
+    assert [c.dtype for c in stages] == list(get_codebook(bits).code_dtypes)
+    np.testing.assert_array_equal(pack_codes(stages), qw.codes)
     assert qw.bits_per_weight == pytest.approx(bits + (16 * (m + n) + 32) / (m * n), abs=1e-12)
     assert qw.parts == () and qw.part_slices() == [slice(0, m)]
 
@@ -93,7 +94,7 @@ def test_pytree_registration_seed_and_errors():
     again = jax.tree.unflatten(tree, leaves)
     np.testing.assert_allclose(jax.jit(lambda q: q.dequantize())(again), qw.dequantize(), atol=1e-7)
     rebuilt = QuIPSharpQuantized.from_leaves(qw.static_metadata(),
-                                             {k: getattr(qw, k) for k in ("codes", "resid_codes", "SU", "SV", "scale")})
+                                             qw.arrays())
     np.testing.assert_array_equal(rebuilt.dequantize(), qw.dequantize())
     _, _, same = _quantize(m, n, 2, key)
     np.testing.assert_array_equal(same.codes, qw.codes)

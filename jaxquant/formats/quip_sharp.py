@@ -2,9 +2,11 @@
 
 The weight is stored as ``Ŵ = scale · diag(SV) A_m Q A_nᵀ diag(SU)`` where ``A`` is the
 randomized-Hadamard factor of ``jaxquant.hadamard`` and ``Q [out, in]`` holds one 8-dimensional
-codeword per 8 consecutive inputs of a row: an E8P12 code (``codes``, uint16) plus, for 3 and
-4 bits, a residual code (``resid_codes``: E8 1-bit uint8, or E8P uint16) decoded as in
-``jaxquant.codebooks.e8p``. SU / SV are float16 so that fine-tuning can make them real-valued.
+codeword per 8 consecutive inputs of a row, as ``bits`` bytes (``codes``, uint8
+``[out, in / 8, bits]``): bytes 0-1 the E8P12 code (little-endian, layout in
+``jaxquant.codebooks.e8p``); for 3 bits byte 2 the E8 1-bit residual index; for 4 bits bytes
+2-3 the residual E8P12 code. So the codes take exactly ``bits`` bits per weight, in one array.
+SU / SV are float16 so that fine-tuning can make them real-valued.
 
 ``matmul`` never forms the dense W: ``y = SV ⊙ A_m (scale·Q) A_nᵀ (SU ⊙ x)`` is two fast
 Hadamard transforms around one product with the decoded Q.
@@ -25,8 +27,7 @@ from jaxquant.formats.base import QuantizedWeight, quantized_format, static
 
 @quantized_format("quip#")
 class QuIPSharpQuantized(QuantizedWeight):
-    codes: jax.Array  # uint16 [out, in / 8]: E8P12 codes (layout in codebooks/e8p.py)
-    resid_codes: jax.Array  # [out, in / 8] uint8 (3 bit) or uint16 (4 bit); [0] uint8 for 2 bit
+    codes: jax.Array  # uint8 [out, in / 8, bits]: per 8 weights, the stage codes' bytes
     SU: jax.Array  # float16 [in]
     SV: jax.Array  # float16 [out]
     scale: jax.Array  # float32 [len(parts)]: Wscale (times each part's RMS when fused)
@@ -50,12 +51,13 @@ class QuIPSharpQuantized(QuantizedWeight):
             bounds.append(bounds[-1] + p)
         return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def _codes(self) -> tuple[jax.Array, ...]:
-        return (self.codes,) if self.resid_codes.ndim == 1 else (self.codes, self.resid_codes)
+    def stage_codes(self) -> tuple[jax.Array, ...]:
+        """Per-stage codes ``[out, in / 8]``: E8P12 uint16, then the residual's (uint8 or uint16)."""
+        return unpack_codes(self.codes)
 
     def rotated(self) -> jax.Array:
         """``Q`` ``[out, in]`` float32: the decoded codewords, in the rotated and scaled basis."""
-        q = e8p.get_codebook(self.codebook).decode(self._codes())  # [out, in / 8, 8]
+        q = e8p.get_codebook(self.codebook).decode(self.stage_codes())  # [out, in / 8, 8]
         return q.reshape(self.shape)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
@@ -75,3 +77,25 @@ def _matmul(x, qw: QuIPSharpQuantized):
     y = jnp.matmul(xr, qw.rotated().T, precision=jax.lax.Precision.HIGHEST)
     y = hadamard.rht_inverse(y, qw.SV.astype(jnp.float32), seed=qw.had_seed)
     return (y * qw.row_scale()).astype(x.dtype)
+
+
+def pack_codes(stages: tuple[jax.Array, ...]) -> jax.Array:
+    """Stage codes ``[..., g]`` (uint16 E8P, then uint8 or uint16) -> bytes ``[..., g, bits]``."""
+    out = []
+    for c in stages:
+        wide = jnp.dtype(c.dtype).itemsize == 2
+        c = c.astype(jnp.uint32)
+        out += [c & 0xFF, c >> 8] if wide else [c]
+    return jnp.stack(out, axis=-1).astype(jnp.uint8)
+
+
+def unpack_codes(codes: jax.Array) -> tuple[jax.Array, ...]:
+    """Inverse of ``pack_codes`` for 2, 3 or 4 bytes per group."""
+    c = codes.astype(jnp.uint16)
+    first = c[..., 0] | (c[..., 1] << 8)
+    nbytes = codes.shape[-1]
+    if nbytes == 2:
+        return (first,)
+    if nbytes == 3:
+        return first, codes[..., 2]
+    return first, c[..., 2] | (c[..., 3] << 8)

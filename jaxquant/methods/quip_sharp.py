@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxquant import hadamard
 from jaxquant.codebooks import e8p
-from jaxquant.formats.quip_sharp import QuIPSharpQuantized
+from jaxquant.formats.quip_sharp import QuIPSharpQuantized, pack_codes
 from jaxquant.methods import ldlq as core
 from jaxquant.methods.registry import register_method
 
@@ -103,8 +103,7 @@ def quantize_fused(ws, cfg: QuIPSharpConfig, *, hessian=None, key=None) -> QuIPS
     U = core.inverse_cholesky_upper(Hr, damp=cfg.damp)
     codes, _ = quantize_rotated(Wr / scale, Hr, U, codebook=cfg.codebook, tune_iters=cfg.tune_iters,
                                 lazy_batch=cfg.lazy_batch)
-    resid = codes[1] if len(codes) > 1 else jnp.zeros((0,), jnp.uint8)
-    return QuIPSharpQuantized(codes[0], resid, su.astype(jnp.float16), sv.astype(jnp.float16),
+    return QuIPSharpQuantized(pack_codes(codes), su.astype(jnp.float16), sv.astype(jnp.float16),
                               (scale * part_rms).astype(jnp.float32), (m, n), cfg.bits, cfg.codebook,
                               cfg.seed, parts if len(parts) > 1 else ())
 
