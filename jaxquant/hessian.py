@@ -276,19 +276,18 @@ def _step_fn(graphdef, inputs_fn: InputsFn, mesh: Mesh, groups: tuple[str, ...],
 
 
 def _finalize_fn(mesh: Mesh, groups: tuple[str, ...]):
-    """psum each device's moments: Σ x xᵀ rows-sharded ``[d, d]`` P('rows'), Σ x replicated."""
+    """Combine the devices' moments: Σ x xᵀ ``[d, d]`` rows-sharded P('rows'), Σ x replicated."""
     key = ("finalize", mesh, groups)
     if key in _CACHE:
         return _CACHE[key]
-    rows = mesh.shape["rows"]
-    gram_axes = "data" if rows > 1 else ("data", "rows")
 
     def body(moments):
         out = {}
         for g in groups:
             m = moments[g]
-            xtx = lax.psum(m.xtx[0], gram_axes) + lax.psum(m.xtx_err[0], gram_axes)
-            xsum = lax.psum(m.xsum[0, 0], ("data", "rows")) + lax.psum(m.xsum_err[0, 0], ("data", "rows"))
+            xtx = _compensated_allreduce(m.xtx[0], m.xtx_err[0], "data", mesh.shape["data"])
+            xsum = _fixed_order_sum(lax.all_gather(m.xsum[0, 0], ("data", "rows")),
+                                    lax.all_gather(m.xsum_err[0, 0], ("data", "rows")))
             out[g] = (xtx.astype(jnp.float32), xsum.astype(jnp.float32))
         return out
 
@@ -296,6 +295,28 @@ def _finalize_fn(mesh: Mesh, groups: tuple[str, ...]):
     fn = jax.jit(_shard_map(body, mesh, in_specs=(specs,), out_specs={g: (P("rows"), P()) for g in groups}))
     _CACHE[key] = fn
     return fn
+
+
+def _fixed_order_sum(hi, lo):
+    """Σ_k (hi[k] + lo[k]) with TwoSum, in device order: nearly exact, the same on every device."""
+    s, e = hi[0], lo[0]
+    for k in range(1, hi.shape[0]):
+        s, e = _two_sum(s, e, hi[k])
+        e = e + lo[k]
+    return s + e
+
+
+def _compensated_allreduce(hi, lo, axis: str, n: int):
+    """Σ over ``axis`` of (hi + lo) ``[r, d]`` without a plain fp32 psum's rounding: an all_to_all gives
+    each device one row slice from every device (the traffic of a reduce-scatter), which it sums in a
+    fixed order with TwoSum, then the slices are all-gathered. Falls back to psum if rows don't split."""
+    r = hi.shape[0]
+    if n == 1:
+        return hi + lo
+    if r % n:
+        return lax.psum(hi, axis) + lax.psum(lo, axis)
+    pieces = [lax.all_to_all(a.reshape(n, r // n, -1), axis, 0, 0) for a in (hi, lo)]
+    return lax.all_gather(_fixed_order_sum(*pieces), axis, axis=0, tiled=True)
 
 
 def _replicate(tree, mesh: Mesh):
@@ -491,11 +512,14 @@ def group_widths(cfg) -> dict[str, int]:
 
 
 def collect_block(layer, batches: Batches, positions, inv_freq, inputs_fn: InputsFn, widths: dict[str, int], *,
-                  forward: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict[str, HessianStats]:
+                  forward: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                  check: bool = True) -> dict[str, HessianStats]:
     """Hessians of ``widths``' groups of one block over all batches; with ``forward``, each batch is
-    replaced by the block's output (the next block's input)."""
+    replaced by the block's output (the next block's input). ``check``: fail on fewer tokens than
+    the widest Hessian. Asynchronous: returns before the devices finish."""
     mesh = batches.mesh
-    check_enough_tokens(batches.tokens, widths)
+    if check:
+        check_enough_tokens(batches.tokens, widths)
     groups = tuple(widths)
     graphdef, state = nnx.split(layer)
     state = _replicate(state, mesh)

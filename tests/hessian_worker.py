@@ -36,8 +36,9 @@ def main(mode, out, seed, port=None, pid=None):
     model, tokens = setup(seed)
     assert len(jax.devices()) == 8, jax.devices()
     if mode == "devices":
-        hz.collect_offline(model, tokens, out / "d1", mesh=hz.make_mesh(jax.devices()[:1]), batch_size=2, cond=False)
+        hz.collect_offline(model, tokens, out / "d1", mesh=hz.make_mesh(jax.devices()[:1]), batch_size=1, cond=False)
         hz.collect_offline(model, tokens, out / "d8", mesh=hz.make_mesh(), batch_size=8, cond=False)
+        hz.collect_offline(model, tokens, out / "d8o", mesh=hz.make_mesh(), batch_size=8, cond=False, offload=True)
         hz.collect_offline(model, tokens, out / "d4r2", mesh=hz.make_mesh(rows=2), batch_size=8, cond=False)
         x = np.random.default_rng(seed).standard_normal((5000, 24)).astype(np.float32) + 30
         for name, mesh in [("m1", hz.make_mesh(jax.devices()[:1])), ("m8", hz.make_mesh()), ("m2r4", hz.make_mesh(rows=4))]:

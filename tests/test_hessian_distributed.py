@@ -26,14 +26,16 @@ def _env():
     return env
 
 
-def _assert_same(a: pathlib.Path, b: pathlib.Path, layers: int = 2, tol: float = 1e-6):
+def _assert_same(a: pathlib.Path, b: pathlib.Path, layers: int = 2, tol: float = 0.0):
+    """Same Hessians and means; ``tol=0``: bit for bit (same windows per device and step, so the same
+    partial products; the devices' sums are combined in a fixed order with TwoSum)."""
     ha, hb = hz.stored_hessians(a), hz.stored_hessians(b)
     for i in range(layers):
         for g in hz.GROUP_NAMES:
             x, y = ha(i, g), hb(i, g)
-            assert np.abs(x - y).max() <= tol * np.abs(x).max(), (a.name, b.name, i, g)
+            assert np.abs(x - y).max() <= tol * np.abs(x).max(), (a.name, b.name, i, g, np.abs(x - y).max())
             ma, mb = np.load(a / f"block_{i:04d}" / f"{g}.mean.npy"), np.load(b / f"block_{i:04d}" / f"{g}.mean.npy")
-            assert np.abs(ma - mb).max() <= tol * np.abs(ma).max()
+            assert np.abs(ma - mb).max() <= tol * np.abs(ma).max(), (a.name, b.name, i, g)
 
 
 def test_8_simulated_devices_give_the_1_device_hessians(tmp_path):
@@ -42,7 +44,8 @@ def test_8_simulated_devices_give_the_1_device_hessians(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     _assert_same(tmp_path / "d1", tmp_path / "d8")
-    _assert_same(tmp_path / "d1", tmp_path / "d4r2")  # rows split over pairs of devices
+    _assert_same(tmp_path / "d1", tmp_path / "d8o")  # activations kept in host memory between steps
+    _assert_same(tmp_path / "d1", tmp_path / "d4r2", tol=1e-6)  # rows split over pairs: other matmul shapes
     x = np.random.default_rng(seed).standard_normal((5000, 24)).astype(np.float32) + 30
     ref = x.astype(np.float64).T @ x.astype(np.float64) / len(x)
     for name in ("m1", "m8", "m2r4"):
@@ -73,6 +76,6 @@ def test_2_processes_x_4_devices_give_the_1_device_hessians(tmp_path):
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     model, tokens = setup(seed)  # the reference in this process: its single CPU device
-    hz.collect_offline(model, tokens, tmp_path / "ref", batch_size=2, cond=False)
+    hz.collect_offline(model, tokens, tmp_path / "ref", batch_size=1, cond=False)
     _assert_same(tmp_path / "ref", tmp_path / "p8")
-    _assert_same(tmp_path / "ref", tmp_path / "p4r2")
+    _assert_same(tmp_path / "ref", tmp_path / "p4r2", tol=1e-6)
