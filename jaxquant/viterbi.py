@@ -8,10 +8,11 @@ best predecessor depends on s only through ``s >> kV``. The recursion therefore 
     M_t(p) = min_d C_t(d·P + p),   C_t(s) = e_t(s) + M_{t-1}(s >> kV),   p < P,
 
 with C_t the best cost of a path ending in s at step t and e_t(s) = ‖c_s‖² - 2⟨x_t, c_s⟩ the
-squared error up to the constant ‖x_t‖². One step maps M (B, P) and x_t (B, V) to M' and the
-argmin d (uint8 back-pointers, B x P): with s = d·P + h·D + l it is a broadcast over the reshaped
-tables plus a log2(D)-level compare/select tree over d -- no gathers, one elementwise fusion.
-Carrying M (P entries) instead of C (2^L) divides the per-step memory traffic by D.
+squared error up to the constant ‖x_t‖². One step maps M (P, B) and x_t (V, B) to M' and the
+argmin d (uint8 back-pointers, P x B): with s = d·P + h·D + l it is a broadcast over the reshaped
+code tables plus a min/argmin over the leading axis d -- reshapes, no gathers. Carrying M
+(P entries) instead of C (2^L) divides the per-step memory traffic by D; the batch is the
+minor axis so that a warp's sequences share each code-table load.
 
 Tail-biting (QTIP App. A): the stream of a tile is the top kV bits of every state, n·kV = T·k
 bits, read circularly, so the last state's low L-kV bits must equal the first state's high
@@ -49,36 +50,38 @@ STEP_IMPLS = ("reduce", "tree")
 
 
 def _step(m, x_t, vals, sqn, *, L, kV, impl):
-    """One trellis step: M_{t-1} (B, P), x_t (B, V) -> M_t (B, P), back-pointers (B, P) uint8.
+    """One trellis step: M_{t-1} (P, B), x_t (V, B) -> M_t (P, B), back-pointers (P, B) uint8.
 
-    ``impl``: "reduce" is one variadic (value, index) reduction over d; "tree" is an
-    elementwise compare/select tree. Both return the minimum and a minimizing d (on ties, any). XLA's speed of the two
-    differs by backend and kV (``scripts/bench_viterbi.py`` compares them).
+    Batch is the minor axis: the 32 sequences of a GPU warp read the same code-table entry (one
+    broadcast load) and consecutive cost entries (coalesced). ``impl``: "reduce" is one variadic
+    (value, index) reduction over d; "tree" an elementwise compare/select tree. Both return the
+    minimum and a minimizing d (on ties, any); their speed depends on the backend and kV
+    (``scripts/bench_viterbi.py`` compares them).
     """
-    B, V = x_t.shape
+    V, B = x_t.shape
     D, H = 1 << kV, 1 << (L - 2 * kV)
-    e = sqn[None, :]
+    e = sqn[:, None]
     for v in range(V):  # ‖c‖² - 2<x, c>, state-major so that s = d·P + h·D + l
-        e = e - (2.0 * x_t[:, v:v + 1]) * vals[v][None, :]
-    cand = e.reshape(B, D, H, D) + m.reshape(B, D, H, 1)
+        e = e - vals[v][:, None] * (2.0 * x_t[v][None, :])
+    cand = e.reshape(D, H, D, B) + m.reshape(D, H, 1, B)
     if impl == "reduce":
-        idx = lax.broadcasted_iota(jnp.uint8, cand.shape, 1)
+        idx = lax.broadcasted_iota(jnp.uint8, cand.shape, 0)
 
         def smaller(a, b):
             (va, ia), (vb, ib) = a, b
             take = vb < va  # no index tie-break: it defeats vectorization on XLA:CPU
             return jnp.where(take, vb, va), jnp.where(take, ib, ia)
 
-        best, arg = lax.reduce((cand, idx), (jnp.float32(jnp.inf), jnp.uint8(0)), smaller, (1,))
-        return best.reshape(B, -1), arg.reshape(B, -1)
-    idx = lax.broadcasted_iota(jnp.uint8, (1, D, 1, 1), 1)
-    while cand.shape[1] > 1:
-        half = cand.shape[1] // 2
-        a, b = cand[:, :half], cand[:, half:]
+        best, arg = lax.reduce((cand, idx), (jnp.float32(jnp.inf), jnp.uint8(0)), smaller, (0,))
+        return best.reshape(-1, B), arg.reshape(-1, B)
+    idx = lax.broadcasted_iota(jnp.uint8, (D, 1, 1, 1), 0)
+    while cand.shape[0] > 1:
+        half = cand.shape[0] // 2
+        a, b = cand[:half], cand[half:]
         take = b < a
         cand = jnp.where(take, b, a)
-        idx = jnp.where(take, idx[:, half:], idx[:, :half])
-    return cand.reshape(B, -1), jnp.broadcast_to(idx, cand.shape).reshape(B, -1)
+        idx = jnp.where(take, idx[half:], idx[:half])
+    return cand.reshape(-1, B), jnp.broadcast_to(idx, cand.shape).reshape(-1, B)
 
 
 def default_impl(kV: int) -> str:
@@ -87,19 +90,32 @@ def default_impl(kV: int) -> str:
 
 
 def _forward(x, m0, vals, sqn, *, L, kV, impl, unroll):
-    """x (n, B, V) -> (M_{n-1} (B, P), back-pointers (n, B, P) uint8)."""
+    """x (n, V, B) -> (M_{n-1} (P, B), back-pointers (n, P, B) uint8)."""
     step = functools.partial(_step, vals=vals, sqn=sqn, L=L, kV=kV, impl=impl)
-    return lax.scan(lambda m, x_t: step(m, x_t), m0, x, unroll=unroll)
+
+    def body(carry, x_next):
+        # x_t arrives through the carry, not as this iteration's slice of xs: a dynamic slice
+        # fused into the step's big fusion is re-evaluated per element (5x slower on XLA:CPU).
+        m, x_t = carry
+        m, bp = step(m, x_t)
+        return (m, x_next), bp
+
+    (m, _), bp = lax.scan(body, (m0, x[0]), jnp.roll(x, -1, axis=0), unroll=unroll)
+    return m, bp
+
+
+def _pick(bp_t, p):
+    """``bp_t[p_b, b]`` for every sequence b: the stored d of row p."""
+    return jnp.take_along_axis(bp_t, p[None, :], axis=0)[0].astype(jnp.int32)
 
 
 def _backtrace(bp, s_last, *, L, kV):
-    """Back-pointers (n, B, P) and the last states (B,) -> states (B, n) int32."""
+    """Back-pointers (n, P, B) and the last states (B,) -> states (B, n) int32."""
     P = 1 << (L - kV)
 
     def back(s, bp_t):  # s_t -> s_{t-1}
         p = s >> kV
-        d = jnp.take_along_axis(bp_t, p[:, None], axis=1)[:, 0].astype(jnp.int32)
-        prev = d * P + p
+        prev = _pick(bp_t, p) * P + p
         return prev, prev
 
     _, prev = lax.scan(back, s_last, bp[:-1], reverse=True)
@@ -107,25 +123,23 @@ def _backtrace(bp, s_last, *, L, kV):
 
 
 def _solve(x, m0, vals, sqn, overlap, *, L, kV, impl, unroll):
-    """One Viterbi pass on x (n, B, V); ``overlap`` (B,) fixes the end state's low bits, or None."""
+    """One Viterbi pass on x (n, V, B); ``overlap`` (B,) fixes the end state's low bits, or None."""
     P = 1 << (L - kV)
     m_last, bp = _forward(x, m0, vals, sqn, L=L, kV=kV, impl=impl, unroll=unroll)
-    p = jnp.argmin(m_last, axis=1).astype(jnp.int32) if overlap is None else overlap
-    d = jnp.take_along_axis(bp[-1], p[:, None], axis=1)[:, 0].astype(jnp.int32)
-    return _backtrace(bp, d * P + p, L=L, kV=kV)
+    p = jnp.argmin(m_last, axis=0).astype(jnp.int32) if overlap is None else overlap
+    return _backtrace(bp, _pick(bp[-1], p) * P + p, L=L, kV=kV)
 
 
 def _start_costs(overlap, P):
-    """M_{-1}: zero everywhere (free start) or zero only at p = overlap (tail-biting pass 2)."""
-    if overlap is None:
-        return None
-    return jnp.where(jnp.arange(P, dtype=jnp.int32)[None, :] == overlap[:, None], 0.0, jnp.inf
+    """M_{-1} (P, B): zero only at p = overlap (tail-biting pass 2)."""
+    return jnp.where(jnp.arange(P, dtype=jnp.int32)[:, None] == overlap[None, :], 0.0, jnp.inf
                      ).astype(jnp.float32)
 
 
 def _to_steps(x, V):
+    """[B, T] -> [T/V, V, B] float32 (steps, coordinates, batch-minor)."""
     B, T = x.shape
-    return jnp.asarray(x, jnp.float32).reshape(B, T // V, V).transpose(1, 0, 2)
+    return jnp.asarray(x, jnp.float32).reshape(B, T // V, V).transpose(1, 2, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("L", "k", "V", "chunk", "impl", "unroll"))
@@ -137,9 +151,9 @@ def _viterbi_chunked(x, overlap, values, *, L, k, V, chunk, impl, unroll):
 
     def solve(args):
         xc, oc = args
-        n, Bc = xc.shape[1] // V, xc.shape[0]
-        m0 = jnp.zeros((Bc, P), jnp.float32) if free else _start_costs(oc, P)
-        return _solve(_to_steps(xc, V), m0, vals, sqn, None if free else oc, L=L, kV=kV, impl=impl, unroll=unroll)
+        m0 = jnp.zeros((P, xc.shape[0]), jnp.float32) if free else _start_costs(oc, P)
+        return _solve(_to_steps(xc, V), m0, vals, sqn, None if free else oc, L=L, kV=kV, impl=impl,
+                      unroll=unroll)
 
     return _map_chunks(solve, x, overlap if not free else jnp.zeros(x.shape[0], jnp.int32), chunk)
 
@@ -157,7 +171,7 @@ def _tailbiting_chunked(x, values, *, L, k, V, chunk, impl, unroll):
         half = n // 2
         # Pass 1: rotate by n/2 steps so that the tile's two ends meet mid-sequence.
         rot = jnp.roll(xc, -half * V, axis=1)
-        s_rot = _solve(_to_steps(rot, V), jnp.zeros((Bc, P), jnp.float32), vals, sqn, None,
+        s_rot = _solve(_to_steps(rot, V), jnp.zeros((P, Bc), jnp.float32), vals, sqn, None,
                        L=L, kV=kV, impl=impl, unroll=unroll)
         overlap = s_rot[:, n - half] >> kV  # rotated step n - half is original step 0
         # Pass 2: the original order with s_0 >> kV = overlap = s_{n-1} mod P.

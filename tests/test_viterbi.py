@@ -141,11 +141,13 @@ def test_gaussian_mse_l16_quick(name, bits):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("code", ["1mad", "3inst", "hyb"])
 def test_gaussian_mse_l16_published(code, bits):
-    """QTIP Table 1 at L=16, tail-biting: 2 bits ≤ 0.0695 (1MAD, 3INST) / 0.0712 (HYB); 3, 4 bits within 2 %."""
+    """QTIP Table 1 at L=16, tail-biting: 2 bits ≤ 0.0695 (1MAD, 3INST) / 0.0712 (HYB); 3, 4 bits
+    within 2 % of the published value, which is printed to 4 decimals (±0.00005)."""
     samples = 1 << (19 if bits == 2 else 18)  # 2 bits: the bound is within ~1 % of the value
     r = gaussian_mse(f"qtip-{code}", bits, samples=samples, seed=int(np.random.default_rng().integers(1 << 20)))
     print(r)
     if bits == 2:
         assert r["mse"] <= (0.0712 if code == "hyb" else 0.0695)
     else:
-        assert r["mse"] == pytest.approx(PUBLISHED_MSE[code][bits], rel=0.02)
+        pub = PUBLISHED_MSE[code][bits]
+        assert 0.98 * (pub - 5e-5) <= r["mse"] <= 1.02 * (pub + 5e-5)
