@@ -44,11 +44,13 @@ def layer(rng, out=32, n=64, tokens=512):
     return w, (x.T @ x / tokens).astype(np.float32)
 
 
-@pytest.mark.parametrize("code,bits", [("1mad", 2), ("hyb", 2), ("3inst", 3)])
-def test_format_reproduces_the_sweep(rng, code, bits):
+@pytest.mark.parametrize("code,bits,L,V", [("1mad", 2, 16, 0), ("hyb", 2, 16, 0), ("3inst", 3, 16, 0),
+                                           ("lut", 2, 10, 2)])
+def test_format_reproduces_the_sweep(rng, code, bits, L, V):
     w, h = layer(rng)
     key = jax.random.key(int(rng.integers(1 << 30)))
-    qw, hat = quantize_with_hat(w, QTIPConfig(bits=bits, code=code), hessian=h, key=key)
+    cfg = QTIPConfig(bits=bits, code=code, L=L, V=V)
+    qw, hat = quantize_with_hat(w, cfg, hessian=h, key=key)
     assert isinstance(qw, QTIPQuantized) and qw.codes.shape == (2, 4, 8 * bits)
     np.testing.assert_array_equal(np.asarray(qw.rotated()), np.asarray(hat))
     # dequantize goes back through the inverse RHT; matmul never forms W but agrees with it
@@ -59,7 +61,7 @@ def test_format_reproduces_the_sweep(rng, code, bits):
     x = rng.standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(qw.matmul(jnp.asarray(x))), x @ wd.T, rtol=1e-4, atol=1e-4)
     # exact bits: k per weight in the streams, plus scale, fp16 signs and the fp16 table
-    tb = 512 * 2 if code == "hyb" else 1
+    tb = {"hyb": 512 * 2, "lut": (1 << L) * 2}.get(code, 1)
     assert qw.bits_per_weight == (32 * 64 * bits + 32 + 16 * (32 + 64) + 16 * tb) / (32 * 64)
     # rebuild from the checkpoint view (static metadata + arrays)
     again = QTIPQuantized.from_leaves(qw.static_metadata(), {k: np.asarray(v) for k, v in qw.arrays().items()})
