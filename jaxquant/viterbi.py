@@ -214,7 +214,8 @@ def viterbi(x: jax.Array, values: jax.Array, *, L: int, k: int, overlap: jax.Arr
     chunk = chunk_size(x.shape[0], x.shape[1], L=L, k=k, V=V, max_backpointer_bytes=max_backpointer_bytes)
     if overlap is not None:
         overlap = jnp.asarray(overlap, jnp.int32)
-    return _viterbi_chunked(x, overlap, values, L=L, k=k, V=V, chunk=chunk, impl=_impl(impl, k * V), unroll=unroll)
+    return _viterbi_chunked(x, overlap, values, L=L, k=k, V=V, chunk=chunk, impl=_impl(impl, k * V),
+                            unroll=unroll)
 
 
 def viterbi_tailbiting(x: jax.Array, values: jax.Array, *, L: int, k: int,

@@ -64,7 +64,8 @@ def test_format_reproduces_the_sweep(rng, code, bits, L, V):
     tb = {"hyb": 512 * 2, "lut": (1 << L) * 2}.get(code, 1)
     assert qw.bits_per_weight == (32 * 64 * bits + 32 + 16 * (32 + 64) + 16 * tb) / (32 * 64)
     # rebuild from the checkpoint view (static metadata + arrays)
-    again = QTIPQuantized.from_leaves(qw.static_metadata(), {k: np.asarray(v) for k, v in qw.arrays().items()})
+    leaves = {k: np.asarray(v) for k, v in qw.arrays().items()}
+    again = QTIPQuantized.from_leaves(qw.static_metadata(), leaves)
     np.testing.assert_array_equal(np.asarray(again.dequantize()), wd)
 
 

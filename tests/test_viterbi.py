@@ -144,7 +144,8 @@ def test_gaussian_mse_l16_published(code, bits):
     """QTIP Table 1 at L=16, tail-biting: 2 bits ≤ 0.0695 (1MAD, 3INST) / 0.0712 (HYB); 3, 4 bits
     within 2 % of the published value, which is printed to 4 decimals (±0.00005)."""
     samples = 1 << (19 if bits == 2 else 18)  # 2 bits: the bound is within ~1 % of the value
-    r = gaussian_mse(f"qtip-{code}", bits, samples=samples, seed=int(np.random.default_rng().integers(1 << 20)))
+    seed = int(np.random.default_rng().integers(1 << 20))
+    r = gaussian_mse(f"qtip-{code}", bits, samples=samples, seed=seed)
     print(r)
     if bits == 2:
         assert r["mse"] <= (0.0712 if code == "hyb" else 0.0695)

@@ -43,7 +43,8 @@ def pack_stream(states: jax.Array, *, L: int, kV: int) -> jax.Array:
 
 
 def unpack_states(words: jax.Array, *, L: int, kV: int, n: int) -> jax.Array:
-    """Inverse of ``pack_stream`` for tail-biting paths: ``[..., n·kV/32]`` words -> ``[..., n]`` uint32 states."""
+    """Inverse of ``pack_stream`` for tail-biting paths: ``[..., n·kV/32]`` words -> ``[..., n]``
+    uint32 states (integer shifts only, as a decode kernel does)."""
     nw = words.shape[-1]
     if nw * 32 != n * kV:
         raise ValueError(f"{nw} words hold {nw * 32} bits, not {n}·{kV}")

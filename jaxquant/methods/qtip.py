@@ -13,7 +13,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxquant import hadamard
 from jaxquant.codebooks.trellis import CODES, TrellisCode
@@ -75,7 +74,7 @@ def rotate(w: jax.Array, hessian: jax.Array, su: jax.Array, sv: jax.Array, *, se
 
 
 def quantize_with_hat(w, cfg: QTIPConfig, *, hessian, key=None):
-    """``(QTIPQuantized, Ŵr)`` with ``Ŵr`` the sweep's result in the RHT domain (``= qw.rotated()``)."""
+    """``(QTIPQuantized, Ŵr)``; ``Ŵr`` is the sweep's result in the RHT domain (``= qw.rotated()``)."""
     w = jnp.asarray(w, jnp.float32)
     out, n = w.shape
     tr, tc = cfg.tile
@@ -87,12 +86,13 @@ def quantize_with_hat(w, cfg: QTIPConfig, *, hessian, key=None):
     wr, hr = rotate(w, jnp.asarray(hessian, jnp.float32), su, sv)
 
     code = cfg.trellis()
-    table = code.default_table()
-    table16 = jnp.asarray(table if table is not None else np.zeros((1, 1), np.float16), jnp.float16)
-    values = code.values(table16 if table is not None else None)
-    scale = jnp.sqrt(jnp.mean(wr * wr)) / (code.rms(table16 if table is not None else None)
-                                          * cfg.scale_override)
+    table = code.default_table()  # float16 as stored; None for the table-free 1MAD / 3INST
+    if table is not None:
+        table = jnp.asarray(table, jnp.float16)
+    values = code.values(table)
+    scale = jnp.sqrt(jnp.mean(wr * wr)) / (code.rms(table) * cfg.scale_override)
     scale = jnp.maximum(scale, jnp.finfo(jnp.float32).tiny).reshape(1)
+    stored_table = table if table is not None else jnp.zeros((1, 1), jnp.float16)  # Orbax: no empty arrays
 
     H, dead = core.prepare_hessian(hr, damp=cfg.damp)
     U = core.inverse_cholesky_upper(H, damp=cfg.damp)
@@ -101,7 +101,7 @@ def quantize_with_hat(w, cfg: QTIPConfig, *, hessian, key=None):
     hat, codes = _sweep(x, U, values, L=code.L, k=cfg.bits, tile=(tr, tc), lazy=cfg.lazy_batch,
                         bp_bytes=bp_bytes)
     qw = QTIPQuantized(codes, scale.astype(jnp.float32), su.astype(jnp.float16),
-                       sv.astype(jnp.float16), table16, shape=(out, n), bits=cfg.bits,
+                       sv.astype(jnp.float16), stored_table, shape=(out, n), bits=cfg.bits,
                        code=code.name, L=code.L, V=code.V, Q=code.Q, tile=(tr, tc))
     return qw, hat * scale[0]
 
