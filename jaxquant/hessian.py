@@ -6,11 +6,15 @@ x64 is on and the backend is the CPU), at most ``chunk_tokens`` tokens per parti
 partial to an fp32 (high, low) pair with Knuth's TwoSum, so that millions of tokens accumulate
 without fp32 drift (the failure of a plain running sum when activations have a large mean).
 
-Parallelism: a mesh ``('data', 'rows')`` over every device of every process. Calibration windows are
-split over all devices; each device accumulates its own moments, and one ``psum`` per group at the
-end combines them. With ``rows > 1`` the Hessian's rows are split over the ``rows`` axis (memory
-``d²/rows`` per device): the devices of a row group exchange their inputs (``all_gather``) and each
-forms its slice of rows. Several processes join through ``jax.distributed.initialize`` beforehand.
+Parallelism: a mesh ``('data', 'rows')`` over every device of every process (``jax.shard_map``).
+Calibration windows are split over all devices; each device accumulates its own moments, and one
+reduction per group at the end combines them: an ``all_to_all`` hands every device one row slice of
+every device's (high, low) pair, summed in device order with TwoSum, then ``all_gather``ed (the
+traffic of a psum, without its rounding). With the same windows per device and step, n devices
+give bit-identical Hessians to one. With ``rows > 1`` the Hessian's rows are split over the
+``rows`` axis (memory ``d²/rows`` per device): the devices of a row group exchange their inputs
+(``all_gather``) and each forms its slice of rows. Several processes join through
+``jax.distributed.initialize`` beforehand (``jaxquant hessians --coordinator``).
 
 Modes: online (``quantize_model`` asks for one group of the block as quantized so far,
 ``collect_block``) and offline (``collect_offline``: the full-precision model, all four groups in one
@@ -25,7 +29,6 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any, Callable, Sequence
@@ -60,9 +63,8 @@ class Moments:
     xsum_err: jax.Array
 
     @staticmethod
-    def zeros(rows: int, d: int, dtype=jnp.float32, lead: tuple[int, ...] = ()) -> "Moments":
-        return Moments(jnp.zeros((*lead, rows, d), dtype), jnp.zeros((*lead, rows, d), dtype),
-                       jnp.zeros((*lead, d), dtype), jnp.zeros((*lead, d), dtype))
+    def zeros(rows: int, d: int, dtype=jnp.float32) -> "Moments":
+        return Moments(jnp.zeros((rows, d), dtype), jnp.zeros((rows, d), dtype), jnp.zeros(d, dtype), jnp.zeros(d, dtype))
 
     def add_products(self, left: jax.Array, right: jax.Array, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> "Moments":
         """+= leftᵀ right for ``left [n, r]``, ``right [n, d]``, one fp32 partial per ``chunk_tokens`` tokens."""
@@ -213,23 +215,27 @@ def _shard_map(f, mesh, in_specs, out_specs):
 
 
 _TOKENS = P(("data", "rows"))  # windows / tokens split over every device
+_CACHE: dict = {}  # jitted steps by (graphdef, inputs function, mesh, ...): compiled once per shape
 _STATE = Moments(P("data", "rows"), P("data", "rows"), P("data", "rows"), P("data", "rows"))
 
 
 def _moments_state(mesh: Mesh, widths: dict[str, int]) -> dict[str, Moments]:
-    """Per-device zero moments, global ``[D, d, d]`` sharded so each device holds ``[1, d/R, d]``."""
-    d_axis, r_axis = mesh.shape["data"], mesh.shape["rows"]
-    dtype = accumulator_dtype()
-    sh = NamedSharding(mesh, P("data", "rows"))
+    """Per-device zero moments: global ``[D, d, d]`` sharded so that each device holds ``[1, d/R, d]``."""
+    key = ("zeros", mesh, tuple(widths.items()), accumulator_dtype())
+    if key not in _CACHE:
+        d_axis, r_axis = mesh.shape["data"], mesh.shape["rows"]
+        for d in widths.values():
+            if d % r_axis:
+                raise ValueError(f"Hessian width {d} is not divisible by rows={r_axis}")
+        dtype = accumulator_dtype()
 
-    def zeros(d):
-        if d % r_axis:
-            raise ValueError(f"Hessian width {d} is not divisible by rows={r_axis}")
-        shapes = Moments((d_axis, d, d), (d_axis, d, d), (d_axis, r_axis, d), (d_axis, r_axis, d))
-        return jax.tree.map(lambda s: jax.jit(lambda: jnp.zeros(s, dtype), out_shardings=sh)(), shapes,
-                            is_leaf=lambda s: isinstance(s, tuple))
+        def zeros():
+            return {g: Moments(jnp.zeros((d_axis, d, d), dtype), jnp.zeros((d_axis, d, d), dtype),
+                               jnp.zeros((d_axis, r_axis, d), dtype), jnp.zeros((d_axis, r_axis, d), dtype))
+                    for g, d in widths.items()}
 
-    return {g: zeros(d) for g, d in widths.items()}
+        _CACHE[key] = jax.jit(zeros, out_shardings=NamedSharding(mesh, P("data", "rows")))
+    return _CACHE[key]()
 
 
 def _accumulate_local(m: Moments, a: jax.Array, rows: int, chunk_tokens: int) -> Moments:
@@ -245,9 +251,6 @@ def _accumulate_local(m: Moments, a: jax.Array, rows: int, chunk_tokens: int) ->
     else:
         m = m.add_products(a, a, chunk_tokens)
     return Moments(m.xtx[None], m.xtx_err[None], m.xsum[None, None], m.xsum_err[None, None])
-
-
-_CACHE: dict = {}
 
 
 def _step_fn(graphdef, inputs_fn: InputsFn, mesh: Mesh, groups: tuple[str, ...], chunk_tokens: int, output: bool):
@@ -830,7 +833,8 @@ def add_cli(subparsers) -> None:
                    help="attention of the forward: auto = cuDNN fused attention on NVIDIA GPUs when it works, "
                         "else the model's own (default auto)")
     q.add_argument("--no-cond", action="store_true", help="skip the condition-number diagnostic (an eigendecomposition per group)")
-    q.add_argument("--coordinator", help="HOST:PORT of process 0 for a multi-process run (jax.distributed)")
+    q.add_argument("--coordinator", help="HOST:PORT of process 0 for a multi-process run (jax.distributed; on CPUs "
+                                          "also set JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo)")
     q.add_argument("--num-processes", type=int, default=None)
     q.add_argument("--process-id", type=int, default=None)
     q.set_defaults(fn=cmd_hessians)

@@ -46,8 +46,7 @@ def _reference(model, tokens):
     return out
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_compensated_sum_of_1m_tokens_with_large_mean_matches_fp64(dtype):
+def _check_large_mean_accuracy(dtype):
     rng = np.random.default_rng(_seed())
     n, d = 1 << 20, 16
     x = rng.uniform(50, 200, d) + rng.standard_normal((n, d)) * rng.uniform(0.5, 20, d)
@@ -66,6 +65,42 @@ def test_compensated_sum_of_1m_tokens_with_large_mean_matches_fp64(dtype):
     assert stats.count == n
     assert _rel(stats.matrix, ref / n) < 1e-6
     assert _rel(stats.mean, x64.mean(0)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compensated_sum_of_1m_tokens_with_large_mean_matches_fp64(dtype):
+    _check_large_mean_accuracy(dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_accumulation_fused_attention_and_all_gpus_agree():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    _check_large_mean_accuracy(jnp.bfloat16)  # TwoSum survives XLA:GPU's fusions
+    cfg = tiny_config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=64, num_hidden_layers=1)
+    model = model_from_params(cfg, {k: jnp.asarray(v, jnp.bfloat16) for k, v in random_params(cfg, _seed()).items()})
+    t = 256
+    tokens = np.random.default_rng(_seed()).integers(0, cfg.vocab_size, (8, t)).astype(np.int32)
+    positions, inv_freq = jnp.arange(t), rope_frequencies(cfg)
+    x = model.embed(jnp.asarray(tokens))
+    ref, y = hz.block_inputs(model.layers[0], x, positions, inv_freq)
+    if hz.fused_attention_available("bfloat16", t, 4, 2, 64):
+        fused, y_fused = hz.block_inputs(model.layers[0], x, positions, inv_freq, attention="cudnn")
+        for g in hz.GROUP_NAMES:
+            assert _rel(fused[g].astype(jnp.float32), np.asarray(ref[g], np.float64)) < 3e-2, g
+    results = {}
+    for n in sorted({1, len(jax.local_devices())}):
+        mesh = hz.make_mesh(jax.local_devices()[:n])
+        batches = hz.batches_from_tokens(model, tokens, mesh, n)  # one window per device and step
+        stats = hz.collect_block(model.layers[0], batches, positions, inv_freq, hz.block_inputs,
+                                 hz.group_widths(cfg))
+        results[n] = {g: s.numpy()[0] for g, s in stats.items()}
+    for g, h in results[1].items():
+        a = np.asarray(ref[g], np.float64).reshape(-1, ref[g].shape[-1])
+        assert _rel(h, a.T @ a / a.shape[0]) < 2e-2, g  # eager vs fused bf16 roundings of the inputs
+        for n, r in results.items():
+            assert _rel(r[g], np.asarray(h, np.float64)) < 1e-6, (n, g)
 
 
 def test_block_inputs_are_the_pipelines_group_inputs_and_the_block_output(tiny):
