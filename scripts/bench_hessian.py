@@ -13,7 +13,9 @@ the same ``--windows`` on every device count, so the n-device Hessians are compa
 FLOPs counted per token and block: the linear layers (2·in·out each), causal attention
 (QKᵀ and PV over T/2 keys on average: 2·T·heads·head_dim) and the four x xᵀ (2·d² each, the full
 square as computed). Timing covers the L blocks after a compile warm-up, Hessians left on the
-devices (disk writes are not part of it); ``forward only`` times the same blocks without Hessians.
+devices (disk writes are not part of it); ``fwd tok/s`` times the same blocks without Hessians.
+First, an accuracy probe: ``moments`` of 2^20 bf16 tokens with a large mean against fp64, for several
+tokens-per-partial (the accumulation inside a partial is the device's matmul; across partials TwoSum).
 """
 from __future__ import annotations
 
@@ -42,6 +44,31 @@ def matmul_rate(n: int, dtype, repeats: int = 10) -> float:
         c.block_until_ready()
         best = min(best, (time.perf_counter() - start) / repeats)
     return 2 * n**3 / best
+
+
+def accuracy_probe(n: int, d: int = 256, chunks=(64, 256, 1024, 4096, 16384)) -> list[dict]:
+    """Relative error against fp64 of ``moments`` on one device, for bf16 activations with a large mean:
+    the products' accumulation inside each partial (tensor cores on a GPU) is what ``chunk_tokens`` bounds;
+    ``chunk = n`` is one uncompensated matmul over all tokens."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxquant import hessian as hz
+
+    key = jax.random.key(7)
+    mean = jax.random.uniform(jax.random.fold_in(key, 1), (d,), minval=50, maxval=200)
+    scale = jax.random.uniform(jax.random.fold_in(key, 2), (d,), minval=0.5, maxval=20)
+    x = (mean + scale * jax.random.normal(key, (n, d))).astype(jnp.bfloat16)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    ref = x64.T @ x64 / n
+    mesh = hz.make_mesh(jax.local_devices()[:1])
+    out = []
+    for chunk in (*chunks, n):
+        h = np.asarray(hz.moments(x, mesh=mesh, chunk_tokens=chunk).matrix, np.float64)
+        out.append({"chunk_tokens": chunk, "max_rel_err": float(np.abs(h - ref).max() / np.abs(ref).max()),
+                    "diag_rel_err": float(np.abs(np.diagonal(h) / np.diagonal(ref) - 1).max())})
+    return out
 
 
 def flops_per_token(cfg, ctx: int) -> dict[str, float]:
@@ -121,12 +148,13 @@ def main(argv=None):
     p.add_argument("--devices", type=int, nargs="+", default=None, help="device counts (default 1, 2, 4 ... all)")
     p.add_argument("--windows", type=int, default=None, help="calibration windows, the same for every device count "
                                                              "(default 16 per device of the largest count)")
-    p.add_argument("--batch-per-device", type=int, default=1, help="windows per device per step (default 1)")
+    p.add_argument("--batch-per-device", type=int, default=2, help="windows per device per step (default 2)")
     p.add_argument("--rows", type=int, default=1, help="split each Hessian's rows over groups of N devices")
     p.add_argument("--attention", default="auto", choices=["auto", "model", "cudnn", "xla"])
     p.add_argument("--chunk-tokens", type=int, default=None, help="tokens per fp32 partial (default one step's)")
     p.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the reference n×n×n matmul (default 8192, CPU 512)")
+    p.add_argument("--probe-tokens", type=int, default=None, help="tokens of the accuracy probe (default 2^20, CPU 2^16)")
     p.add_argument("--cpu-devices", type=int, default=None, help="simulate N CPU devices (checks on a CPU machine)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -155,6 +183,9 @@ def main(argv=None):
     chunk = args.chunk_tokens or args.batch_per_device * args.ctx
     flops = flops_per_token(model.config, args.ctx)
     layers, full = model.config.num_hidden_layers, cfg.num_hidden_layers
+    probe = accuracy_probe(args.probe_tokens or (1 << 16 if platform_name == "cpu" else 1 << 20))
+    print("accumulation error vs fp64 (bf16, large mean), by tokens per partial: " +
+          ", ".join(f"{p['chunk_tokens']}: {p['max_rel_err']:.1e}" for p in probe), flush=True)
     print(f"{args.shape} x {layers} of {full} blocks, ctx {args.ctx}, {windows} windows, {dtype}, attention {attention}, "
           f"{jax.device_count()} devices ({local[0].device_kind}); bf16 matmul {rate / 1e12:.1f} TFLOP/s; "
           f"{flops['total'] / 1e9:.2f} GFLOP per token and block", flush=True)
@@ -187,7 +218,7 @@ def main(argv=None):
                 python=platform.python_version(), command=" ".join(sys.argv), shape=args.shape, layers=layers,
                 ctx=args.ctx, windows=windows, batch_per_device=args.batch_per_device, rows=args.rows, dtype=dtype,
                 attention=attention, chunk_tokens=chunk, matmul_flops_per_s=rate, flops_per_token_per_block=flops,
-                accumulator=str(jnp.dtype(hz.accumulator_dtype())))
+                accumulator=str(jnp.dtype(hz.accumulator_dtype())), accuracy_probe=probe)
     if args.json:
         pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
