@@ -224,12 +224,13 @@ def viterbi_tailbiting(x: jax.Array, values: jax.Array, *, L: int, k: int,
     """Tail-biting state paths by QTIP's two-pass approximation (App. A): ``[B, T]`` -> ``[B, T/V]``.
 
     Every returned path satisfies ``s_0 >> kV == s_{n-1} mod 2^(L-kV)``, so its n·kV = T·k stream
-    bits (``stream_symbols``) alone determine it. Sequences are processed ``chunk_size`` at a
+    bits (``formats.qtip.pack_stream``) alone determine it. Sequences are processed ``chunk_size`` at a
     time so that back-pointers stay within ``max_backpointer_bytes``.
     """
     V = _shape_check(x, values, L, k)
     chunk = chunk_size(x.shape[0], x.shape[1], L=L, k=k, V=V, max_backpointer_bytes=max_backpointer_bytes)
-    return _tailbiting_chunked(x, values, L=L, k=k, V=V, chunk=chunk, impl=_impl(impl, k * V), unroll=unroll)
+    return _tailbiting_chunked(x, values, L=L, k=k, V=V, chunk=chunk, impl=_impl(impl, k * V),
+                               unroll=unroll)
 
 
 def _impl(impl, kV):
@@ -247,11 +248,6 @@ def _shape_check(x, values, L, k) -> int:
         raise ValueError(f"sequence length {x.shape[1]} is not a multiple of V={V}")
     _check(L, k * V, x.shape[1] // V)
     return V
-
-
-def stream_symbols(states: jax.Array, *, L: int, kV: int) -> jax.Array:
-    """The kV-bit symbol each state contributes to the stream: its top kV bits."""
-    return (states >> (L - kV)).astype(jnp.uint32)
 
 
 def path_cost(x: jax.Array, states: jax.Array, values: jax.Array) -> jax.Array:
