@@ -537,13 +537,14 @@ def collect_block(layer, batches: Batches, positions, inv_freq, inputs_fn: Input
     count = batches.tokens
     out = {}
     for g, (xtx, xsum) in sums.items():
-        h = _symmetric_mean(xtx, count, mesh.shape["rows"])
+        h = _symmetric_mean(xtx, np.float64(count), mesh.shape["rows"])
         out[g] = HessianStats(h, xsum / count, count)
     return out
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def _symmetric_mean(xtx, count, rows):
-    h = xtx / count
+    h = xtx / count.astype(xtx.dtype)
     return (h + h.T) * 0.5 if rows == 1 else h  # row-sharded: the transpose would move every row
 
 
@@ -562,7 +563,8 @@ def forward_block(layer, batches: Batches, positions, inv_freq, inputs_fn: Input
 def moments(x, *, mesh: Mesh | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> HessianStats:
     """H = E[x xᵀ] of ``x [N, d]`` (numpy or jax), data-parallel over ``mesh`` (default every local device).
 
-    The pmap-style entry point: tokens are split over the devices, each scans its chunks, one psum."""
+    The pmap-style entry point: tokens are split over the devices, each scans its chunks, then one
+    compensated reduction."""
     mesh = make_mesh(jax.local_devices()) if mesh is None else mesh
     x = jnp.asarray(x)
     n, d = x.shape
@@ -578,7 +580,7 @@ def moments(x, *, mesh: Mesh | None = None, chunk_tokens: int = DEFAULT_CHUNK_TO
         _CACHE[key] = jax.jit(_shard_map(body, mesh, in_specs=(specs, _TOKENS), out_specs=specs))
     state = _CACHE[key](_moments_state(mesh, {"x": d}), x)
     xtx, xsum = _finalize_fn(mesh, ("x",))(state)["x"]
-    return HessianStats(_symmetric_mean(xtx, n, mesh.shape["rows"]), xsum / n, n)
+    return HessianStats(_symmetric_mean(xtx, np.float64(n), mesh.shape["rows"]), xsum / n, n)
 
 
 # --- offline: stored per block, resumable ------------------------------------------------------
