@@ -84,12 +84,17 @@ def _parse_value(kind: type, text: str):
     return kind(text)
 
 
+COMMAND_OPTIONS = {"seed"}  # config fields set by a flag every quantizing command already has
+
+
 def add_method_args(p: argparse.ArgumentParser) -> None:
     from jaxquant.methods import METHODS
 
     p.add_argument("--method", default="rtn", choices=sorted(METHODS), help="quantization method (default rtn)")
     group = p.add_argument_group("method options (each applies to the methods named)")
     for name, (kind, methods) in sorted(_method_fields().items()):
+        if name in COMMAND_OPTIONS:
+            continue  # the command's own flag (e.g. --seed) feeds the method's field of that name
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", default=None, metavar=kind.__name__.upper(),
                            type=lambda s, k=kind: _parse_value(k, s), help="; ".join(methods))
 
@@ -100,6 +105,7 @@ def config_from_args(args) -> typing.Any:
     config_cls = METHODS[args.method].config
     names = {f.name for f in dataclasses.fields(config_cls)}
     given = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    given.update({k: getattr(args, k) for k in COMMAND_OPTIONS & names if getattr(args, k, None) is not None})
     foreign = sorted(set(given) - names)
     if foreign:
         raise SystemExit(f"error: --{', --'.join(n.replace('_', '-') for n in foreign)} "
@@ -154,6 +160,7 @@ def cmd_quantize(args):
     import jax
 
     from jaxquant.checkpoint import save
+    from jaxquant.hessian import stored_hessians
     from jaxquant.methods import config_to_dict, method_of
     from jaxquant.model.load import load_model, load_tokenizer
     from jaxquant.pipeline import quantize_model
@@ -163,12 +170,13 @@ def cmd_quantize(args):
     rules = rules_from_args(args)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     calibration = None
-    if method_of(cfg).needs_hessian:
+    hessians = stored_hessians(args.hessians) if args.hessians else None
+    if method_of(cfg).needs_hessian and hessians is None:
         calibration, used = _calibration(args, tokenizer)
         print(f"calibration: {calibration.shape[0]} windows x {calibration.shape[1]} tokens from {used}")
     start = time.perf_counter()
-    qmodel = quantize_model(model, cfg, rules=rules, calibration=calibration, key=jax.random.key(args.seed),
-                            progress=_progress_bar("quantize"))
+    qmodel = quantize_model(model, cfg, rules=rules, calibration=calibration, hessians=hessians,
+                            key=jax.random.key(args.seed), progress=_progress_bar("quantize"))
     recipe = {"config": config_to_dict(cfg), "rules": [{"pattern": r.pattern, "config": r.config and config_to_dict(r.config)}
                                                        for r in rules], "source": str(args.model)}
     summary = summarize(qmodel)
@@ -332,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-new-tokens", type=int, default=40)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=cmd_demo)
+
+    from jaxquant.hessian import add_cli as add_hessians_command
+
+    add_hessians_command(sub)  # `jaxquant hessians`, and --hessians DIR on quantize
     return p
 
 
