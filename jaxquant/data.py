@@ -105,8 +105,25 @@ def _file_text(path: pathlib.Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def _hub_reachable() -> bool:
+    """False quickly when offline (name resolution fails), so fallbacks cost no retries."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+        return True
+    except OSError:
+        return False
+
+
 def _dataset_text(path: str, name: str, split: str) -> str:
     import datasets
+
+    if not _hub_reachable():
+        raise ConnectionError("the Hugging Face hub is not reachable")
 
     ds = datasets.load_dataset(path, name, split=split)
     return "\n\n".join(ds["text"])
