@@ -6,8 +6,8 @@ Layout of a checkpoint folder::
     params/         Orbax pytree {name: array | {field: array}} (numpy, codes as int32/uint8/uint16)
     tokenizer/      tokenizer files, when a tokenizer was given
 
-The folder is assembled beside its destination and renamed into place, and the sidecar is written
-last, so an interrupted save never leaves a folder that loads as a valid checkpoint.
+The folder is assembled beside its destination and renamed into place (``atomic_folder``), and the
+sidecar is written last, so an interrupted save never leaves a folder that loads as a valid checkpoint.
 """
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 import warnings
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxquant.atomic import atomic_folder
 from jaxquant.formats.base import FORMATS, QuantizedWeight
 from jaxquant.model.config import LlamaConfig
 from jaxquant.model.llama import Llama
@@ -37,9 +36,7 @@ def save(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None, recipe
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         tree, params_meta = {}, {}
         for name, value in named_params(model).items():
             if isinstance(value, QuantizedWeight):
@@ -55,16 +52,6 @@ def save(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None, recipe
         sidecar = {"jaxquant_checkpoint_version": VERSION, "config": model.config.to_hf(),
                    "recipe": recipe or {}, "params": params_meta}
         (tmp / CHECKPOINT_MARKER).write_text(json.dumps(sidecar, indent=1))
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

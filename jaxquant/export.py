@@ -17,13 +17,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxquant.atomic import atomic_folder
 from jaxquant.formats.base import FORMATS, QuantizedWeight
 from jaxquant.model.config import LlamaConfig
 from jaxquant.model.llama import Llama
@@ -38,9 +37,7 @@ def export_safetensors(model: Llama, path: str | os.PathLike, *, tokenizer: Any 
     from safetensors.numpy import save_file
 
     path = pathlib.Path(path).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         tensors, layers = {}, {}
         for name, value in named_params(model).items():
             hf = _hf_name(name)
@@ -58,12 +55,6 @@ def export_safetensors(model: Llama, path: str | os.PathLike, *, tokenizer: Any 
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))  # last: marks the folder complete
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
