@@ -66,6 +66,13 @@ class ScalarQuantized(QuantizedWeight):
         return dequantize_codes(self.codes, self.scale.astype(jnp.float32), self.zero.astype(jnp.float32),
                                 self.shape, self.bits, self.group_size, self.axis, dtype)
 
+    def matmul(self, x: jax.Array, backend: str = "auto") -> jax.Array:
+        """``x @ W.T`` through ``reference`` (dequantize, then XLA), ``pallas``, ``cuda`` or ``auto``
+        (a kernel on a GPU for up to 16 rows of x when one serves this weight; see ``dispatch``)."""
+        from jaxquant.formats import dispatch
+
+        return dispatch.scalar_matmul(self, x, backend)
+
 
 def encode(w: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int, group_size: int,
            axis: int = 1, levels: int = 0, param_dtype=jnp.float16) -> ScalarQuantized:

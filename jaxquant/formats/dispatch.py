@@ -1,0 +1,106 @@
+"""Which implementation computes a quantized ``x @ W.T``: ``reference``, ``pallas`` or ``cuda``.
+
+- ``reference``: ``dequantize`` then an XLA matmul; every format, shape and device.
+- ``pallas``: the Pallas kernel (``pallas_kernels``), Triton lowering on a GPU; on other backends it
+  runs in interpret mode (slow; for tests).
+- ``cuda``: the CUDA FFI kernel (``cuda_ffi``), built with nvcc on first use; GPU only.
+- ``auto``: the reference on CPU and for more than ``MAX_KERNEL_BATCH`` rows of x (a GEMM beats a
+  matvec kernel there); on a GPU the backend that ``TUNING`` names for the format, falling back to
+  the other kernel, then to the reference, when one cannot serve the weight or is unavailable.
+
+The choice is made at trace time (shapes and the default backend are static).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("auto", "reference", "pallas", "cuda")
+MAX_KERNEL_BATCH = 16
+KERNEL_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+
+# Preferred kernel per (format, bits) for batch <= MAX_KERNEL_BATCH on a GPU, from
+# scripts/bench_kernels.py on an H100 (see results/ for the run). Absent entries prefer "cuda".
+TUNING: dict[tuple[str, int], str] = {
+    ("scalar", 2): "cuda",
+    ("scalar", 3): "cuda",
+    ("scalar", 4): "cuda",
+    ("scalar", 8): "cuda",
+}
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _batch_rows(x: jax.Array) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def scalar_kernel_issue(qw: Any, x: jax.Array, backend: str) -> str | None:
+    """Why ``backend``'s kernel cannot compute ``x @ qw.T`` (None when it can)."""
+    if qw.axis != 1:
+        return "groups along the output axis (axis=0) have no kernel"
+    if qw.group_size % 32:
+        return f"group size {qw.group_size} is not a multiple of 32"
+    bits = (2, 3, 4, 8) if backend == "cuda" else (2, 4, 8)
+    if qw.bits not in bits:
+        return f"{qw.bits}-bit codes have no {backend} kernel (supported: {bits})"
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in KERNEL_DTYPES]:
+        return f"x dtype {x.dtype} is not float32, float16 or bfloat16"
+    if x.shape[-1] != qw.shape[1]:
+        return f"x has {x.shape[-1]} inputs, the weight {qw.shape[1]}"
+    return None
+
+
+def _cuda_ready() -> bool:
+    import cuda_ffi
+
+    return cuda_ffi.available()
+
+
+def choose_scalar(qw: Any, x: jax.Array, backend: str = "auto") -> str:
+    """The backend that ``scalar_matmul`` will use; raises if an explicit one cannot serve."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    if backend != "auto":
+        issue = scalar_kernel_issue(qw, x, backend)
+        if issue:
+            raise ValueError(f"scalar format, backend {backend!r}: {issue}")
+        return backend
+    if not on_gpu() or _batch_rows(x) > MAX_KERNEL_BATCH or _batch_rows(x) == 0:
+        return "reference"
+    first = TUNING.get(("scalar", qw.bits), "cuda")
+    for candidate in (first, "pallas" if first == "cuda" else "cuda"):
+        if scalar_kernel_issue(qw, x, candidate):
+            continue
+        if candidate == "cuda" and not _cuda_ready():
+            continue
+        return candidate
+    return "reference"
+
+
+def reference_matmul(qw: Any, x: jax.Array) -> jax.Array:
+    return x @ qw.dequantize(x.dtype).T
+
+
+def scalar_matmul(qw: Any, x: jax.Array, backend: str = "auto") -> jax.Array:
+    """``x @ W.T`` for a ``ScalarQuantized`` weight through the chosen backend."""
+    choice = choose_scalar(qw, x, backend)
+    if choice == "reference":
+        return reference_matmul(qw, x)
+    if choice == "cuda":
+        import cuda_ffi
+
+        if not on_gpu():
+            raise cuda_ffi.CudaFFIUnavailable("backend 'cuda' needs a GPU; use 'reference' or 'auto' here")
+        return cuda_ffi.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size)
+    import pallas_kernels
+
+    return pallas_kernels.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=qw.bits,
+                                        group_size=qw.group_size, interpret=not on_gpu())

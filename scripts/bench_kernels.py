@@ -1,0 +1,281 @@
+"""Benchmark the decode-matvec and Hadamard kernels at Llama layer shapes; print a table, write JSON.
+
+For each weight shape [out, in], bit width and batch: the time per call of every backend
+(``reference`` = dequantize + XLA matmul, ``pallas`` and ``cuda`` in a few launch configurations)
+and of the fp16 matvec through XLA, the bytes each must move (codes + scales + zeros + x + y, or
+the fp16 weight + x + y) over that time, and that bandwidth as a fraction of a device-to-device
+copy measured in the same run. Every backend is first checked against the float32 reference.
+
+Timing: one jitted function makes 8 calls on 8 weight sets; it is dispatched over and over,
+rotating among enough sets to exceed the L2 cache, without waiting in between; the time per call is
+the slope between R and 2R rounds (dispatch is shared by 8 calls, the final wait cancels). Medians
+of 3 trials. Rows are written to the JSON file as they come.
+
+    python scripts/bench_kernels.py --json results/bench_kernels_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SHAPES = {
+    "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
+    "llama2-70b": [(8192, 8192), (28672, 8192), (8192, 28672)],
+    "llama3-8b": [(14336, 4096)],
+}
+CUDA_CONFIGS = [dict(), dict(rows_per_warp=1), dict(rows_per_warp=2), dict(rows_per_warp=4),
+                dict(rows_per_warp=2, warps=4)]
+PALLAS_CONFIGS = [dict(block_rows=16, block_words=32, num_warps=4, num_stages=3),
+                  dict(block_rows=32, block_words=32, num_warps=4, num_stages=3),
+                  dict(block_rows=64, block_words=32, num_warps=8, num_stages=4)]
+ROTATE_BYTES = 128 << 20  # weight sets per timing pass: at least this many bytes in all (L2 is 50 MB)
+MAX_SETS = 32
+UNROLL = 8  # calls per executable
+
+
+def _block(tree):
+    jax.block_until_ready(tree)
+
+
+def per_call_seconds(fn, x, sets, *, unroll: int = 8, target_s: float = 0.05, trials: int = 3) -> float:
+    """Median time of one ``fn(x, set)`` on the device.
+
+    One executable makes ``unroll`` calls on as many weight sets (so the dispatch cost is shared);
+    it is dispatched over and over, rotating among groups of sets, without waiting in between.
+    The time per call is the slope between R and 2R rounds, which cancels the final wait.
+    """
+    u = max(1, min(unroll, len(sets)))
+    groups = [sets[i:i + u] for i in range(0, len(sets) - u + 1, u)]
+    f = jax.jit(lambda x, group: [fn(x, s) for s in group])
+    for g in groups:  # compile + warm up
+        _block(f(x, g))
+
+    def run(rounds):
+        t0 = time.perf_counter()
+        last = None
+        for _ in range(rounds):
+            for g in groups:
+                last = f(x, g)  # one stream: waiting for the last waits for all
+        _block(last)
+        return time.perf_counter() - t0
+
+    one = run(1)
+    rounds = max(1, min(1000, int(target_s / max(one, 1e-6))))
+    slopes = []
+    for _ in range(trials):
+        t1, t2 = run(rounds), run(2 * rounds)
+        slopes.append((t2 - t1) / (rounds * len(groups) * u))
+    t = statistics.median(slopes)
+    return t if t > 0 else run(rounds) / (rounds * len(groups) * u)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes read + written per second by a device-to-device copy (an elementwise negation)."""
+    a = [jnp.full((nbytes // 2,), 1.5, jnp.bfloat16) + i for i in range(2)]
+    t = per_call_seconds(lambda x, a: -a, None, a, unroll=1)
+    return 2 * nbytes / t
+
+
+def _set_count(nbytes: int) -> int:
+    """Weight sets to rotate among: a multiple of UNROLL holding at least ROTATE_BYTES."""
+    return min(MAX_SETS, max(UNROLL, -(-ROTATE_BYTES // nbytes // UNROLL) * UNROLL))
+
+
+def random_sets(key, out, inp, bits, group, count):
+    from jaxquant.formats.scalar import ScalarQuantized
+
+    words = inp // 32 * bits
+    groups = out * inp // group
+    sets = []
+    for i in range(count):
+        k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
+        codes = jax.random.randint(k1, (out, words), jnp.iinfo(jnp.int32).min, jnp.iinfo(jnp.int32).max, jnp.int32)
+        scale = (jax.random.uniform(k2, (groups, 1), jnp.float32, 0.5, 1.5) / 2**bits).astype(jnp.float16)
+        zero = jax.random.uniform(k3, (groups, 1), jnp.float32, 0, 2**bits - 1).astype(jnp.float16)
+        sets.append(ScalarQuantized(codes, scale, zero, (out, inp), bits, group))
+    _block(sets)
+    return sets
+
+
+def quantized_bytes(qw, batch, dtype) -> int:
+    out, inp = qw.shape
+    item = jnp.dtype(dtype).itemsize
+    return qw.codes.nbytes + qw.scale.nbytes + qw.zero.nbytes + batch * (inp + out) * item
+
+
+def rel_err(y, ref) -> float:
+    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    if not np.all(np.isfinite(y)):
+        return float("nan")
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def backends(args):
+    import cuda_ffi
+    import pallas_kernels
+
+    out = [("reference", {}, lambda x, qw: qw.matmul(x, backend="reference"))]
+    if "cuda" in args.backends:
+        configs = CUDA_CONFIGS if args.sweep else CUDA_CONFIGS[:1]
+        for cfg in configs:
+            out.append(("cuda", cfg, lambda x, qw, cfg=cfg: cuda_ffi.scalar_matvec(
+                x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size, **cfg)))
+    if "pallas" in args.backends:
+        configs = PALLAS_CONFIGS if args.sweep else PALLAS_CONFIGS[1:2]
+        for cfg in configs:
+            out.append(("pallas", cfg, lambda x, qw, cfg=cfg: pallas_kernels.scalar_matvec(
+                x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size, **cfg)))
+    return out
+
+
+def bench_matvec(args, copy_bw, rows):
+    import pallas_kernels
+
+    dtype = jnp.dtype(args.dtype)
+    key = jax.random.key(args.seed)
+    table = SHAPES
+    if args.shapes:
+        table = {"custom": [tuple(int(d) for d in s.split("x")) for s in args.shapes]}
+    for model, shapes in table.items():
+        if args.models and model not in args.models:
+            continue
+        for out, inp in shapes:
+            fp16_bytes = out * inp * 2
+            n16 = _set_count(fp16_bytes)
+            w16 = [jax.random.normal(jax.random.fold_in(key, 99 + i), (out, inp), jnp.float16) for i in range(n16)]
+            for batch in args.batch:
+                x = jax.random.normal(jax.random.fold_in(key, batch), (batch, inp), jnp.float32).astype(dtype)
+                t16 = per_call_seconds(lambda x, w: x.astype(jnp.float16) @ w.T, x, w16)
+                bytes16 = fp16_bytes + batch * (inp + out) * 2
+                record(args, rows, dict(kind="matvec", model=model, out=out, inp=inp, bits=16, batch=batch,
+                                        backend="fp16-xla", config={}, us=t16 * 1e6, bytes=bytes16,
+                                        GBps=bytes16 / t16 / 1e9, copy_frac=bytes16 / t16 / copy_bw,
+                                        speedup_vs_fp16=1.0, rel_err=0.0))
+                for bits in args.bits:
+                    qbytes = out * inp * bits // 8
+                    nsets = _set_count(qbytes)
+                    sets = random_sets(jax.random.fold_in(key, 1000 * bits + out + inp), out, inp, bits,
+                                       args.group_size, nsets)
+                    ref = np.asarray(jnp.matmul(x.astype(jnp.float32), sets[0].dequantize(jnp.float32).T,
+                                                precision=jax.lax.Precision.HIGHEST), np.float64)
+                    nbytes = quantized_bytes(sets[0], batch, dtype)
+                    for name, cfg, fn in backends(args):
+                        if name == "pallas" and bits not in pallas_kernels.SUPPORTED_BITS:
+                            continue
+                        row = dict(kind="matvec", model=model, out=out, inp=inp, bits=bits, batch=batch,
+                                   backend=name, config=cfg, group_size=args.group_size, bytes=nbytes)
+                        try:
+                            y = jax.jit(fn)(x, sets[0])
+                            row["rel_err"] = rel_err(y, ref)
+                            t = per_call_seconds(fn, x, sets)
+                            row.update(us=t * 1e6, GBps=nbytes / t / 1e9, copy_frac=nbytes / t / copy_bw,
+                                       speedup_vs_fp16=t16 / t)
+                        except Exception as e:  # noqa: BLE001 - a failing backend is reported, not fatal
+                            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                            if args.verbose:
+                                traceback.print_exc()
+                        record(args, rows, row)
+                    del sets
+            del w16
+
+
+def bench_hadamard(args, copy_bw, rows):
+    import cuda_ffi
+    from jaxquant import hadamard as jq_hadamard
+
+    dtype = jnp.dtype(args.dtype)
+    for n in args.hadamard_n:
+        nrows = max(1, (64 << 20) // (n * dtype.itemsize))
+        key = jax.random.key(n)
+        count = 2
+        xs = [jax.random.normal(jax.random.fold_in(key, i), (nrows, n), jnp.float32).astype(dtype) for i in range(count)]
+        signs = jq_hadamard.random_signs(key, n)
+        ref = np.asarray(jq_hadamard.rht(xs[0].astype(jnp.float32), signs), np.float64)
+        nbytes = 2 * nrows * n * dtype.itemsize
+        for name, fn in (("reference", lambda s, x: jq_hadamard.rht(x, s)),
+                         ("cuda", lambda s, x: cuda_ffi.hadamard(x, s))):
+            row = dict(kind="hadamard", n=n, rows=nrows, backend=name, bytes=nbytes)
+            try:
+                row["rel_err"] = rel_err(jax.jit(fn)(signs, xs[0]), ref)
+                t = per_call_seconds(fn, signs, xs)
+                row.update(us=t * 1e6, GBps=nbytes / t / 1e9, copy_frac=nbytes / t / copy_bw)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                if args.verbose:
+                    traceback.print_exc()
+            record(args, rows, row)
+
+
+def record(args, rows, row):
+    """Keep, print, and (with --json) save every row as it comes, so a cut-off run keeps its results."""
+    rows.append(row)
+    _print_row(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=args.meta, results=rows), f, indent=1)
+
+
+def _fmt_cfg(cfg) -> str:
+    return ",".join(f"{k}={v}" for k, v in cfg.items()) or "auto"
+
+
+def _print_row(r):
+    if r["kind"] == "hadamard":
+        head = f"hadamard n={r['n']:<6} rows={r['rows']:<6} {r['backend']:<10}"
+    else:
+        head = (f"{r['model']:<11} {r['out']:>5}x{r['inp']:<5} b={r['bits']:<2} n={r['batch']:<2} "
+                f"{r['backend']:<9} {_fmt_cfg(r.get('config', {})):<42}")
+    if "error" in r:
+        print(f"{head} ERROR {r['error']}", flush=True)
+        return
+    extra = f" x{r['speedup_vs_fp16']:5.2f} vs fp16" if "speedup_vs_fp16" in r else ""
+    print(f"{head} {r['us']:9.2f} us {r['GBps']:8.1f} GB/s {100 * r['copy_frac']:5.1f}% copy"
+          f"{extra} err={r['rel_err']:.1e}", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", help="write all results here")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--models", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
+    p.add_argument("--shapes", nargs="*", default=None, help="OUTxIN weight shapes instead of the models'")
+    p.add_argument("--backends", nargs="+", default=["cuda", "pallas"])
+    p.add_argument("--sweep", action="store_true", help="several launch configurations per kernel")
+    p.add_argument("--hadamard-n", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
+    p.add_argument("--no-matvec", action="store_true")
+    p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy that sets the bandwidth")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
+    copy_bw = copy_bandwidth(args.copy_mib << 20)
+    print(f"device-to-device copy: {copy_bw / 1e9:.1f} GB/s (read + write)", flush=True)
+    args.meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                     python=platform.python_version(), copy_GBps=copy_bw / 1e9, dtype=args.dtype,
+                     group_size=args.group_size, argv=sys.argv[1:])
+    rows: list[dict] = []
+    if not args.no_matvec:
+        bench_matvec(args, copy_bw, rows)
+    if args.hadamard_n and "cuda" in args.backends:
+        bench_hadamard(args, copy_bw, rows)
+    if args.json:
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
