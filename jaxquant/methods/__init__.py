@@ -3,8 +3,9 @@ from jaxquant.methods.registry import METHODS, Method, config_from_dict, config_
 from jaxquant.methods.gptq import GPTQConfig
 from jaxquant.methods.gptvq import GPTVQConfig
 from jaxquant.methods.hqq import HQQConfig
+from jaxquant.methods.qtip import QTIPConfig
 from jaxquant.methods.quip_sharp import QuIPSharpConfig
 from jaxquant.methods.rtn import RTNConfig
 
-__all__ = ["METHODS", "GPTQConfig", "GPTVQConfig", "HQQConfig", "Method", "QuIPSharpConfig", "RTNConfig", "config_from_dict", "config_to_dict",
+__all__ = ["METHODS", "GPTQConfig", "GPTVQConfig", "HQQConfig", "Method", "QTIPConfig", "QuIPSharpConfig", "RTNConfig", "config_from_dict", "config_to_dict",
            "method_of"]

@@ -30,7 +30,7 @@ class QTIPConfig:
     tile: tuple[int, int] = (16, 16)  # (rows, cols) of one trellis sequence; cols = LDLQ block
     Q: int = 9  # HYB table bits (2^Q x 2 table)
     V: int = 0  # values per trellis state; 0: the code's own (1MAD, 3INST, LUT: 1; HYB: 2)
-    seed: int = 0  # table seed: HYB k-means / LUT Gaussian
+    table_seed: int = 0  # HYB k-means / LUT Gaussian table seed (sign vectors come from the PRNG key)
     scale_override: float = 0.9  # ρ in Wscale = rms(Wr) / (rms(code) · ρ)
     damp: float = 0.01  # relative diagonal damping of Hr (× mean diag)
     lazy_batch: int = 128  # LDLQ lazy-update width (a multiple of tile[1])
@@ -56,7 +56,7 @@ class QTIPConfig:
             raise ValueError(f"scale_override must be positive, got {self.scale_override!r}")
 
     def trellis(self) -> TrellisCode:
-        return TrellisCode(self.code, L=self.L, V=self.V, Q=self.Q, seed=self.seed)
+        return TrellisCode(self.code, L=self.L, V=self.V, Q=self.Q, seed=self.table_seed)
 
 
 @register_method("qtip", QTIPConfig, needs_hessian=True)
