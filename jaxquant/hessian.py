@@ -29,7 +29,6 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -39,6 +38,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxquant.atomic import atomic_folder
 
 GROUP_NAMES = ("qkv", "o", "up", "down")  # the pipeline's linear groups, in forward order
 GROUP_LAYERS = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "up": "mlp.gate_proj", "down": "mlp.down_proj"}
@@ -615,20 +616,12 @@ def _write_manifest(out: pathlib.Path, manifest: dict) -> None:
 
 def _write_block(out: pathlib.Path, i: int, stats: dict[str, tuple[np.ndarray, np.ndarray, int]], report: dict) -> None:
     """block_i/{group}.npy (H), {group}.mean.npy and block.json, assembled beside it and renamed into place."""
-    final = _block_dir(out, i)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=out))
-    try:
+    with atomic_folder(_block_dir(out, i)) as tmp:
         for g, (h, mean, _) in stats.items():
             np.save(tmp / f"{g}.npy", h.astype(np.float32))
             np.save(tmp / f"{g}.mean.npy", mean.astype(np.float32))
         (tmp / "block.json").write_text(json.dumps({"block": i, "count": {g: s[2] for g, s in stats.items()},
                                                     "diagnostics": report}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _act_path(out: pathlib.Path, block: int) -> pathlib.Path:
