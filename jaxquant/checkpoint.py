@@ -55,8 +55,25 @@ def save(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None, recipe
     return path
 
 
-def load(path: str | os.PathLike, *, verify: bool = True) -> Llama:
-    """The model saved at ``path``; checksums verified unless ``verify=False``."""
+def shard_rows(mesh: jax.sharding.Mesh, axis: str = "model"):
+    """A ``sharding`` for ``load``: every array whose leading dimension divides evenly over the mesh
+    axis is split along it (output rows of weights, codes, scales); everything else is replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    size = mesh.shape[axis]
+
+    def sharding(name: str, array) -> NamedSharding:
+        split = array.ndim >= 1 and array.shape[0] % size == 0
+        return NamedSharding(mesh, PartitionSpec(axis) if split else PartitionSpec())
+
+    return sharding
+
+
+def load(path: str | os.PathLike, *, verify: bool = True, sharding=None) -> Llama:
+    """The model saved at ``path``; checksums verified unless ``verify=False``.
+
+    ``sharding(name, array) -> jax.sharding.Sharding`` places every array leaf (e.g. ``shard_rows(mesh)``);
+    without it arrays stay on the host."""
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).expanduser().resolve()
@@ -80,6 +97,9 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Llama:
         else:
             raise ValueError(f"{path}: tensor {name} has unknown format {meta['format']!r}; "
                              f"known: {sorted(FORMATS)} (is the method's module imported?)")
+    if sharding is not None:
+        params = {name: jax.tree.map(lambda a, n=name: jax.device_put(a, sharding(n, a)), value)
+                  for name, value in params.items()}
     return model_from_params(cfg, params, source=str(path))
 
 
