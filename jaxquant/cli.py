@@ -222,6 +222,43 @@ def cmd_bench_codebook(args):
           f"on {result['samples']} N(0,1) samples (seed {args.seed})")
 
 
+def cmd_bench_decode(args):
+    """Decode tokens/s at each batch size, dense vs quantized, as a fraction of the bandwidth bound."""
+    import platform
+
+    import jax
+
+    from jaxquant import decode_bench as db
+    from jaxquant.model.load import load_model
+    from jaxquant.model.params import model_from_params, named_params
+    from jaxquant.model.shapes import random_model
+
+    if args.model:
+        dense, quantized = None, load_model(args.model)
+    else:
+        dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "float16")
+        dense = random_model(args.shape, dtype=dtype, num_layers=args.layers)
+        quantized = db.quantize_shared(model_from_params(dense.config, named_params(dense)), config_from_args(args))
+    bandwidth = db.copy_bandwidth(args.copy_bytes)
+    rows = []
+    for label, model in (("dense", dense), (args.method if not args.model else "checkpoint", quantized)):
+        if model is None:
+            continue
+        nbytes = db.bytes_per_token(model)
+        for batch in args.batch:
+            tps = db.decode_speed(model, batch=batch, context=args.context, steps=args.steps)
+            rows.append(dict(model=label, batch=batch, tokens_per_s=tps, bytes_per_token=nbytes,
+                             bandwidth_fraction=tps / batch * nbytes / bandwidth))
+            print(f"{label:<10} batch {batch:>3}: {tps:10.1f} tokens/s  {nbytes / 1e9:7.3f} GB/token  "
+                  f"{100 * rows[-1]['bandwidth_fraction']:5.1f} % of the copy-bandwidth bound", flush=True)
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
+              "copy_bandwidth_GBps": bandwidth / 1e9, "shape": args.shape, "model": args.model,
+              "command": " ".join(sys.argv), "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def cmd_demo(args):
     """Fetch the default model, quantize it, compare perplexity, save, reload, generate."""
     import jax
@@ -329,6 +366,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(fn=cmd_bench_codebook)
+
+    from jaxquant.model.shapes import PRESETS
+
+    q = bench.add_parser("decode", help="decode tokens/s vs the memory-bandwidth bound (random weights of real shape)")
+    q.add_argument("--model", help="a quantized checkpoint (default: a random model of --shape)")
+    q.add_argument("--shape", default="llama2-7b", choices=sorted(PRESETS))
+    q.add_argument("--layers", type=int, default=None, help="keep only N decoder blocks (quick checks)")
+    q.add_argument("--dtype", default=None, help="dense weights and activations (default float16 on GPU, float32 on CPU)")
+    q.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    q.add_argument("--context", type=int, default=128, help="tokens already in the KV cache (default 128)")
+    q.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
+    q.add_argument("--copy-bytes", type=int, default=1 << 30, help="size of the bandwidth-probe copy (default 1 GiB)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", help="write the table here")
+    add_method_args(q)
+    q.set_defaults(fn=cmd_bench_decode)
 
     q = sub.add_parser("demo", help="fetch the default model, quantize, compare perplexity, save, generate")
     model_arg(q)

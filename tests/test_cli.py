@@ -58,3 +58,13 @@ def test_bench_codebook_json(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["codebook"] == "e8p" and result["bits"] == 2
     assert 0.08 < result["mse"] < 0.1  # E8P12 ≈ 0.092, far below Lloyd-Max scalar 2-bit (0.118)
+
+
+def test_bench_decode_json(tmp_path):
+    out = tmp_path / "decode.json"
+    cli.main(["bench", "decode", "--shape", "smollm2-135m", "--layers", "1", "--method", "rtn", "--bits", "4",
+              "--batch", "1", "--steps", "2", "--copy-bytes", "10000000", "--json", str(out)])
+    result = json.loads(out.read_text())
+    dense, rtn = result["rows"]
+    assert dense["model"] == "dense" and rtn["model"] == "rtn" and result["copy_bandwidth_GBps"] > 0
+    assert rtn["bytes_per_token"] < dense["bytes_per_token"] and rtn["tokens_per_s"] > 0

@@ -1,0 +1,87 @@
+"""``jaxquant bench decode``: decode tokens/s against the memory-bandwidth bound.
+
+At batch 1 a decode step must read every weight once, so its speed limit is
+``copy bandwidth / bytes per token``. We measure the device-to-device copy bandwidth in the same
+run and report the fraction of that bound reached. For a random model of real shape each distinct
+weight shape is quantized once and reused by every layer: the bytes read, and so the speed, are
+those of a fully quantized model.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.formats.base import QuantizedWeight
+from jaxquant.model.llama import Llama, init_cache
+from jaxquant.model.params import get_param, named_params, set_param
+from jaxquant.pipeline import GROUPS
+from jaxquant.quant import quantize_weight
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), best of ``reps``."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1)  # a real read and write (XLA elides a + 0)
+    copy(x).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        copy(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * x.nbytes / best
+
+
+def quantize_shared(model: Llama, cfg, *, key=None) -> Llama:
+    """Quantize one weight per distinct shape (with an identity Hessian where needed) and use it for
+    every block linear of that shape. For speed measurements only."""
+    key = jax.random.key(0) if key is None else key
+    by_shape: dict = {}
+    for i in range(model.config.num_hidden_layers):
+        for members in GROUPS.values():
+            for member in members:
+                name = f"layers.{i}.{member}.weight"
+                w = get_param(model, name)
+                if w.shape not in by_shape:
+                    by_shape[w.shape] = quantize_weight(w, cfg, hessian=jnp.eye(w.shape[1]), key=key, name=name)
+                set_param(model, name, by_shape[w.shape])
+    return model
+
+
+def bytes_per_token(model: Llama) -> int:
+    """Weight bytes a batch-1 decode step reads: every linear, one embedding row, the head."""
+    total = 0
+    for name, value in named_params(model).items():
+        if isinstance(value, QuantizedWeight):
+            total += int(value.bits_per_weight * value.shape[0] * value.shape[1] / 8)
+        elif name == "embed_tokens.weight":
+            total += value.shape[1] * value.dtype.itemsize * (1 if model.lm_head is not None else value.shape[0])
+        else:
+            total += int(np.prod(value.shape)) * value.dtype.itemsize
+    return total
+
+
+def decode_speed(model: Llama, *, batch: int, context: int = 128, steps: int = 32) -> float:
+    """Tokens/s of jitted single-token decode steps (KV cache of ``context + steps``), all rows counted."""
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state)
+    dtype = jax.tree.leaves(state)[0].dtype
+    cache = init_cache(model.config, batch, context + steps + 1, dtype)
+
+    @functools.partial(jax.jit, donate_argnums=2)
+    def step(state, token, cache, pos):
+        logits, cache = nnx.merge(graphdef, state)(token, cache, pos)
+        return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
+
+    token = jnp.zeros((batch, 1), jnp.int32)
+    token, cache = step(state, token, cache, jnp.int32(context))  # compile
+    token.block_until_ready()
+    start = time.perf_counter()
+    for i in range(steps):
+        token, cache = step(state, token, cache, jnp.int32(context + 1 + i))
+    token.block_until_ready()
+    return batch * steps / (time.perf_counter() - start)
