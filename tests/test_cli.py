@@ -27,7 +27,7 @@ def test_quantize_eval_generate(tmp_path, tiny_model_dir, capsys):
     assert isinstance(params["layers.0.mlp.up_proj.weight"], QuantizedWeight)
     assert not isinstance(params["layers.0.self_attn.q_proj.weight"], QuantizedWeight)
     sidecar = json.loads((out / "jaxquant.json").read_text())
-    assert sidecar["recipe"]["config"] == {"method": "rtn", "bits": 4, "group_size": 32}
+    assert sidecar["recipe"]["config"] == {"method": "rtn", "bits": 4, "group_size": 32, "round_zero": False}
     assert sidecar["recipe"]["bits_per_weight"] == 4 + 32 / 32
     capsys.readouterr()
 
