@@ -267,7 +267,7 @@ def cmd_demo(args):
     from jaxquant.checkpoint import load, save
     from jaxquant.evaluate import perplexity
     from jaxquant.generate import generate
-    from jaxquant.methods import config_to_dict
+    from jaxquant.methods import config_to_dict, method_of
     from jaxquant.model.load import load_model, load_tokenizer
     from jaxquant.pipeline import quantize_model
     from jaxquant.report import summarize
@@ -280,7 +280,7 @@ def cmd_demo(args):
     before = perplexity(model, windows, progress=_progress_bar("eval fp"))
     cfg = config_from_args(args)
     print(f"[3/5] quantizing with {config_to_dict(cfg)}")
-    calibration = _calibration(args, tokenizer)[0] if cmd_needs_hessian(cfg) else None
+    calibration = _calibration(args, tokenizer)[0] if method_of(cfg).needs_hessian else None
     qmodel = quantize_model(model, cfg, calibration=calibration, key=jax.random.key(args.seed),
                             progress=_progress_bar("quantize"))
     summary = summarize(qmodel)
@@ -294,12 +294,6 @@ def cmd_demo(args):
     generate(qmodel, tokenizer, args.prompt, args.max_new_tokens, chat=True,
              stream=lambda s: print(s, end="", flush=True))
     print()
-
-
-def cmd_needs_hessian(cfg) -> bool:
-    from jaxquant.methods import method_of
-
-    return method_of(cfg).needs_hessian
 
 
 # --- parser -----------------------------------------------------------------------------------

@@ -65,32 +65,30 @@ def quantize_model(model: Llama, config: Any, *, rules: Sequence[Rule] = (), cal
     cfg = model.config
     qmodel = model_from_params(cfg, named_params(model))  # new Variables over the same arrays: no copy
     key = jax.random.key(0) if key is None else key
-    configs = {(i, f"layers.{i}.{member}"): layer_config(f"layers.{i}.{member}", config, rules)
+    configs = {f"layers.{i}.{member}": layer_config(f"layers.{i}.{member}", config, rules)
                for i in range(cfg.num_hidden_layers) for members in GROUPS.values() for member in members}
-    needs_h = any(c is not None and method_of(c).needs_hessian for c in configs.values())
-    if needs_h and calibration is None and hessians is None:
+    if any(map(_needs_hessian, configs.values())) and calibration is None and hessians is None:
         raise ValueError("a Hessian-aware method needs calibration windows or stored Hessians")
     x = None
-    if needs_h and calibration is not None:
+    if calibration is not None and any(map(_needs_hessian, configs.values())):
         x = _embed(qmodel, jnp.asarray(calibration, jnp.int32))
         positions = jnp.arange(calibration.shape[1])
         inv_freq = rope_frequencies(cfg)
     for i in range(cfg.num_hidden_layers):
         layer = qmodel.layers[i]
         for g, (group, members) in enumerate(GROUPS.items()):
+            names = [f"layers.{i}.{member}" for member in members]
             h = None
-            if any(configs[(i, f"layers.{i}.{m}")] is not None and method_of(configs[(i, f"layers.{i}.{m}")]).needs_hessian
-                   for m in members):
+            if any(_needs_hessian(configs[n]) for n in names):
                 h = hessians(i, group) if hessians is not None else _group_hessian(layer, group, x, positions,
                                                                                  inv_freq, batch_size)
-            for j, member in enumerate(members):
-                name = f"layers.{i}.{member}"
-                c = configs[(i, name)]
+            for j, name in enumerate(names):
+                c = configs[name]
                 if c is None:
                     continue
                 w = get_param(qmodel, name + ".weight")
                 k = jax.random.fold_in(key, i * 16 + g * 4 + j)
-                qw = quantize_weight(w, c, hessian=h if method_of(c).needs_hessian else None, key=k, name=name)
+                qw = quantize_weight(w, c, hessian=h if _needs_hessian(c) else None, key=k, name=name)
                 set_param(qmodel, name + ".weight", jax.device_get(qw))
         if x is not None:
             x = _run_block(layer, x, positions, inv_freq, batch_size)
@@ -103,25 +101,8 @@ def _embed(model: Llama, tokens: jax.Array) -> jax.Array:
     return jax.jit(lambda w, t: jnp.take(w, t, axis=0))(jnp.asarray(model.embed_tokens.weight.get_value()), tokens)
 
 
-def _block_fn(fn):
-    """jit ``fn(layer, x, positions, inv_freq)`` over batches, the layer split into graph + state."""
-
-    def run(layer: DecoderLayer, x, positions, inv_freq, batch_size):
-        graphdef, state = nnx.split(layer)
-        step = _jit_block(graphdef, fn)
-        return [step(state, x[s : s + batch_size], positions, inv_freq) for s in range(0, x.shape[0], batch_size)]
-
-    return run
-
-
-_JITTED: dict = {}
-
-
-def _jit_block(graphdef, fn):
-    key = (graphdef, fn)
-    if key not in _JITTED:
-        _JITTED[key] = jax.jit(lambda state, x, p, f: fn(nnx.merge(graphdef, state), x, p, f))
-    return _JITTED[key]
+def _needs_hessian(config: Any | None) -> bool:
+    return config is not None and method_of(config).needs_hessian
 
 
 def _group_input(layer: DecoderLayer, group: str, x, positions, inv_freq):
@@ -147,19 +128,26 @@ def _second_moment(layer, x, positions, inv_freq, group):
 def _group_hessian(layer, group, x, positions, inv_freq, batch_size) -> jax.Array:
     """H = E[x xᵀ] of the group's inputs over all calibration tokens, data-parallel over the local
     devices with compensated fp32 accumulation (``jaxquant.hessian``)."""
-    fn = _GROUP_FNS.setdefault(group, functools.partial(_second_moment, group=group))
+    fn = _inputs_fn(group)
     width = hessian.group_widths(layer.self_attn.cfg)[group]
     batches = hessian.batches_from_array(x, hessian.make_mesh(jax.local_devices()), batch_size)
     stats = hessian.collect_block(layer, batches, positions, inv_freq, fn, {group: width})[group]
     return jax.device_put(stats.matrix, jax.local_devices()[0])
 
 
-_GROUP_FNS: dict = {}
+@functools.cache
+def _inputs_fn(group: str):
+    """One function object per group, so the Hessian collector's jit cache is reused across blocks."""
+    return functools.partial(_second_moment, group=group)
 
 
-def _block_forward(layer, x, positions, inv_freq):
-    return layer(x, positions, inv_freq)[0]
+@functools.partial(jax.jit, static_argnums=0)
+def _block_step(graphdef, state, x, positions, inv_freq):
+    return nnx.merge(graphdef, state)(x, positions, inv_freq)[0]
 
 
-def _run_block(layer, x, positions, inv_freq, batch_size):
-    return jnp.concatenate(_block_fn(_block_forward)(layer, x, positions, inv_freq, batch_size))
+def _run_block(layer: DecoderLayer, x, positions, inv_freq, batch_size):
+    """The block's outputs on all calibration windows, ``batch_size`` windows per call."""
+    graphdef, state = nnx.split(layer)
+    return jnp.concatenate([_block_step(graphdef, state, x[s : s + batch_size], positions, inv_freq)
+                            for s in range(0, x.shape[0], batch_size)])

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import numpy as np
 from flax import nnx
 
-from jaxquant.formats.base import QuantizedWeight
 from jaxquant.model.config import LlamaConfig
 from jaxquant.model.llama import Llama
 
@@ -50,25 +48,18 @@ def named_params(model: nnx.Module) -> dict[str, Any]:
 
 
 def set_param(model: nnx.Module, name: str, value: Any) -> None:
-    node: Any = model
-    for part in _path(name):
-        node = node[part] if isinstance(part, int) else getattr(node, part)
-    node.set_value(value)
+    _variable(model, name).set_value(value)
 
 
 def get_param(model: nnx.Module, name: str) -> Any:
+    return _variable(model, name).get_value()
+
+
+def _variable(model: nnx.Module, name: str) -> nnx.Variable:
     node: Any = model
     for part in _path(name):
         node = node[part] if isinstance(part, int) else getattr(node, part)
-    return node.get_value()
-
-
-def num_weights(model: nnx.Module) -> int:
-    return sum(int(np.prod(v.shape)) for v in named_params(model).values())
-
-
-def is_quantized_param(value: Any) -> bool:
-    return isinstance(value, QuantizedWeight)
+    return node
 
 
 def _path(name: str) -> list:
