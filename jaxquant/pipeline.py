@@ -5,6 +5,9 @@ Per block (only that block's weights are moved to the device):
      as quantized so far (GPTQ's true-sequential order) and, for Hessian methods, H = E[x xᵀ];
   2. quantize the group's linears;
   3. run the quantized block on its inputs: the next block's inputs (GPTQ-style online mode).
+With ``finetune=FinetuneConfig(...)`` (QuIP#'s block fine-tuning) the inputs are instead the original
+model's activations: the original block's outputs on them are the targets, and after each group the
+block's continuous parameters are trained to reproduce them (``jaxquant.finetune.finetune_block``).
 Embeddings, norms and lm_head stay in full precision unless a rule names them.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant import hessian
+from jaxquant.finetune import FinetuneConfig, finetune_block
 from jaxquant.methods.registry import method_of
 from jaxquant.model.llama import DecoderLayer, Llama, rope_frequencies
 from jaxquant.model.params import get_param, model_from_params, named_params, set_param
@@ -55,12 +59,13 @@ def layer_config(name: str, default: Any, rules: Sequence[Rule]) -> Any | None:
 
 def quantize_model(model: Llama, config: Any, *, rules: Sequence[Rule] = (), calibration: np.ndarray | None = None,
                    key: jax.Array | None = None, batch_size: int = 8, progress: Progress | None = None,
-                   hessians: Callable[[int, str], np.ndarray] | None = None) -> Llama:
+                   hessians: Callable[[int, str], np.ndarray] | None = None, finetune: FinetuneConfig | None = None) -> Llama:
     """A new model whose block linears are quantized (``model`` itself is left unchanged).
 
     ``config`` is the default method config; ``rules`` override it per layer. Hessian methods need
     ``calibration`` token windows ``[n, ctx]`` (online Hessians) or ``hessians(block, group)``
-    returning stored ones (offline).
+    returning stored ones (offline). ``finetune`` (a ``FinetuneConfig``) fine-tunes each block after each
+    group on the ``calibration`` windows; with it, ``progress`` may also receive a metrics dict.
     """
     cfg = model.config
     qmodel = model_from_params(cfg, named_params(model))  # new Variables over the same arrays: no copy
@@ -69,13 +74,16 @@ def quantize_model(model: Llama, config: Any, *, rules: Sequence[Rule] = (), cal
                for i in range(cfg.num_hidden_layers) for members in GROUPS.values() for member in members}
     if any(map(_needs_hessian, configs.values())) and calibration is None and hessians is None:
         raise ValueError("a Hessian-aware method needs calibration windows or stored Hessians")
+    if finetune is not None and calibration is None:
+        raise ValueError("block fine-tuning needs calibration windows (its devset)")
     x = None
-    if calibration is not None and any(map(_needs_hessian, configs.values())):
+    if calibration is not None and (finetune is not None or any(map(_needs_hessian, configs.values()))):
         x = _embed(qmodel, jnp.asarray(calibration, jnp.int32))
         positions = jnp.arange(calibration.shape[1])
         inv_freq = rope_frequencies(cfg)
     for i in range(cfg.num_hidden_layers):
         layer = qmodel.layers[i]
+        target = None if finetune is None else _run_block(model.layers[i], x, positions, inv_freq, batch_size)
         for g, (group, members) in enumerate(GROUPS.items()):
             names = [f"layers.{i}.{member}" for member in members]
             h = None
@@ -90,11 +98,20 @@ def quantize_model(model: Llama, config: Any, *, rules: Sequence[Rule] = (), cal
                 k = jax.random.fold_in(key, i * 16 + g * 4 + j)
                 qw = quantize_weight(w, c, hessian=h if _needs_hessian(c) else None, key=k, name=name)
                 set_param(qmodel, name + ".weight", jax.device_get(qw))
+            if finetune is not None:
+                _finetune_group(layer, x, target, finetune, positions, inv_freq, f"finetune layers.{i} {group}", progress)
         if x is not None:
-            x = _run_block(layer, x, positions, inv_freq, batch_size)
+            x = target if finetune is not None else _run_block(layer, x, positions, inv_freq, batch_size)
         if progress:
             progress("quantize", i + 1, cfg.num_hidden_layers)
     return qmodel
+
+
+def _finetune_group(layer, x, target, cfg, positions, inv_freq, stage, progress):
+    finetune_block(layer, x, target, cfg, positions=positions, inv_freq=inv_freq, stage=stage, progress=progress)
+    # back to host arrays, as the quantized weights are, so only one block stays in device memory
+    for name, value in named_params(layer).items():
+        set_param(layer, name, jax.device_get(value))
 
 
 def _embed(model: Llama, tokens: jax.Array) -> jax.Array:

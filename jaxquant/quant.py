@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.formats import autodiff
 from jaxquant.formats.base import QuantizedWeight
 from jaxquant.methods.registry import method_of
 
@@ -48,9 +49,10 @@ def dequantize(w: Any, dtype=jnp.float32) -> jax.Array:
 
 
 def matmul(x: jax.Array, w: Any, backend: str = "auto") -> jax.Array:
-    """``x @ W.T`` for a dense ``[out, in]`` array or any quantized weight."""
+    """``x @ W.T`` for a dense ``[out, in]`` array or any quantized weight (differentiable: the
+    backward of a quantized weight goes through ``dequantize``, see ``formats.autodiff``)."""
     if isinstance(w, QuantizedWeight):
-        return w.matmul(x, backend=backend)
+        return autodiff.matmul(x, w, backend)
     if isinstance(w, np.ndarray):
         w = jnp.asarray(w)
     return x @ w.astype(x.dtype).T
