@@ -1,6 +1,7 @@
 """jaxquant: extreme weight-only quantization of Llama-family LLMs in JAX."""
 from jaxquant.checkpoint import load, save
 from jaxquant.evaluate import perplexity
+from jaxquant.finetune import FinetuneConfig, add_lora, finetune_block, finetune_model, merge_lora
 from jaxquant.formats import FORMATS, QuantizedWeight, ScalarQuantized
 from jaxquant.methods import METHODS, GPTQConfig, GPTVQConfig, HQQConfig, QTIPConfig, QuIPSharpConfig, RTNConfig
 from jaxquant.model.load import load_model, load_tokenizer

@@ -128,6 +128,84 @@ def rules_from_args(args):
     return rules
 
 
+# --- fine-tuning options (issue 9): --ft-* flags from FinetuneConfig's fields ---------------------
+
+def _loss_bar():
+    """Progress bars that also show what fine-tuning reports (a fourth argument: loss, held-out)."""
+    from tqdm.auto import tqdm
+
+    bars: dict = {}
+
+    def update(stage, done, total, metrics=None):
+        bar = bars.get(stage)
+        if bar is None or done < bar.n:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=metrics is None)
+        if metrics:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if v is not None}, refresh=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def add_finetune_args(p: argparse.ArgumentParser, *, stages: bool = True) -> None:
+    from jaxquant.finetune import FinetuneConfig
+
+    group = p.add_argument_group("fine-tuning (QuIP#/QTIP block and end-to-end, HQQ+ adapters); codes never change")
+    if stages:
+        group.add_argument("--finetune-block", action="store_true",
+                           help="after each linear group of a block is quantized, train the block's continuous parameters "
+                                "(sign vectors, scales, zeros, tables, norms, linears not yet quantized) to reproduce the "
+                                "original block on the calibration windows (QuIP#'s fine-tuning)")
+        group.add_argument("--finetune-e2e", action="store_true",
+                           help="after quantization, distill the whole model from the original one (KL to its soft targets "
+                                "on the calibration windows); trains --ft-e2e-train")
+    group.add_argument("--lora-rank", type=int, default=0,
+                       help="HQQ+: a LoRA adapter of this rank on every quantized linear, trained by end-to-end "
+                            "distillation (implies --finetune-e2e; default 0: none)")
+    group.add_argument("--lora-rules", default="", metavar="REGEX=RANK,...",
+                       help="per-layer adapter ranks overriding --lora-rank, first match wins, e.g. "
+                            "'self_attn=32,mlp=8' (HQQ+'s); rank 0 = no adapter")
+    group.add_argument("--merge-lora", action="store_true",
+                       help="save adapted layers merged into dense full-precision weights instead of base + adapter")
+    hints = typing.get_type_hints(FinetuneConfig)
+    docs = _field_comments(FinetuneConfig)
+    for f in dataclasses.fields(FinetuneConfig):
+        kind = _scalar_type(hints[f.name])
+        group.add_argument(f"--ft-{f.name.replace('_', '-')}", dest=f"ft_{f.name}", default=None,
+                           metavar=kind.__name__.upper(), type=lambda s, k=kind: _parse_value(k, s),
+                           help=f"{docs.get(f.name, '')} (default {f.default})")
+
+
+def finetune_config_from_args(args):
+    from jaxquant.finetune import FinetuneConfig
+
+    given = {f.name: getattr(args, f"ft_{f.name}") for f in dataclasses.fields(FinetuneConfig)
+             if getattr(args, f"ft_{f.name}", None) is not None}
+    try:
+        return FinetuneConfig(**given)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def _finetune_end_to_end(args, qmodel, model, windows, ft):
+    """HQQ+ adapters (when asked) and end-to-end distillation; returns the model and the held-out KLs."""
+    import jax
+
+    from jaxquant.finetune import add_lora, finetune_model, merge_lora, parse_lora_rules
+
+    if args.lora_rank or args.lora_rules:
+        qmodel = add_lora(qmodel, args.lora_rank, parse_lora_rules(args.lora_rules), key=jax.random.key(args.seed))
+    start = time.perf_counter()
+    qmodel, history = finetune_model(qmodel, model, windows, ft, progress=_loss_bar())
+    print(f"end-to-end fine-tuning: held-out KL {history['initial_valid']:.5f} -> {history['best_valid']:.5f} "
+          f"nats/token in {history['steps']} steps, {time.perf_counter() - start:.1f} s")
+    if args.merge_lora:
+        qmodel = merge_lora(qmodel)
+    return qmodel, {k: history[k] for k in ("initial_valid", "best_valid", "steps", "epochs")}
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 def cmd_eval(args) -> dict:
@@ -168,22 +246,49 @@ def cmd_quantize(args):
 
     cfg = config_from_args(args)
     rules = rules_from_args(args)
+    ft = finetune_config_from_args(args)
+    e2e = args.finetune_e2e or args.lora_rank > 0 or bool(args.lora_rules)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     calibration = None
     hessians = stored_hessians(args.hessians) if args.hessians else None
-    if method_of(cfg).needs_hessian and hessians is None:
+    if (method_of(cfg).needs_hessian and hessians is None) or args.finetune_block or e2e:
         calibration, used = _calibration(args, tokenizer)
         print(f"calibration: {calibration.shape[0]} windows x {calibration.shape[1]} tokens from {used}")
     start = time.perf_counter()
     qmodel = quantize_model(model, cfg, rules=rules, calibration=calibration, hessians=hessians,
-                            key=jax.random.key(args.seed), progress=_progress_bar("quantize"))
+                            key=jax.random.key(args.seed), finetune=ft if args.finetune_block else None,
+                            progress=_loss_bar() if args.finetune_block else _progress_bar("quantize"))
     recipe = {"config": config_to_dict(cfg), "rules": [{"pattern": r.pattern, "config": r.config and config_to_dict(r.config)}
                                                        for r in rules], "source": str(args.model)}
+    if args.finetune_block or e2e:
+        recipe["finetune"] = {"config": dataclasses.asdict(ft), "block": args.finetune_block, "end_to_end": e2e,
+                              "lora_rank": args.lora_rank, "lora_rules": args.lora_rules, "merged": args.merge_lora}
+    if e2e:
+        qmodel, recipe["finetune"]["end_to_end_kl"] = _finetune_end_to_end(args, qmodel, model, calibration, ft)
     summary = summarize(qmodel)
     print(f"quantized in {time.perf_counter() - start:.1f} s: {summary}")
     path = save(qmodel, args.out, tokenizer=tokenizer, recipe={**recipe, **summary})
     print(f"saved {path}")
     return qmodel, tokenizer
+
+
+def cmd_finetune(args):
+    from jaxquant.checkpoint import read_sidecar, save
+    from jaxquant.model.load import load_model, load_tokenizer, resolve_source
+    from jaxquant.report import summarize
+
+    kind, path = resolve_source(args.model)
+    if kind != "jaxquant":
+        raise SystemExit(f"error: --model must be a jaxquant checkpoint, got {args.model}")
+    qmodel, model, tokenizer = load_model(args.model), load_model(args.original), load_tokenizer(args.model)
+    calibration, used = _calibration(args, tokenizer)
+    print(f"devset: {calibration.shape[0]} windows x {calibration.shape[1]} tokens from {used}")
+    ft = finetune_config_from_args(args)
+    qmodel, kl = _finetune_end_to_end(args, qmodel, model, calibration, ft)
+    recipe = read_sidecar(path).get("recipe", {})
+    recipe["finetune_e2e"] = {"config": dataclasses.asdict(ft), "lora_rank": args.lora_rank, "lora_rules": args.lora_rules,
+                              "merged": args.merge_lora, "original": str(args.original), "end_to_end_kl": kl}
+    print(f"saved {save(qmodel, args.out, tokenizer=tokenizer, recipe={**recipe, **summarize(qmodel)})}")
 
 
 def cmd_generate(args):
@@ -332,7 +437,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rules", metavar="JSON", help='per-layer rules file: [{"pattern": REGEX, "config": {"method": ..., ...} | null}, ...]')
     calib_args(q)
     q.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
+    add_finetune_args(q)
     q.set_defaults(fn=cmd_quantize)
+
+    q = sub.add_parser("finetune", help="end-to-end fine-tuning (and HQQ+ adapters) of a quantized checkpoint "
+                                        "against its original model")
+    model_arg(q, None)
+    q.add_argument("--original", required=True, help="the full-precision model the checkpoint was quantized from")
+    q.add_argument("--out", required=True, help="output checkpoint folder (replaced atomically)")
+    calib_args(q)
+    q.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
+    add_finetune_args(q, stages=False)
+    q.set_defaults(fn=cmd_finetune)
 
     q = sub.add_parser("generate", help="generate text with a KV cache")
     model_arg(q)

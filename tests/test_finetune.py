@@ -1,5 +1,6 @@
 """Fine-tuning: gradients through every format, block and end-to-end training, HQQ+ adapters."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from helpers import random_params, tiny_config
-from jaxquant import checkpoint
+from helpers import random_params, tiny_config, write_hf, write_tokenizer
+from jaxquant import checkpoint, cli
 from jaxquant.export import export_safetensors
 from jaxquant.finetune import (FinetuneConfig, add_lora, finetune_block, finetune_model, kl_divergence, lora_rank,
                                merge_lora, parse_lora_rules, trainable_mask)
@@ -199,3 +200,25 @@ def test_hqq_plus_distillation_in_bf16_save_load_and_merge(tmp_path, tiny1):
     merged = merge_lora(loaded)
     assert not any(isinstance(v, LoRAWeight) for v in named_params(merged).values())
     np.testing.assert_allclose(np.asarray(merged(tokens)[0]), expected, atol=1e-4)
+
+
+def test_cli_block_finetune_then_hqq_plus(tmp_path):
+    cfg = tiny_config(num_hidden_layers=2)
+    folder = write_hf(tmp_path / "hf", cfg, random_params(cfg, seed=_seed()))
+    write_tokenizer(folder, cfg.vocab_size)
+    data = ["--calib-file", "builtin", "--calib-samples", "24", "--calib-ctx", "32"]
+    ft_flags = ["--ft-lr", str(FAST.lr), "--ft-sign-lr", str(FAST.sign_lr), "--ft-lora-lr", str(FAST.lora_lr),
+                "--ft-epochs", str(FAST.epochs), "--ft-batch-size", str(FAST.batch_size),
+                "--ft-early-stop", str(FAST.early_stop)]
+    cli.main(["quantize", "--model", str(folder), "--method", "rtn", "--bits", "2", "--group-size", "32",
+              "--finetune-block", "--out", str(tmp_path / "q"), *data, *ft_flags])
+    recipe = json.loads((tmp_path / "q" / "jaxquant.json").read_text())["recipe"]["finetune"]
+    assert recipe["block"] and not recipe["end_to_end"] and recipe["config"]["epochs"] == FAST.epochs
+
+    cli.main(["finetune", "--model", str(tmp_path / "q"), "--original", str(folder), "--out", str(tmp_path / "a"),
+              "--lora-rules", "self_attn=4", "--ft-e2e-train", "lora", "--ft-epochs", "1", *data])
+    params = named_params(load_model(tmp_path / "a"))
+    assert isinstance(params["layers.1.self_attn.o_proj.weight"], LoRAWeight)
+    assert isinstance(params["layers.1.mlp.up_proj.weight"], jq.ScalarQuantized)
+    kl = json.loads((tmp_path / "a" / "jaxquant.json").read_text())["recipe"]["finetune_e2e"]["end_to_end_kl"]
+    assert kl["best_valid"] <= kl["initial_valid"]
