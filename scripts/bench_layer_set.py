@@ -1,12 +1,12 @@
-"""Time GPTQ and GPTVQ on one Llama-2-7B-shaped decoder block (random weights and Hessians).
+"""Time the Hessian-aware methods on one Llama-2-7B-shaped decoder block (random weights, Hessians).
 
 Layers: q, k, v, o (4096×4096), gate, up (11008×4096), down (4096×11008); q/k/v share one
 Hessian, gate/up another, o and down have their own (REFERENCE §1). Each method quantizes the
 whole layer set twice: the first pass includes compilation ("cold"), the second is "warm".
 Prints a table and, with ``--json PATH``, writes the numbers. ``--shape tiny`` is a CPU check.
 
-    python scripts/bench_gptq.py                      # on the GPU machine
-    JAX_PLATFORMS=cpu python scripts/bench_gptq.py --shape tiny
+    python scripts/bench_layer_set.py --methods quip#-2 qtip-hyb-2 --json OUT.json   # GPU
+    JAX_PLATFORMS=cpu python scripts/bench_layer_set.py --shape tiny
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxquant.methods import gptq, gptvq, ldlq  # noqa: E402
+from jaxquant.methods import gptq, gptvq, ldlq, qtip, quip_sharp  # noqa: E402
+from jaxquant.quant import quantize_weight  # noqa: E402
 
 SHAPES = {  # (hidden, intermediate)
     "7b": (4096, 11008),
@@ -38,6 +39,8 @@ def methods(tiny: bool):
         "gptq-2b-g128": gptq.GPTQConfig(bits=2, group_size=128),
         "gptvq-2d-2.125": gptvq.GPTVQConfig(bits=2, vq_dim=2, group_size=256, tile_size=2048,
                                             kmeans_iters=iters),
+        **{f"quip#-{b}": quip_sharp.QuIPSharpConfig(bits=b) for b in (2, 3, 4)},
+        **{f"qtip-{c}-{b}": qtip.QTIPConfig(bits=b, code=c) for c in ("hyb", "1mad") for b in (2, 3, 4)},
     }
 
 
@@ -65,11 +68,10 @@ def layer_set(key, hidden, inter):
 
 
 def run(cfg, layers, key):
-    method = gptq if isinstance(cfg, gptq.GPTQConfig) else gptvq
     times, losses, bpw = {}, {}, {}
     for name, (W, H) in layers.items():
         t = time.perf_counter()
-        qw = method.quantize(W, cfg, hessian=H, key=key)
+        qw = quantize_weight(W, cfg, hessian=H, key=key, name=name)
         jax.block_until_ready(qw)
         times[name] = time.perf_counter() - t
         W_hat = qw.dequantize()
