@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 import re
 from typing import Any, Callable, Sequence
 
@@ -160,9 +159,7 @@ def _reporter(progress: Progress | None) -> Callable[[str, int, int, dict], None
     try:
         inspect.signature(progress).bind("stage", 0, 1, {})
         return progress
-    except TypeError:
-        return lambda stage, done, total, metrics: progress(stage, done, total)
-    except ValueError:  # no signature (a builtin): call it the documented three-argument way
+    except (TypeError, ValueError):  # takes three arguments (or has no signature): no metrics
         return lambda stage, done, total, metrics: progress(stage, done, total)
 
 
@@ -188,14 +185,15 @@ def _train(loss: Callable, module: nnx.Module, groups: Sequence[str], train: tup
         return total / n
 
     n = train[0].shape[0]
-    per_epoch = math.ceil(n / cfg.batch_size)
+    batch = min(cfg.batch_size, n)
+    per_epoch = n // batch  # whole batches only (one compiled shape); reshuffling covers the rest
     best_valid = initial = held_out(trainable)
     best, stale, done, epochs, losses = trainable, 0, 0, 0, []
     order = np.random.default_rng(cfg.seed)
     for epoch in range(cfg.epochs):
         perm = order.permutation(n)
-        for s in range(0, n, cfg.batch_size):
-            idx = np.sort(perm[s : s + cfg.batch_size])
+        for s in range(0, per_epoch * batch, batch):
+            idx = np.sort(perm[s : s + batch])
             trainable, opt_state, value = step(trainable, opt_state, frozen, *batch_data(*(a[idx] for a in train)))
             done += 1
             losses.append(float(value))
@@ -208,7 +206,8 @@ def _train(loss: Callable, module: nnx.Module, groups: Sequence[str], train: tup
             stale += 1
             if cfg.early_stop and stale >= cfg.early_stop:
                 break
-    report(stage, cfg.epochs * per_epoch, cfg.epochs * per_epoch, {"loss": losses[-1], "valid": best_valid})
+    report(stage, cfg.epochs * per_epoch, cfg.epochs * per_epoch, {"loss": losses[-1] if losses else None,
+                                                                  "valid": best_valid})
     write_trainable(module, best)
     return {"steps": done, "epochs": epochs, "initial_valid": initial, "best_valid": best_valid,
             "train_loss": losses}

@@ -19,7 +19,7 @@ from jaxquant.model.load import load_model
 from jaxquant.model.params import model_from_params, named_params
 from test_checkpoint import _assert_identical
 
-FAST = FinetuneConfig(lr=2e-3, sign_lr=1e-2, lora_lr=1e-2, epochs=4, batch_size=4, early_stop=2)
+FAST = FinetuneConfig(lr=2e-3, sign_lr=1e-2, lora_lr=1e-2, epochs=4, batch_size=4, early_stop=2, valid_fraction=1 / 6)
 
 
 def _seed() -> int:
@@ -209,7 +209,7 @@ def test_cli_block_finetune_then_hqq_plus(tmp_path):
     data = ["--calib-file", "builtin", "--calib-samples", "24", "--calib-ctx", "32"]
     ft_flags = ["--ft-lr", str(FAST.lr), "--ft-sign-lr", str(FAST.sign_lr), "--ft-lora-lr", str(FAST.lora_lr),
                 "--ft-epochs", str(FAST.epochs), "--ft-batch-size", str(FAST.batch_size),
-                "--ft-early-stop", str(FAST.early_stop)]
+                "--ft-early-stop", str(FAST.early_stop), "--ft-valid-fraction", str(FAST.valid_fraction)]
     cli.main(["quantize", "--model", str(folder), "--method", "rtn", "--bits", "2", "--group-size", "32",
               "--finetune-block", "--out", str(tmp_path / "q"), *data, *ft_flags])
     recipe = json.loads((tmp_path / "q" / "jaxquant.json").read_text())["recipe"]["finetune"]
