@@ -255,6 +255,9 @@ def cmd_quantize(args):
         calibration, used = _calibration(args, tokenizer)
         print(f"calibration: {calibration.shape[0]} windows x {calibration.shape[1]} tokens from {used}")
     start = time.perf_counter()
+    if args.fuse:
+        from jaxquant.model.fuse import fuse_linears
+        model = fuse_linears(model)
     qmodel = quantize_model(model, cfg, rules=rules, calibration=calibration, hessians=hessians,
                             key=jax.random.key(args.seed), finetune=ft if args.finetune_block else None,
                             progress=_loss_bar() if args.finetune_block else _progress_bar("quantize"))
@@ -433,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(q)
     q.add_argument("--out", required=True, help="output checkpoint folder (replaced atomically)")
     add_method_args(q)
+    q.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up into one linear each before quantizing "
+                   "(QuIP#: one RHT and scale per fused matrix, parts normalized apart; rules then name "
+                   "self_attn.qkv_proj and mlp.gate_up_proj)")
     q.add_argument("--keep", action="append", metavar="REGEX", help="keep matching layers (e.g. 'mlp.down_proj') in full precision; repeatable")
     q.add_argument("--rules", metavar="JSON", help='per-layer rules file: [{"pattern": REGEX, "config": {"method": ..., ...} | null}, ...]')
     calib_args(q)

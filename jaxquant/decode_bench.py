@@ -19,7 +19,7 @@ from flax import nnx
 from jaxquant.formats.base import QuantizedWeight
 from jaxquant.model.llama import Llama, init_cache
 from jaxquant.model.params import get_param, named_params, set_param
-from jaxquant.pipeline import GROUPS
+from jaxquant.pipeline import block_groups
 from jaxquant.quant import quantize_weight
 
 
@@ -42,7 +42,7 @@ def quantize_shared(model: Llama, cfg, *, key=None) -> Llama:
     key = jax.random.key(0) if key is None else key
     by_shape: dict = {}
     for i in range(model.config.num_hidden_layers):
-        for members in GROUPS.values():
+        for members in block_groups(model.config).values():
             for member in members:
                 name = f"layers.{i}.{member}.weight"
                 w = get_param(model, name)

@@ -464,7 +464,7 @@ def block_inputs(layer, x, positions, inv_freq, attention: str = "model"):
         attn = _fused_attention(layer.self_attn, h, positions, inv_freq, attention)
     x = x + layer.self_attn.o_proj(attn)
     h2 = layer.post_attention_layernorm(x)
-    a = jax.nn.silu(layer.mlp.gate_proj(h2)) * layer.mlp.up_proj(h2)
+    a = layer.mlp.hidden(h2)
     return {"qkv": h, "o": attn, "up": h2, "down": a}, x + layer.mlp.down_proj(a)
 
 
@@ -473,9 +473,10 @@ def _fused_attention(attn, h, positions, inv_freq, implementation):
 
     cfg = attn.cfg
     b, t, _ = h.shape
-    q = apply_rope(attn.q_proj(h).reshape(b, t, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
-    k = apply_rope(attn.k_proj(h).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), positions, inv_freq)
-    v = attn.v_proj(h).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+    q, k, v = attn.project(h)
+    q = apply_rope(q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
+    k = apply_rope(k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), positions, inv_freq)
+    v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
     out = jax.nn.dot_product_attention(q, k, v.astype(q.dtype), is_causal=True, implementation=implementation)
     return out.reshape(b, t, -1).astype(h.dtype)
 

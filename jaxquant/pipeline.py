@@ -25,6 +25,7 @@ from flax import nnx
 from jaxquant import hessian
 from jaxquant.finetune import FinetuneConfig, finetune_block
 from jaxquant.methods.registry import method_of
+from jaxquant.model.fuse import fused_parts
 from jaxquant.model.llama import DecoderLayer, Llama, rope_frequencies
 from jaxquant.model.params import get_param, model_from_params, named_params, set_param
 from jaxquant.quant import quantize_weight
@@ -36,6 +37,12 @@ GROUPS = {
     "up": ("mlp.gate_proj", "mlp.up_proj"),
     "down": ("mlp.down_proj",),
 }
+
+
+def block_groups(cfg) -> dict[str, tuple[str, ...]]:
+    """``GROUPS`` of a model, with the fused linears where ``cfg`` fuses them (``jaxquant.model.fuse``)."""
+    return {"qkv": ("self_attn.qkv_proj",) if cfg.fuse_qkv else GROUPS["qkv"], "o": GROUPS["o"],
+            "up": ("mlp.gate_up_proj",) if cfg.fuse_gate_up else GROUPS["up"], "down": GROUPS["down"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +77,9 @@ def quantize_model(model: Llama, config: Any, *, rules: Sequence[Rule] = (), cal
     cfg = model.config
     qmodel = model_from_params(cfg, named_params(model))  # new Variables over the same arrays: no copy
     key = jax.random.key(0) if key is None else key
+    groups = block_groups(cfg)
     configs = {f"layers.{i}.{member}": layer_config(f"layers.{i}.{member}", config, rules)
-               for i in range(cfg.num_hidden_layers) for members in GROUPS.values() for member in members}
+               for i in range(cfg.num_hidden_layers) for members in groups.values() for member in members}
     if any(map(_needs_hessian, configs.values())) and calibration is None and hessians is None:
         raise ValueError("a Hessian-aware method needs calibration windows or stored Hessians")
     if finetune is not None and calibration is None:
@@ -84,7 +92,7 @@ def quantize_model(model: Llama, config: Any, *, rules: Sequence[Rule] = (), cal
     for i in range(cfg.num_hidden_layers):
         layer = qmodel.layers[i]
         target = None if finetune is None else _run_block(model.layers[i], x, positions, inv_freq, batch_size)
-        for g, (group, members) in enumerate(GROUPS.items()):
+        for g, (group, members) in enumerate(groups.items()):
             names = [f"layers.{i}.{member}" for member in members]
             h = None
             if any(_needs_hessian(configs[n]) for n in names):
@@ -96,7 +104,8 @@ def quantize_model(model: Llama, config: Any, *, rules: Sequence[Rule] = (), cal
                     continue
                 w = get_param(qmodel, name + ".weight")
                 k = jax.random.fold_in(key, i * 16 + g * 4 + j)
-                qw = quantize_weight(w, c, hessian=h if _needs_hessian(c) else None, key=k, name=name)
+                qw = quantize_weight(w, c, hessian=h if _needs_hessian(c) else None, key=k, name=name,
+                                     parts=fused_parts(cfg, name))
                 set_param(qmodel, name + ".weight", jax.device_get(qw))
             if finetune is not None:
                 _finetune_group(layer, x, target, finetune, positions, inv_freq, f"finetune layers.{i} {group}", progress)
@@ -134,7 +143,7 @@ def _group_input(layer: DecoderLayer, group: str, x, positions, inv_freq):
     h = layer.post_attention_layernorm(x)
     if group == "up":
         return h
-    return jax.nn.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h)
+    return layer.mlp.hidden(h)
 
 
 def _second_moment(layer, x, positions, inv_freq, group):

@@ -13,11 +13,12 @@ from jaxquant.methods.registry import method_of
 
 
 def quantize_weight(w: Any, cfg: Any, *, hessian: Any = None, key: jax.Array | None = None,
-                    name: str = "weight") -> QuantizedWeight:
+                    name: str = "weight", parts: tuple[int, ...] | None = None) -> QuantizedWeight:
     """Quantize one ``[out, in]`` weight with the method of ``cfg``.
 
     ``hessian`` is the ``[in, in]`` second moment of the layer's inputs, required by
-    Hessian-aware methods. ``name`` only labels error messages.
+    Hessian-aware methods. ``name`` only labels error messages. ``parts``: the output rows of each
+    part of a fused weight (q/k/v, gate/up), for methods that treat parts apart (QuIP#).
     """
     method = method_of(cfg)
     w = jnp.asarray(w)
@@ -38,6 +39,8 @@ def quantize_weight(w: Any, cfg: Any, *, hessian: Any = None, key: jax.Array | N
         raise ValueError(f"{name}: method {method.name!r} needs a Hessian (hessian=...)")
     if key is None:
         key = jax.random.key(0)
+    if parts and method.takes_parts:
+        return method.quantize(w, cfg, hessian=hessian, key=key, parts=tuple(parts))
     return method.quantize(w, cfg, hessian=hessian, key=key)
 
 

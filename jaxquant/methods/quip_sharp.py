@@ -63,8 +63,14 @@ class QuIPSharpConfig:
         return float(self.rho) if self.rho is not None else DEFAULT_RHO[self.bits]
 
 
-@register_method("quip#", QuIPSharpConfig, needs_hessian=True)
-def quantize(w: jax.Array, cfg: QuIPSharpConfig, *, hessian=None, key=None) -> QuIPSharpQuantized:
+@register_method("quip#", QuIPSharpConfig, needs_hessian=True, takes_parts=True)
+def quantize(w: jax.Array, cfg: QuIPSharpConfig, *, hessian=None, key=None, parts=None) -> QuIPSharpQuantized:
+    """``parts``: output rows of each fused part of ``w`` (q/k/v or gate/up), or None for one layer."""
+    if parts:
+        if sum(parts) != w.shape[0]:
+            raise ValueError(f"fused parts {tuple(parts)} do not add up to the weight's {w.shape[0]} rows")
+        bounds = [0, *jnp.cumsum(jnp.asarray(parts)).tolist()]
+        return quantize_fused([w[a:b] for a, b in zip(bounds[:-1], bounds[1:])], cfg, hessian=hessian, key=key)
     return quantize_fused([w], cfg, hessian=hessian, key=key)
 
 

@@ -16,15 +16,18 @@ class Method:
     config: type
     quantize: Callable  # (W [out, in], cfg, *, hessian=None, key=None) -> QuantizedWeight
     needs_hessian: bool = False
+    # quantize also takes ``parts=(rows, ...)`` for fused weights (q/k/v, gate/up) and treats them
+    # as parts; other methods quantize a fused weight as one matrix
+    takes_parts: bool = False
 
 
-def register_method(name: str, config: type, *, needs_hessian: bool = False):
+def register_method(name: str, config: type, *, needs_hessian: bool = False, takes_parts: bool = False):
     """Decorator for a method's ``quantize(W, cfg, *, hessian=None, key=None)``."""
 
     def wrap(fn):
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name, config, fn, needs_hessian)
+        METHODS[name] = Method(name, config, fn, needs_hessian, takes_parts)
         config.method = name
         return fn
 

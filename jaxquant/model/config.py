@@ -28,6 +28,10 @@ class LlamaConfig:
     mlp_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
+    # q/k/v as one ``self_attn.qkv_proj`` and gate/up as one ``mlp.gate_up_proj`` (QuIP#'s fused
+    # quantization, ``jaxquant.model.fuse``); outputs concatenated in that order
+    fuse_qkv: bool = False
+    fuse_gate_up: bool = False
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -62,6 +66,8 @@ class LlamaConfig:
             mlp_bias=d.get("mlp_bias", False),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            fuse_qkv=d.get("fuse_qkv", False),
+            fuse_gate_up=d.get("fuse_gate_up", False),
         )
 
     def to_hf(self) -> dict[str, Any]:

@@ -76,15 +76,27 @@ def apply_rope(x, positions, inv_freq):
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         d, hd, b = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.q_proj = Linear(d, cfg.num_attention_heads * hd, bias=b, rngs=rngs)
-        self.k_proj = Linear(d, cfg.num_key_value_heads * hd, bias=b, rngs=rngs)
-        self.v_proj = Linear(d, cfg.num_key_value_heads * hd, bias=b, rngs=rngs)
+        if cfg.fuse_qkv:
+            self.qkv_proj = Linear(d, (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd, bias=b, rngs=rngs)
+        else:
+            self.q_proj = Linear(d, cfg.num_attention_heads * hd, bias=b, rngs=rngs)
+            self.k_proj = Linear(d, cfg.num_key_value_heads * hd, bias=b, rngs=rngs)
+            self.v_proj = Linear(d, cfg.num_key_value_heads * hd, bias=b, rngs=rngs)
         self.o_proj = Linear(cfg.num_attention_heads * hd, d, bias=b, rngs=rngs)
         self.cfg = cfg
 
     def __call__(self, x, positions, inv_freq, kv=None, cache_pos=0):
         out, kv = self.attend(x, positions, inv_freq, kv, cache_pos)
         return self.o_proj(out), kv
+
+    def project(self, x):
+        """(q, k, v) [B, T, heads·hd], from one fused product when ``fuse_qkv``."""
+        if not self.cfg.fuse_qkv:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        nq = self.cfg.num_attention_heads * self.cfg.head_dim
+        nkv = self.cfg.num_key_value_heads * self.cfg.head_dim
+        y = self.qkv_proj(x)
+        return y[..., :nq], y[..., nq:nq + nkv], y[..., nq + nkv:]
 
     def attend(self, x, positions, inv_freq, kv=None, cache_pos=0):
         """Attention output before o_proj. x [B, T, d]. Without ``kv``: causal self-attention
@@ -93,9 +105,10 @@ class Attention(nnx.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         kvh, groups = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-        q = apply_rope(self.q_proj(x).reshape(B, T, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
-        k = apply_rope(self.k_proj(x).reshape(B, T, kvh, cfg.head_dim), positions, inv_freq)
-        v = self.v_proj(x).reshape(B, T, kvh, cfg.head_dim)
+        q, k, v = self.project(x)
+        q = apply_rope(q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
+        k = apply_rope(k.reshape(B, T, kvh, cfg.head_dim), positions, inv_freq)
+        v = v.reshape(B, T, kvh, cfg.head_dim)
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_pos, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_pos, axis=1)
@@ -114,12 +127,24 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = Linear(d, f, bias=b, rngs=rngs)
-        self.up_proj = Linear(d, f, bias=b, rngs=rngs)
+        if cfg.fuse_gate_up:
+            self.gate_up_proj = Linear(d, 2 * f, bias=b, rngs=rngs)
+        else:
+            self.gate_proj = Linear(d, f, bias=b, rngs=rngs)
+            self.up_proj = Linear(d, f, bias=b, rngs=rngs)
         self.down_proj = Linear(f, d, bias=b, rngs=rngs)
+        self.fused = cfg.fuse_gate_up
+
+    def hidden(self, x):
+        """silu(gate) * up: the input of down_proj."""
+        if self.fused:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return jax.nn.silu(gate) * up
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.hidden(x))
 
 
 class DecoderLayer(nnx.Module):
