@@ -78,13 +78,13 @@ Progress = Callable[..., None]
 def trainable_mask(qw: QuantizedWeight) -> Any:
     """The weight's pytree with ``True`` at continuous (float) leaves and ``False`` at integer
     codes and integer codebooks, which are never trained."""
-    return jax.tree.map(lambda a: bool(jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)), qw)
+    return jax.tree.map(lambda a: bool(jnp.issubdtype(a.dtype, jnp.floating)), qw)
 
 
 def leaf_group(name: str, field: str | None, value: Any) -> str | None:
     """The parameter group of one leaf (``field`` is None for a dense parameter), or None when
     the leaf is not continuous and so can never train."""
-    if not jnp.issubdtype(jnp.asarray(value).dtype, jnp.floating):
+    if not jnp.issubdtype(value.dtype, jnp.floating):
         return None
     if field is not None:
         last = field.rsplit(".", 1)[-1]  # adapters store their base's fields as base.<field>
