@@ -29,6 +29,8 @@ LIBRARY_STEM = "libjaxquant_cuda_ffi"
 TARGETS = {
     "jaxquant_scalar_matvec": "JaxquantScalarMatvec",
     "jaxquant_hadamard": "JaxquantHadamard",
+    "jaxquant_e8p_matvec": "JaxquantE8pMatvec",
+    "jaxquant_qtip_matvec": "JaxquantQtipMatvec",
 }
 
 

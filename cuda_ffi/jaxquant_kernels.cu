@@ -165,154 +165,285 @@ struct MatvecArgs {
   const __half* scale;  // [out, groups]
   const __half* zero;   // [out, groups]
   void* y;              // [n, out], dtype x_dt
-  int x_dt, n, k_in, out, nchunks, groups, cpg, cpg_shift, tkc;
+  int x_dt, n, k_in, out, nchunks, groups, cpg, cpg_shift, tkc, ksplit;
 };
 
-// Grid: one block per nwarps * R rows. Each warp owns R rows; its lanes take the 32-code chunks
-// of those rows in turn, so a warp reads R runs of 32 * B * 4 contiguous bytes per step. The
-// block stages x (pre-scaled, with per-chunk C and X) for tkc chunks at a time in shared memory.
-// Shared layout: chunk c's 32 values as 8 float4, float4 q at slot (q + c) % 8, so that the 8
-// lanes of one 128-bit shared-memory phase read 8 different bank groups.
-template <int B, int NB, int R>
-__global__ void __launch_bounds__(256) scalar_matvec_kernel(MatvecArgs a) {
-  using C = Code<B>;
-  extern __shared__ float4 smem4[];
-  float4* xs4 = smem4;                                          // [NB][tkc][8]
-  float2* cx = reinterpret_cast<float2*>(smem4 + NB * a.tkc * 8);  // [NB][tkc] (C, X)
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int row0 = (blockIdx.x * nwarps + warp) * R;
-  const int wd = a.nchunks * B;
-  const int tkc = a.tkc;
-
-  const uint32_t* rowp[R];
-  const __half* sp[R];
-  const __half* zp[R];
-  static_for<R>([&](auto r) {
-    const int row = min(row0 + static_cast<int>(r), a.out - 1);
-    rowp[r] = a.codes + static_cast<size_t>(row) * wd;
-    sp[r] = a.scale + static_cast<size_t>(row) * a.groups;
-    zp[r] = a.zero + static_cast<size_t>(row) * a.groups;
-  });
-
-  float acc[NB][R];
-  static_for<NB>([&](auto b) { static_for<R>([&](auto r) { acc[b][r] = 0.f; }); });
-
-  for (int c0 = 0; c0 < a.nchunks; c0 += tkc) {
-    __syncthreads();  // the previous tile is consumed
-    const int nq = NB * tkc * 8;  // float4 groups to stage; a multiple of 32
-    for (int g = threadIdx.x; g < nq; g += blockDim.x) {
-      const int b = g / (tkc * 8), rem = g - b * tkc * 8, cl = rem >> 3, q = rem & 7;
-      const int64_t k0 = static_cast<int64_t>(c0 + cl) * 32 + q * 4;
-      float v[4];
-      float xsum = 0.f, csum = 0.f;
-      static_for<4>([&](auto e) {
-        const int64_t k = k0 + e;
-        const float xv = (b < a.n && k < a.k_in) ? load_elem(a.x, static_cast<int64_t>(b) * a.k_in + k, a.x_dt) : 0.f;
-        v[e] = xv * C::factor(e);  // 4 % M == 0, so the position in the window is e % M
-        xsum += xv;
-        csum += v[e];
-      });
-      xs4[(b * tkc + cl) * 8 + ((q + cl) & 7)] = make_float4(v[0], v[1], v[2], v[3]);
-#pragma unroll
-      for (int o = 1; o < 8; o <<= 1) {  // the 8 float4 of a chunk sit on 8 consecutive lanes
-        xsum += __shfl_xor_sync(0xffffffffu, xsum, o);
-        csum += __shfl_xor_sync(0xffffffffu, csum, o);
-      }
-      if (q == 0) cx[b * tkc + cl] = make_float2(csum, xsum);
-    }
-    __syncthreads();
-
-    const int cend = min(tkc, a.nchunks - c0);
-    for (int cl = lane; cl < cend; cl += 32) {
-      const int c = c0 + cl;
-      const int gi = a.cpg_shift >= 0 ? (c >> a.cpg_shift) : (c / a.cpg);
-      uint32_t w[R][B];
-      float s[R], z[R];
-      static_for<R>([&](auto r) {
-        load_chunk<B>(rowp[r] + static_cast<size_t>(c) * B, w[r]);
-        s[r] = __half2float(sp[r][gi]);
-        z[r] = __half2float(zp[r][gi]);
-      });
-      float A[NB][R];
-      static_for<NB>([&](auto b) { static_for<R>([&](auto r) { A[b][r] = 0.f; }); });
-      static_for<8>([&](auto q) {
-        float4 xv[NB];
-        static_for<NB>([&](auto b) { xv[b] = xs4[(b * tkc + cl) * 8 + ((q + cl) & 7)]; });
-        static_for<4>([&](auto e) {
-          constexpr int j = int(decltype(q){}) * 4 + int(decltype(e){});
-          constexpr int P = C::P0 + (j % C::M) * B;
-          static_for<R>([&](auto r) {
-            const uint32_t t = window_bits<B, j / C::M>(w[r]);
-            const float f = __uint_as_float((t & (C::MASK << P)) | 0x3F800000u);
-            static_for<NB>([&](auto b) { A[b][r] = fmaf(float4_at(xv[b], e), f, A[b][r]); });
-          });
-        });
-      });
-      static_for<NB>([&](auto b) {
-        const float2 cxv = cx[b * tkc + cl];
-        static_for<R>([&](auto r) { acc[b][r] = fmaf(s[r], (A[b][r] - cxv.x) - z[r] * cxv.y, acc[b][r]); });
-      });
-    }
+// Four consecutive x values of batch row b from input k0 (zeros past k_in or past the batch).
+__device__ __forceinline__ void load_x4(const MatvecArgs& a, int b, int64_t k0, float (&v)[4]) {
+  if (b >= a.n) {
+    v[0] = v[1] = v[2] = v[3] = 0.f;
+    return;
   }
-
-  static_for<NB>([&](auto b) {
-    static_for<R>([&](auto r) {
-      float v = acc[b][r];
+  const int64_t i = static_cast<int64_t>(b) * a.k_in + k0;
+  if ((a.k_in & 3) == 0 && k0 + 4 <= a.k_in) {  // aligned: one 8- or 16-byte load
+    if (a.x_dt == kF32) {
+      const float4 f = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(a.x) + i));
+      v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+    } else {
+      const uint2 u = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(a.x) + i));
+      const uint32_t h[4] = {u.x & 0xFFFFu, u.x >> 16, u.y & 0xFFFFu, u.y >> 16};
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-      const int row = row0 + r;
-      if (lane == 0 && row < a.out && b < a.n) store_elem(a.y, static_cast<int64_t>(b) * a.out + row, a.x_dt, v);
-    });
-  });
+      for (int e = 0; e < 4; ++e) {
+        v[e] = a.x_dt == kF16 ? __half2float(__ushort_as_half(static_cast<unsigned short>(h[e])))
+                              : __uint_as_float(h[e] << 16);
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) v[e] = (k0 + e < a.k_in) ? load_elem(a.x, i + e, a.x_dt) : 0.f;
 }
 
-template <int B, int NB, int R>
-cudaError_t launch_matvec(cudaStream_t stream, MatvecArgs a, int nwarps) {
-  // Shared memory: NB * tkc * (32 floats + C, X); tkc a multiple of 32 chunks.
-  constexpr int kBytesPerChunk = 32 * 4 + 8;
-  int tkc = (48 * 1024 / (NB * kBytesPerChunk)) / 32 * 32;
-  if (tkc < 32) tkc = 32;
+// Stage x for chunks [c0, c0 + tkc) of every batch row: pre-scaled values and per-chunk (C, X).
+// Each thread issues the loads of UN float4 groups before using any, so the pass costs about one
+// round trip to L2 instead of one per group.
+template <int B, int NB>
+__device__ __forceinline__ void stage_x(const MatvecArgs& a, float4* xs4, float2* cx, int c0, int tkc) {
+  using C = Code<B>;
+  constexpr int UN = 4;
+  const int nq = NB * tkc * 8;  // float4 groups; a multiple of 256, so each warp is all in or all out
+  for (int g0 = threadIdx.x; g0 < nq; g0 += UN * blockDim.x) {
+    float v[UN][4];
+    static_for<UN>([&](auto u) {
+      const int g = g0 + static_cast<int>(u) * blockDim.x;
+      if (g < nq) {
+        const int b = g / (tkc * 8), rem = g - b * tkc * 8, cl = rem >> 3, q = rem & 7;
+        load_x4(a, b, static_cast<int64_t>(c0 + cl) * 32 + q * 4, v[u]);
+      }
+    });
+    static_for<UN>([&](auto u) {
+      const int g = g0 + static_cast<int>(u) * blockDim.x;
+      if (g < nq) {
+        const int b = g / (tkc * 8), rem = g - b * tkc * 8, cl = rem >> 3, q = rem & 7;
+        float s[4];
+        float xsum = 0.f, csum = 0.f;
+        static_for<4>([&](auto e) {
+          s[e] = v[u][e] * C::factor(e);  // 4 % M == 0, so the position in the window is e % M
+          xsum += v[u][e];
+          csum += s[e];
+        });
+        xs4[(b * tkc + cl) * 8 + ((q + cl) & 7)] = make_float4(s[0], s[1], s[2], s[3]);
+#pragma unroll
+        for (int o = 1; o < 8; o <<= 1) {  // the 8 float4 of a chunk sit on 8 consecutive lanes
+          xsum += __shfl_xor_sync(0xffffffffu, xsum, o);
+          csum += __shfl_xor_sync(0xffffffffu, csum, o);
+        }
+        if (q == 0) cx[b * tkc + cl] = make_float2(csum, xsum);
+      }
+    });
+  }
+}
+
+// A block has nwarps warps = (nwarps / S) row sets x S K-slices (S = ksplit). A row set is R
+// consecutive rows; the S warps of a row set split the chunks, and reduce through shared memory.
+// Lanes take the chunks of their slice in turn, U chunks per lane per step with every load of
+// the step (codes, scales, zeros) issued before any decode: U * R loads in flight per lane.
+// When x fits in shared memory for the whole K (tkc >= nchunks) a block stages it once and then
+// walks row groups g = blockIdx.x, + gridDim.x, ... (a persistent grid); otherwise each row group
+// stages x in tiles of tkc chunks.
+// Shared layout: chunk c's 32 values as 8 float4, float4 q at slot (q + c) % 8, so that the 8
+// lanes of one 128-bit shared-memory phase read 8 different bank groups; then (C, X) per chunk,
+// then the split-K partial sums.
+template <int NB>
+constexpr int matvec_max_threads() { return NB >= 8 ? 256 : 512; }  // large batches need the registers
+
+template <int B, int NB, int R, int U>
+__global__ void __launch_bounds__(matvec_max_threads<NB>()) scalar_matvec_kernel(MatvecArgs a) {
+  using C = Code<B>;
+  extern __shared__ float4 smem4[];
+  const int tkc = a.tkc;
+  float4* xs4 = smem4;                                          // [NB][tkc][8]
+  float2* cx = reinterpret_cast<float2*>(smem4 + NB * tkc * 8);  // [NB][tkc] (C, X)
+  float* red = reinterpret_cast<float*>(cx + NB * tkc);          // [nwarps][NB][R]
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int S = a.ksplit, slice = warp % S, rset = warp / S;
+  const int rows_per_group = (nwarps / S) * R;
+  const int ngroups = (a.out + rows_per_group - 1) / rows_per_group;
+  const int wd = a.nchunks * B;
+  const bool whole = tkc >= a.nchunks;
+
+  if (whole) {
+    stage_x<B, NB>(a, xs4, cx, 0, tkc);
+    __syncthreads();
+  }
+
+  for (int grp = blockIdx.x; grp < ngroups; grp += gridDim.x) {
+    const int row0 = grp * rows_per_group + rset * R;
+    const uint32_t* rowp[R];
+    const __half* sp[R];
+    const __half* zp[R];
+    static_for<R>([&](auto r) {
+      const int row = min(row0 + static_cast<int>(r), a.out - 1);
+      rowp[r] = a.codes + static_cast<size_t>(row) * wd;
+      sp[r] = a.scale + static_cast<size_t>(row) * a.groups;
+      zp[r] = a.zero + static_cast<size_t>(row) * a.groups;
+    });
+
+    float acc[NB][R];
+    static_for<NB>([&](auto b) { static_for<R>([&](auto r) { acc[b][r] = 0.f; }); });
+
+    for (int c0 = 0; c0 < a.nchunks; c0 += tkc) {
+      if (!whole) {
+        __syncthreads();  // the previous tile is consumed
+        stage_x<B, NB>(a, xs4, cx, c0, tkc);
+        __syncthreads();
+      }
+      const int cend = min(tkc, a.nchunks - c0);
+      const int per = ((cend + S - 1) / S + 31) / 32 * 32;
+      const int lo = slice * per, hi = min(cend, lo + per);
+      for (int cl0 = lo + lane; cl0 < hi; cl0 += 32 * U) {
+        uint32_t w[U][R][B];
+        float s[U][R], z[U][R];
+        static_for<U>([&](auto u) {
+          const int cl = cl0 + 32 * static_cast<int>(u);
+          if (cl < hi) {
+            const int c = c0 + cl;
+            const int gi = a.cpg_shift >= 0 ? (c >> a.cpg_shift) : (c / a.cpg);
+            static_for<R>([&](auto r) {
+              load_chunk<B>(rowp[r] + static_cast<size_t>(c) * B, w[u][r]);
+              s[u][r] = __half2float(sp[r][gi]);
+              z[u][r] = __half2float(zp[r][gi]);
+            });
+          }
+        });
+        static_for<U>([&](auto u) {
+          const int cl = cl0 + 32 * static_cast<int>(u);
+          if (cl < hi) {
+            float A[NB][R];
+            static_for<NB>([&](auto b) { static_for<R>([&](auto r) { A[b][r] = 0.f; }); });
+            static_for<8>([&](auto q) {
+              float4 xv[NB];
+              static_for<NB>([&](auto b) { xv[b] = xs4[(b * tkc + cl) * 8 + ((q + cl) & 7)]; });
+              static_for<4>([&](auto e) {
+                constexpr int j = int(decltype(q){}) * 4 + int(decltype(e){});
+                constexpr int P = C::P0 + (j % C::M) * B;
+                static_for<R>([&](auto r) {
+                  const uint32_t t = window_bits<B, j / C::M>(w[u][r]);
+                  const float f = __uint_as_float((t & (C::MASK << P)) | 0x3F800000u);
+                  static_for<NB>([&](auto b) { A[b][r] = fmaf(float4_at(xv[b], e), f, A[b][r]); });
+                });
+              });
+            });
+            static_for<NB>([&](auto b) {
+              const float2 cxv = cx[b * tkc + cl];
+              static_for<R>([&](auto r) {
+                acc[b][r] = fmaf(s[u][r], (A[b][r] - cxv.x) - z[u][r] * cxv.y, acc[b][r]);
+              });
+            });
+          }
+        });
+      }
+    }
+
+    static_for<NB>([&](auto b) {
+      static_for<R>([&](auto r) {
+        float v = acc[b][r];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        acc[b][r] = v;
+      });
+    });
+    if (S == 1) {
+      static_for<NB>([&](auto b) {
+        static_for<R>([&](auto r) {
+          const int row = row0 + r;
+          if (lane == 0 && row < a.out && b < a.n) {
+            store_elem(a.y, static_cast<int64_t>(b) * a.out + row, a.x_dt, acc[b][r]);
+          }
+        });
+      });
+    } else {
+      if (lane == 0) {
+        static_for<NB>([&](auto b) { static_for<R>([&](auto r) { red[(warp * NB + b) * R + r] = acc[b][r]; }); });
+      }
+      __syncthreads();
+      for (int i = threadIdx.x; i < rows_per_group * NB; i += blockDim.x) {
+        const int rs = i / (NB * R), rem = i - rs * NB * R, b = rem / R, r = rem - b * R;
+        float v = 0.f;
+        for (int sl = 0; sl < S; ++sl) v += red[((rs * S + sl) * NB + b) * R + r];
+        const int row = grp * rows_per_group + rs * R + r;
+        if (row < a.out && b < a.n) store_elem(a.y, static_cast<int64_t>(b) * a.out + row, a.x_dt, v);
+      }
+      __syncthreads();  // red is rewritten by the next group
+    }
+  }
+}
+
+constexpr size_t kMatvecBytesPerChunk = 32 * 4 + 8;
+constexpr size_t kWholeSmemLimit = 200 * 1024;  // stage all of x when it fits in this much
+
+template <class K>
+int blocks_per_sm(K kernel, int threads, size_t smem) {
+  int nb = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, threads, smem) != cudaSuccess || nb < 1) return 1;
+  return nb;
+}
+
+template <int B, int NB, int R, int U>
+cudaError_t launch_matvec(cudaStream_t stream, MatvecArgs a, int nwarps, int ksplit) {
+  const int sms = multiprocessors();
   const int need = (a.nchunks + 31) / 32 * 32;
-  if (tkc > need) tkc = need;
+  const bool whole = static_cast<size_t>(NB) * need * kMatvecBytesPerChunk + 16 * NB * R * 4 <= kWholeSmemLimit;
+  int tkc = need;
+  if (!whole) {
+    tkc = static_cast<int>((48 * 1024 / (NB * kMatvecBytesPerChunk)) / 32 * 32);
+    if (tkc < 32) tkc = 32;
+  }
   a.tkc = tkc;
-  const size_t smem = static_cast<size_t>(NB) * tkc * kBytesPerChunk;
-  auto kernel = scalar_matvec_kernel<B, NB, R>;
+  if (nwarps <= 0) nwarps = (whole && static_cast<size_t>(NB) * tkc * kMatvecBytesPerChunk > 100 * 1024) ? 16 : 8;
+  if (nwarps > matvec_max_threads<NB>() / 32) nwarps = matvec_max_threads<NB>() / 32;
+  if (ksplit <= 0) {  // split K while there are few row tasks and each slice keeps U chunks per lane
+    ksplit = 1;
+    const int tasks = (a.out + R - 1) / R;
+    while (ksplit * 2 <= nwarps && tasks * ksplit < 16 * sms && a.nchunks >= 2 * ksplit * 32 * U) ksplit *= 2;
+  }
+  if (ksplit > nwarps) ksplit = nwarps;
+  while (nwarps % ksplit) --ksplit;
+  a.ksplit = ksplit;
+  const size_t smem = static_cast<size_t>(NB) * tkc * kMatvecBytesPerChunk + static_cast<size_t>(nwarps) * NB * R * 4;
+  auto kernel = scalar_matvec_kernel<B, NB, R, U>;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const int rows_per_block = nwarps * R;
-  const int blocks = (a.out + rows_per_block - 1) / rows_per_block;
+  const int rows_per_group = (nwarps / ksplit) * R;
+  const int groups = (a.out + rows_per_group - 1) / rows_per_group;
+  int blocks = groups;
+  if (whole) blocks = min(groups, sms * blocks_per_sm(kernel, nwarps * 32, smem));
   kernel<<<blocks, nwarps * 32, smem, stream>>>(a);
   return cudaSuccess;
 }
 
-// Rows per warp when the caller does not choose: as many as still leave two blocks per SM.
-int auto_rows(int out, int nwarps) {
+// Rows per warp at batch 1 when the caller does not choose.
+int auto_rows(int out) {
   const int sms = multiprocessors();
-  for (int r : {4, 2}) {
-    if ((out + nwarps * r - 1) / (nwarps * r) >= 2 * sms) return r;
-  }
+  if (out >= 64 * sms) return 2;  // 8448 rows and up on an H100: two rows share each x read
   return 1;
 }
 
+// Chunks in flight per lane: about 32 bytes of codes per row.
 template <int B>
-cudaError_t dispatch_batch(cudaStream_t stream, const MatvecArgs& a, int nwarps, int rows) {
+constexpr int unroll_for() { return B == 2 ? 4 : (B == 8 ? 1 : 2); }
+
+template <int B>
+cudaError_t dispatch_batch(cudaStream_t stream, const MatvecArgs& a, int nwarps, int rows, int ksplit) {
+  constexpr int U = unroll_for<B>();
   if (a.n <= 1) {
-    if (rows <= 0) rows = auto_rows(a.out, nwarps);
-    if (rows >= 4) return launch_matvec<B, 1, 4>(stream, a, nwarps);
-    if (rows == 2) return launch_matvec<B, 1, 2>(stream, a, nwarps);
-    return launch_matvec<B, 1, 1>(stream, a, nwarps);
+    if (rows <= 0) rows = auto_rows(a.out);
+    if (rows >= 4) return launch_matvec<B, 1, 4, (U > 1 ? U / 2 : 1)>(stream, a, nwarps, ksplit);
+    if (rows == 2) return launch_matvec<B, 1, 2, U>(stream, a, nwarps, ksplit);
+    return launch_matvec<B, 1, 1, U>(stream, a, nwarps, ksplit);
   }
-  if (a.n <= 2) return launch_matvec<B, 2, 2>(stream, a, nwarps);
-  if (a.n <= 4) return launch_matvec<B, 4, 2>(stream, a, nwarps);
-  if (a.n <= 8) return launch_matvec<B, 8, 1>(stream, a, nwarps);
-  return launch_matvec<B, 16, 1>(stream, a, nwarps);
+  constexpr int U2 = U > 2 ? 2 : U;
+  if (a.n <= 2) return launch_matvec<B, 2, 2, U2>(stream, a, nwarps, ksplit);
+  if (a.n <= 4) return launch_matvec<B, 4, 2, U2>(stream, a, nwarps, ksplit);
+  if (a.n <= 8) return launch_matvec<B, 8, 1, U2>(stream, a, nwarps, ksplit);
+  return launch_matvec<B, 16, 1, 1>(stream, a, nwarps, ksplit);
 }
 
 ffi::Error ScalarMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> codes,
                             ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> zero,
                             ffi::Result<ffi::AnyBuffer> y, int64_t bits, int64_t group_size,
-                            int64_t rows_per_warp, int64_t warps) {
+                            int64_t rows_per_warp, int64_t warps, int64_t ksplit) {
   MatvecArgs a{};
   if (!dtype_code(x.element_type(), &a.x_dt) || y->element_type() != x.element_type()) {
     return ffi::Error::InvalidArgument("scalar_matvec: x and y must share one of float32, float16, bfloat16");
@@ -357,17 +488,463 @@ ffi::Error ScalarMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<f
   a.scale = reinterpret_cast<const __half*>(scale.typed_data());
   a.zero = reinterpret_cast<const __half*>(zero.typed_data());
   a.y = y->untyped_data();
-  const int nwarps = (warps >= 1 && warps <= 8) ? static_cast<int>(warps) : 8;
+  const int nwarps = (warps >= 1 && warps <= 16) ? static_cast<int>(warps) : 0;  // 0: auto
+  const int ks = (ksplit >= 1 && ksplit <= 16) ? static_cast<int>(ksplit) : 0;
   const int rows = static_cast<int>(rows_per_warp);
   cudaError_t err;
   switch (bits) {
-    case 2: err = dispatch_batch<2>(stream, a, nwarps, rows); break;
-    case 3: err = dispatch_batch<3>(stream, a, nwarps, rows); break;
-    case 4: err = dispatch_batch<4>(stream, a, nwarps, rows); break;
-    default: err = dispatch_batch<8>(stream, a, nwarps, rows); break;
+    case 2: err = dispatch_batch<2>(stream, a, nwarps, rows, ks); break;
+    case 3: err = dispatch_batch<3>(stream, a, nwarps, rows, ks); break;
+    case 4: err = dispatch_batch<4>(stream, a, nwarps, rows, ks); break;
+    default: err = dispatch_batch<8>(stream, a, nwarps, rows, ks); break;
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("scalar_matvec: ") + cudaGetErrorString(err));
   return launch_error("scalar_matvec launch");
+}
+
+// ------------------------------------------------------------------------------------------
+// E8P (QuIP#) decode-matvec: y_r = Q @ xr in the rotated domain (the RHT stays outside)
+// ------------------------------------------------------------------------------------------
+// Codes (jaxquant/formats/quip_sharp.py): per 8 weights `bits` bytes; the E8P12 16-bit code is
+// bits 0-7 source index, 8-14 signs of coordinates 0-6, 15 shift (1: +1/4, 0: -1/4); for RVQ4 the
+// next 2 bytes are the residual's E8P12 code (scaled by 1 / resid_scale).
+// Decode in fp16 bit patterns: every source value (1/2, 3/2, 5/2) is an fp16 whose low byte is
+// zero, so a source vector is 8 high bytes (`abs`, 8 bytes; byte 7's sign pre-flipped when the
+// vector's parity forces a negative 8th coordinate). A second table maps the 7 sign bits to 0x80
+// byte masks (byte 7: the parity of the 7 bits). XOR of the two, then one byte permute per pair
+// gives the half2 (w_2i, w_2i+1) for an HFMA2 with x in fp16. The shift adds +-1/4 * sum(x) over
+// the 8 inputs; the caller passes xq = -1/4 * sum per 8, and the shift bit flips its sign.
+// Both tables are replicated 16 times, copy = lane % 16, so the 16 lanes of a 64-bit shared
+// load phase hit 16 different bank pairs (no conflicts whatever the codes).
+
+constexpr int kE8Rep = 16;
+constexpr size_t kE8SmemBytes = (256 + 128) * kE8Rep * sizeof(uint2);  // 48 KB
+
+struct E8pArgs {
+  const uint4* x;      // [n, k] fp16, as 16-byte groups of 8
+  const float* xq;     // [n, k / 8]: -1/4 * sum of each 8 inputs
+  const uint4* codes;  // [out, k / 8 * bytes] as 16-byte units
+  const uint2* abs;    // [256] fp16 high bytes of the source vectors
+  float* y;            // [n, out]
+  int n, k, out, units;
+  float resid;         // 1 / resid_scale (RVQ4's second stage)
+};
+
+__device__ __forceinline__ __half2 u2h2(uint32_t u) {
+  __half2 h;
+  memcpy(&h, &u, sizeof(h));
+  return h;
+}
+
+__device__ __forceinline__ uint2 e8_sign_masks(uint32_t s) {
+  uint32_t lo = 0, hi = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) lo |= ((s >> i) & 1u) << (8 * i + 7);
+#pragma unroll
+  for (int i = 0; i < 3; ++i) hi |= ((s >> (4 + i)) & 1u) << (8 * i + 7);
+  hi |= (static_cast<uint32_t>(__popc(s)) & 1u) << 31;
+  return make_uint2(lo, hi);
+}
+
+// h += x . (signed source vector of code c) for the 16-bit code in the low bits of c.
+__device__ __forceinline__ __half2 e8_dot(uint32_t c, const uint2* atl, const uint2* stl, const uint4& xv, __half2 h) {
+  const uint2 av = atl[(c & 0xFFu) * kE8Rep];
+  const uint2 sv = stl[((c >> 8) & 0x7Fu) * kE8Rep];
+  const uint32_t lo = av.x ^ sv.x, hi = av.y ^ sv.y;
+  h = __hfma2(u2h2(xv.x), u2h2(__byte_perm(lo, 0u, 0x1404)), h);
+  h = __hfma2(u2h2(xv.y), u2h2(__byte_perm(lo, 0u, 0x3424)), h);
+  h = __hfma2(u2h2(xv.z), u2h2(__byte_perm(hi, 0u, 0x1404)), h);
+  h = __hfma2(u2h2(xv.w), u2h2(__byte_perm(hi, 0u, 0x3424)), h);
+  return h;
+}
+
+// The shift term of code c (bit 15): +1/4 * sum(x) when set, -1/4 * sum(x) when clear.
+__device__ __forceinline__ float e8_shift(uint32_t c, float xq) {
+  return __uint_as_float(__float_as_uint(xq) ^ ((c << 16) & 0x80000000u));
+}
+
+// Warps own R consecutive rows (grid-strided, persistent); lanes take 16-byte code units in turn
+// (8 codes = 64 weights at 2 bits, 4 two-stage codes = 32 weights at 4 bits), U units per lane
+// per step with all code loads issued first. x comes through L1 (every warp of an SM reads the
+// same x). Products accumulate in half2 per unit (at most 32 per half), then in fp32.
+template <int NB, int R, int ST, int U>
+__global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
+  extern __shared__ uint2 e8tab[];
+  uint2* at = e8tab;
+  uint2* st = e8tab + 256 * kE8Rep;
+  for (int i = threadIdx.x; i < 256 * kE8Rep; i += blockDim.x) at[i] = __ldg(a.abs + i / kE8Rep);
+  for (int i = threadIdx.x; i < 128 * kE8Rep; i += blockDim.x) st[i] = e8_sign_masks(static_cast<uint32_t>(i / kE8Rep));
+  __syncthreads();
+
+  constexpr int G = 8 / ST;  // groups of 8 weights per unit
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const uint2* atl = at + (lane & 15);
+  const uint2* stl = st + (lane & 15);
+  const int kg = a.k / 8;  // groups per row
+
+  for (int row0 = (blockIdx.x * nwarps + warp) * R; row0 < a.out; row0 += gridDim.x * nwarps * R) {
+    const uint4* rp[R];
+    static_for<R>([&](auto r) { rp[r] = a.codes + static_cast<size_t>(min(row0 + static_cast<int>(r), a.out - 1)) * a.units; });
+    float acc[NB][R];
+    static_for<NB>([&](auto b) { static_for<R>([&](auto r) { acc[b][r] = 0.f; }); });
+
+    for (int u0 = lane; u0 < a.units; u0 += 32 * U) {
+      uint4 cw[U][R];
+      static_for<U>([&](auto u) {
+        const int uu = u0 + 32 * static_cast<int>(u);
+        if (uu < a.units) static_for<R>([&](auto r) { cw[u][r] = __ldcs(rp[r] + uu); });
+      });
+      static_for<U>([&](auto u) {
+        const int uu = u0 + 32 * static_cast<int>(u);
+        if (uu < a.units) {
+          static_for<NB>([&](auto b) {
+            if (b < a.n) {
+              const uint4* xp = a.x + (static_cast<size_t>(b) * kg + static_cast<size_t>(uu) * G);
+              const float* qp = a.xq + (static_cast<size_t>(b) * kg + static_cast<size_t>(uu) * G);
+              __half2 h[R][ST];
+              float t[R][ST];
+              static_for<R>([&](auto r) {
+                static_for<ST>([&](auto s) {
+                  h[r][s] = __float2half2_rn(0.f);
+                  t[r][s] = 0.f;
+                });
+              });
+              static_for<G>([&](auto g) {
+                const uint4 xv = __ldg(xp + g);
+                const float xq = __ldg(qp + g);
+                static_for<R>([&](auto r) {
+                  const uint4& c4 = cw[u][r];
+                  if constexpr (ST == 1) {
+                    constexpr int wi = int(decltype(g){}) / 2;
+                    const uint32_t word = wi == 0 ? c4.x : wi == 1 ? c4.y : wi == 2 ? c4.z : c4.w;
+                    const uint32_t c = (int(decltype(g){}) & 1) ? (word >> 16) : word;
+                    h[r][0] = e8_dot(c, atl, stl, xv, h[r][0]);
+                    t[r][0] += e8_shift(c, xq);
+                  } else {
+                    constexpr int wi = int(decltype(g){});
+                    const uint32_t word = wi == 0 ? c4.x : wi == 1 ? c4.y : wi == 2 ? c4.z : c4.w;
+                    h[r][0] = e8_dot(word, atl, stl, xv, h[r][0]);
+                    t[r][0] += e8_shift(word, xq);
+                    h[r][1] = e8_dot(word >> 16, atl, stl, xv, h[r][1]);
+                    t[r][1] += e8_shift(word >> 16, xq);
+                  }
+                });
+              });
+              static_for<R>([&](auto r) {
+                const float2 f0 = __half22float2(h[r][0]);
+                float v = (f0.x + f0.y) + t[r][0];
+                if constexpr (ST == 2) {
+                  const float2 f1 = __half22float2(h[r][1]);
+                  v = fmaf(a.resid, (f1.x + f1.y) + t[r][1], v);
+                }
+                acc[b][r] += v;
+              });
+            }
+          });
+        }
+      });
+    }
+
+    static_for<NB>([&](auto b) {
+      static_for<R>([&](auto r) {
+        float v = acc[b][r];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        const int row = row0 + r;
+        if (lane == 0 && row < a.out && b < a.n) a.y[static_cast<size_t>(b) * a.out + row] = v;
+      });
+    });
+  }
+}
+
+template <int NB, int R, int ST>
+cudaError_t launch_e8p(cudaStream_t stream, const E8pArgs& a, int nwarps) {
+  auto kernel = e8p_matvec_kernel<NB, R, ST, 2>;
+  cudaError_t err = allow_smem(kernel, kE8SmemBytes);
+  if (err != cudaSuccess) return err;
+  const int tasks = (a.out + nwarps * R - 1) / (nwarps * R);
+  const int blocks = min(tasks, multiprocessors() * blocks_per_sm(kernel, nwarps * 32, kE8SmemBytes));
+  kernel<<<blocks, nwarps * 32, kE8SmemBytes, stream>>>(a);
+  return cudaSuccess;
+}
+
+template <int ST>
+cudaError_t dispatch_e8p(cudaStream_t stream, const E8pArgs& a, int nwarps, int rows) {
+  if (a.n <= 1) {
+    if (rows <= 0) rows = a.out >= 8192 ? 2 : 1;
+    if (rows >= 2) return launch_e8p<1, 2, ST>(stream, a, nwarps);
+    return launch_e8p<1, 1, ST>(stream, a, nwarps);
+  }
+  if (a.n <= 2) return launch_e8p<2, 1, ST>(stream, a, nwarps);
+  if (a.n <= 4) return launch_e8p<4, 1, ST>(stream, a, nwarps);
+  return launch_e8p<8, 1, ST>(stream, a, nwarps);
+}
+
+ffi::Error E8pMatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buffer<ffi::F32> xq,
+                         ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::U32> abs, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                         int64_t bits, double resid_scale, int64_t rows_per_warp, int64_t warps) {
+  auto xd = x.dimensions();
+  auto cd = codes.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || cd.size() != 3 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument("e8p_matvec: x [n, in], codes [out, in/8, bytes], y [n, out]");
+  }
+  if (bits != 2 && bits != 4) return ffi::Error::InvalidArgument("e8p_matvec: bits must be 2 (E8P) or 4 (RVQ4)");
+  E8pArgs a{};
+  a.n = static_cast<int>(xd[0]);
+  a.k = static_cast<int>(xd[1]);
+  a.out = static_cast<int>(cd[0]);
+  const int st = static_cast<int>(bits / 2);
+  if (cd[2] != bits || cd[1] * 8 != xd[1] || yd[0] != xd[0] || yd[1] != cd[0] || a.n < 1 || a.n > 8) {
+    return ffi::Error::InvalidArgument("e8p_matvec: shapes disagree (or n is not in 1..8)");
+  }
+  if (a.k % (64 / st)) return ffi::Error::InvalidArgument("e8p_matvec: in must be a multiple of 64 (2-bit) or 32 (4-bit)");
+  if (xq.element_count() != static_cast<size_t>(a.n) * (a.k / 8) || abs.element_count() != 512) {
+    return ffi::Error::InvalidArgument("e8p_matvec: xq must be [n, in/8] and abs [256, 2] words");
+  }
+  a.units = a.k * st / 64;
+  a.x = reinterpret_cast<const uint4*>(x.typed_data());
+  a.xq = xq.typed_data();
+  a.codes = reinterpret_cast<const uint4*>(codes.typed_data());
+  a.abs = reinterpret_cast<const uint2*>(abs.typed_data());
+  a.y = y->typed_data();
+  a.resid = static_cast<float>(1.0 / resid_scale);
+  const int nwarps = (warps >= 1 && warps <= 8) ? static_cast<int>(warps) : 8;
+  cudaError_t err = st == 1 ? dispatch_e8p<1>(stream, a, nwarps, static_cast<int>(rows_per_warp))
+                            : dispatch_e8p<2>(stream, a, nwarps, static_cast<int>(rows_per_warp));
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_matvec: ") + cudaGetErrorString(err));
+  return launch_error("e8p_matvec launch");
+}
+
+// ------------------------------------------------------------------------------------------
+// QTIP decode-matvec: y_r = (code values) @ xr, tile by tile (jaxquant/formats/qtip.py)
+// ------------------------------------------------------------------------------------------
+// A tile is 16x16 weights, one tail-biting stream of 256k bits in 8k words (MSB-first). Tile row
+// r (16 weights) is the 16/V states starting at stream bits 16k*r + i*kV; its window needs
+// 16k + L - kV bits from there: words (k*r)/2 .. +2 (circular in the tile), one funnel shift
+// realigning odd rows at k = 3. Lane l of a warp decodes tile row l % 16 of tile column
+// 2*step + l / 16 of its slice, so the 16 lanes of a half-warp read one tile (8k words, 16k*2
+// bytes contiguous) and one 16-value x segment (a broadcast). A lane's output row never changes:
+// it accumulates across tiles in a register; the two halves and the S K-slices (the warps of a
+// block) are summed at the end.
+//   HYB (L=16, Q=9, V=2): h = s(s+1); the fp16 pair table[(h >> 6) & 511] with the sign of its
+//     first coordinate flipped by bit 15 of h; HFMA2 with the x pair. The table is replicated 32
+//     times in shared memory (copy = lane), so lookups never conflict.
+//   3INST (V=1): r = ((a s + b) & mask) ^ xor holds two fp16 whose sum is the value; HFMA2 with
+//     x duplicated in both halves (the caller passes x repeated twice), both halves summed.
+//   1MAD (V=1): y = sum of the bytes of a s + b (one dp4a); f = 1 + y/1024 as float bits, FFMA
+//     with x in fp32. The caller maps sum x f to the values: MAD1_SCALE (1024 sum x f - 1534 sum x).
+
+enum QtipCode : int { kHyb = 0, kMad1 = 1, kInst3 = 2 };
+constexpr int kHybRep = 32;
+constexpr int kHybEntries = 512;
+
+struct QtipArgs {
+  const void* x;         // hyb: fp16 [n, k]; 3inst: fp16 [n, 2k]; 1mad: fp32 [n, k]
+  const uint32_t* codes;  // [tr, tc, 8 * kbits]
+  const uint32_t* table;  // hyb: [512] fp16 pairs
+  float* y;               // [n, 16 * tr]
+  int n, k, tr, tc, ksplit, L;
+};
+
+template <int CODE, int K, int NB, int U>
+__global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
+  constexpr int V = CODE == kHyb ? 2 : 1;
+  constexpr int KV = K * V;
+  constexpr int NS = 16 / V;  // states per tile row
+  constexpr int W = 8 * K;    // words per tile
+  constexpr int NW = K == 2 ? 2 : 3;
+  extern __shared__ uint32_t qsm[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  uint32_t* tab = qsm;
+  float* red = reinterpret_cast<float*>(qsm + (CODE == kHyb ? kHybEntries * kHybRep : 0));  // [nwarps][NB][16]
+  if constexpr (CODE == kHyb) {
+    for (int i = threadIdx.x; i < kHybEntries * kHybRep; i += blockDim.x) tab[i] = __ldg(a.table + i / kHybRep);
+    __syncthreads();
+  }
+  const int S = a.ksplit, slice = warp % S, tset = warp / S, tsets = nwarps / S;
+  const int half = lane >> 4, r = lane & 15;
+  const int per = ((a.tc + S - 1) / S + 1) / 2 * 2;  // tile columns per slice, even
+  const int jlo = slice * per, jhi = min(a.tc, jlo + per);
+  const int wbase = (K * r) >> 1;            // first word of this lane's tile row
+  const int sub = (16 * K * r) & 31;          // its bit offset in that word (16 for odd rows at k = 3)
+  const int ngroups = (a.tr + tsets - 1) / tsets;
+
+  for (int grp = blockIdx.x; grp < ngroups; grp += gridDim.x) {
+    const int ti = grp * tsets + tset;
+    const bool valid = ti < a.tr;
+    float acc[NB];
+    static_for<NB>([&](auto b) { acc[b] = 0.f; });
+    if (valid) {
+      const uint32_t* trow = a.codes + static_cast<size_t>(ti) * a.tc * W;
+      for (int j0 = jlo + half; j0 < jhi; j0 += 2 * U) {
+        uint32_t w[U][NW];
+        static_for<U>([&](auto u) {
+          const int j = j0 + 2 * static_cast<int>(u);
+          if (j < jhi) {
+            const uint32_t* tp = trow + static_cast<size_t>(j) * W;
+            static_for<NW>([&](auto m) { w[u][m] = __ldcs(tp + (wbase + static_cast<int>(m)) % W); });
+          }
+        });
+        static_for<U>([&](auto u) {
+          const int j = j0 + 2 * static_cast<int>(u);
+          if (j < jhi) {
+            uint32_t aw[NW];
+            if constexpr (K == 3) {
+              aw[0] = __funnelshift_l(w[u][1], w[u][0], sub);
+              aw[1] = __funnelshift_l(w[u][2], w[u][1], sub);
+              aw[2] = w[u][2] << sub;
+            } else {
+              static_for<NW>([&](auto m) { aw[m] = w[u][m]; });
+            }
+            uint32_t dec[NS];  // hyb / 3inst: half2 bit patterns; 1mad: float bits of 1 + y/1024
+            static_for<NS>([&](auto i) {
+              constexpr int o = int(decltype(i){}) * KV;
+              const uint32_t s = __funnelshift_l(aw[o / 32 + 1 < NW ? o / 32 + 1 : NW - 1], aw[o / 32], o % 32) >> (32 - a.L);
+              if constexpr (CODE == kHyb) {
+                const uint32_t h = s * s + s;
+                const uint32_t v = tab[((h >> 1) & 0x3FE0u) | static_cast<uint32_t>(lane)];
+                dec[i] = v ^ (h & 0x8000u);
+              } else if constexpr (CODE == kInst3) {
+                dec[i] = ((s * 89226354u + 64248484u) & 0x8FFF8FFFu) ^ 0x3B603B60u;
+              } else {
+                const uint32_t y = __dp4a(s * 34038481u + 76625530u, 0x01010101u, 0u);
+                dec[i] = y * 8192u + 0x3F800000u;
+              }
+            });
+            static_for<NB>([&](auto b) {
+              if (b < a.n) {
+                if constexpr (CODE == kMad1) {
+                  const float4* xp = static_cast<const float4*>(a.x) + (static_cast<size_t>(b) * a.k + 16 * j) / 4;
+                  float s = 0.f;
+                  static_for<4>([&](auto q) {
+                    const float4 xv = __ldg(xp + q);
+                    s = fmaf(xv.x, __uint_as_float(dec[4 * q + 0]), s);
+                    s = fmaf(xv.y, __uint_as_float(dec[4 * q + 1]), s);
+                    s = fmaf(xv.z, __uint_as_float(dec[4 * q + 2]), s);
+                    s = fmaf(xv.w, __uint_as_float(dec[4 * q + 3]), s);
+                  });
+                  acc[b] += s;
+                } else {
+                  constexpr int XW = CODE == kHyb ? 2 : 4;  // 16-byte x loads per tile row
+                  const uint4* xp = static_cast<const uint4*>(a.x) + (static_cast<size_t>(b) * a.k * (CODE == kHyb ? 1 : 2) + 16 * (CODE == kHyb ? 1 : 2) * j) / 8;
+                  __half2 h = __float2half2_rn(0.f);
+                  static_for<XW>([&](auto q) {
+                    const uint4 xv = __ldg(xp + q);
+                    h = __hfma2(u2h2(xv.x), u2h2(dec[4 * q + 0]), h);
+                    h = __hfma2(u2h2(xv.y), u2h2(dec[4 * q + 1]), h);
+                    h = __hfma2(u2h2(xv.z), u2h2(dec[4 * q + 2]), h);
+                    h = __hfma2(u2h2(xv.w), u2h2(dec[4 * q + 3]), h);
+                  });
+                  const float2 f = __half22float2(h);
+                  acc[b] += f.x + f.y;
+                }
+              }
+            });
+          }
+        });
+      }
+    }
+    static_for<NB>([&](auto b) { acc[b] += __shfl_xor_sync(0xffffffffu, acc[b], 16); });
+    if (S == 1) {
+      if (valid && lane < 16) {
+        static_for<NB>([&](auto b) {
+          if (b < a.n) a.y[static_cast<size_t>(b) * a.tr * 16 + ti * 16 + r] = acc[b];
+        });
+      }
+    } else {
+      if (lane < 16) static_for<NB>([&](auto b) { red[(warp * NB + b) * 16 + r] = acc[b]; });
+      __syncthreads();
+      for (int i = threadIdx.x; i < tsets * NB * 16; i += blockDim.x) {
+        const int ts = i / (NB * 16), rem = i - ts * NB * 16, b = rem / 16, rr = rem & 15;
+        const int t2 = grp * tsets + ts;
+        float v = 0.f;
+        for (int sl = 0; sl < S; ++sl) v += red[((ts * S + sl) * NB + b) * 16 + rr];
+        if (t2 < a.tr && b < a.n) a.y[static_cast<size_t>(b) * a.tr * 16 + t2 * 16 + rr] = v;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+template <int CODE, int K, int NB>
+cudaError_t launch_qtip(cudaStream_t stream, QtipArgs a, int nwarps, int ksplit) {
+  constexpr int U = 4;
+  const int sms = multiprocessors();
+  if (ksplit <= 0) {
+    ksplit = 1;
+    while (ksplit * 2 <= nwarps && a.tr * ksplit < 24 * sms && a.tc >= 2 * ksplit * 2 * U) ksplit *= 2;
+  }
+  if (ksplit > nwarps) ksplit = nwarps;
+  while (nwarps % ksplit) --ksplit;
+  a.ksplit = ksplit;
+  const size_t smem = (CODE == kHyb ? kHybEntries * kHybRep * 4 : 0) + static_cast<size_t>(nwarps) * NB * 16 * 4;
+  auto kernel = qtip_matvec_kernel<CODE, K, NB, U>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const int tsets = nwarps / ksplit;
+  const int groups = (a.tr + tsets - 1) / tsets;
+  const int blocks = min(groups, sms * blocks_per_sm(kernel, nwarps * 32, smem));
+  kernel<<<blocks, nwarps * 32, smem, stream>>>(a);
+  return cudaSuccess;
+}
+
+template <int CODE, int K>
+cudaError_t dispatch_qtip_batch(cudaStream_t stream, const QtipArgs& a, int nwarps, int ksplit) {
+  if (a.n <= 1) return launch_qtip<CODE, K, 1>(stream, a, nwarps, ksplit);
+  if (a.n <= 4) return launch_qtip<CODE, K, 4>(stream, a, nwarps, ksplit);
+  return launch_qtip<CODE, K, 8>(stream, a, nwarps, ksplit);
+}
+
+template <int CODE>
+cudaError_t dispatch_qtip_k(cudaStream_t stream, const QtipArgs& a, int k, int nwarps, int ksplit) {
+  if (k == 2) return dispatch_qtip_batch<CODE, 2>(stream, a, nwarps, ksplit);
+  if (k == 3) return dispatch_qtip_batch<CODE, 3>(stream, a, nwarps, ksplit);
+  return dispatch_qtip_batch<CODE, 4>(stream, a, nwarps, ksplit);
+}
+
+ffi::Error QtipMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> codes,
+                          ffi::Buffer<ffi::U32> table, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t code,
+                          int64_t kbits, int64_t L, int64_t ksplit, int64_t warps) {
+  auto xd = x.dimensions();
+  auto cd = codes.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || cd.size() != 3 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument("qtip_matvec: x [n, in], codes [out/16, in/16, 8k], y [n, out]");
+  }
+  if (code < 0 || code > 2 || kbits < 2 || kbits > 4 || L < 8 || L > 24 || (code == kHyb && L != 16)) {
+    return ffi::Error::InvalidArgument("qtip_matvec: code must be hyb (L=16), 1mad or 3inst, k in 2..4, L in 8..24");
+  }
+  QtipArgs a{};
+  a.n = static_cast<int>(xd[0]);
+  a.tr = static_cast<int>(cd[0]);
+  a.tc = static_cast<int>(cd[1]);
+  a.k = a.tc * 16;
+  a.L = static_cast<int>(L);
+  const int64_t xw = code == kInst3 ? 2 * a.k : a.k;
+  const ffi::DataType want = code == kMad1 ? ffi::DataType::F32 : ffi::DataType::F16;
+  if (x.element_type() != want || xd[1] != xw || cd[2] != 8 * kbits || yd[0] != xd[0] || yd[1] != 16 * cd[0] ||
+      a.n < 1 || a.n > 8) {
+    return ffi::Error::InvalidArgument("qtip_matvec: shapes or dtypes disagree (or n is not in 1..8)");
+  }
+  if (code == kHyb && table.element_count() != kHybEntries) {
+    return ffi::Error::InvalidArgument("qtip_matvec: hyb needs the 512-entry (Q = 9) table");
+  }
+  a.x = x.untyped_data();
+  a.codes = reinterpret_cast<const uint32_t*>(codes.typed_data());
+  a.table = table.typed_data();
+  a.y = y->typed_data();
+  const int nwarps = (warps >= 1 && warps <= 8) ? static_cast<int>(warps) : 8;
+  const int ks = (ksplit >= 1 && ksplit <= 8) ? static_cast<int>(ksplit) : 0;
+  const int k = static_cast<int>(kbits);
+  cudaError_t err;
+  switch (code) {
+    case kHyb: err = dispatch_qtip_k<kHyb>(stream, a, k, nwarps, ks); break;
+    case kMad1: err = dispatch_qtip_k<kMad1>(stream, a, k, nwarps, ks); break;
+    default: err = dispatch_qtip_k<kInst3>(stream, a, k, nwarps, ks); break;
+  }
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("qtip_matvec: ") + cudaGetErrorString(err));
+  return launch_error("qtip_matvec launch");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -572,7 +1149,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantScalarMatvec, ScalarMatvecImpl,
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("rows_per_warp")
-                                  .Attr<int64_t>("warps"),
+                                  .Attr<int64_t>("warps")
+                                  .Attr<int64_t>("ksplit"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantHadamard, HadamardImpl,
@@ -584,4 +1162,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantHadamard, HadamardImpl,
                                   .Attr<int64_t>("has_signs")
                                   .Attr<int64_t>("signs_after")
                                   .Attr<int64_t>("normalize"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvec, E8pMatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<double>("resid_scale")
+                                  .Attr<int64_t>("rows_per_warp")
+                                  .Attr<int64_t>("warps"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantQtipMatvec, QtipMatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("code")
+                                  .Attr<int64_t>("kbits")
+                                  .Attr<int64_t>("L")
+                                  .Attr<int64_t>("ksplit")
+                                  .Attr<int64_t>("warps"),
                               {ffi::Traits::kCmdBufferCompatible});

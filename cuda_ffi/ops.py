@@ -21,7 +21,7 @@ def _check_float(x: jax.Array, what: str) -> None:
 
 
 def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, *,
-                  bits: int, group_size: int, rows_per_warp: int = 0, warps: int = 0,
+                  bits: int, group_size: int, rows_per_warp: int = 0, warps: int = 0, ksplit: int = 0,
                   register: bool = True) -> jax.Array:
     """``y[..., out] = x[..., in] @ W.T`` with ``W = (q - zero) * scale`` decoded from packed codes.
 
@@ -30,7 +30,8 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
     stored as float16 (others are cast); ``in_padded`` = ``in`` rounded up to whole groups.
     Needs ``bits`` in {2, 3, 4, 8} and ``group_size`` a multiple of 32. Leading dims of x with more
     than 16 rows in all are split into calls of 16 (each reads the weights again).
-    ``rows_per_warp`` (1, 2, 4; batch 1 only) and ``warps`` (1-8 per block) tune the launch; 0 = auto.
+    ``rows_per_warp`` (1, 2, 4; batch 1 only), ``warps`` (1-16 per block) and ``ksplit`` (warps
+    sharing a row set, each a slice of K) tune the launch; 0 = auto.
     """
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"scalar_matvec: bits must be 2, 3, 4 or 8, got {bits}")
@@ -49,7 +50,7 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
         f = jax.ffi.ffi_call("jaxquant_scalar_matvec", jax.ShapeDtypeStruct((xb.shape[0], out), x.dtype),
                              vmap_method="sequential")
         return f(xb, codes, scale, zero, bits=np.int64(bits), group_size=np.int64(group_size),
-                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps))
+                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), ksplit=np.int64(ksplit))
 
     n = x2.shape[0]
     if n == 0:
@@ -82,3 +83,110 @@ def hadamard(x: jax.Array, signs: jax.Array | None = None, *, normalize: bool = 
     f = jax.ffi.ffi_call("jaxquant_hadamard", jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
     return f(x, s, has_signs=np.int64(signs is not None), signs_after=np.int64(signs_after),
              normalize=np.int64(normalize))
+
+
+VQ_MAX_BATCH = 8
+
+
+def _split_batch(x2: jax.Array, one) -> jax.Array:
+    n = x2.shape[0]
+    parts = [one(x2[i:i + VQ_MAX_BATCH]) for i in range(0, n, VQ_MAX_BATCH)]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+
+def e8p_abs_table(source_set: np.ndarray) -> np.ndarray:
+    """The E8P kernel's source table: uint32 ``[256, 2]``, per vector the fp16 high bytes of its 8
+    entries (low bytes are zero for 1/2, 3/2, 5/2), byte 7's sign set when the vector's coordinate
+    sum is odd (the 8th sign is then the complement of the 7 stored signs' parity)."""
+    s = np.asarray(source_set, np.float64)
+    if s.shape != (256, 8):
+        raise ValueError(f"E8P source set must be [256, 8], got {s.shape}")
+    hi = (s.astype(np.float16).view(np.uint16) >> 8).astype(np.uint32)
+    odd = (np.rint(s.sum(1)).astype(np.int64) % 2).astype(np.uint32)
+    hi[:, 7] ^= odd << 7
+    words = hi.reshape(256, 2, 4) << (8 * np.arange(4, dtype=np.uint32))
+    return words.sum(-1, dtype=np.uint32)
+
+
+def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: int,
+               resid_scale: float = 1.0, rows_per_warp: int = 0, warps: int = 0,
+               register: bool = True) -> jax.Array:
+    """``y[..., out] = x[..., in] @ Q.T`` (float32) for E8P (bits=2) or E8P-RVQ4 (bits=4) codes.
+
+    codes: uint8 ``[out, in / 8, bits]`` (``jaxquant.formats.quip_sharp``); abs_table: uint32
+    ``[256, 2]`` from ``e8p_abs_table``. x is used in float16 (its products accumulate in fp16 over
+    at most 32 terms, then in float32). ``in`` must be a multiple of 64 (2-bit) or 32 (4-bit).
+    """
+    if bits not in (2, 4):
+        raise ValueError(f"e8p_matvec: bits must be 2 or 4, got {bits}")
+    out, groups, nbytes = codes.shape
+    if nbytes != bits or groups * 8 != x.shape[-1] or x.shape[-1] % (64 if bits == 2 else 32):
+        raise ValueError(f"e8p_matvec: codes {codes.shape} do not fit x {x.shape} at {bits} bits")
+    if register:
+        build.load()
+    lead, k_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k_in).astype(jnp.float32)
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, out), jnp.float32)
+    xq = -0.25 * x2.reshape(-1, groups, 8).sum(-1)
+    xh = x2.astype(jnp.float16)
+    table = jnp.asarray(abs_table, jnp.uint32).reshape(512)
+
+    def one(idx):
+        xb, qb = idx
+        f = jax.ffi.ffi_call("jaxquant_e8p_matvec", jax.ShapeDtypeStruct((xb.shape[0], out), jnp.float32),
+                             vmap_method="sequential")
+        return f(xb, qb, codes, table, bits=np.int64(bits), resid_scale=np.float64(resid_scale),
+                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps))
+
+    n = x2.shape[0]
+    parts = [one((xh[i:i + VQ_MAX_BATCH], xq[i:i + VQ_MAX_BATCH])) for i in range(0, n, VQ_MAX_BATCH)]
+    y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    return y.reshape(*lead, out)
+
+
+QTIP_CODES = {"hyb": 0, "1mad": 1, "3inst": 2}
+MAD1_SCALE = float(np.float32(1.0 / 147.800537109375))
+
+
+def qtip_matvec(x: jax.Array, codes: jax.Array, table: jax.Array | None, *, code: str, k: int, L: int = 16,
+                ksplit: int = 0, warps: int = 0, register: bool = True) -> jax.Array:
+    """``y[..., out] = x[..., in] @ Wc.T`` (float32) where ``Wc`` is the trellis code values of the
+    16x16-tile streams ``codes`` (int32 ``[out/16, in/16, 8k]``, ``jaxquant.formats.qtip``).
+
+    code: ``hyb`` (L=16, Q=9: ``table`` float16 ``[512, 2]``), ``1mad`` or ``3inst`` (no table);
+    k: 2, 3 or 4 bits per weight. hyb and 3inst multiply in fp16 (x cast), 1mad in float32.
+    """
+    if code not in QTIP_CODES:
+        raise ValueError(f"qtip_matvec: code must be one of {tuple(QTIP_CODES)}, got {code!r}")
+    if k not in (2, 3, 4):
+        raise ValueError(f"qtip_matvec: k must be 2, 3 or 4, got {k}")
+    tr, tc, nw = codes.shape
+    if nw != 8 * k or tc * 16 != x.shape[-1]:
+        raise ValueError(f"qtip_matvec: codes {codes.shape} do not fit x {x.shape} at k={k}")
+    if code == "hyb" and (L != 16 or table is None or table.size != 1024):
+        raise ValueError("qtip_matvec: hyb needs L=16 and a [512, 2] table (Q=9)")
+    if register:
+        build.load()
+    lead, k_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k_in).astype(jnp.float32)
+    out = tr * 16
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, out), jnp.float32)
+    if code == "hyb":
+        tab = jax.lax.bitcast_convert_type(jnp.asarray(table, jnp.float16).reshape(512, 2), jnp.uint32)
+        xk = x2.astype(jnp.float16)
+    else:
+        tab = jnp.zeros((1,), jnp.uint32)
+        xk = jnp.repeat(x2.astype(jnp.float16), 2, axis=-1) if code == "3inst" else x2
+
+    def one(xb):
+        f = jax.ffi.ffi_call("jaxquant_qtip_matvec", jax.ShapeDtypeStruct((xb.shape[0], out), jnp.float32),
+                             vmap_method="sequential")
+        return f(xb, codes, tab, code=np.int64(QTIP_CODES[code]), kbits=np.int64(k), L=np.int64(L),
+                 ksplit=np.int64(ksplit), warps=np.int64(warps))
+
+    y = _split_batch(xk, one)
+    if code == "1mad":  # the kernel returns sum x (1 + y/1024); value = (y - 510) * MAD1_SCALE
+        y = MAD1_SCALE * (1024.0 * y - 1534.0 * x2.sum(-1, keepdims=True))
+    return y.reshape(*lead, out)

@@ -34,7 +34,7 @@ SHAPES = {
     "llama3-8b": [(14336, 4096)],
 }
 CUDA_CONFIGS = [dict(), dict(rows_per_warp=1), dict(rows_per_warp=2), dict(rows_per_warp=4),
-                dict(rows_per_warp=2, warps=4)]
+                dict(rows_per_warp=1, ksplit=2), dict(rows_per_warp=2, ksplit=2), dict(rows_per_warp=1, ksplit=4)]
 PALLAS_CONFIGS = [dict(block_rows=16, block_words=32, num_warps=4, num_stages=3),
                   dict(block_rows=32, block_words=32, num_warps=4, num_stages=3),
                   dict(block_rows=64, block_words=32, num_warps=8, num_stages=4)]
@@ -189,6 +189,99 @@ def bench_matvec(args, copy_bw, rows):
             del w16
 
 
+def vq_sets(fmt, key, out, inp, count):
+    """Random weights of a codebook format: ``e8p``/``rvq4`` (QuIP#) or ``qtip-<code>-k<k>``."""
+    from jaxquant.codebooks import e8p as jq_e8p
+    from jaxquant.codebooks import trellis
+    from jaxquant.formats.qtip import QTIPQuantized
+    from jaxquant.formats.quip_sharp import QuIPSharpQuantized
+
+    sets = []
+    for i in range(count):
+        k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
+        su = jnp.where(jax.random.bernoulli(k2, 0.5, (inp,)), 1.0, -1.0).astype(jnp.float16)
+        sv = jnp.where(jax.random.bernoulli(k3, 0.5, (out,)), 1.0, -1.0).astype(jnp.float16)
+        if fmt in ("e8p", "rvq4"):
+            bits = 2 if fmt == "e8p" else 4
+            codes = jax.random.randint(k1, (out, inp // 8, bits), 0, 256, jnp.int32).astype(jnp.uint8)
+            sets.append(QuIPSharpQuantized(codes, su, sv, jnp.array([0.03], jnp.float32), (out, inp), bits,
+                                           jq_e8p.CODEBOOK_FOR_BITS[bits]))
+        else:
+            _, code, kk = fmt.split("-")
+            k = int(kk[1:])
+            tc = trellis.TrellisCode(code)
+            codes = jax.random.randint(k1, (out // 16, inp // 16, 8 * k), jnp.iinfo(jnp.int32).min,
+                                       jnp.iinfo(jnp.int32).max, jnp.int32)
+            table = jnp.asarray(tc.default_table() if code == "hyb" else np.zeros((1, 1), np.float16))
+            sets.append(QTIPQuantized(codes, jnp.array([0.05], jnp.float32), su, sv, table, (out, inp), k, code,
+                                      16, tc.V, 9))
+    _block(sets)
+    return sets
+
+
+def vq_kernel_fn(fmt, cfg):
+    """The rotated-domain product alone (the kernel), as the format calls it."""
+    import cuda_ffi
+    from jaxquant.codebooks import e8p as jq_e8p
+
+    if fmt in ("e8p", "rvq4"):
+        table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
+        return lambda x, qw: cuda_ffi.e8p_matvec(x, qw.codes, table, bits=qw.bits,
+                                                 resid_scale=jq_e8p.get_codebook(qw.bits).resid_scale or 1.0, **cfg)
+    return lambda x, qw: cuda_ffi.qtip_matvec(x, qw.codes, qw.table if qw.code == "hyb" else None, code=qw.code,
+                                              k=qw.bits, **cfg)
+
+
+def bench_vq(args, copy_bw, rows):
+    """E8P / RVQ4 / QTIP: the decode-matvec kernel alone (x already rotated), and the full linear
+    (RHT of x, kernel, inverse RHT of y) through ``matmul(backend=...)``; bytes are the codes plus
+    x and y in the activation dtype (the sign vectors and tables are noise)."""
+    dtype = jnp.dtype(args.dtype)
+    key = jax.random.key(args.seed + 7)
+    table = SHAPES
+    if args.shapes:
+        table = {"custom": [tuple(int(d) for d in s.split("x")) for s in args.shapes]}
+    for model, shapes in table.items():
+        if args.models and model not in args.models:
+            continue
+        for out, inp in shapes:
+            fp16_bytes = out * inp * 2
+            w16 = [jax.random.normal(jax.random.fold_in(key, 99 + i), (out, inp), jnp.float16)
+                   for i in range(_set_count(fp16_bytes))]
+            for batch in args.batch:
+                x = jax.random.normal(jax.random.fold_in(key, batch), (batch, inp), jnp.float32).astype(dtype)
+                t16 = per_call_seconds(lambda x, w: x.astype(jnp.float16) @ w.T, x, w16)
+                for fmt in args.vq:
+                    bits = {"e8p": 2, "rvq4": 4}.get(fmt) or int(fmt.split("-k")[1])
+                    sets = vq_sets(fmt, jax.random.fold_in(key, out + inp), out, inp, _set_count(out * inp * bits // 8))
+                    nbytes = sets[0].codes.nbytes + batch * (inp + out) * dtype.itemsize
+                    xf = x.astype(jnp.float32)
+                    cases = [("kernel", lambda x, qw: vq_kernel_fn(fmt, {})(x, qw),
+                              np.asarray(jnp.matmul(xf, sets[0].rotated().T, precision=jax.lax.Precision.HIGHEST))),
+                             ("linear-cuda", lambda x, qw: qw.matmul(x, backend="cuda"),
+                              np.asarray(sets[0].matmul(xf, backend="reference"), np.float64))]
+                    if args.reference:
+                        cases.append(("linear-reference", lambda x, qw: qw.matmul(x, backend="reference"), cases[1][2]))
+                    for name, fn, ref in cases:
+                        if name not in args.vq_cases and name != "linear-reference":
+                            continue
+                        row = dict(kind="vq", model=model, out=out, inp=inp, bits=bits, batch=batch, format=fmt,
+                                   backend=name, config={}, bytes=nbytes)
+                        try:
+                            xin = xf if name == "kernel" else x
+                            row["rel_err"] = rel_err(jax.jit(fn)(xin, sets[0]), ref)
+                            t = per_call_seconds(fn, xin, sets)
+                            row.update(us=t * 1e6, GBps=nbytes / t / 1e9, copy_frac=nbytes / t / copy_bw,
+                                       speedup_vs_fp16=t16 / t)
+                        except Exception as e:  # noqa: BLE001
+                            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                            if args.verbose:
+                                traceback.print_exc()
+                        record(args, rows, row)
+                    del sets
+            del w16
+
+
 def bench_hadamard(args, copy_bw, rows):
     import cuda_ffi
     from jaxquant import hadamard as jq_hadamard
@@ -232,6 +325,9 @@ def _fmt_cfg(cfg) -> str:
 def _print_row(r):
     if r["kind"] == "hadamard":
         head = f"hadamard n={r['n']:<6} rows={r['rows']:<6} {r['backend']:<10}"
+    elif r["kind"] == "vq":
+        head = (f"{r['model']:<11} {r['out']:>5}x{r['inp']:<5} {r['format']:<14} n={r['batch']:<2} "
+                f"{r['backend']:<38}")
     else:
         head = (f"{r['model']:<11} {r['out']:>5}x{r['inp']:<5} b={r['bits']:<2} n={r['batch']:<2} "
                 f"{r['backend']:<9} {_fmt_cfg(r.get('config', {})):<42}")
@@ -255,7 +351,10 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", default=["cuda", "pallas"])
     p.add_argument("--sweep", action="store_true", help="several launch configurations per kernel")
     p.add_argument("--hadamard-n", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
-    p.add_argument("--no-matvec", action="store_true")
+    p.add_argument("--no-matvec", action="store_true", help="skip the scalar-format rows")
+    p.add_argument("--vq", nargs="*", default=[], help="codebook formats: e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 ...")
+    p.add_argument("--reference", action="store_true", help="also time the codebook formats' jnp reference")
+    p.add_argument("--vq-cases", nargs="+", default=["kernel", "linear-cuda"], help="kernel and/or linear-cuda")
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy that sets the bandwidth")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true")
@@ -271,6 +370,8 @@ def main(argv=None):
     rows: list[dict] = []
     if not args.no_matvec:
         bench_matvec(args, copy_bw, rows)
+    if args.vq:
+        bench_vq(args, copy_bw, rows)
     if args.hadamard_n and "cuda" in args.backends:
         bench_hadamard(args, copy_bw, rows)
     if args.json:

@@ -12,9 +12,11 @@ set -uo pipefail
 part=${1:?part}; out=${2:?outdir}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 case $part in
-  kernels)
+  kernels)  # build (nvcc on first use), the gpu tests, then every kernel at the Llama shapes, batch 1
+    timeout 150 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
     JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py
-    timeout 300 python3 scripts/bench_kernels.py --json "$out/bench_kernels.json" ;;
+    timeout 300 python3 scripts/bench_kernels.py --json "$out/bench_kernels.json" --bits 2 3 4 8 \
+      --vq e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 qtip-3inst-k2 qtip-hyb-k3 qtip-hyb-k4 --hadamard-n 4096 8192 16384 ;;
   qtip)
     timeout 540 python3 scripts/bench_viterbi.py --json "$out/viterbi.json" ;;
   decode)

@@ -194,3 +194,215 @@ def test_cuda_hadamard_gpu(dtype):
         ref_plain = np.asarray(x, np.float64) @ jq_hadamard.hadamard_matrix(n) if n <= 1024 else None
         if ref_plain is not None:
             assert rel_err(plain, ref_plain) < TOL[dtype], n
+
+
+# ------------------------------------------------------------------ E8P / QTIP kernels
+
+from jaxquant.codebooks import e8p as jq_e8p  # noqa: E402
+from jaxquant.codebooks import trellis as jq_trellis  # noqa: E402
+from jaxquant.formats import qtip as jq_qtip  # noqa: E402
+from jaxquant.formats.qtip import QTIPQuantized  # noqa: E402
+from jaxquant.formats.quip_sharp import QuIPSharpQuantized  # noqa: E402
+
+
+def _byte_perm(x, y, sel):
+    """CUDA __byte_perm on uint32 numpy arrays (selector nibbles 0-7, no sign mode)."""
+    src = np.stack([(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)])
+    out = np.zeros_like(x)
+    for k in range(4):
+        out |= src[(sel >> (4 * k)) & 7] << (8 * k)
+    return out
+
+
+def test_e8p_kernel_decode_emulated():
+    """The kernel's decode (abs table XOR sign masks, byte permutes to fp16 pairs, shift) on all
+    2^16 codes, emulated with integer numpy, equals the codebook."""
+    c = np.arange(1 << 16, dtype=np.uint32)
+    tab = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
+    s = (c >> 8) & 0x7F
+    lo = np.zeros_like(c)
+    hi = np.zeros_like(c)
+    for i in range(4):
+        lo |= ((s >> i) & 1) << (8 * i + 7)
+    for i in range(3):
+        hi |= ((s >> (4 + i)) & 1) << (8 * i + 7)
+    hi |= (np.array([bin(v).count("1") for v in range(128)], np.uint32)[s] & 1) << 31
+    lo ^= tab[c & 0xFF, 0]
+    hi ^= tab[c & 0xFF, 1]
+    pairs = [_byte_perm(w, np.zeros_like(w), sel) for w in (lo, hi) for sel in (0x1404, 0x3424)]
+    vals = np.stack(pairs, -1).view(np.float16).astype(np.float32)  # [65536, 8] (little-endian halves)
+    vals += np.where(c >> 15, 0.25, -0.25)[:, None]
+    np.testing.assert_array_equal(vals, jq_e8p.e8p_codewords())
+
+
+def _qtip_lane_states(words: np.ndarray, k: int, V: int, L: int) -> np.ndarray:
+    """States of one tile as the kernel's lanes extract them: ``[8k]`` uint32 words -> ``[256/V]``."""
+    W, kv, ns = 8 * k, k * V, 16 // V
+    out = []
+    for r in range(16):
+        nw = 2 if k == 2 else 3
+        w = [int(words[(((k * r) >> 1) + m) % W]) for m in range(nw)]
+        sub = (16 * k * r) & 31
+        if k == 3:
+            a = [((w[0] << sub) | (w[1] >> (32 - sub) if sub else 0)) & 0xFFFFFFFF,
+                 ((w[1] << sub) | (w[2] >> (32 - sub) if sub else 0)) & 0xFFFFFFFF, (w[2] << sub) & 0xFFFFFFFF]
+        else:
+            a = w
+        for i in range(ns):
+            o = i * kv
+            h, l_ = a[o // 32], a[min(o // 32 + 1, nw - 1)]
+            sh = o % 32
+            f = ((h << sh) | (l_ >> (32 - sh) if sh else 0)) & 0xFFFFFFFF
+            out.append(f >> (32 - L))
+    return np.array(out, np.uint32)
+
+
+@pytest.mark.parametrize("k,V", [(2, 2), (3, 2), (4, 2), (2, 1), (3, 1), (4, 1)])
+def test_qtip_kernel_states_emulated(k, V):
+    L = 16
+    words = np.asarray(jax.random.randint(jax.random.key(10 * k + V), (3, 8 * k), jnp.iinfo(jnp.int32).min,
+                                          jnp.iinfo(jnp.int32).max, jnp.int32))
+    ref = np.asarray(jq_qtip.unpack_states(jnp.asarray(words), L=L, kV=k * V, n=256 // V))
+    for t in range(3):
+        np.testing.assert_array_equal(_qtip_lane_states(words[t].view(np.uint32), k, V, L), ref[t])
+
+
+def test_qtip_kernel_decoders_emulated():
+    """The kernel's value maps: hyb's shared-memory index and sign flip, 1mad's 1 + y/1024 form
+    (with the wrapper's affine correction), 3inst's two-half sum."""
+    s = np.arange(1 << 16, dtype=np.uint32)
+    table = np.asarray(jq_trellis.hyb_table(9, 0))
+    h = s * s + s
+    idx = ((h >> 1) & 0x3FE0) >> 5
+    v = table.view(np.uint32).reshape(-1)[idx] ^ (h & 0x8000)
+    got = v.view(np.float16).reshape(-1, 2).astype(np.float32)
+    np.testing.assert_array_equal(got, np.asarray(jq_trellis.decode_hyb(jnp.asarray(s), jnp.asarray(table))))
+    m = s * np.uint32(34038481) + np.uint32(76625530)
+    y = sum((m >> (8 * i)) & 0xFF for i in range(4))
+    f = (y * 8192 + 0x3F800000).view(np.float32).astype(np.float64)
+    val = cuda_ops.MAD1_SCALE * (1024 * f - 1534)
+    np.testing.assert_allclose(val, np.asarray(jq_trellis.decode_1mad(jnp.asarray(s)), np.float64), rtol=0, atol=2e-6)
+    r = ((s * np.uint32(89226354) + np.uint32(64248484)) & np.uint32(0x8FFF8FFF)) ^ np.uint32(0x3B603B60)
+    halves = r.view(np.float16).reshape(-1, 2).astype(np.float32).sum(-1)
+    np.testing.assert_allclose(halves, np.asarray(jq_trellis.decode_3inst(jnp.asarray(s))), rtol=1e-3)
+
+
+def random_quip(key, out: int, inp: int, bits: int) -> QuIPSharpQuantized:
+    """Uniform random E8P (or RVQ4) codes, random +-1 signs and a positive scale."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    codes = jax.random.randint(k1, (out, inp // 8, bits), 0, 256, jnp.int32).astype(jnp.uint8)
+    su = jnp.where(jax.random.bernoulli(k2, 0.5, (inp,)), 1.0, -1.0).astype(jnp.float16)
+    sv = jnp.where(jax.random.bernoulli(k3, 0.5, (out,)), 1.0, -1.0).astype(jnp.float16)
+    return QuIPSharpQuantized(codes, su, sv, jnp.array([0.03], jnp.float32), (out, inp), bits,
+                              jq_e8p.CODEBOOK_FOR_BITS[bits])
+
+
+def random_qtip(key, out: int, inp: int, code: str, k: int) -> QTIPQuantized:
+    """Random streams (every word sequence is a valid tail-biting stream) and +-1 signs."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    codes = jax.random.randint(k1, (out // 16, inp // 16, 8 * k), jnp.iinfo(jnp.int32).min, jnp.iinfo(jnp.int32).max,
+                               jnp.int32)
+    su = jnp.where(jax.random.bernoulli(k2, 0.5, (inp,)), 1.0, -1.0).astype(jnp.float16)
+    sv = jnp.where(jax.random.bernoulli(k3, 0.5, (out,)), 1.0, -1.0).astype(jnp.float16)
+    tc = jq_trellis.TrellisCode(code)
+    table = jnp.asarray(tc.default_table() if code == "hyb" else np.zeros((1, 1), np.float16))
+    return QTIPQuantized(codes, jnp.array([0.05], jnp.float32), su, sv, table, (out, inp), k, code, 16, tc.V, 9)
+
+
+def test_vq_kernels_lower_for_cuda():
+    qw = random_quip(jax.random.key(1), 64, 256, 2)
+    x = jnp.ones((3, 256), jnp.float32)
+    text = _lower_for_cuda(lambda x: cuda_ops.e8p_matvec(x, qw.codes, cuda_ffi.e8p_abs_table(
+        jq_e8p.e8p_source_set()), bits=2, register=False), x)
+    assert "jaxquant_e8p_matvec" in text
+    for code in ("hyb", "1mad", "3inst"):
+        qt = random_qtip(jax.random.key(2), 32, 256, code, 3)
+        text = _lower_for_cuda(lambda x, qt=qt: cuda_ops.qtip_matvec(
+            x, qt.codes, qt.table if code == "hyb" else None, code=code, k=3, register=False), x)
+        assert "jaxquant_qtip_matvec" in text
+
+
+def test_vq_dispatch_on_cpu():
+    qw = random_quip(jax.random.key(3), 32, 128, 2)
+    qt = random_qtip(jax.random.key(4), 32, 128, "hyb", 2)
+    x = jax.random.normal(jax.random.key(5), (2, 128), jnp.float32)
+    for w in (qw, qt):
+        ref = np.asarray(x @ w.dequantize().T)
+        assert rel_err(w.matmul(x), ref) < 1e-4
+        with pytest.raises(ValueError, match="pallas"):
+            w.matmul(x, backend="pallas")
+        if jax.default_backend() == "cpu":
+            with pytest.raises(cuda_ffi.CudaFFIUnavailable):
+                w.matmul(x, backend="cuda")
+    rvq3 = random_quip(jax.random.key(6), 32, 128, 3)
+    with pytest.raises(ValueError, match="no kernel"):
+        rvq3.matmul(x, backend="cuda")
+
+
+VQ_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672), (14336, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cuda_e8p_matvec_gpu(bits):
+    table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
+    cb = jq_e8p.get_codebook(bits)
+    for i, (out, inp) in enumerate(VQ_SHAPES + [(96, 512)]):
+        qw = random_quip(jax.random.key(200 + 10 * i + bits), out, inp, bits)
+        q = qw.rotated()
+        for batch in (1, 4, 16):
+            x = jax.random.normal(jax.random.key(300 + 10 * i + batch), (batch, inp), jnp.float32)
+            y = cuda_ffi.e8p_matvec(x, qw.codes, table, bits=bits, resid_scale=cb.resid_scale or 1.0)
+            ref = np.asarray(jnp.matmul(x, q.T, precision=HIGHEST))
+            assert rel_err(y, ref) < 4e-3, (out, inp, batch)
+        del q
+    for out, inp in [(1024, 2048), (1536, 1536)]:  # RHT of 2^p and of 12 * 2^p
+        qw = random_quip(jax.random.key(7 + out), out, inp, bits)
+        x = jax.random.normal(jax.random.key(8), (3, inp), jnp.bfloat16)
+        ref = np.asarray(qw.matmul(x.astype(jnp.float32), backend="reference"))
+        assert rel_err(qw.matmul(x, backend="cuda"), ref) < TOL[jnp.bfloat16], (out, inp)
+        assert rel_err(qw.matmul(x), ref) < TOL[jnp.bfloat16]  # auto
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("code", ["hyb", "1mad", "3inst"])
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_cuda_qtip_matvec_gpu(code, k):
+    shapes = VQ_SHAPES if k == 2 else VQ_SHAPES[:1]
+    for i, (out, inp) in enumerate(shapes + [(48, 512)]):
+        qt = random_qtip(jax.random.key(400 + 10 * i + k), out, inp, code, k)
+        vals = jq_qtip.decode_tiles(qt.codes, qt.table, code=qt.trellis, k=k, tile=qt.tile)
+        for batch in (1, 4, 16):
+            x = jax.random.normal(jax.random.key(500 + 10 * i + batch), (batch, inp), jnp.float32)
+            y = cuda_ffi.qtip_matvec(x, qt.codes, qt.table if code == "hyb" else None, code=code, k=k)
+            ref = np.asarray(jnp.matmul(x, vals.T, precision=HIGHEST))
+            assert rel_err(y, ref) < 4e-3, (out, inp, batch)
+        del vals
+    for out, inp in [(1024, 2048), (1536, 1536)]:
+        qt = random_qtip(jax.random.key(9 + out), out, inp, code, k)
+        x = jax.random.normal(jax.random.key(10), (2, inp), jnp.bfloat16)
+        ref = np.asarray(qt.matmul(x.astype(jnp.float32), backend="reference"))
+        assert rel_err(qt.matmul(x, backend="cuda"), ref) < TOL[jnp.bfloat16], (out, inp)
+
+
+@pytest.mark.gpu
+def test_rht_fast_gpu():
+    for n in (1024, 1536, 28672):
+        x = jax.random.normal(jax.random.key(n), (3, n), jnp.float32)
+        s = jq_hadamard.random_signs(jax.random.key(n + 1), n)
+        assert rel_err(dispatch.rht_fast(x, s), jq_hadamard.rht(x, s)) < 1e-5, n
+        assert rel_err(dispatch.rht_fast(x, s, inverse=True), jq_hadamard.rht_inverse(x, s)) < 1e-5, n
+
+
+@pytest.mark.gpu
+def test_cuda_scalar_matvec_llama_shapes_gpu():
+    for i, (out, inp) in enumerate(VQ_SHAPES):
+        for bits in (2, 4):
+            qw = random_scalar(jax.random.key(600 + 10 * i + bits), out, inp, bits, 128)
+            w = qw.dequantize(jnp.float32)
+            for batch in (1, 4, 16):
+                x = jax.random.normal(jax.random.key(700 + batch), (batch, inp), jnp.float32).astype(jnp.bfloat16)
+                y = qw.matmul(x, backend="cuda")
+                ref = np.asarray(jnp.matmul(x.astype(jnp.float32), w.T, precision=HIGHEST))
+                assert rel_err(y, ref) < TOL[jnp.bfloat16], (out, inp, bits, batch)
+            del w

@@ -104,3 +104,51 @@ def scalar_matmul(qw: Any, x: jax.Array, backend: str = "auto") -> jax.Array:
 
     return pallas_kernels.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=qw.bits,
                                         group_size=qw.group_size, interpret=not on_gpu())
+
+
+def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto") -> str:
+    """``reference`` or ``cuda`` for a codebook format (E8P, QTIP) with one CUDA kernel.
+
+    ``issue`` says why the kernel cannot serve this weight (None when it can). An explicit
+    ``cuda`` raises on an issue (and, later, off the GPU); ``auto`` takes the kernel on a GPU for
+    1 to ``MAX_KERNEL_BATCH`` rows of x when it serves and builds, else the reference.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    if backend == "pallas":
+        raise ValueError(f"{fmt} format, backend 'pallas': no Pallas kernel for this format; use 'cuda' or 'reference'")
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in KERNEL_DTYPES]:
+        issue = issue or f"x dtype {x.dtype} is not float32, float16 or bfloat16"
+    if backend == "cuda":
+        if issue:
+            raise ValueError(f"{fmt} format, backend 'cuda': {issue}")
+        import cuda_ffi
+
+        if not on_gpu():
+            raise cuda_ffi.CudaFFIUnavailable("backend 'cuda' needs a GPU; use 'reference' or 'auto' here")
+        return "cuda"
+    if issue or not on_gpu() or not 0 < _batch_rows(x) <= MAX_KERNEL_BATCH or not _cuda_ready():
+        return "reference"
+    return "cuda"
+
+
+def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = False) -> jax.Array:
+    """``hadamard.rht`` (or ``rht_inverse``) of float32 ``x`` with its power-of-two factor through
+    the CUDA Walsh-Hadamard kernel (GPU only); the K x K factor of n = K * 2^p stays an XLA einsum."""
+    import cuda_ffi
+    from jaxquant import hadamard
+
+    n = x.shape[-1]
+    k, p = hadamard.hadamard_factors(n)
+    s = signs.astype(jnp.float32)
+    if p < 1 or 2**p > 32768:
+        return (hadamard.rht_inverse if inverse else hadamard.rht)(x, s, seed=seed)
+    if k == 1:
+        return cuda_ffi.hadamard(x, s, signs_after=inverse)
+    y = cuda_ffi.hadamard((x if inverse else x * s).reshape(*x.shape[:-1], k, 2**p))  # / sqrt(2^p)
+    hk = jnp.asarray(hadamard.hadamard_factor(k, seed=seed) / math.sqrt(k), jnp.float32)
+    y = jnp.einsum("...ij,ki->...kj" if inverse else "...ij,ik->...kj", y, hk,
+                   precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
+    return y * s if inverse else y

@@ -98,9 +98,42 @@ class QTIPQuantized(QuantizedWeight):
         return hadamard.rht_inverse(w.T, self.sv, seed=self.rht_seed).T.astype(dtype)
 
     def matmul(self, x: jax.Array, backend: str = "auto") -> jax.Array:
-        """``x @ W.T = rht_inverse(rht(x, SU) @ (scale·Ŵr)ᵀ, SV)`` without forming W."""
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"{self.format_name}: backend {backend!r} not available")
+        """``x @ W.T = rht_inverse(rht(x, SU) @ (scale·Ŵr)ᵀ, SV)`` without forming W: ``reference``
+        (jnp), ``cuda`` (the trellis decode-matvec) or ``auto`` (the kernel on a GPU for 1-16 rows)."""
+        from jaxquant.formats import dispatch
+
+        if dispatch.vq_choice(self.format_name, kernel_issue(self, x), x, backend) == "cuda":
+            return _matmul_cuda(x, self)
         xr = hadamard.rht(x.astype(jnp.float32), self.su, seed=self.rht_seed)
         y = jnp.matmul(xr, self.rotated().T, precision=jax.lax.Precision.HIGHEST)
         return hadamard.rht_inverse(y, self.sv, seed=self.rht_seed).astype(x.dtype)
+
+
+@jax.jit
+def _matmul_cuda(x, qw: QTIPQuantized):
+    import cuda_ffi
+    from jaxquant.formats import dispatch
+
+    xr = dispatch.rht_fast(x.astype(jnp.float32), qw.su, seed=qw.rht_seed)
+    y = cuda_ffi.qtip_matvec(xr, qw.codes, qw.table if qw.code == "hyb" else None, code=qw.code, k=qw.bits, L=qw.L)
+    y = dispatch.rht_fast(y * qw.scale.astype(jnp.float32)[0], qw.sv, seed=qw.rht_seed, inverse=True)
+    return y.astype(x.dtype)
+
+
+def kernel_issue(qw: QTIPQuantized, x: jax.Array) -> str | None:
+    """Why the CUDA kernel cannot compute ``x @ qw.T`` (None when it can)."""
+    if tuple(qw.tile) != (16, 16):
+        return f"tile {qw.tile} has no kernel (16x16 has)"
+    if qw.bits not in (2, 3, 4):
+        return f"k = {qw.bits} has no kernel (2, 3, 4 have)"
+    if qw.code == "hyb":
+        if (qw.L, qw.Q, qw.V) != (16, 9, 2):
+            return f"hyb with L={qw.L}, Q={qw.Q} has no kernel (L=16, Q=9 has)"
+    elif qw.code in ("1mad", "3inst"):
+        if not 8 <= qw.L <= 24:
+            return f"L = {qw.L} has no kernel (8..24 have)"
+    else:
+        return f"code {qw.code} has no kernel (hyb, 1mad, 3inst have)"
+    if x.shape[-1] != qw.shape[1]:
+        return f"x has {x.shape[-1]} inputs, the weight {qw.shape[1]}"
+    return None

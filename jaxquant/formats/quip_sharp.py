@@ -17,6 +17,8 @@ factor per part (the common Wscale times that part's RMS), applied after the inv
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -66,9 +68,44 @@ class QuIPSharpQuantized(QuantizedWeight):
         return (w * self.row_scale()[:, None]).astype(dtype)
 
     def matmul(self, x: jax.Array, backend: str = "auto") -> jax.Array:
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"{self.format_name}: backend {backend!r} not available")
+        """``x @ W.T`` through ``reference`` (jnp), ``cuda`` (the E8P / RVQ4 decode-matvec between
+        the two Hadamard transforms) or ``auto`` (the kernel on a GPU for 1-16 rows of x)."""
+        from jaxquant.formats import dispatch
+
+        if dispatch.vq_choice(self.format_name, kernel_issue(self, x), x, backend) == "cuda":
+            return _matmul_cuda(x, self)
         return _matmul(x, self)
+
+
+def kernel_issue(qw: "QuIPSharpQuantized", x: jax.Array) -> str | None:
+    """Why the CUDA kernel cannot compute ``x @ qw.T`` (None when it can)."""
+    if qw.codebook not in ("e8p", "e8p-rvq4"):
+        return f"codebook {qw.codebook} has no kernel (e8p, e8p-rvq4 have)"
+    unit = 64 if qw.bits == 2 else 32
+    if qw.shape[1] % unit:
+        return f"in = {qw.shape[1]} is not a multiple of {unit}"
+    if x.shape[-1] != qw.shape[1]:
+        return f"x has {x.shape[-1]} inputs, the weight {qw.shape[1]}"
+    return None
+
+
+@functools.cache
+def _abs_table():
+    import cuda_ffi
+
+    return cuda_ffi.e8p_abs_table(e8p.e8p_source_set())
+
+
+@jax.jit
+def _matmul_cuda(x, qw: QuIPSharpQuantized):
+    import cuda_ffi
+    from jaxquant.formats import dispatch
+
+    xr = dispatch.rht_fast(x.astype(jnp.float32), qw.SU, seed=qw.had_seed)
+    resid = e8p.get_codebook(qw.codebook).resid_scale or 1.0
+    y = cuda_ffi.e8p_matvec(xr, qw.codes, _abs_table(), bits=qw.bits, resid_scale=resid)
+    y = dispatch.rht_fast(y, qw.SV, seed=qw.had_seed, inverse=True)
+    return (y * qw.row_scale()).astype(x.dtype)
 
 
 @jax.jit
