@@ -46,8 +46,7 @@ def _check(L: int, kV: int, n: int) -> None:
         raise ValueError(f"a tail-biting sequence of {n} steps holds {n * kV} bits < L={L}")
 
 
-STEP_IMPLS = ("reduce", "tree", "pallas")
-PALLAS_BLOCKS = (16, 64, 4)  # the kernel's (h, sequences) block and warps
+STEP_IMPLS = ("reduce", "tree")
 
 
 def _step(m, x_t, vals, sqn, *, L, kV, impl):
@@ -55,17 +54,10 @@ def _step(m, x_t, vals, sqn, *, L, kV, impl):
 
     Batch is the minor axis: the 32 sequences of a GPU warp read the same code-table entry (one
     broadcast load) and consecutive cost entries (coalesced). ``impl``: "reduce" is one variadic
-    (value, index) reduction over d; "tree" an elementwise compare/select tree; "pallas" the kernel
-    of ``pallas_kernels.viterbi_step`` (kV <= 4; interpreted off the GPU). All return the minimum and
-    a minimizing d (on ties, any); their speed depends on the backend and kV
+    (value, index) reduction over d; "tree" an elementwise compare/select tree. Both return the
+    minimum and a minimizing d (on ties, any); their speed depends on the backend and kV
     (``scripts/bench_viterbi.py`` compares them).
     """
-    if impl.startswith("pallas"):  # "pallas" or "pallas:BHxBBxWARPS" (block sizes, for tuning)
-        from pallas_kernels.viterbi_step import viterbi_step
-
-        bh, bb, warps = map(int, impl.partition(":")[2].split("x")) if ":" in impl else PALLAS_BLOCKS
-        return viterbi_step(m, x_t, vals, sqn, L=L, kV=kV, block_h=bh, block_b=bb, num_warps=warps,
-                            interpret=jax.default_backend() != "gpu")
     V, B = x_t.shape
     D, H = 1 << kV, 1 << (L - 2 * kV)
     e = sqn[:, None]
@@ -243,7 +235,7 @@ def viterbi_tailbiting(x: jax.Array, values: jax.Array, *, L: int, k: int,
 
 def _impl(impl, kV):
     impl = impl or default_impl(kV)
-    if impl.partition(":")[0] not in STEP_IMPLS:
+    if impl not in STEP_IMPLS:
         raise ValueError(f"unknown Viterbi step {impl!r}; known: {STEP_IMPLS}")
     return impl
 
