@@ -27,7 +27,10 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -87,11 +90,35 @@ bool dtype_code(ffi::DataType t, int* code) {
   }
 }
 
+int current_device() {
+  int dev = 0;
+  return cudaGetDevice(&dev) == cudaSuccess ? dev : 0;
+}
+
+// Host-side launch facts, cached per device and kernel: the driver queries cost several
+// microseconds each, as much as a whole small matvec, and the handler runs on every call.
+struct LaunchCache {
+  std::mutex mu;
+  std::map<int, int> sms;
+  std::map<std::pair<int, const void*>, size_t> smem;
+  std::map<std::tuple<int, const void*, int, size_t>, int> occupancy;
+};
+
+LaunchCache& launch_cache() {
+  static LaunchCache cache;
+  return cache;
+}
+
 int multiprocessors() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
-  return sms > 0 ? sms : 132;
+  const int dev = current_device();
+  LaunchCache& c = launch_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.sms.find(dev);
+  if (it != c.sms.end()) return it->second;
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) return 132;
+  c.sms[dev] = sms;
+  return sms;
 }
 
 ffi::Error launch_error(const char* what) {
@@ -105,7 +132,14 @@ ffi::Error launch_error(const char* what) {
 template <class K>
 cudaError_t allow_smem(K kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  const auto key = std::make_pair(current_device(), reinterpret_cast<const void*>(kernel));
+  LaunchCache& c = launch_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.smem.find(key);
+  if (it != c.smem.end() && it->second >= bytes) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) c.smem[key] = bytes;
+  return err;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -375,8 +409,14 @@ constexpr size_t kWholeSmemLimit = 200 * 1024;  // stage all of x when it fits i
 
 template <class K>
 int blocks_per_sm(K kernel, int threads, size_t smem) {
+  const auto key = std::make_tuple(current_device(), reinterpret_cast<const void*>(kernel), threads, smem);
+  LaunchCache& c = launch_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.occupancy.find(key);
+  if (it != c.occupancy.end()) return it->second;
   int nb = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, threads, smem) != cudaSuccess || nb < 1) return 1;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, threads, smem) != cudaSuccess || nb < 1) nb = 1;
+  c.occupancy[key] = nb;
   return nb;
 }
 
@@ -413,10 +453,12 @@ cudaError_t launch_matvec(cudaStream_t stream, MatvecArgs a, int nwarps, int ksp
   return cudaSuccess;
 }
 
-// Rows per warp at batch 1 when the caller does not choose.
-int auto_rows(int out) {
-  const int sms = multiprocessors();
-  if (out >= 64 * sms) return 2;  // 8448 rows and up on an H100: two rows share each x read
+// Rows per warp at batch 1 when the caller does not choose (H100 sweep, results/
+// bench_kernels_h100_issue10_run1.json: at 8192x28672, 2 bits 59 us with 4 rows against 66 with 2;
+// 4 bits 71 us with 2 against 73 with 4 and 89 with 1; the old kernel's 4 rows won at 28672x8192).
+int auto_rows(int out, int bits) {
+  if (out >= 16384 || (bits == 2 && out >= 8192)) return 4;
+  if (out >= 4096) return 2;
   return 1;
 }
 
@@ -428,7 +470,7 @@ template <int B>
 cudaError_t dispatch_batch(cudaStream_t stream, const MatvecArgs& a, int nwarps, int rows, int ksplit) {
   constexpr int U = unroll_for<B>();
   if (a.n <= 1) {
-    if (rows <= 0) rows = auto_rows(a.out);
+    if (rows <= 0) rows = auto_rows(a.out, B);
     if (rows >= 4) return launch_matvec<B, 1, 4, (U > 1 ? U / 2 : 1)>(stream, a, nwarps, ksplit);
     if (rows == 2) return launch_matvec<B, 1, 2, U>(stream, a, nwarps, ksplit);
     return launch_matvec<B, 1, 1, U>(stream, a, nwarps, ksplit);
@@ -521,8 +563,8 @@ constexpr int kE8Rep = 16;
 constexpr size_t kE8SmemBytes = (256 + 128) * kE8Rep * sizeof(uint2);  // 48 KB
 
 struct E8pArgs {
-  const uint4* x;      // [n, k] fp16, as 16-byte groups of 8
-  const float* xq;     // [n, k / 8]: -1/4 * sum of each 8 inputs
+  const uint4* x;      // [n, G, units] 16-byte groups of 8 fp16 inputs: group g of unit u at [g][u]
+  const float* xq;     // [n, G, units]: -1/4 * sum of each 8 inputs, same order
   const uint4* codes;  // [out, k / 8 * bytes] as 16-byte units
   const uint2* abs;    // [256] fp16 high bytes of the source vectors
   float* y;            // [n, out]
@@ -599,8 +641,10 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
         if (uu < a.units) {
           static_for<NB>([&](auto b) {
             if (b < a.n) {
-              const uint4* xp = a.x + (static_cast<size_t>(b) * kg + static_cast<size_t>(uu) * G);
-              const float* qp = a.xq + (static_cast<size_t>(b) * kg + static_cast<size_t>(uu) * G);
+              // Lane-contiguous: consecutive lanes read consecutive 16-byte groups (the caller
+              // transposed x to [G][units]; read in unit order, each lane would touch its own line).
+              const uint4* xp = a.x + (static_cast<size_t>(b) * kg + uu);
+              const float* qp = a.xq + (static_cast<size_t>(b) * kg + uu);
               __half2 h[R][ST];
               float t[R][ST];
               static_for<R>([&](auto r) {
@@ -610,8 +654,8 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
                 });
               });
               static_for<G>([&](auto g) {
-                const uint4 xv = __ldg(xp + g);
-                const float xq = __ldg(qp + g);
+                const uint4 xv = __ldg(xp + static_cast<size_t>(g) * a.units);
+                const float xq = __ldg(qp + static_cast<size_t>(g) * a.units);
                 static_for<R>([&](auto r) {
                   const uint4& c4 = cw[u][r];
                   if constexpr (ST == 1) {

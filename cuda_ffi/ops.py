@@ -108,6 +108,20 @@ def e8p_abs_table(source_set: np.ndarray) -> np.ndarray:
     return words.sum(-1, dtype=np.uint32)
 
 
+def e8p_x_layout(x2: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+    """x ``[n, in]`` as the E8P kernel reads it: fp16 ``[n, in]`` and ``xq`` float32 ``[n, in/8]``
+    (-1/4 of each 8-sum), both with the groups of 8 in ``[G, units]`` order, where a 16-byte code
+    unit holds G = 16 / bits groups: the kernel's lane u reads group g of unit u at ``g * units + u``,
+    so consecutive lanes read consecutive 16-byte pieces of x."""
+    n, k_in = x2.shape
+    g = 8 if bits == 2 else 4
+    units = k_in // (8 * g)
+    x4 = x2.astype(jnp.float32).reshape(n, units, g, 8)
+    xq = (-0.25 * x4.sum(-1)).transpose(0, 2, 1).reshape(n, k_in // 8)
+    xh = x4.astype(jnp.float16).transpose(0, 2, 1, 3).reshape(n, k_in)
+    return xh, xq
+
+
 def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: int,
                resid_scale: float = 1.0, rows_per_warp: int = 0, warps: int = 0,
                register: bool = True) -> jax.Array:
@@ -128,8 +142,7 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     x2 = x.reshape(-1, k_in).astype(jnp.float32)
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, out), jnp.float32)
-    xq = -0.25 * x2.reshape(-1, groups, 8).sum(-1)
-    xh = x2.astype(jnp.float16)
+    xh, xq = e8p_x_layout(x2, bits)
     table = jnp.asarray(abs_table, jnp.uint32).reshape(512)
 
     def one(idx):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks still owed by open issues, in one device call each (≤ 10 minutes).
 # Usage on the device machine, from the repo root:  bash scripts/gpu_suite.sh PART OUTDIR
-#   kernels   issue 10: decode-matvec and Hadamard vs copy bandwidth, plus the gpu tests
+#   kernels   issue 10: gpu kernel tests, scalar decode-matvec and Hadamard vs copy bandwidth
+#   kernels-vq  issue 10: E8P / RVQ4 / QTIP decode-matvec and their full linear (RHT included)
 #   qtip      issue 6: Viterbi speed (target HYB <= 5 ms, 1MAD <= 8 ms per 65,536 weights at k=2)
 #   decode    issue 11: decode tokens/s vs the bandwidth bound, Llama-2-7B shape
 #   hessian   issue 7/8: Hessian collection scaling (run on nvidia-h200-x2 / -x4)
@@ -12,11 +13,18 @@ set -uo pipefail
 part=${1:?part}; out=${2:?outdir}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 case $part in
-  kernels)  # build (nvcc on first use), the gpu tests, then every kernel at the Llama shapes, batch 1
-    timeout 150 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
-    JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py
-    timeout 300 python3 scripts/bench_kernels.py --json "$out/bench_kernels.json" --bits 2 3 4 8 \
-      --vq e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 qtip-3inst-k2 qtip-hyb-k3 qtip-hyb-k4 --hadamard-n 4096 8192 16384 ;;
+  kernels)  # issue 10, part 1: build, every gpu kernel test, scalar matvec and Hadamard rows (batch 1)
+    timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
+    JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider \
+      > "$out/kernel_tests.log" 2>&1; tail -5 "$out/kernel_tests.log"
+    timeout 240 python3 scripts/bench_kernels.py --json "$out/bench_kernels.json" --bits 2 3 4 8 \
+      --hadamard-n 4096 8192 16384 32768 ;;
+  kernels-vq)  # issue 10, part 2: E8P / RVQ4 / QTIP kernels alone, then the full linear (RHT included)
+    timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
+    timeout 300 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel \
+      --json "$out/bench_kernels_vq.json" --vq e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 qtip-3inst-k2 qtip-hyb-k4
+    timeout 120 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda \
+      --json "$out/bench_kernels_linear.json" --models llama2-70b --vq e8p qtip-hyb-k2 qtip-1mad-k2 ;;
   qtip)
     timeout 540 python3 scripts/bench_viterbi.py --json "$out/viterbi.json" ;;
   decode)

@@ -235,6 +235,23 @@ def test_e8p_kernel_decode_emulated():
     np.testing.assert_array_equal(vals, jq_e8p.e8p_codewords())
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_e8p_x_layout(bits):
+    """The kernel reads group g of code unit u (G = 16 / bits groups of 8 inputs per unit) at
+    ``b * in/8 + g * units + u``: the wrapper's layout must put x[b, 8 (u G + g) : +8] there."""
+    n, k = 3, 256
+    x = np.asarray(jax.random.normal(jax.random.key(bits), (n, k), jnp.float32))
+    xh, xq = cuda_ops.e8p_x_layout(jnp.asarray(x), bits)
+    xh, xq = np.asarray(xh, np.float32).reshape(n, k // 8, 8), np.asarray(xq)
+    G, units = 16 // bits, k // (8 * (16 // bits))
+    for b in range(n):
+        for u in range(units):
+            for g in range(G):
+                want = x[b, 8 * (u * G + g): 8 * (u * G + g) + 8]
+                np.testing.assert_allclose(xh[b, g * units + u], want, rtol=1e-3, atol=1e-3)
+                np.testing.assert_allclose(xq[b, g * units + u], -0.25 * want.sum(), rtol=1e-5, atol=1e-6)
+
+
 def _qtip_lane_states(words: np.ndarray, k: int, V: int, L: int) -> np.ndarray:
     """States of one tile as the kernel's lanes extract them: ``[8k]`` uint32 words -> ``[256/V]``."""
     W, kv, ns = 8 * k, k * V, 16 // V
