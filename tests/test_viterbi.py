@@ -51,7 +51,7 @@ def small_code(name, L, rng):
 
 
 @pytest.mark.parametrize("name,L,k,T,impl", [c + ("reduce",) for c in SMALL]
-                         + [c + ("tree",) for c in SMALL[1::2]])
+                         + [c + ("tree",) for c in SMALL[1::2]] + [c + ("packed",) for c in SMALL])
 def test_viterbi_is_optimal(rng, name, L, k, T, impl):
     code, values = small_code(name, L, rng)
     kV = k * code.V
