@@ -29,7 +29,8 @@ RECIPES = {
 
 
 def test_every_format_has_a_recipe():
-    assert set(RECIPES) == set(jq.FORMATS)
+    # "lora" wraps a quantized base (HQQ+); its round trips are tested in test_finetune.py
+    assert set(RECIPES) | {"lora"} == set(jq.FORMATS)
 
 
 @pytest.fixture(scope="module")
