@@ -780,7 +780,7 @@ ffi::Error E8pMatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buff
 //     with x in fp32. The caller maps sum x f to the values: MAD1_SCALE (1024 sum x f - 1534 sum x).
 
 enum QtipCode : int { kHyb = 0, kMad1 = 1, kInst3 = 2 };
-constexpr int kHybRep = 32;
+constexpr int kHybRep = 16;  // 32 KB: lanes l and l+16 share a copy (at most 2-way conflicts), L1 keeps room for x
 constexpr int kHybEntries = 512;
 
 struct QtipArgs {
@@ -823,11 +823,18 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
       const uint32_t* trow = a.codes + static_cast<size_t>(ti) * a.tc * W;
       for (int j0 = jlo + half; j0 < jhi; j0 += 2 * U) {
         uint32_t w[U][NW];
+        constexpr bool kPrefetchX = CODE == kHyb && NB == 1;  // x with the codes: 8 registers per tile
+        uint4 xpre[U][2];
         static_for<U>([&](auto u) {
           const int j = j0 + 2 * static_cast<int>(u);
           if (j < jhi) {
             const uint32_t* tp = trow + static_cast<size_t>(j) * W;
             static_for<NW>([&](auto m) { w[u][m] = __ldcs(tp + (wbase + static_cast<int>(m)) % W); });
+            if constexpr (kPrefetchX) {
+              const uint4* xp = static_cast<const uint4*>(a.x) + static_cast<size_t>(2) * j;
+              xpre[u][0] = __ldg(xp);
+              xpre[u][1] = __ldg(xp + 1);
+            }
           }
         });
         static_for<U>([&](auto u) {
@@ -847,7 +854,7 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
               const uint32_t s = __funnelshift_l(aw[o / 32 + 1 < NW ? o / 32 + 1 : NW - 1], aw[o / 32], o % 32) >> (32 - a.L);
               if constexpr (CODE == kHyb) {
                 const uint32_t h = s * s + s;
-                const uint32_t v = tab[((h >> 1) & 0x3FE0u) | static_cast<uint32_t>(lane)];
+                const uint32_t v = tab[((h >> 2) & 0x1FF0u) | static_cast<uint32_t>(lane & 15)];  // [(h >> 6) & 511][lane % 16]
                 dec[i] = v ^ (h & 0x8000u);
               } else if constexpr (CODE == kInst3) {
                 dec[i] = ((s * 89226354u + 64248484u) & 0x8FFF8FFFu) ^ 0x3B603B60u;
@@ -874,7 +881,12 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
                   const uint4* xp = static_cast<const uint4*>(a.x) + (static_cast<size_t>(b) * a.k * (CODE == kHyb ? 1 : 2) + 16 * (CODE == kHyb ? 1 : 2) * j) / 8;
                   __half2 h = __float2half2_rn(0.f);
                   static_for<XW>([&](auto q) {
-                    const uint4 xv = __ldg(xp + q);
+                    uint4 xv;
+                    if constexpr (kPrefetchX) {
+                      xv = xpre[u][int(decltype(q){}) & 1];
+                    } else {
+                      xv = __ldg(xp + q);
+                    }
                     h = __hfma2(u2h2(xv.x), u2h2(dec[4 * q + 0]), h);
                     h = __hfma2(u2h2(xv.y), u2h2(dec[4 * q + 1]), h);
                     h = __hfma2(u2h2(xv.z), u2h2(dec[4 * q + 2]), h);

@@ -290,8 +290,10 @@ def test_qtip_kernel_decoders_emulated():
     s = np.arange(1 << 16, dtype=np.uint32)
     table = np.asarray(jq_trellis.hyb_table(9, 0))
     h = s * s + s
-    idx = ((h >> 1) & 0x3FE0) >> 5
-    v = table.view(np.uint32).reshape(-1)[idx] ^ (h & 0x8000)
+    lane = s % 32
+    slot = ((h >> 2) & 0x1FF0) | (lane & 15)  # the replicated table: entry (h >> 6) & 511, copy lane % 16
+    rep = np.repeat(table.view(np.uint32).reshape(-1), 16)
+    v = rep[slot] ^ (h & 0x8000)
     got = v.view(np.float16).reshape(-1, 2).astype(np.float32)
     np.testing.assert_array_equal(got, np.asarray(jq_trellis.decode_hyb(jnp.asarray(s), jnp.asarray(table))))
     m = s * np.uint32(34038481) + np.uint32(76625530)
