@@ -65,6 +65,12 @@ __device__ __forceinline__ void static_for(F&& f) {
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
+__device__ __forceinline__ __half2 u2h2(uint32_t u) {
+  __half2 h;
+  memcpy(&h, &u, sizeof(h));
+  return h;
+}
+
 __device__ __forceinline__ float load_elem(const void* p, int64_t i, int dt) {
   if (dt == kF16) return __half2float(static_cast<const __half*>(p)[i]);
   if (dt == kBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
@@ -482,10 +488,208 @@ cudaError_t dispatch_batch(cudaStream_t stream, const MatvecArgs& a, int nwarps,
   return launch_matvec<B, 16, 1, 1>(stream, a, nwarps, ksplit);
 }
 
+// ------------------------------------------------------------------------------------------
+// 2-bit, batch 1, 16-bit x: half2 decode (opt-in, variant = 1)
+// ------------------------------------------------------------------------------------------
+// Code i of a word (bits 2i, 2i+1) pairs with code i + 8 (bits 16 + 2i): one shift of the word
+// puts both at mantissa bits 8-9 (i even) or 6-7 (i odd) of the two halves, and one LOP3 with
+// 0x3C00 makes the half2 (1 + c/4) or (1 + c/16). With x'' = x (i even) or 4x (i odd) staged in
+// fp16, sum x'' h = C + (1/4) sum x c, C = sum x'' over the chunk. Per 16 weights: 4 shifts,
+// 8 LOP3, 8 HFMA2 (1.25 ops per weight against ~2.3 for the fp32 decode), products summed in
+// half2 over 16 terms per half, then in fp32. Staged per chunk: 16 half2 as 4 uint4, slot q at
+// (q + c) % 4, then (C, X) as for the fp32 path.
+
+template <int I>
+__device__ __forceinline__ uint32_t half2_codes(uint32_t w) {
+  constexpr int pos = (I % 2 == 0) ? 8 : 6;
+  constexpr int sh = pos - 2 * I;  // > 0: left
+  constexpr uint32_t mask = pos == 8 ? 0x03000300u : 0x00C000C0u;
+  const uint32_t t = sh > 0 ? (w << (sh > 0 ? sh : 0)) : (w >> (sh < 0 ? -sh : 0));
+  return (t & mask) | 0x3C003C00u;
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &h, sizeof(u));
+  return u;
+}
+
+__device__ __forceinline__ void stage_x_half2(const MatvecArgs& a, uint4* xs, float2* cx, int c0, int tkc) {
+  const int nq = tkc * 4;  // uint4 slots; a multiple of 128
+  for (int g = threadIdx.x; g < nq; g += blockDim.x) {
+    const int cl = g >> 2, q = g & 3, w = q >> 1, i0 = 4 * (q & 1);
+    const int64_t k0 = static_cast<int64_t>(c0 + cl) * 32 + 16 * w + i0;
+    float lo[4], hi[4];
+    load_x4(a, 0, k0, lo);
+    load_x4(a, 0, k0 + 8, hi);
+    uint32_t p[4];
+    float xsum = 0.f, csum = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float f = (e % 2) ? 4.f : 1.f;  // pair i = i0 + e: odd i sits at bits 6-7
+      p[e] = pack_half2(lo[e] * f, hi[e] * f);
+      const float2 r = __half22float2(u2h2(p[e]));  // C from the rounded values the products use
+      csum += r.x + r.y;
+      xsum += lo[e] + hi[e];
+    }
+    xs[cl * 4 + ((q + cl) & 3)] = make_uint4(p[0], p[1], p[2], p[3]);
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {  // the 4 slots of a chunk sit on 4 consecutive lanes
+      xsum += __shfl_xor_sync(0xffffffffu, xsum, o);
+      csum += __shfl_xor_sync(0xffffffffu, csum, o);
+    }
+    if (q == 0) cx[cl] = make_float2(csum, xsum);
+  }
+}
+
+template <int R, int U>
+__global__ void __launch_bounds__(512) scalar_matvec2_half_kernel(MatvecArgs a) {
+  extern __shared__ uint4 hsm[];
+  const int tkc = a.tkc;
+  uint4* xs = hsm;                                       // [tkc][4]
+  float2* cx = reinterpret_cast<float2*>(hsm + tkc * 4);  // [tkc]
+  float* red = reinterpret_cast<float*>(cx + tkc);         // [nwarps][R]
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int S = a.ksplit, slice = warp % S, rset = warp / S;
+  const int rows_per_group = (nwarps / S) * R;
+  const int ngroups = (a.out + rows_per_group - 1) / rows_per_group;
+  const int wd = a.nchunks * 2;
+  const bool whole = tkc >= a.nchunks;
+  if (whole) {
+    stage_x_half2(a, xs, cx, 0, tkc);
+    __syncthreads();
+  }
+  for (int grp = blockIdx.x; grp < ngroups; grp += gridDim.x) {
+    const int row0 = grp * rows_per_group + rset * R;
+    const uint32_t* rowp[R];
+    const __half* sp[R];
+    const __half* zp[R];
+    static_for<R>([&](auto r) {
+      const int row = min(row0 + static_cast<int>(r), a.out - 1);
+      rowp[r] = a.codes + static_cast<size_t>(row) * wd;
+      sp[r] = a.scale + static_cast<size_t>(row) * a.groups;
+      zp[r] = a.zero + static_cast<size_t>(row) * a.groups;
+    });
+    float acc[R];
+    static_for<R>([&](auto r) { acc[r] = 0.f; });
+    for (int c0 = 0; c0 < a.nchunks; c0 += tkc) {
+      if (!whole) {
+        __syncthreads();
+        stage_x_half2(a, xs, cx, c0, tkc);
+        __syncthreads();
+      }
+      const int cend = min(tkc, a.nchunks - c0);
+      const int per = ((cend + S - 1) / S + 31) / 32 * 32;
+      const int lo = slice * per, hi = min(cend, lo + per);
+      for (int cl0 = lo + lane; cl0 < hi; cl0 += 32 * U) {
+        uint32_t w[U][R][2];
+        float s[U][R], z[U][R];
+        static_for<U>([&](auto u) {
+          const int cl = cl0 + 32 * static_cast<int>(u);
+          if (cl < hi) {
+            const int c = c0 + cl;
+            const int gi = a.cpg_shift >= 0 ? (c >> a.cpg_shift) : (c / a.cpg);
+            static_for<R>([&](auto r) {
+              load_chunk<2>(rowp[r] + static_cast<size_t>(c) * 2, w[u][r]);
+              s[u][r] = __half2float(sp[r][gi]);
+              z[u][r] = __half2float(zp[r][gi]);
+            });
+          }
+        });
+        static_for<U>([&](auto u) {
+          const int cl = cl0 + 32 * static_cast<int>(u);
+          if (cl < hi) {
+            __half2 h[R];
+            static_for<R>([&](auto r) { h[r] = __float2half2_rn(0.f); });
+            static_for<4>([&](auto q) {
+              const uint4 xv = xs[cl * 4 + ((q + cl) & 3)];
+              constexpr int wi = int(decltype(q){}) >> 1, i0 = 4 * (int(decltype(q){}) & 1);
+              static_for<R>([&](auto r) {
+                const uint32_t word = w[u][r][wi];
+                h[r] = __hfma2(u2h2(xv.x), u2h2(half2_codes<i0 + 0>(word)), h[r]);
+                h[r] = __hfma2(u2h2(xv.y), u2h2(half2_codes<i0 + 1>(word)), h[r]);
+                h[r] = __hfma2(u2h2(xv.z), u2h2(half2_codes<i0 + 2>(word)), h[r]);
+                h[r] = __hfma2(u2h2(xv.w), u2h2(half2_codes<i0 + 3>(word)), h[r]);
+              });
+            });
+            const float2 cxv = cx[cl];
+            static_for<R>([&](auto r) {
+              const float2 f = __half22float2(h[r]);
+              acc[r] = fmaf(s[u][r], 4.f * ((f.x + f.y) - cxv.x) - z[u][r] * cxv.y, acc[r]);
+            });
+          }
+        });
+      }
+    }
+    static_for<R>([&](auto r) {
+      float v = acc[r];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      acc[r] = v;
+    });
+    if (S == 1) {
+      static_for<R>([&](auto r) {
+        const int row = row0 + r;
+        if (lane == 0 && row < a.out) store_elem(a.y, row, a.x_dt, acc[r]);
+      });
+    } else {
+      if (lane == 0) static_for<R>([&](auto r) { red[warp * R + r] = acc[r]; });
+      __syncthreads();
+      for (int i = threadIdx.x; i < rows_per_group; i += blockDim.x) {
+        const int rs = i / R, r = i - rs * R;
+        float v = 0.f;
+        for (int sl = 0; sl < S; ++sl) v += red[(rs * S + sl) * R + r];
+        const int row = grp * rows_per_group + rs * R + r;
+        if (row < a.out) store_elem(a.y, row, a.x_dt, v);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+template <int R>
+cudaError_t launch_matvec2_half(cudaStream_t stream, MatvecArgs a, int nwarps, int ksplit) {
+  constexpr int U = 4;
+  constexpr size_t kBytesPerChunk = 64 + 8;
+  const int sms = multiprocessors();
+  const int need = (a.nchunks + 31) / 32 * 32;
+  const bool whole = static_cast<size_t>(need) * kBytesPerChunk + 16 * R * 4 <= kWholeSmemLimit;
+  const int tkc = whole ? need : 512;
+  a.tkc = tkc;
+  if (nwarps <= 0) nwarps = (whole && static_cast<size_t>(tkc) * kBytesPerChunk > 100 * 1024) ? 16 : 8;
+  if (ksplit <= 0) {
+    ksplit = 1;
+    const int tasks = (a.out + R - 1) / R;
+    while (ksplit * 2 <= nwarps && tasks * ksplit < 16 * sms && a.nchunks >= 2 * ksplit * 32 * U) ksplit *= 2;
+  }
+  if (ksplit > nwarps) ksplit = nwarps;
+  while (nwarps % ksplit) --ksplit;
+  a.ksplit = ksplit;
+  const size_t smem = static_cast<size_t>(tkc) * kBytesPerChunk + static_cast<size_t>(nwarps) * R * 4;
+  auto kernel = scalar_matvec2_half_kernel<R, U>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const int rows_per_group = (nwarps / ksplit) * R;
+  const int groups = (a.out + rows_per_group - 1) / rows_per_group;
+  int blocks = groups;
+  if (whole) blocks = min(groups, sms * blocks_per_sm(kernel, nwarps * 32, smem));
+  kernel<<<blocks, nwarps * 32, smem, stream>>>(a);
+  return cudaSuccess;
+}
+
+cudaError_t dispatch_matvec2_half(cudaStream_t stream, const MatvecArgs& a, int nwarps, int rows, int ksplit) {
+  if (rows <= 0) rows = auto_rows(a.out, 2);
+  if (rows >= 4) return launch_matvec2_half<4>(stream, a, nwarps, ksplit);
+  if (rows == 2) return launch_matvec2_half<2>(stream, a, nwarps, ksplit);
+  return launch_matvec2_half<1>(stream, a, nwarps, ksplit);
+}
+
 ffi::Error ScalarMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> codes,
                             ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> zero,
                             ffi::Result<ffi::AnyBuffer> y, int64_t bits, int64_t group_size,
-                            int64_t rows_per_warp, int64_t warps, int64_t ksplit) {
+                            int64_t rows_per_warp, int64_t warps, int64_t ksplit, int64_t variant) {
   MatvecArgs a{};
   if (!dtype_code(x.element_type(), &a.x_dt) || y->element_type() != x.element_type()) {
     return ffi::Error::InvalidArgument("scalar_matvec: x and y must share one of float32, float16, bfloat16");
@@ -534,6 +738,11 @@ ffi::Error ScalarMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<f
   const int ks = (ksplit >= 1 && ksplit <= 16) ? static_cast<int>(ksplit) : 0;
   const int rows = static_cast<int>(rows_per_warp);
   cudaError_t err;
+  if (variant == 1 && bits == 2 && a.n == 1 && a.x_dt != kF32) {
+    err = dispatch_matvec2_half(stream, a, nwarps, rows, ks);
+    if (err != cudaSuccess) return ffi::Error::Internal(std::string("scalar_matvec: ") + cudaGetErrorString(err));
+    return launch_error("scalar_matvec launch");
+  }
   switch (bits) {
     case 2: err = dispatch_batch<2>(stream, a, nwarps, rows, ks); break;
     case 3: err = dispatch_batch<3>(stream, a, nwarps, rows, ks); break;
@@ -572,11 +781,6 @@ struct E8pArgs {
   float resid;         // 1 / resid_scale (RVQ4's second stage)
 };
 
-__device__ __forceinline__ __half2 u2h2(uint32_t u) {
-  __half2 h;
-  memcpy(&h, &u, sizeof(h));
-  return h;
-}
 
 __device__ __forceinline__ uint2 e8_sign_masks(uint32_t s) {
   uint32_t lo = 0, hi = 0;
@@ -1206,7 +1410,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantScalarMatvec, ScalarMatvecImpl,
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("rows_per_warp")
                                   .Attr<int64_t>("warps")
-                                  .Attr<int64_t>("ksplit"),
+                                  .Attr<int64_t>("ksplit")
+                                  .Attr<int64_t>("variant"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantHadamard, HadamardImpl,

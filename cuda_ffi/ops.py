@@ -22,7 +22,7 @@ def _check_float(x: jax.Array, what: str) -> None:
 
 def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, *,
                   bits: int, group_size: int, rows_per_warp: int = 0, warps: int = 0, ksplit: int = 0,
-                  register: bool = True) -> jax.Array:
+                  variant: int = 0, register: bool = True) -> jax.Array:
     """``y[..., out] = x[..., in] @ W.T`` with ``W = (q - zero) * scale`` decoded from packed codes.
 
     codes: int32 ``[out, ceil(in_padded / 32) * bits]`` (``jaxquant.formats.packing``);
@@ -31,7 +31,9 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
     Needs ``bits`` in {2, 3, 4, 8} and ``group_size`` a multiple of 32. Leading dims of x with more
     than 16 rows in all are split into calls of 16 (each reads the weights again).
     ``rows_per_warp`` (1, 2, 4; batch 1 only), ``warps`` (1-16 per block) and ``ksplit`` (warps
-    sharing a row set, each a slice of K) tune the launch; 0 = auto.
+    sharing a row set, each a slice of K) tune the launch; 0 = auto. ``variant=1`` takes the half2
+    decode for 2 bits at batch 1 with float16/bfloat16 x (fp16 products: error ~1e-3 relative;
+    other cases ignore it).
     """
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"scalar_matvec: bits must be 2, 3, 4 or 8, got {bits}")
@@ -50,7 +52,8 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
         f = jax.ffi.ffi_call("jaxquant_scalar_matvec", jax.ShapeDtypeStruct((xb.shape[0], out), x.dtype),
                              vmap_method="sequential")
         return f(xb, codes, scale, zero, bits=np.int64(bits), group_size=np.int64(group_size),
-                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), ksplit=np.int64(ksplit))
+                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), ksplit=np.int64(ksplit),
+                 variant=np.int64(variant))
 
     n = x2.shape[0]
     if n == 0:

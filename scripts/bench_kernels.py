@@ -34,7 +34,8 @@ SHAPES = {
     "llama3-8b": [(14336, 4096)],
 }
 CUDA_CONFIGS = [dict(), dict(rows_per_warp=1), dict(rows_per_warp=2), dict(rows_per_warp=4),
-                dict(rows_per_warp=1, ksplit=2), dict(rows_per_warp=2, ksplit=2), dict(rows_per_warp=1, ksplit=4)]
+                dict(rows_per_warp=1, ksplit=2), dict(rows_per_warp=2, ksplit=2), dict(rows_per_warp=1, ksplit=4),
+                dict(variant=1), dict(variant=1, rows_per_warp=2), dict(variant=1, rows_per_warp=4)]
 PALLAS_CONFIGS = [dict(block_rows=16, block_words=32, num_warps=4, num_stages=3),
                   dict(block_rows=32, block_words=32, num_warps=4, num_stages=3),
                   dict(block_rows=64, block_words=32, num_warps=8, num_stages=4)]

@@ -235,6 +235,29 @@ def test_e8p_kernel_decode_emulated():
     np.testing.assert_array_equal(vals, jq_e8p.e8p_codewords())
 
 
+def test_scalar_half2_decode_emulated():
+    """The 2-bit half2 decode (variant 1): for pair i of a word, one shift and one mask put codes
+    i and i + 8 at mantissa bits 8-9 (i even) or 6-7 (i odd) of 1.0 in fp16; with x'' = x or 4x,
+    sum x'' h - C = sum x c / 4 exactly (before rounding)."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 2**32, 64, dtype=np.uint64).astype(np.uint32)
+    codes = (w[:, None] >> (2 * np.arange(16, dtype=np.uint32))) & 3  # [64, 16], code t of each word
+    x = rng.standard_normal((64, 16))
+    total = np.zeros(64)
+    for i in range(8):
+        pos = 8 if i % 2 == 0 else 6
+        sh = pos - 2 * i
+        t = (w << np.uint32(sh)) if sh > 0 else (w >> np.uint32(-sh))
+        mask = np.uint32(0x03000300 if pos == 8 else 0x00C000C0)
+        hv = (t & mask) | np.uint32(0x3C003C00)
+        h = hv.view(np.float16).reshape(64, 2).astype(np.float64)
+        f = 1.0 if i % 2 == 0 else 4.0
+        np.testing.assert_array_equal((h - 1) * (4 if pos == 8 else 16), codes[:, [i, i + 8]])
+        xx = x[:, [i, i + 8]] * f
+        total += (xx * h).sum(1) - xx.sum(1)
+    np.testing.assert_allclose(4 * total, (x * codes).sum(1), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_e8p_x_layout(bits):
     """The kernel reads group g of code unit u (G = 16 / bits groups of 8 inputs per unit) at
@@ -402,6 +425,17 @@ def test_cuda_qtip_matvec_gpu(code, k):
         x = jax.random.normal(jax.random.key(10), (2, inp), jnp.bfloat16)
         ref = np.asarray(qt.matmul(x.astype(jnp.float32), backend="reference"))
         assert rel_err(qt.matmul(x, backend="cuda"), ref) < TOL[jnp.bfloat16], (out, inp)
+
+
+@pytest.mark.gpu
+def test_cuda_scalar_half2_variant_gpu():
+    for i, (out, inp, group) in enumerate(SHAPES + [(8192, 28672, 128), (4096, 11008, 128)]):
+        for dtype in (jnp.bfloat16, jnp.float16):
+            qw = random_scalar(jax.random.key(800 + i), out, inp, 2, group)
+            x = jax.random.normal(jax.random.key(900 + i), (1, inp), jnp.float32).astype(dtype)
+            for cfg in (dict(), dict(rows_per_warp=1, ksplit=2), dict(rows_per_warp=4)):
+                y = cuda_ffi.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=2, group_size=group, variant=1, **cfg)
+                assert rel_err(y, reference(qw, x)) < TOL[jnp.bfloat16], (out, inp, group, dtype, cfg)
 
 
 @pytest.mark.gpu
