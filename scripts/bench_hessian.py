@@ -87,10 +87,11 @@ def run(model, tokens, devices, *, batch_per_device: int, rows: int, attention: 
     import jax.numpy as jnp
 
     from jaxquant import hessian as hz
+    from jaxquant.model.llama import rope_frequencies
 
     cfg = model.config
     mesh = hz.make_mesh(devices, rows=rows)
-    positions, inv_freq = jnp.arange(tokens.shape[1]), hz._rope(cfg)
+    positions, inv_freq = jnp.arange(tokens.shape[1]), rope_frequencies(cfg)
     widths = hz.group_widths(cfg)
     fn = hz.block_inputs_fn(attention)
 

@@ -190,7 +190,7 @@ def test_interrupted_offline_run_resumes_without_recomputing_finished_blocks(tin
 
     calls = []
     collect = hz.collect_block
-    monkeypatch.setattr(hz, "collect_block", lambda layer, *a, **k: calls.append(layer) or collect(layer, *a, **k))
+    monkeypatch.setattr(hz.offline, "collect_block", lambda layer, *a, **k: calls.append(layer) or collect(layer, *a, **k))
     blocks = lambda: [[id(b) for b in model.layers].index(id(layer)) for layer in calls]  # noqa: E731
     out = tmp_path / "run"
     # the run is killed while block 1 is being written (after its Hessians were computed)
@@ -202,10 +202,10 @@ def test_interrupted_offline_run_resumes_without_recomputing_finished_blocks(tin
             raise KeyboardInterrupt
         return real_save(f, *a, **k)
 
-    monkeypatch.setattr(hz.np, "save", dying_save)
+    monkeypatch.setattr(hz.offline.np, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         hz.collect_offline(model, tokens, out, batch_size=2, cond=False, save_activations=True)
-    monkeypatch.setattr(hz.np, "save", real_save)
+    monkeypatch.setattr(hz.offline.np, "save", real_save)
     assert hz.finished_blocks(out) == [0]
     assert not (out / "block_0001").exists() and not list(out.glob(".block_*"))
     with pytest.raises(ValueError, match="no Hessians for block 1"):
