@@ -5,10 +5,13 @@
 #   kernels-vq  issue 10: E8P / RVQ4 / QTIP decode-matvec and their full linear (RHT included)
 #   qtip      issue 6: Viterbi speed (target HYB <= 5 ms, 1MAD <= 8 ms per 65,536 weights at k=2)
 #   decode    issue 11: decode tokens/s vs the bandwidth bound, Llama-2-7B shape
-#   hessian   issue 7/8: Hessian collection scaling (run on nvidia-h200-x2 / -x4)
-# SmolLM2 perplexities (issues 5, 6) need the GGUF, which exceeds one carry: send it in two carries
-# to one warm machine (see results/README.md) and run scripts/bench_perplexity.py with recipes
-# quip#:bits=3 quip#:bits=4 qtip:bits=2 qtip:bits=3 qtip:bits=4.
+#   hessian   issue 8: Hessian collection scaling (nvidia-h200-x4: --devices 1 2 4)
+#   smollm2   issues 9, 11: needs /tmp/m/smollm2.gguf (below); 2-bit generation, QTIP fine-tuning stages
+# The SmolLM2 GGUF (98 MB) exceeds one carry: send it in two carries to one warm machine. Here:
+# split -b 44M the GGUF into .devcarry/a/part_aa and .devcarry/b/part_ab, part_ac (both folders in
+# .git/info/exclude); put wiki.valid.tokens and the test text tokenized with the GGUF tokenizer
+# (.npy) in .devcarry/b. Call 1 (carry .devcarry/a): mkdir -p /tmp/m && cp .devcarry/a/part_aa /tmp/m/.
+# Call 2 at once (carry .devcarry/b and .whl with gguf, hqq): cat the parts into /tmp/m/smollm2.gguf.
 set -uo pipefail
 part=${1:?part}; out=${2:?outdir}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -34,7 +37,16 @@ case $part in
       timeout 140 python3 -m jaxquant.cli bench decode --shape llama2-7b --method $m --json "$out/decode_${m%% *}.json"
     done ;;
   hessian)
-    timeout 540 python3 scripts/bench_hessian.py --shape llama2-7b --layers 4 --ctx 4096 --devices 1 2 \
+    timeout 540 python3 scripts/bench_hessian.py --shape llama2-7b --layers 4 --ctx 4096 --devices 1 2 4 \
       --json "$out/hessian.json" ;;
+  smollm2)  # loading, quantizing and saving SmolLM2 take ~3 minutes on an H100: keep the timeouts generous
+    gguf=/tmp/m/smollm2.gguf b=.devcarry/b
+    (timeout 260 python3 -m jaxquant.cli quantize --model $gguf --method quip# --bits 2 --calib-file $b/wiki.valid.tokens \
+       --calib-samples 32 --calib-ctx 512 --out /tmp/m/q2 \
+     && timeout 90 python3 -m jaxquant.cli generate --model /tmp/m/q2 --chat --prompt "What is the capital of France?" \
+       --max-new-tokens 40) > "$out/generate.log" 2>&1; tail -c 800 "$out/generate.log"
+    timeout 560 python3 scripts/bench_finetune.py --model $gguf --methods qtip --tokens-file $b/wikitext2_test_smollm2.npy \
+      --calib-file $b/wiki.valid.tokens --eval-windows 8 --ctx 512 --devset 32 --devset-ctx 256 --ft-epochs 2 \
+      --json /tmp/m/finetune.json > "$out/finetune.log" 2>&1; cp /tmp/m/finetune.json "$out/" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
