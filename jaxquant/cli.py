@@ -299,9 +299,25 @@ def cmd_generate(args):
     from jaxquant.model.load import load_model, load_tokenizer
 
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    if args.dense:
+        from jaxquant.formats.base import QuantizedWeight
+        from jaxquant.model.params import model_from_params, named_params
+
+        model = model_from_params(model.config, {n: v.dequantize() if isinstance(v, QuantizedWeight) else v
+                                                 for n, v in named_params(model).items()})
+    times = [time.perf_counter()]
+
+    def stream(text):
+        times.append(time.perf_counter())
+        print(text, end="", flush=True)
+
     generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=lambda s: print(s, end="", flush=True))
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=stream)
     print()
+    if len(times) > 2:  # the first token includes the prefill and both compilations
+        rate = (len(times) - 2) / (times[-1] - times[1])
+        print(f"{len(times) - 1} tokens; first after {times[1] - times[0]:.2f} s (prefill and compilation), "
+              f"then {rate:.1f} tokens/s", file=sys.stderr)
 
 
 def cmd_export(args):
@@ -465,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    q.add_argument("--dense", action="store_true", help="decode the quantized weights once into full-precision "
+                   "arrays first: faster where no decode kernel runs (CPU), at full-precision memory")
     q.set_defaults(fn=cmd_generate)
 
     q = sub.add_parser("export", help="write a safetensors folder with an HF-style quantization_config")

@@ -37,7 +37,10 @@ def test_quantize_eval_generate(tmp_path, tiny_model_dir, capsys):
     assert 1 < result["ppl"] < 10 * 96  # a random model is no better than chance, finite
 
     cli.main(["generate", "--model", str(out), "--prompt", "The module", "--max-new-tokens", "5"])
-    assert capsys.readouterr().out.strip()
+    quantized = capsys.readouterr()
+    assert quantized.out.strip() and "tokens/s" in quantized.err
+    cli.main(["generate", "--model", str(out), "--prompt", "The module", "--max-new-tokens", "5", "--dense"])
+    assert capsys.readouterr().out == quantized.out  # greedy: decoding once changes nothing
 
     cli.main(["export", "--model", str(out), "--out", str(tmp_path / "st")])
     exported = named_params(load_model(tmp_path / "st"))
