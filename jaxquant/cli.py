@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import sys
 import time
 import typing
@@ -346,6 +347,22 @@ def cmd_bench_codebook(args):
           f"on {result['samples']} N(0,1) samples (seed {args.seed})")
 
 
+def cmd_bench_tune(args):
+    from jaxquant.formats import tuning
+
+    try:
+        table = tuning.from_bench(json.loads(pathlib.Path(args.source).read_text()))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read {args.source}: {e}")
+    if not table["choices"]:
+        raise SystemExit(f"error: {args.source} has no successful kernel rows to choose from")
+    table["source"] = str(args.source)
+    path = tuning.write(table, args.out or tuning.TABLE)
+    for key, backend in table["choices"].items():
+        print(f"{key:<20} {backend}")
+    print(f"wrote {path} ({table['device']})")
+
+
 def cmd_bench_decode(args):
     """Decode tokens/s at each batch size, dense vs quantized, as a fraction of the bandwidth bound."""
     import platform
@@ -516,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", help="write the table here")
     add_method_args(q)
     q.set_defaults(fn=cmd_bench_decode)
+
+    q = bench.add_parser("tune", help="refresh the kernel choice of backend='auto' from a scripts/bench_kernels.py run")
+    q.add_argument("--from", dest="source", required=True, help="results JSON of scripts/bench_kernels.py")
+    q.add_argument("--out", help="table to write (default: the one stored with the package)")
+    q.set_defaults(fn=cmd_bench_tune)
 
     q = sub.add_parser("demo", help="fetch the default model, quantize, compare perplexity, save, generate")
     model_arg(q)

@@ -5,8 +5,9 @@
   runs in interpret mode (slow; for tests).
 - ``cuda``: the CUDA FFI kernel (``cuda_ffi``), built with nvcc on first use; GPU only.
 - ``auto``: the reference on CPU and for more than ``MAX_KERNEL_BATCH`` rows of x (a GEMM beats a
-  matvec kernel there); on a GPU the backend that ``TUNING`` names for the format, falling back to
-  the other kernel, then to the reference, when one cannot serve the weight or is unavailable.
+  matvec kernel there); on a GPU the backend measured fastest for the format, bits and batch
+  (``formats.tuning``, a table stored with the package), falling back to the other kernel, then to
+  the reference, when one cannot serve the weight or is unavailable.
 
 The choice is made at trace time (shapes and the default backend are static).
 """
@@ -18,19 +19,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxquant.formats import tuning
+
 BACKENDS = ("auto", "reference", "pallas", "cuda")
 MAX_KERNEL_BATCH = 16
 KERNEL_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
-
-# Preferred kernel per (format, bits) for batch <= MAX_KERNEL_BATCH on a GPU, from
-# scripts/bench_kernels.py on an H100 (see results/ for the run). Absent entries prefer "cuda".
-TUNING: dict[tuple[str, int], str] = {
-    ("scalar", 2): "cuda",
-    ("scalar", 3): "cuda",
-    ("scalar", 4): "cuda",
-    ("scalar", 8): "cuda",
-}
-
 
 def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
@@ -75,7 +68,9 @@ def choose_scalar(qw: Any, x: jax.Array, backend: str = "auto") -> str:
         return backend
     if not on_gpu() or _batch_rows(x) > MAX_KERNEL_BATCH or _batch_rows(x) == 0:
         return "reference"
-    first = TUNING.get(("scalar", qw.bits), "cuda")
+    first = tuning.preferred("scalar", qw.bits, _batch_rows(x)) or "cuda"
+    if first == "reference":
+        return first
     for candidate in (first, "pallas" if first == "cuda" else "cuda"):
         if scalar_kernel_issue(qw, x, candidate):
             continue
@@ -106,12 +101,14 @@ def scalar_matmul(qw: Any, x: jax.Array, backend: str = "auto") -> jax.Array:
                                         group_size=qw.group_size, interpret=not on_gpu())
 
 
-def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto") -> str:
+def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto", *, tuned: str | None = None,
+              bits: int = 0) -> str:
     """``reference`` or ``cuda`` for a codebook format (E8P, QTIP) with one CUDA kernel.
 
     ``issue`` says why the kernel cannot serve this weight (None when it can). An explicit
     ``cuda`` raises on an issue (and, later, off the GPU); ``auto`` takes the kernel on a GPU for
-    1 to ``MAX_KERNEL_BATCH`` rows of x when it serves and builds, else the reference.
+    1 to ``MAX_KERNEL_BATCH`` rows of x when it serves and builds and the tuning table (entry
+    ``tuned``/``bits``) does not measure the reference faster, else the reference.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -130,6 +127,8 @@ def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto") 
             raise cuda_ffi.CudaFFIUnavailable("backend 'cuda' needs a GPU; use 'reference' or 'auto' here")
         return "cuda"
     if issue or not on_gpu() or not 0 < _batch_rows(x) <= MAX_KERNEL_BATCH or not _cuda_ready():
+        return "reference"
+    if tuned and tuning.preferred(tuned, bits, _batch_rows(x)) == "reference":
         return "reference"
     return "cuda"
 

@@ -102,7 +102,8 @@ class QTIPQuantized(QuantizedWeight):
         (jnp), ``cuda`` (the trellis decode-matvec) or ``auto`` (the kernel on a GPU for 1-16 rows)."""
         from jaxquant.formats import dispatch
 
-        if dispatch.vq_choice(self.format_name, kernel_issue(self, x), x, backend) == "cuda":
+        if dispatch.vq_choice(self.format_name, kernel_issue(self, x), x, backend,
+                              tuned=f"qtip-{self.code}-k{self.bits}", bits=self.bits) == "cuda":
             return _matmul_cuda(x, self)
         xr = hadamard.rht(x.astype(jnp.float32), self.su, seed=self.rht_seed)
         y = jnp.matmul(xr, self.rotated().T, precision=jax.lax.Precision.HIGHEST)

@@ -72,7 +72,8 @@ class QuIPSharpQuantized(QuantizedWeight):
         the two Hadamard transforms) or ``auto`` (the kernel on a GPU for 1-16 rows of x)."""
         from jaxquant.formats import dispatch
 
-        if dispatch.vq_choice(self.format_name, kernel_issue(self, x), x, backend) == "cuda":
+        if dispatch.vq_choice(self.format_name, kernel_issue(self, x), x, backend,
+                              tuned=self.codebook.replace("e8p-", ""), bits=self.bits) == "cuda":
             return _matmul_cuda(x, self)
         return _matmul(x, self)
 
