@@ -71,3 +71,13 @@ def test_bench_decode_json(tmp_path):
     dense, rtn = result["rows"]
     assert dense["model"] == "dense" and rtn["model"] == "rtn" and result["copy_bandwidth_GBps"] > 0
     assert rtn["bytes_per_token"] < dense["bytes_per_token"] and rtn["tokens_per_s"] > 0
+
+
+def test_demo_runs_end_to_end(tmp_path, tiny_model_dir, capsys):
+    # the README's first command, on a tiny model and the offline corpus
+    from jaxquant import cli
+
+    cli.main(["demo", "--model", str(tiny_model_dir), "--data-file", "builtin", "--ctx", "32", "--max-windows", "2",
+              "--out", str(tmp_path / "demo"), "--max-new-tokens", "4", "--prompt", "The module"])
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "[5/5]" in out and (tmp_path / "demo" / "jaxquant.json").exists()
