@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -139,57 +138,67 @@ def backends(args):
     return out
 
 
+def layer_shapes(args):
+    """(model, out, in) of every weight shape to run: the models' (``--models`` subset) or ``--shapes``."""
+    table = SHAPES
+    if args.shapes:
+        table = {"custom": [tuple(int(d) for d in s.split("x")) for s in args.shapes]}
+    for model, shapes in table.items():
+        if not args.models or model in args.models:
+            for out, inp in shapes:
+                yield model, out, inp
+
+
+def fp16_sets(key, out, inp):
+    """Enough random fp16 weights of one shape for the baseline matvec to stream from memory."""
+    return [jax.random.normal(jax.random.fold_in(key, 99 + i), (out, inp), jnp.float16)
+            for i in range(_set_count(out * inp * 2))]
+
+
 def bench_matvec(args, copy_bw, rows):
     import pallas_kernels
 
     dtype = jnp.dtype(args.dtype)
     key = jax.random.key(args.seed)
-    table = SHAPES
-    if args.shapes:
-        table = {"custom": [tuple(int(d) for d in s.split("x")) for s in args.shapes]}
-    for model, shapes in table.items():
-        if args.models and model not in args.models:
-            continue
-        for out, inp in shapes:
-            fp16_bytes = out * inp * 2
-            n16 = _set_count(fp16_bytes)
-            w16 = [jax.random.normal(jax.random.fold_in(key, 99 + i), (out, inp), jnp.float16) for i in range(n16)]
-            for batch in args.batch:
-                x = jax.random.normal(jax.random.fold_in(key, batch), (batch, inp), jnp.float32).astype(dtype)
-                t16 = per_call_seconds(lambda x, w: x.astype(jnp.float16) @ w.T, x, w16)
-                bytes16 = fp16_bytes + batch * (inp + out) * 2
-                record(args, rows, dict(kind="matvec", model=model, out=out, inp=inp, bits=16, batch=batch,
-                                        backend="fp16-xla", config={}, us=t16 * 1e6, bytes=bytes16,
-                                        GBps=bytes16 / t16 / 1e9, copy_frac=bytes16 / t16 / copy_bw,
-                                        speedup_vs_fp16=1.0, rel_err=0.0))
-                for bits in args.bits:
-                    qbytes = out * inp * bits // 8
-                    nsets = _set_count(qbytes)
-                    sets = random_sets(jax.random.fold_in(key, 1000 * bits + out + inp), out, inp, bits,
-                                       args.group_size, nsets)
-                    ref = np.asarray(jnp.matmul(x.astype(jnp.float32), sets[0].dequantize(jnp.float32).T,
-                                                precision=jax.lax.Precision.HIGHEST), np.float64)
-                    nbytes = quantized_bytes(sets[0], batch, dtype)
-                    for name, cfg, fn in backends(args):
-                        if name == "pallas" and bits not in pallas_kernels.SUPPORTED_BITS:
-                            continue
-                        if cfg.get("variant") and (bits != 2 or batch != 1):  # the half2 decode's only case
-                            continue
-                        row = dict(kind="matvec", model=model, out=out, inp=inp, bits=bits, batch=batch,
-                                   backend=name, config=cfg, group_size=args.group_size, bytes=nbytes)
-                        try:
-                            y = jax.jit(fn)(x, sets[0])
-                            row["rel_err"] = rel_err(y, ref)
-                            t = per_call_seconds(fn, x, sets)
-                            row.update(us=t * 1e6, GBps=nbytes / t / 1e9, copy_frac=nbytes / t / copy_bw,
-                                       speedup_vs_fp16=t16 / t)
-                        except Exception as e:  # noqa: BLE001 - a failing backend is reported, not fatal
-                            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                            if args.verbose:
-                                traceback.print_exc()
-                        record(args, rows, row)
-                    del sets
-            del w16
+    for model, out, inp in layer_shapes(args):
+        fp16_bytes = out * inp * 2
+        w16 = fp16_sets(key, out, inp)
+        for batch in args.batch:
+            x = jax.random.normal(jax.random.fold_in(key, batch), (batch, inp), jnp.float32).astype(dtype)
+            t16 = per_call_seconds(lambda x, w: x.astype(jnp.float16) @ w.T, x, w16)
+            bytes16 = fp16_bytes + batch * (inp + out) * 2
+            record(args, rows, dict(kind="matvec", model=model, out=out, inp=inp, bits=16, batch=batch,
+                                    backend="fp16-xla", config={}, us=t16 * 1e6, bytes=bytes16,
+                                    GBps=bytes16 / t16 / 1e9, copy_frac=bytes16 / t16 / copy_bw,
+                                    speedup_vs_fp16=1.0, rel_err=0.0))
+            for bits in args.bits:
+                qbytes = out * inp * bits // 8
+                nsets = _set_count(qbytes)
+                sets = random_sets(jax.random.fold_in(key, 1000 * bits + out + inp), out, inp, bits,
+                                   args.group_size, nsets)
+                ref = np.asarray(jnp.matmul(x.astype(jnp.float32), sets[0].dequantize(jnp.float32).T,
+                                            precision=jax.lax.Precision.HIGHEST), np.float64)
+                nbytes = quantized_bytes(sets[0], batch, dtype)
+                for name, cfg, fn in backends(args):
+                    if name == "pallas" and bits not in pallas_kernels.SUPPORTED_BITS:
+                        continue
+                    if cfg.get("variant") and (bits != 2 or batch != 1):  # the half2 decode's only case
+                        continue
+                    row = dict(kind="matvec", model=model, out=out, inp=inp, bits=bits, batch=batch,
+                               backend=name, config=cfg, group_size=args.group_size, bytes=nbytes)
+                    try:
+                        y = jax.jit(fn)(x, sets[0])
+                        row["rel_err"] = rel_err(y, ref)
+                        t = per_call_seconds(fn, x, sets)
+                        row.update(us=t * 1e6, GBps=nbytes / t / 1e9, copy_frac=nbytes / t / copy_bw,
+                                   speedup_vs_fp16=t16 / t)
+                    except Exception as e:  # noqa: BLE001 - a failing backend is reported, not fatal
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                        if args.verbose:
+                            traceback.print_exc()
+                    record(args, rows, row)
+                del sets
+        del w16
 
 
 def vq_sets(fmt, key, out, inp, count):
@@ -241,52 +250,44 @@ def bench_vq(args, copy_bw, rows):
     x and y in the activation dtype (the sign vectors and tables are noise)."""
     dtype = jnp.dtype(args.dtype)
     key = jax.random.key(args.seed + 7)
-    table = SHAPES
-    if args.shapes:
-        table = {"custom": [tuple(int(d) for d in s.split("x")) for s in args.shapes]}
-    for model, shapes in table.items():
-        if args.models and model not in args.models:
-            continue
-        for out, inp in shapes:
-            fp16_bytes = out * inp * 2
-            w16 = [jax.random.normal(jax.random.fold_in(key, 99 + i), (out, inp), jnp.float16)
-                   for i in range(_set_count(fp16_bytes))]
-            for batch in args.batch:
-                x = jax.random.normal(jax.random.fold_in(key, batch), (batch, inp), jnp.float32).astype(dtype)
-                t16 = per_call_seconds(lambda x, w: x.astype(jnp.float16) @ w.T, x, w16)
-                for fmt in args.vq:
-                    bits = {"e8p": 2, "rvq4": 4}.get(fmt) or int(fmt.split("-k")[1])
-                    sets = vq_sets(fmt, jax.random.fold_in(key, out + inp), out, inp, _set_count(out * inp * bits // 8))
-                    nbytes = sets[0].codes.nbytes + batch * (inp + out) * dtype.itemsize
-                    xf = x.astype(jnp.float32)
-                    q = sets[0].rotated()
-                    if fmt.startswith("qtip"):  # the kernel returns code values; the format scales after
-                        q = q / sets[0].scale[0]
-                    cases = [("kernel", lambda x, qw: vq_kernel_fn(fmt, {})(x, qw),
-                              np.asarray(jnp.matmul(xf, q.T, precision=jax.lax.Precision.HIGHEST))),
-                             ("linear-cuda", lambda x, qw: qw.matmul(x, backend="cuda"),
-                              np.asarray(sets[0].matmul(xf, backend="reference"), np.float64))]
-                    if args.reference:
-                        cases.append(("linear-reference", lambda x, qw: qw.matmul(x, backend="reference"), cases[1][2]))
-                    del q
-                    for name, fn, ref in cases:
-                        if name not in args.vq_cases and name != "linear-reference":
-                            continue
-                        row = dict(kind="vq", model=model, out=out, inp=inp, bits=bits, batch=batch, format=fmt,
-                                   backend=name, config={}, bytes=nbytes)
-                        try:
-                            xin = xf if name == "kernel" else x
-                            row["rel_err"] = rel_err(jax.jit(fn)(xin, sets[0]), ref)
-                            t = per_call_seconds(fn, xin, sets)
-                            row.update(us=t * 1e6, GBps=nbytes / t / 1e9, copy_frac=nbytes / t / copy_bw,
-                                       speedup_vs_fp16=t16 / t)
-                        except Exception as e:  # noqa: BLE001
-                            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                            if args.verbose:
-                                traceback.print_exc()
-                        record(args, rows, row)
-                    del sets
-            del w16
+    for model, out, inp in layer_shapes(args):
+        w16 = fp16_sets(key, out, inp)
+        for batch in args.batch:
+            x = jax.random.normal(jax.random.fold_in(key, batch), (batch, inp), jnp.float32).astype(dtype)
+            t16 = per_call_seconds(lambda x, w: x.astype(jnp.float16) @ w.T, x, w16)
+            for fmt in args.vq:
+                bits = {"e8p": 2, "rvq4": 4}.get(fmt) or int(fmt.split("-k")[1])
+                sets = vq_sets(fmt, jax.random.fold_in(key, out + inp), out, inp, _set_count(out * inp * bits // 8))
+                nbytes = sets[0].codes.nbytes + batch * (inp + out) * dtype.itemsize
+                xf = x.astype(jnp.float32)
+                q = sets[0].rotated()
+                if fmt.startswith("qtip"):  # the kernel returns code values; the format scales after
+                    q = q / sets[0].scale[0]
+                cases = [("kernel", lambda x, qw: vq_kernel_fn(fmt, {})(x, qw),
+                          np.asarray(jnp.matmul(xf, q.T, precision=jax.lax.Precision.HIGHEST))),
+                         ("linear-cuda", lambda x, qw: qw.matmul(x, backend="cuda"),
+                          np.asarray(sets[0].matmul(xf, backend="reference"), np.float64))]
+                if args.reference:
+                    cases.append(("linear-reference", lambda x, qw: qw.matmul(x, backend="reference"), cases[1][2]))
+                del q
+                for name, fn, ref in cases:
+                    if name not in args.vq_cases and name != "linear-reference":
+                        continue
+                    row = dict(kind="vq", model=model, out=out, inp=inp, bits=bits, batch=batch, format=fmt,
+                               backend=name, config={}, bytes=nbytes)
+                    try:
+                        xin = xf if name == "kernel" else x
+                        row["rel_err"] = rel_err(jax.jit(fn)(xin, sets[0]), ref)
+                        t = per_call_seconds(fn, xin, sets)
+                        row.update(us=t * 1e6, GBps=nbytes / t / 1e9, copy_frac=nbytes / t / copy_bw,
+                                   speedup_vs_fp16=t16 / t)
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                        if args.verbose:
+                            traceback.print_exc()
+                    record(args, rows, row)
+                del sets
+        del w16
 
 
 def bench_hadamard(args, copy_bw, rows):
