@@ -208,6 +208,48 @@ struct MatvecArgs {
   int x_dt, n, k_in, out, nchunks, groups, cpg, cpg_shift, tkc, ksplit;
 };
 
+// Codes, scales and zeros of the R rows from row0; rows past the end repeat the last one (their
+// results are never stored), so loads need no bounds checks.
+template <int R>
+__device__ __forceinline__ void row_pointers(const MatvecArgs& a, int row0, int words_per_row,
+                                             const uint32_t* (&rowp)[R], const __half* (&sp)[R],
+                                             const __half* (&zp)[R]) {
+  static_for<R>([&](auto r) {
+    const int row = min(row0 + static_cast<int>(r), a.out - 1);
+    rowp[r] = a.codes + static_cast<size_t>(row) * words_per_row;
+    sp[r] = a.scale + static_cast<size_t>(row) * a.groups;
+    zp[r] = a.zero + static_cast<size_t>(row) * a.groups;
+  });
+}
+
+// The words, scale and zero of U chunks (cl0, cl0 + 32, ... below hi) of R rows: every load is
+// issued before any decode, so a warp keeps U * R loads in flight.
+template <int B, int R, int U>
+__device__ __forceinline__ void load_units(const MatvecArgs& a, const uint32_t* const (&rowp)[R],
+                                           const __half* const (&sp)[R], const __half* const (&zp)[R],
+                                           int c0, int cl0, int hi, uint32_t (&w)[U][R][B], float (&s)[U][R],
+                                           float (&z)[U][R]) {
+  static_for<U>([&](auto u) {
+    const int cl = cl0 + 32 * static_cast<int>(u);
+    if (cl < hi) {
+      const int c = c0 + cl;
+      const int gi = a.cpg_shift >= 0 ? (c >> a.cpg_shift) : (c / a.cpg);
+      static_for<R>([&](auto r) {
+        load_chunk<B>(rowp[r] + static_cast<size_t>(c) * B, w[u][r]);
+        s[u][r] = __half2float(sp[r][gi]);
+        z[u][r] = __half2float(zp[r][gi]);
+      });
+    }
+  });
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+
 // Four consecutive x values of batch row b from input k0 (zeros past k_in or past the batch).
 __device__ __forceinline__ void load_x4(const MatvecArgs& a, int b, int64_t k0, float (&v)[4]) {
   if (b >= a.n) {
@@ -313,12 +355,7 @@ __global__ void __launch_bounds__(matvec_max_threads<NB>()) scalar_matvec_kernel
     const uint32_t* rowp[R];
     const __half* sp[R];
     const __half* zp[R];
-    static_for<R>([&](auto r) {
-      const int row = min(row0 + static_cast<int>(r), a.out - 1);
-      rowp[r] = a.codes + static_cast<size_t>(row) * wd;
-      sp[r] = a.scale + static_cast<size_t>(row) * a.groups;
-      zp[r] = a.zero + static_cast<size_t>(row) * a.groups;
-    });
+    row_pointers<R>(a, row0, wd, rowp, sp, zp);
 
     float acc[NB][R];
     static_for<NB>([&](auto b) { static_for<R>([&](auto r) { acc[b][r] = 0.f; }); });
@@ -335,18 +372,7 @@ __global__ void __launch_bounds__(matvec_max_threads<NB>()) scalar_matvec_kernel
       for (int cl0 = lo + lane; cl0 < hi; cl0 += 32 * U) {
         uint32_t w[U][R][B];
         float s[U][R], z[U][R];
-        static_for<U>([&](auto u) {
-          const int cl = cl0 + 32 * static_cast<int>(u);
-          if (cl < hi) {
-            const int c = c0 + cl;
-            const int gi = a.cpg_shift >= 0 ? (c >> a.cpg_shift) : (c / a.cpg);
-            static_for<R>([&](auto r) {
-              load_chunk<B>(rowp[r] + static_cast<size_t>(c) * B, w[u][r]);
-              s[u][r] = __half2float(sp[r][gi]);
-              z[u][r] = __half2float(zp[r][gi]);
-            });
-          }
-        });
+        load_units<B, R, U>(a, rowp, sp, zp, c0, cl0, hi, w, s, z);
         static_for<U>([&](auto u) {
           const int cl = cl0 + 32 * static_cast<int>(u);
           if (cl < hi) {
@@ -376,14 +402,7 @@ __global__ void __launch_bounds__(matvec_max_threads<NB>()) scalar_matvec_kernel
       }
     }
 
-    static_for<NB>([&](auto b) {
-      static_for<R>([&](auto r) {
-        float v = acc[b][r];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        acc[b][r] = v;
-      });
-    });
+    static_for<NB>([&](auto b) { static_for<R>([&](auto r) { acc[b][r] = warp_sum(acc[b][r]); }); });
     if (S == 1) {
       static_for<NB>([&](auto b) {
         static_for<R>([&](auto r) {
@@ -566,12 +585,7 @@ __global__ void __launch_bounds__(512) scalar_matvec2_half_kernel(MatvecArgs a) 
     const uint32_t* rowp[R];
     const __half* sp[R];
     const __half* zp[R];
-    static_for<R>([&](auto r) {
-      const int row = min(row0 + static_cast<int>(r), a.out - 1);
-      rowp[r] = a.codes + static_cast<size_t>(row) * wd;
-      sp[r] = a.scale + static_cast<size_t>(row) * a.groups;
-      zp[r] = a.zero + static_cast<size_t>(row) * a.groups;
-    });
+    row_pointers<R>(a, row0, wd, rowp, sp, zp);
     float acc[R];
     static_for<R>([&](auto r) { acc[r] = 0.f; });
     for (int c0 = 0; c0 < a.nchunks; c0 += tkc) {
@@ -586,18 +600,7 @@ __global__ void __launch_bounds__(512) scalar_matvec2_half_kernel(MatvecArgs a) 
       for (int cl0 = lo + lane; cl0 < hi; cl0 += 32 * U) {
         uint32_t w[U][R][2];
         float s[U][R], z[U][R];
-        static_for<U>([&](auto u) {
-          const int cl = cl0 + 32 * static_cast<int>(u);
-          if (cl < hi) {
-            const int c = c0 + cl;
-            const int gi = a.cpg_shift >= 0 ? (c >> a.cpg_shift) : (c / a.cpg);
-            static_for<R>([&](auto r) {
-              load_chunk<2>(rowp[r] + static_cast<size_t>(c) * 2, w[u][r]);
-              s[u][r] = __half2float(sp[r][gi]);
-              z[u][r] = __half2float(zp[r][gi]);
-            });
-          }
-        });
+        load_units<2, R, U>(a, rowp, sp, zp, c0, cl0, hi, w, s, z);
         static_for<U>([&](auto u) {
           const int cl = cl0 + 32 * static_cast<int>(u);
           if (cl < hi) {
@@ -623,12 +626,7 @@ __global__ void __launch_bounds__(512) scalar_matvec2_half_kernel(MatvecArgs a) 
         });
       }
     }
-    static_for<R>([&](auto r) {
-      float v = acc[r];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-      acc[r] = v;
-    });
+    static_for<R>([&](auto r) { acc[r] = warp_sum(acc[r]); });
     if (S == 1) {
       static_for<R>([&](auto r) {
         const int row = row0 + r;
@@ -895,9 +893,7 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
 
     static_for<NB>([&](auto b) {
       static_for<R>([&](auto r) {
-        float v = acc[b][r];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        const float v = warp_sum(acc[b][r]);
         const int row = row0 + r;
         if (lane == 0 && row < a.out && b < a.n) a.y[static_cast<size_t>(b) * a.out + row] = v;
       });
