@@ -34,6 +34,7 @@ def generate_tokens(model: Llama, prompt: list[int], max_new_tokens: int, *, tem
     if not prompt:
         raise ValueError("the prompt is empty")
     graphdef, state = nnx.split(model)
+    state = jax.device_put(state)  # host (numpy) weights would otherwise be copied on every step
     cache = init_cache(model.config, 1, len(prompt) + max_new_tokens, cache_dtype)
 
     def forward(state, tokens, cache, pos, key):
