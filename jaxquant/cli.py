@@ -379,6 +379,9 @@ def cmd_bench_decode(args):
     else:
         dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "float16")
         dense = random_model(args.shape, dtype=dtype, num_layers=args.layers)
+        if args.fuse:
+            from jaxquant.model.fuse import fuse_linears
+            dense = fuse_linears(dense)
         quantized = db.quantize_shared(model_from_params(dense.config, named_params(dense)), config_from_args(args))
     bandwidth = db.copy_bandwidth(args.copy_bytes)
     rows = []
@@ -393,7 +396,7 @@ def cmd_bench_decode(args):
             print(f"{label:<10} batch {batch:>3}: {tps:10.1f} tokens/s  {nbytes / 1e9:7.3f} GB/token  "
                   f"{100 * rows[-1]['bandwidth_fraction']:5.1f} % of the copy-bandwidth bound", flush=True)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
-              "copy_bandwidth_GBps": bandwidth / 1e9, "shape": args.shape, "model": args.model,
+              "copy_bandwidth_GBps": bandwidth / 1e9, "shape": args.shape, "model": args.model, "fused": args.fuse,
               "command": " ".join(sys.argv), "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
@@ -528,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     q.add_argument("--context", type=int, default=128, help="tokens already in the KV cache (default 128)")
     q.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
+    q.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up into one linear each (dense and "
+                   "quantized alike): fewer, larger matvecs per block")
     q.add_argument("--copy-bytes", type=int, default=1 << 30, help="size of the bandwidth-probe copy (default 1 GiB)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", help="write the table here")

@@ -2,11 +2,13 @@
 # The GPU benchmarks still owed by open issues, in one device call each (≤ 10 minutes).
 # Usage on the device machine, from the repo root:  bash scripts/gpu_suite.sh PART OUTDIR
 #   kernels   issue 10: gpu kernel tests, scalar decode-matvec and Hadamard vs copy bandwidth
+#   kernels-vq-tests  issue 10: E8P / RVQ4 / QTIP gpu tests
 #   kernels-vq  issue 10: E8P / RVQ4 / QTIP decode-matvec and their full linear (RHT included)
 #   qtip      issue 6: Viterbi speed (target HYB <= 5 ms, 1MAD <= 8 ms per 65,536 weights at k=2)
 #   decode    issue 11: decode tokens/s vs the bandwidth bound, Llama-2-7B shape
 #   hessian   issue 8: Hessian collection scaling (nvidia-h200-x4: --devices 1 2 4)
-#   smollm2   issues 9, 11: needs /tmp/m/smollm2.gguf (below); 2-bit generation, QTIP fine-tuning stages
+#   smollm2   issue 11: needs /tmp/m/smollm2.gguf (below); QuIP# 2-bit quantization and generation
+#   smollm2-ft  issue 9: needs /tmp/m/smollm2.gguf; QTIP block + end-to-end fine-tuning row
 # The SmolLM2 GGUF (98 MB) exceeds one carry: send it in two carries to one warm machine. Here:
 # split -b 44M the GGUF into .devcarry/a/part_aa and .devcarry/b/part_ab, part_ac (both folders in
 # .git/info/exclude); put wiki.valid.tokens and the test text tokenized with the GGUF tokenizer
@@ -22,31 +24,37 @@ case $part in
       -k "not e8p and not qtip" > "$out/kernel_tests.log" 2>&1; tail -5 "$out/kernel_tests.log"
     timeout 260 python3 scripts/bench_kernels.py --json "$out/bench_kernels.json" --bits 2 3 4 8 \
       --hadamard-n 4096 8192 16384 32768 ;;
-  kernels-vq)  # issue 10, part 2: E8P / RVQ4 / QTIP gpu tests, kernels alone, full linear (RHT included)
+  kernels-vq-tests)  # issue 10, part 2: E8P / RVQ4 / QTIP gpu tests (their matrix needs most of a call)
     timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
-    JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider \
-      -k "e8p or qtip" > "$out/kernel_tests_vq.log" 2>&1; tail -5 "$out/kernel_tests_vq.log"
-    timeout 180 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel \
+    JAX_PLATFORMS=cuda timeout 450 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider \
+      -k "e8p or qtip" --durations 10 > "$out/kernel_tests_vq.log" 2>&1; tail -20 "$out/kernel_tests_vq.log" ;;
+  kernels-vq)  # issue 10, part 3: E8P / RVQ4 / QTIP kernels alone, then the full linear (RHT included)
+    timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
+    timeout 240 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel \
       --json "$out/bench_kernels_vq.json" --vq e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 qtip-3inst-k2 qtip-hyb-k4
-    timeout 90 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda \
-      --json "$out/bench_kernels_linear.json" --models llama2-70b --vq e8p qtip-hyb-k2 ;;
+    timeout 180 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda \
+      --json "$out/bench_kernels_linear.json" --models llama2-7b llama2-70b --vq e8p qtip-hyb-k2 ;;
   qtip)
     timeout 540 python3 scripts/bench_viterbi.py --json "$out/viterbi.json" ;;
-  decode)
-    for m in "rtn --bits 4 --group-size 128" "rtn --bits 2 --group-size 128" "quip# --bits 2" "qtip --bits 2"; do
-      timeout 140 python3 -m jaxquant.cli bench decode --shape llama2-7b --method $m --json "$out/decode_${m%% *}.json"
+  decode)  # dense rows come with each; file names avoid '#', which $OUT does not return
+    for a in "llama2-7b quip# 2" "llama2-7b quip# 2 --fuse" "llama2-7b qtip 2 --fuse" "llama2-7b rtn 4 --group-size 128" \
+             "smollm2-135m quip# 2 --fuse"; do
+      set -- $a; name=$(echo "decode_$*" | tr -c 'A-Za-z0-9_.\n-' '_')
+      timeout 140 python3 -m jaxquant.cli bench decode --shape $1 --method $2 --bits $3 "${@:4}" --json "$out/$name.json"
     done ;;
   hessian)
     timeout 540 python3 scripts/bench_hessian.py --shape llama2-7b --layers 4 --ctx 4096 --devices 1 2 4 \
       --json "$out/hessian.json" ;;
   smollm2)  # loading, quantizing and saving SmolLM2 take ~3 minutes on an H100: keep the timeouts generous
     gguf=/tmp/m/smollm2.gguf b=.devcarry/b
-    (timeout 260 python3 -m jaxquant.cli quantize --model $gguf --method quip# --bits 2 --calib-file $b/wiki.valid.tokens \
+    (timeout 300 python3 -m jaxquant.cli quantize --model $gguf --method quip# --bits 2 --calib-file $b/wiki.valid.tokens \
        --calib-samples 32 --calib-ctx 512 --out /tmp/m/q2 \
      && timeout 90 python3 -m jaxquant.cli generate --model /tmp/m/q2 --chat --prompt "What is the capital of France?" \
-       --max-new-tokens 40) > "$out/generate.log" 2>&1; tail -c 800 "$out/generate.log"
-    timeout 560 python3 scripts/bench_finetune.py --model $gguf --methods qtip --tokens-file $b/wikitext2_test_smollm2.npy \
-      --calib-file $b/wiki.valid.tokens --eval-windows 8 --ctx 512 --devset 32 --devset-ctx 256 --ft-epochs 2 \
-      --json /tmp/m/finetune.json > "$out/finetune.log" 2>&1; cp /tmp/m/finetune.json "$out/" ;;
+       --max-new-tokens 40) > "$out/generate.log" 2>&1; tail -c 800 "$out/generate.log" ;;
+  smollm2-ft)  # issue 9: the QTIP row still missing (block, then end-to-end: ~250 s + ~240 s on an H100)
+    gguf=/tmp/m/smollm2.gguf b=.devcarry/b
+    timeout 580 python3 scripts/bench_finetune.py --model $gguf --methods qtip --stages block+e2e \
+      --tokens-file $b/wikitext2_test_smollm2.npy --calib-file $b/wiki.valid.tokens --eval-windows 8 --ctx 512 \
+      --devset 32 --devset-ctx 256 --ft-epochs 2 --json "$out/finetune.json" > "$out/finetune.log" 2>&1 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
