@@ -4,6 +4,7 @@
 #   kernels   issue 10: gpu kernel tests, scalar decode-matvec and Hadamard vs copy bandwidth
 #   kernels-vq-tests  issue 10: E8P / RVQ4 / QTIP gpu tests
 #   kernels-vq  issue 10: E8P / RVQ4 / QTIP decode-matvec and their full linear (RHT included)
+#   overhead  issues 10, 11: per-custom-call cost with and without XLA command buffers
 #   qtip      issue 6: Viterbi speed (target HYB <= 5 ms, 1MAD <= 8 ms per 65,536 weights at k=2)
 #   decode    issue 11: decode tokens/s vs the bandwidth bound, Llama-2-7B shape
 #   hessian   issue 8: Hessian collection scaling (nvidia-h200-x4: --devices 1 2 4)
@@ -34,6 +35,15 @@ case $part in
       --json "$out/bench_kernels_vq.json" --vq e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 qtip-3inst-k2 qtip-hyb-k4
     timeout 180 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda \
       --json "$out/bench_kernels_linear.json" --models llama2-7b llama2-70b --vq e8p qtip-hyb-k2 ;;
+  overhead)  # issues 10, 11: is the ~15 us per custom call XLA's command-buffer tracing? The same runs without
+    timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
+    for flags in "" "--xla_gpu_enable_command_buffer="; do
+      echo "=== XLA_FLAGS='$flags'"
+      XLA_FLAGS=$flags timeout 100 python3 scripts/bench_kernels.py --backends cuda --bits 2 4 --copy-mib 512 \
+        --shapes 4096x4096 8192x8192 --hadamard-n 8192 --vq e8p --vq-cases kernel linear-cuda 2>&1 | grep -E "us |copy:"
+      XLA_FLAGS=$flags timeout 110 python3 -m jaxquant.cli bench decode --shape llama2-7b --layers 8 --method quip# \
+        --bits 2 --batch 1 --steps 32 2>&1 | grep "batch"
+    done ;;
   qtip)
     timeout 540 python3 scripts/bench_viterbi.py --json "$out/viterbi.json" ;;
   decode)  # dense rows come with each; file names avoid '#', which $OUT does not return
