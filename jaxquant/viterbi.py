@@ -19,6 +19,11 @@ bits, read circularly, so the last state's low L-kV bits must equal the first st
 L-kV bits ("overlap" O). Pass 1 runs unconstrained on the sequence rotated by n/2 steps and
 reads O off the state where the two ends meet; pass 2 runs with M_{-1} = 0 only at p = O
 (forcing s_0 >> kV = O) and ends in the state d·P + O with d the back-pointer of M_{n-1}(O).
+
+The grouped steps ("group": one step, "pair": two steps per scan iteration) compute all G = D^S
+outputs that depend on one group of G inputs in one thread, carry integer keys with the argmin in
+their low bits, and pack the pointers S·kV bits each into words (see the section below); "pair"
+halves the carried-cost traffic per step and is the H100 default for the 1MAD/3INST codes at k = 2.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ def _check(L: int, kV: int, n: int) -> None:
         raise ValueError(f"a tail-biting sequence of {n} steps holds {n * kV} bits < L={L}")
 
 
-STEP_IMPLS = ("reduce", "tree", "packed")
+STEP_IMPLS = ("reduce", "tree", "packed", "group", "pair")
 UNREACHABLE = 1e30  # start cost of excluded states: finite, so that costs stay orderable as integers
 
 
@@ -97,13 +102,24 @@ def _step(m, x_t, vals, sqn, *, L, kV, impl):
     return cand.reshape(-1, B), jnp.broadcast_to(idx, cand.shape).reshape(-1, B)
 
 
-def default_impl(kV: int, V: int = 1) -> str:
-    """The fastest step measured (``scripts/bench_viterbi.py``). H100: the packed min for the
-    two-value codes (HYB) up to kV = 6 (k = 2: 4.4 vs 4.8 ms, k = 3: 4.3 vs 9.4 ms per 65,536 weights),
+def default_impl(kV: int, V: int = 1, L: int | None = None, n: int | None = None) -> str:
+    """The fastest step measured (``scripts/bench_viterbi.py``, 1M weights, ms per 65,536 weights).
+    H100: the two-step groups ("pair", 8.9 vs 21.0 ms for the reduction) for the one-value codes
+    (1MAD, 3INST) at kV = 2 where they apply (L >= 10, even n; L, n None: assumed to); the packed
+    min for the two-value codes (HYB) up to kV = 6 (k = 2: 4.4 vs 4.8 ms, k = 3: 4.3 vs 9.4 ms);
     else the reduction. XLA:CPU: the reduction for D <= 16, else the tree."""
     if jax.default_backend() == "gpu":
+        if V == 1 and kV == 2 and (L is None or n is None or _grouping("pair", L, kV, n, strict=False) == 2):
+            return "pair"
         return "packed" if V == 2 and kV <= 6 else "reduce"
     return "reduce" if kV <= 4 else "tree"
+
+
+def default_unroll(impl: str) -> int:
+    """Scan unroll: 2 for the grouped steps on a GPU (two iterations per loop body let the second
+    write its costs into the carry's buffer instead of a copy: "pair" 8.9 vs 12.2 ms on an H100),
+    else 1 (the packed HYB step takes 8.6 instead of 4.4 ms unrolled)."""
+    return 2 if impl in GROUP_STEPS and jax.default_backend() == "gpu" else 1
 
 
 def _forward(x, m0, vals, sqn, *, L, kV, impl, unroll):
@@ -141,10 +157,163 @@ def _backtrace(bp, s_last, *, L, kV):
 
 def _solve(x, m0, vals, sqn, overlap, *, L, kV, impl, unroll):
     """One Viterbi pass on x (n, V, B); ``overlap`` (B,) fixes the end state's low bits, or None."""
+    if impl in GROUP_STEPS:
+        return _solve_grouped(x, m0, vals, overlap, L=L, kV=kV, impl=impl, unroll=unroll)
     P = 1 << (L - kV)
     m_last, bp = _forward(x, m0, vals, sqn, L=L, kV=kV, impl=impl, unroll=unroll)
     p = jnp.argmin(m_last, axis=0).astype(jnp.int32) if overlap is None else overlap
     return _backtrace(bp, _pick(bp[-1], p) * P + p, L=L, kV=kV)
+
+
+# -- grouped steps ("group", "pair"): S trellis steps per scan iteration, one group of G = D^S
+# states per thread --------------------------------------------------------------------------------
+#
+# With R = P/G, the entries M_{t-1}(u·R + g), u < G, of one row g < R are all that the S steps
+# t .. t+S-1 need to produce M_{t+S-1}(g·G + c), c < G: u is the S·kV bits that the S steps shift
+# out, c the S·kV bits they shift in. Each output is one joint minimum over the G paths u,
+#
+#     M_{t+S-1}(g·G + c) = min_u [ M_{t-1}(u·R + g) + sum_sig e_{t+sig}(state_sig(u, g, c)) ],
+#
+# so no intermediate M is formed (XLA would store it: a multi-output fusion is not fused into its
+# consumer) and the step is one loop fusion over (R, B) that reads and writes every cost entry once
+# per S steps, each input loaded once by the thread that owns its group. The partial sums over the
+# first steps are shared by the outputs that extend them. Costs are sums of (x - c)^2 >= 0, so
+# their float bits order as int32 and the argmin u rides in the low S·kV bits of one integer
+# minimum (exact up to those mantissa bits, as in "packed"); the key is carried as is. The next
+# iteration, which reads the keys of a row group anyway, packs their pointer bits into words
+# (S·kV bits per entry, uint8 or uint32 words, i.e. a few 2-bit pointers per byte) that the scan
+# stacks: ``ys[i]`` holds the pointers of iteration i - 1, the final keys those of the last.
+#
+# The carry is one int32 array Z (G, R, B): Z[c, g] = key of M(g·G + c). Row g of the next
+# iteration reads Z[g mod G, u·R/G + g // G] for u < G (a transpose of the leading axes, no
+# gather); the G outputs are stacked into the next Z (one copy: the trellis' shuffle).
+
+GROUP_STEPS = {"group": 1, "pair": 2}
+
+
+def _grouping(impl: str, L: int, kV: int, n: int, strict: bool = True) -> int:
+    """Steps per iteration of a grouped impl ("pair" falls back to 1 where 2 does not apply);
+    0 where none applies and not ``strict``."""
+    for S in range(GROUP_STEPS[impl], 0, -1):
+        G, P = 1 << (S * kV), 1 << (L - kV)
+        if n % S == 0 and S * kV <= 4 and P % (G * G) == 0:
+            return S
+    if not strict:
+        return 0
+    raise ValueError(f"no grouped Viterbi step for L={L}, kV={kV} (needs kV <= 4 and L >= 5·kV)")
+
+
+def _words(G, bits):
+    """(number of pointer words per row, their dtype) for G pointers of ``bits`` bits."""
+    return -(-G * bits // 32), (jnp.uint8 if G * bits <= 8 else jnp.uint32)
+
+
+def _group_step(z, x_t, vals, *, L, kV, S):
+    """Z (G, R, B) int32 and x for S steps (S, V, B) -> next Z, W pointer words of Z (R, B)."""
+    V, B = x_t.shape[1:]
+    D, G, P = 1 << kV, 1 << (S * kV), 1 << (L - kV)
+    R = P // G
+    W, wdt = _words(G, S * kV)
+    keys = z.reshape(G, G, R // G, B)
+    keys = [keys[:, u].transpose(1, 0, 2).reshape(R, B) for u in range(G)]  # M_{t-1}(u·R + g)
+    per_word = G // W
+    words = []
+    for w in range(W):
+        word = None
+        for i, u in enumerate(range(w * per_word, (w + 1) * per_word)):
+            bits = keys[u] & (G - 1)
+            bits = bits if i == 0 else bits << (S * kV * i)
+            word = bits if word is None else word | bits
+        words.append(word)
+    # partial[u][lo] = M_{t-1}(u·R + g) + e over steps 0..sig, lo = n_0..n_sig
+    partial = [[lax.bitcast_convert_type(k & ~(G - 1), jnp.float32)] for k in keys]
+    for sig in range(S):
+        # state at step sig: (u_sig .. u_{S-1}) | g | (n_0 .. n_sig), the top part u mod D^(S-sig)
+        tabs = [vals[v].reshape(D ** (S - sig), R, D ** (sig + 1)) for v in range(V)]
+        err = {}
+        for top in range(D ** (S - sig)):
+            for lo in range(D ** (sig + 1)):
+                e = None
+                for v in range(V):
+                    diff = x_t[sig, v][None, :] - tabs[v][top, :, lo][:, None]
+                    e = diff * diff if e is None else e + diff * diff
+                err[top, lo] = e
+        partial = [[partial[u][lo >> kV] + err[u % D ** (S - sig), lo] for lo in range(D ** (sig + 1))]
+                   for u in range(G)]
+    out = []
+    for c in range(G):
+        best = None
+        for u in range(G):
+            key = (lax.bitcast_convert_type(partial[u][c], jnp.int32) & ~(G - 1)) | u
+            best = key if best is None else jnp.minimum(best, key)
+        out.append(best)
+    if jax.default_backend() == "gpu":
+        # The barrier keeps the G minima one multi-output fusion: fused into the stack (a
+        # concatenate), every output element is computed on its own, rereading the group's inputs
+        # G times. (XLA:CPU fuses nothing across it: 15x slower there.)
+        out, words = lax.optimization_barrier((out, words))
+    return jnp.stack(out), tuple(lax.bitcast_convert_type(w, jnp.uint32).astype(wdt) for w in words)
+
+
+def _forward_grouped(x, m0, vals, *, L, kV, S, unroll):
+    """x (n, V, B), M_{-1} (P, B) -> (final Z (G, R, B), pointer words W x (n/S, R, B))."""
+    n, V, B = x.shape
+    G = 1 << (S * kV)
+    R = m0.shape[0] // G
+    z0 = lax.bitcast_convert_type(m0, jnp.int32).reshape(R, G, B).transpose(1, 0, 2)
+    xg = x.reshape(n // S, S, V, B)
+    step = functools.partial(_group_step, vals=vals, L=L, kV=kV, S=S)
+
+    def body(carry, x_next):
+        z, x_t = carry  # x_t via the carry, as in _forward
+        z, words = step(z, x_t)
+        return (z, x_next), words
+
+    (z, _), words = lax.scan(body, (z0, xg[0]), jnp.roll(xg, -1, axis=0), unroll=unroll)
+    return z, words
+
+
+def _backtrace_grouped(z, words, p_last, *, L, kV, S):
+    """Final Z, pointer words and p_{n-1} = s_{n-1} mod P (B,) -> states (B, n)."""
+    D, G, P = 1 << kV, 1 << (S * kV), 1 << (L - kV)
+    R = P // G
+    bits = S * kV
+    W, _ = _words(G, bits)
+    per_word = G // W
+    I = words[0].shape[0]
+    B = p_last.shape[0]
+    cols = jnp.arange(B)
+
+    def states(u, p):  # joint pointer u of the entry p of an iteration's output -> its S states
+        out = [((u & (D - 1)) * P + p)]
+        for sig in range(S - 2, -1, -1):
+            out.append(((u >> (kV * (S - 1 - sig))) & (D - 1)) * P + (out[-1] >> kV))
+        return out[::-1]
+
+    u_last = z[p_last & (G - 1), p_last >> bits, cols] & (G - 1)  # Z[c, g] holds M(g·G + c)
+    last = states(u_last, p_last)
+
+    def back(p, i):  # iteration i < I - 1: its pointers are packed in words[.][i + 1]
+        g, u = p & (R - 1), p >> (P.bit_length() - 1 - bits)
+        w = jnp.zeros_like(p)
+        for j in range(W):
+            w = jnp.where(u // per_word == j, words[j][i + 1, g, cols].astype(jnp.int32), w)
+        s = states((w >> (bits * (u % per_word))) & (G - 1), p)
+        return s[0] >> kV, jnp.stack(s)
+
+    _, prev = lax.scan(back, last[0] >> kV, jnp.arange(I - 1), reverse=True)
+    st = jnp.concatenate([prev.reshape(-1, B), jnp.stack(last)])
+    return st.T
+
+
+def _solve_grouped(x, m0, vals, overlap, *, L, kV, impl, unroll):
+    S = _grouping(impl, L, kV, x.shape[0])
+    G = 1 << (S * kV)
+    z, words = _forward_grouped(x, m0, vals, L=L, kV=kV, S=S, unroll=unroll)
+    if overlap is None:
+        m_last = lax.bitcast_convert_type(z & ~(G - 1), jnp.float32).transpose(1, 0, 2)
+        overlap = jnp.argmin(m_last.reshape(-1, x.shape[-1]), axis=0).astype(jnp.int32)
+    return _backtrace_grouped(z, words, overlap, L=L, kV=kV, S=S)
 
 
 def _start_costs(overlap, P):
@@ -212,32 +381,45 @@ def _map_chunks(fn, x, aux, chunk):
 
 
 def chunk_size(B: int, T: int, *, L: int, k: int, V: int,
-               max_backpointer_bytes: int = DEFAULT_MAX_BACKPOINTER_BYTES) -> int:
-    """Sequences per chunk so that one chunk's uint8 back-pointers fit in the byte budget."""
-    per_seq = (T // V) << (L - k * V)
+               max_backpointer_bytes: int = DEFAULT_MAX_BACKPOINTER_BYTES, impl: str | None = None) -> int:
+    """Sequences per chunk so that one chunk's back-pointers fit in the byte budget: one uint8 per
+    state and step, or kV bits for the grouped steps (``impl`` "group"/"pair"; None: the default)."""
+    n, kV = T // V, k * V
+    impl = _impl(impl, kV, V, L, n)
+    if impl in GROUP_STEPS:
+        S = _grouping(impl, L, kV, n)
+        G = 1 << (S * kV)
+        W, wdt = _words(G, S * kV)
+        per_seq = (n // S) * W * ((1 << (L - kV)) // G) * jnp.dtype(wdt).itemsize
+    else:
+        per_seq = n << (L - kV)
     return max(1, min(B, max_backpointer_bytes // per_seq))
 
 
 def viterbi(x: jax.Array, values: jax.Array, *, L: int, k: int, overlap: jax.Array | None = None,
             max_backpointer_bytes: int = DEFAULT_MAX_BACKPOINTER_BYTES, impl: str | None = None,
-            unroll: int = 1) -> jax.Array:
+            unroll: int | None = None) -> jax.Array:
     """Minimum squared-error state paths of the bitshift trellis (one Viterbi pass).
 
     x: ``[B, T]`` targets in code units; values: ``[2^L, V]`` code values by state.
     overlap: ``[B]`` optional; fixes ``s_0 >> kV = s_{n-1} mod 2^(L-kV) = overlap`` (the
     tail-biting constraint with known overlap bits). Returns ``[B, T/V]`` int32 states.
+    impl: the step (``STEP_IMPLS``; None: ``default_impl``); unroll: the scan's (None:
+    ``default_unroll``).
     """
     V = _shape_check(x, values, L, k)
-    chunk = chunk_size(x.shape[0], x.shape[1], L=L, k=k, V=V, max_backpointer_bytes=max_backpointer_bytes)
+    impl = _impl(impl, k * V, V, L, x.shape[1] // V)
+    chunk = chunk_size(x.shape[0], x.shape[1], L=L, k=k, V=V, max_backpointer_bytes=max_backpointer_bytes,
+                       impl=impl)
     if overlap is not None:
         overlap = jnp.asarray(overlap, jnp.int32)
-    return _viterbi_chunked(x, overlap, values, L=L, k=k, V=V, chunk=chunk, impl=_impl(impl, k * V, V),
-                            unroll=unroll)
+    return _viterbi_chunked(x, overlap, values, L=L, k=k, V=V, chunk=chunk, impl=impl,
+                            unroll=unroll or default_unroll(impl))
 
 
 def viterbi_tailbiting(x: jax.Array, values: jax.Array, *, L: int, k: int,
                        max_backpointer_bytes: int = DEFAULT_MAX_BACKPOINTER_BYTES,
-                       impl: str | None = None, unroll: int = 1) -> jax.Array:
+                       impl: str | None = None, unroll: int | None = None) -> jax.Array:
     """Tail-biting state paths by QTIP's two-pass approximation (App. A): ``[B, T]`` -> ``[B, T/V]``.
 
     Every returned path satisfies ``s_0 >> kV == s_{n-1} mod 2^(L-kV)``, so its n·kV = T·k stream
@@ -245,15 +427,19 @@ def viterbi_tailbiting(x: jax.Array, values: jax.Array, *, L: int, k: int,
     time so that back-pointers stay within ``max_backpointer_bytes``.
     """
     V = _shape_check(x, values, L, k)
-    chunk = chunk_size(x.shape[0], x.shape[1], L=L, k=k, V=V, max_backpointer_bytes=max_backpointer_bytes)
-    return _tailbiting_chunked(x, values, L=L, k=k, V=V, chunk=chunk, impl=_impl(impl, k * V, V),
-                               unroll=unroll)
+    impl = _impl(impl, k * V, V, L, x.shape[1] // V)
+    chunk = chunk_size(x.shape[0], x.shape[1], L=L, k=k, V=V, max_backpointer_bytes=max_backpointer_bytes,
+                       impl=impl)
+    return _tailbiting_chunked(x, values, L=L, k=k, V=V, chunk=chunk, impl=impl,
+                               unroll=unroll or default_unroll(impl))
 
 
-def _impl(impl, kV, V):
-    impl = impl or default_impl(kV, V)
+def _impl(impl, kV, V, L, n):
+    impl = impl or default_impl(kV, V, L, n)
     if impl not in STEP_IMPLS:
         raise ValueError(f"unknown Viterbi step {impl!r}; known: {STEP_IMPLS}")
+    if impl in GROUP_STEPS:
+        _grouping(impl, L, kV, n)  # raises where no grouped step applies
     return impl
 
 

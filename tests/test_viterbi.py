@@ -63,6 +63,45 @@ def test_viterbi_is_optimal(rng, name, L, k, T, impl):
     np.testing.assert_allclose(got, best, rtol=1e-5, atol=1e-5)
 
 
+# grouped steps: two steps per iteration where L >= 5·kV and n is even (1MAD kV=1 at L=6), else one
+# (L=16 with two steps: test_grouped_matches_reduce_l16)
+GROUPED = [("1mad", 6, 1, 8), ("1mad", 6, 1, 7), ("hyb", 8, 1, 8), ("1mad", 8, 2, 5), ("3inst", 9, 3, 3)]
+
+
+@pytest.mark.parametrize("name,L,k,T,impl", [c + ("group",) for c in GROUPED] + [
+    GROUPED[0] + ("pair",), GROUPED[1] + ("pair",)])
+def test_grouped_viterbi_is_optimal(rng, name, L, k, T, impl):
+    code, values = small_code(name, L, rng)
+    kV = k * code.V
+    x = rng.standard_normal((6, T)).astype(np.float32)
+    overlap = rng.integers(0, 1 << (L - kV), size=6)
+    for ov in (None, overlap):
+        states = np.asarray(viterbi(jnp.asarray(x), jnp.asarray(values), L=L, k=k, impl=impl, overlap=ov))
+        assert states.shape == (6, T // code.V) and is_path(states, L, kV)
+        paths = all_paths(L, kV, T // code.V)
+        c = costs(x, paths, values)
+        if ov is not None:
+            np.testing.assert_array_equal(states[:, 0] >> kV, ov)
+            ok = ((paths[None, :, 0] >> kV) == ov[:, None]) & (
+                (paths[None, :, -1] & ((1 << (L - kV)) - 1)) == ov[:, None])
+            c = np.where(ok, c, np.inf)
+        got = np.asarray(path_cost(jnp.asarray(x), jnp.asarray(states), jnp.asarray(values)))
+        np.testing.assert_allclose(got, c.min(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,impl", [("1mad", "group"), ("1mad", "pair"), ("hyb", "group")])
+def test_grouped_matches_reduce_l16(rng, name, impl):
+    """L=16, k=2 (kV = 2 and 4), tail-biting: the same path costs as the single-step reduction."""
+    code = TrellisCode(name)
+    values = code.values() / code.rms()
+    x = jnp.asarray(rng.standard_normal((4, 32)).astype(np.float32))
+    ref = viterbi_tailbiting(x, values, L=16, k=2, impl="reduce")
+    got = viterbi_tailbiting(x, values, L=16, k=2, impl=impl)
+    assert tail_bites(np.asarray(got), 16, 2 * code.V).all()
+    np.testing.assert_allclose(np.asarray(path_cost(x, got, values)), np.asarray(path_cost(x, ref, values)),
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("name,L,k,T", SMALL)
 def test_viterbi_with_fixed_overlap_is_optimal(rng, name, L, k, T):
     code, values = small_code(name, L, rng)
