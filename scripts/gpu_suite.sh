@@ -35,9 +35,10 @@ case $part in
       --json "$out/bench_kernels_vq.json" --vq e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 qtip-3inst-k2 qtip-hyb-k4
     timeout 180 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda \
       --json "$out/bench_kernels_linear.json" --models llama2-7b llama2-70b --vq e8p qtip-hyb-k2 ;;
-  overhead)  # issues 10, 11: is the ~15 us per custom call XLA's command-buffer tracing? The same runs without
+  overhead)  # issues 10, 11: is the ~15 us per custom call XLA's command-buffer tracing? Default, custom calls
+    # left out of command buffers, no command buffers
     timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
-    for flags in "" "--xla_gpu_enable_command_buffer="; do
+    for flags in "" "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT" "--xla_gpu_enable_command_buffer="; do
       echo "=== XLA_FLAGS='$flags'"
       XLA_FLAGS=$flags timeout 100 python3 scripts/bench_kernels.py --backends cuda --bits 2 4 --copy-mib 512 \
         --shapes 4096x4096 8192x8192 --hadamard-n 8192 --vq e8p --vq-cases kernel linear-cuda 2>&1 | grep -E "us |copy:"
