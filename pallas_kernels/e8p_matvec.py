@@ -1,0 +1,139 @@
+"""E8P (QuIP# 2-bit) and E8P-RVQ4 (4-bit) decode-matvec in Pallas (Triton lowering).
+
+Format (``jaxquant/formats/quip_sharp.py``, ``jaxquant/codebooks/e8p.py``): uint8
+``codes [out, in/8, bits]``, per 8 consecutive weights of a row one 16-bit E8P code per stage
+(little-endian bytes; RVQ4's residual stage in bytes 2-3). Code ``c``: bits 0-7 index the
+256-entry source set S of absolute values, bits 8-14 are the signs of coordinates 0-6, coordinate
+7's sign makes the number of negative signs ≡ sum(S[c & 0xFF]) (mod 2), bit 15 picks the
+shift ``+1/4`` (set) or ``-1/4``. RVQ4: ``Q = E8P(c1) + E8P(c2) / resid_scale``.
+
+The kernel reads ``table [256, 8]`` float32: S with coordinate 7 negated where the source
+vector's sum is odd, so coordinate 7's value is ``table[i, 7] · (-1)^popcount(c bits 8-14)``.
+
+Blocking: one program owns ``block_rows`` output rows and walks the input axis
+``block_cols`` weights (``block_cols/8`` codes per row) at a time. Each step decodes its
+``[block_rows, block_cols]`` weight block at once: per weight, its code bytes and its table
+entry are gathered (loads with index arrays from ``codes`` and the 8 KiB table), the sign and
+shift applied elementwise. Products and sums are float32, one accumulator per row of x (1-16);
+rows of x beyond 16 are processed 16 at a time.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+try:  # the Triton lowering (deprecated from jax 0.11 on, still present)
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover
+    pltriton = None
+
+SUPPORTED_BITS = (2, 4)
+MAX_BATCH = 16
+
+
+def e8p_table(source_set: np.ndarray) -> np.ndarray:
+    """The kernel's table: float32 ``[256, 8]``, S with coordinate 7 negated for odd-sum rows."""
+    s = np.asarray(source_set, np.float64)
+    if s.shape != (256, 8):
+        raise ValueError(f"E8P source set must be [256, 8], got {s.shape}")
+    odd = np.rint(s.sum(1)).astype(np.int64) % 2
+    t = s.copy()
+    t[:, 7] *= 1 - 2 * odd
+    return t.astype(np.float32)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _decode(c: jax.Array, d: jax.Array, table_ref) -> jax.Array:
+    """uint32 16-bit codes and coordinates ``d`` (0-7) -> float32 E8P values."""
+    a = table_ref[(c & jnp.uint32(0xFF)).astype(jnp.int32) * 8 + d]
+    signs = (c >> 8) & jnp.uint32(0x7F)
+    par = signs ^ (signs >> 4)
+    par = par ^ (par >> 2)
+    par = (par ^ (par >> 1)) & jnp.uint32(1)  # parity of the 7 stored signs
+    bit = (c >> (8 + jnp.minimum(d, 6)).astype(jnp.uint32)) & jnp.uint32(1)
+    neg = jnp.where(d == 7, par, bit) == 1
+    shift = jnp.where(((c >> 15) & jnp.uint32(1)) == 1, jnp.float32(0.25), jnp.float32(-0.25))
+    return jnp.where(neg, -a, a) + shift
+
+
+def _kernel(x_ref, codes_ref, table_ref, o_ref, *, n, bits, groups, bn, bc, steps, inv_resid):
+    r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
+    rr = jax.lax.broadcasted_iota(jnp.int32, (bn, bc), 0)
+    cc = jax.lax.broadcasted_iota(jnp.int32, (bn, bc), 1)
+    d = cc % 8  # coordinate inside the 8-vector
+
+    def code16(base, byte):
+        lo = codes_ref[base + byte].astype(jnp.uint32)
+        return lo | (codes_ref[base + byte + 1].astype(jnp.uint32) << 8)
+
+    def body(step, acc):
+        base = ((r0 + rr) * groups + step * (bc // 8) + cc // 8) * bits  # first byte of the weight's code
+        vals = _decode(code16(base, 0), d, table_ref)
+        if bits == 4:
+            vals = vals + _decode(code16(base, 2), d, table_ref) * jnp.float32(inv_resid)
+        c0 = pl.multiple_of(step * bc, bc)
+        return tuple(acc[b] + jnp.sum(vals * x_ref[b, pl.ds(c0, bc)].astype(jnp.float32)[None, :], axis=1)
+                     for b in range(n))
+
+    acc = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(n)))
+    for b in range(n):
+        o_ref[b, pl.ds(r0, bn)] = acc[b]
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "resid_scale", "block_rows", "block_cols", "num_warps",
+                                             "num_stages", "interpret"))
+def e8p_matvec(x: jax.Array, codes: jax.Array, table: jax.Array, *, bits: int, resid_scale: float = 1.0,
+               block_rows: int = 32, block_cols: int = 64, num_warps: int = 4, num_stages: int = 2,
+               interpret: bool = False) -> jax.Array:
+    """``y[..., out] = x[..., in] @ Q.T`` (float32) for E8P (bits=2) or E8P-RVQ4 (bits=4) codes.
+
+    codes: uint8 ``[out, in / 8, bits]``; table: float32 ``[256, 8]`` from ``e8p_table``;
+    resid_scale: RVQ4's residual divisor (ignored at 2 bits). ``interpret=True`` runs on any
+    backend (CPU tests).
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"pallas e8p_matvec: bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if codes.ndim != 3 or codes.shape[2] != bits or codes.shape[1] * 8 != x.shape[-1]:
+        raise ValueError(f"pallas e8p_matvec: codes {codes.shape} do not fit x {x.shape} at {bits} bits "
+                         f"(need [out, in/8, {bits}])")
+    if table.shape != (256, 8):
+        raise ValueError(f"pallas e8p_matvec: table must be [256, 8], got {table.shape}")
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        raise TypeError(f"pallas e8p_matvec: x must be float32, float16 or bfloat16, got {x.dtype}")
+    out, groups, _ = codes.shape
+    k_in = x.shape[-1]
+    bn, bc = _pow2_divisor(out, block_rows), _pow2_divisor(k_in, block_cols)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k_in)
+    flat = codes.astype(jnp.uint8).reshape(-1)
+    tab = jnp.asarray(table, jnp.float32).reshape(-1)
+    params = None
+    if not interpret:
+        if pltriton is None:
+            raise RuntimeError("pallas e8p_matvec needs jax.experimental.pallas.triton")
+        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+    def call(xb):
+        nb = xb.shape[0]
+        kernel = functools.partial(_kernel, n=nb, bits=bits, groups=groups, bn=bn, bc=bc, steps=k_in // bc,
+                                   inv_resid=1.0 / resid_scale)
+        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((nb, out), jnp.float32), grid=(out // bn,),
+                              compiler_params=params, interpret=interpret, name=f"e8p_matvec_{bits}bit")(
+            xb, flat, tab)
+
+    n = x2.shape[0]
+    if n == 0:
+        return jnp.zeros((*lead, out), jnp.float32)
+    parts = [call(x2[i:i + MAX_BATCH]) for i in range(0, n, MAX_BATCH)]
+    y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    return y.reshape(*lead, out)
