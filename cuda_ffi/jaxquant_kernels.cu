@@ -26,6 +26,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <map>
 #include <mutex>
@@ -1206,7 +1207,11 @@ ffi::Error QtipMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
 // ------------------------------------------------------------------------------------------
 // Walsh-Hadamard transform
 // ------------------------------------------------------------------------------------------
-// A block transforms `rb` consecutive rows (rb * n elements) in passes of up to 5 index bits:
+// Two kernels. `hadamard_kernel` (the default, described below after the first one) keeps every
+// global access coalesced and vectorized; `hadamard_kernel_v1`, the first version, is kept as a
+// fallback selected with JAXQUANT_HADAMARD_KERNEL=v1 (read once per process).
+//
+// v1: a block transforms `rb` consecutive rows (rb * n elements) in passes of up to 5 index bits:
 // each thread gathers 2^bits elements that differ only in those bits into registers, applies the
 // butterflies, and writes them back. The first pass reads global memory (contiguous, vectorized),
 // the last writes it; the ones between use shared memory, padded by one float per 32 so that the
@@ -1305,7 +1310,7 @@ __device__ __forceinline__ void hadamard_pass(const HadamardArgs<T>& a, float* b
 }
 
 template <class T>
-__global__ void __launch_bounds__(256) hadamard_kernel(HadamardArgs<T> a) {
+__global__ void __launch_bounds__(256) hadamard_kernel_v1(HadamardArgs<T> a) {
   extern __shared__ float hbuf[];
   const int n = 1 << a.logn;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * a.rb;
@@ -1330,7 +1335,7 @@ __global__ void __launch_bounds__(256) hadamard_kernel(HadamardArgs<T> a) {
 }
 
 template <class T>
-cudaError_t launch_hadamard(cudaStream_t stream, HadamardArgs<T> a) {
+cudaError_t launch_hadamard_v1(cudaStream_t stream, HadamardArgs<T> a) {
   const int n = 1 << a.logn;
   a.rb = n >= 2048 ? 1 : 2048 / n;  // at least 2048 elements per block
   const int64_t blocks = (a.rows + a.rb - 1) / a.rb;
@@ -1338,11 +1343,289 @@ cudaError_t launch_hadamard(cudaStream_t stream, HadamardArgs<T> a) {
   int threads = elems / 32;
   threads = threads < 32 ? 32 : (threads > 256 ? 256 : threads);
   const size_t smem = a.logn > 5 ? static_cast<size_t>(pad32(elems)) * sizeof(float) : 0;
-  auto kernel = hadamard_kernel<T>;
+  auto kernel = hadamard_kernel_v1<T>;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   if (blocks > 0) kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(a);
   return cudaSuccess;
+}
+
+// v2 (default): a thread holds E = 2^5 values (fewer when n < 32) whose indices differ in the
+// thread's "local" index bits; it applies the butterflies of the local bits that are still due
+// (its "active" bits) in registers. Between stages the values go through shared memory (fp32,
+// padded by one float per 32) to the next layout, whose local bits are the next ones to process.
+// Thread bits are the other index bits, lowest first (lanes = the 5 lowest), rows above.
+//
+//   stage 0   local = bits 0-2 (8 contiguous elements: one 16-byte vector at 16 bits, two at
+//             fp32) and the 2 highest bits of the row; lanes sit on bits 3-7, so a warp's load
+//             instruction covers 32 consecutive runs. Signs (x * s) are applied here.
+//   stage k   local = active = the next 5 bits from bit 3 upwards; the last butterfly stage
+//             takes the remaining ones and fills its registers with processed bits (bits 0-2
+//             first, then the highest), so its lanes again cover consecutive runs; it scales,
+//             applies signs_after and stores (n = 2048: 16-byte vectors; 8192: 8 bytes at 16
+//             bits; 32768: 2 bytes per lane, still 64 consecutive bytes per warp).
+//   n <= 1024 has no room for fillers: a store-only stage goes back to the stage-0 layout.
+//
+// n = 2^p, p <= 5: one stage, one row per thread, no shared memory. p = 7: 2 stages; every other
+// p in 6..15: 3 stages, i.e. 2 shared-memory round trips per element (4 scalar LDS/STS). Every
+// shared-memory word is read and written by one thread within a stage, so one __syncthreads per
+// stage boundary suffices. Threads per block: max(256, n / 32), rows per block 8192 / n for
+// n <= 8192; smem = pad32(32 * threads) floats: 33 KB up to n = 8192, 66 KB at 16384, 132 KB at
+// 32768. The plan (local and active masks per stage) depends on p alone and is exported to the
+// host as JaxquantHadamardPlan, so that tests/test_kernels.py runs the exact index mapping of
+// every stage in NumPy (test_hadamard_plan_emulated: equal to the transform for p = 1 .. 15,
+// coalescing and bank conflicts checked).
+
+constexpr int kHadLocalBits = 5;   // log2 of the values per thread
+constexpr int kHadMinThreadBits = 8;  // at least 256 threads per block
+
+__host__ __device__ constexpr int had_popc(uint32_t m) {
+  int c = 0;
+  for (; m; m &= m - 1) ++c;
+  return c;
+}
+
+constexpr int kHadVecBits = 3;  // stage 0 holds 8 contiguous elements (16 bytes at 16 bits)
+
+__host__ __device__ constexpr int had_base_stages(int logn) {
+  return logn <= kHadLocalBits ? 1 : 1 + (logn - kHadLocalBits + kHadLocalBits - 1) / kHadLocalBits;
+}
+
+// Rows per block = 2^had_row_bits.
+__host__ __device__ constexpr int had_row_bits(int logn) {
+  if (logn <= kHadLocalBits) return kHadMinThreadBits;
+  const int r = kHadMinThreadBits - (logn - kHadLocalBits);
+  return r > 0 ? r : 0;
+}
+
+__host__ __device__ constexpr uint32_t had_stage0(int logn) {
+  const int top = kHadLocalBits - kHadVecBits;
+  return ((1u << kHadVecBits) - 1) | (((1u << top) - 1) << (logn - top));
+}
+
+// Index bits whose butterflies stage s applies (none in the store-only stage).
+__host__ __device__ constexpr uint32_t had_active(int logn, int s) {
+  if (logn <= kHadLocalBits) return (1u << logn) - 1;
+  if (s == 0) return had_stage0(logn);
+  if (s >= had_base_stages(logn)) return 0;
+  const int lo = kHadVecBits + (s - 1) * kHadLocalBits, hi = logn - (kHadLocalBits - kHadVecBits);
+  const int a = hi - lo < kHadLocalBits ? hi - lo : kHadLocalBits;
+  return ((1u << a) - 1) << lo;
+}
+
+// Index bits a thread holds in registers in stage s: the active ones; in the last butterfly
+// stage also already-processed ones, the lowest (up to kHadVecBits) and then the highest, so
+// that lanes sit on consecutive vectors; the store-only stage uses the stage-0 layout.
+__host__ __device__ constexpr uint32_t had_local(int logn, int s) {
+  if (logn <= kHadLocalBits) return (1u << logn) - 1;
+  if (s == 0 || s >= had_base_stages(logn)) return had_stage0(logn);
+  uint32_t m = had_active(logn, s);
+  if (s < had_base_stages(logn) - 1) return m;
+  for (int k = 0; k < kHadVecBits && had_popc(m) < kHadLocalBits; ++k) m |= 1u << k;
+  for (int k = logn - 1; had_popc(m) < kHadLocalBits; --k) m |= 1u << k;
+  return m;
+}
+
+// Whether a warp's lanes (the 5 lowest thread bits) address 32 consecutive vectors.
+__host__ __device__ constexpr bool had_lanes_contiguous(uint32_t local) {
+  int r = 0;
+  while ((local >> r) & 1u) ++r;
+  return ((local >> r) & 31u) == 0;
+}
+
+// A store-only stage (one more shared-memory round trip, back to the stage-0 layout) when the
+// last butterfly stage's layout would store scattered runs: n = 64 .. 1024.
+__host__ __device__ constexpr int had_stages(int logn) {
+  return had_base_stages(logn) +
+         (logn > kHadLocalBits && !had_lanes_contiguous(had_local(logn, had_base_stages(logn) - 1)) ? 1 : 0);
+}
+
+// Scatter the low bits of t to the set bits of mask, lowest first (PDEP).
+__host__ __device__ constexpr int had_deposit(int t, uint32_t mask) {
+  int out = 0, k = 0;
+  for (int p = 0; p < 32; ++p) {
+    if ((mask >> p) & 1u) {
+      out |= ((t >> k) & 1) << p;
+      ++k;
+    }
+  }
+  return out;
+}
+
+// Position of the k-th set bit of mask.
+__host__ __device__ constexpr int had_nth_bit(uint32_t mask, int k) {
+  for (int p = 0; p < 32; ++p) {
+    if ((mask >> p) & 1u) {
+      if (k == 0) return p;
+      --k;
+    }
+  }
+  return -1;
+}
+
+// Number of consecutive set bits of mask from bit 0.
+__host__ __device__ constexpr int had_low_run(uint32_t mask) {
+  int r = 0;
+  while ((mask >> r) & 1u) ++r;
+  return r;
+}
+
+template <class T, int W>
+struct alignas(sizeof(T) * W) HadVec {
+  T v[W];
+};
+
+template <class T, int LOGN>
+struct HadCfg {
+  static constexpr int kLogn = LOGN;
+  static constexpr int kN = 1 << LOGN;
+  static constexpr int kEB = static_cast<int>(sizeof(T));
+  static constexpr int kStages = had_stages(LOGN);
+  static constexpr int kLocal = LOGN < kHadLocalBits ? LOGN : kHadLocalBits;
+  static constexpr int kE = 1 << kLocal;
+  static constexpr int kRowBits = had_row_bits(LOGN);
+  static constexpr int kBlockBits = LOGN + kRowBits;
+  static constexpr int kThreads = 1 << (kBlockBits - kLocal);
+  static constexpr int kMinBlocks = kThreads >= 1024 ? 1 : 1024 / kThreads;  // <= 64 registers
+  static constexpr int kSmemFloats = kStages > 1 ? (1 << kBlockBits) + (1 << kBlockBits) / 32 : 0;  // pad32
+};
+
+// Widest vector (elements) for a run of 2^run contiguous elements of B bytes each, <= 16 bytes.
+__host__ __device__ constexpr int had_vec(int run, int bytes) {
+  int w = 1 << run;
+  while (w * bytes > 16) w >>= 1;
+  return w;
+}
+
+template <class C, int S>
+__device__ __forceinline__ void had_butterflies(float (&v)[C::kE]) {
+  constexpr uint32_t L = had_local(C::kLogn, S), A = had_active(C::kLogn, S);
+  static_for<C::kLocal>([&](auto kk) {
+    constexpr int k = decltype(kk){};
+    if constexpr ((A >> had_nth_bit(L, k)) & 1u) {
+      constexpr int h = 1 << k;
+#pragma unroll
+      for (int i = 0; i < C::kE; ++i) {
+        if (!(i & h)) {
+          const float p = v[i], q = v[i + h];
+          v[i] = p + q;
+          v[i + h] = p - q;
+        }
+      }
+    }
+  });
+}
+
+// v[j] *= signs[i0 + position of j], read in float vectors along the contiguous local run.
+template <class C, int S>
+__device__ __forceinline__ void had_apply_signs(float (&v)[C::kE], const float* __restrict__ signs, int i0) {
+  constexpr uint32_t L = had_local(C::kLogn, S);
+  constexpr int W = had_vec(had_low_run(L), 4);
+  static_for<C::kE / W>([&](auto cc) {
+    constexpr int c = decltype(cc){};
+    constexpr int off = had_deposit(c * W, L);
+    const HadVec<float, W> s = *reinterpret_cast<const HadVec<float, W>*>(signs + i0 + off);
+#pragma unroll
+    for (int e = 0; e < W; ++e) v[c * W + e] *= s.v[e];
+  });
+}
+
+template <class T, int LOGN>
+__global__ void __launch_bounds__(HadCfg<T, LOGN>::kThreads, HadCfg<T, LOGN>::kMinBlocks)
+    hadamard_kernel(HadamardArgs<T> a) {
+  using C = HadCfg<T, LOGN>;
+  extern __shared__ float hbuf[];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) << C::kRowBits;
+  const T* __restrict__ xb = a.x + (row0 << LOGN);
+  T* __restrict__ yb = a.y + (row0 << LOGN);
+  float v[C::kE];
+  static_for<C::kStages>([&](auto ss) {
+    constexpr int S = decltype(ss){};
+    constexpr bool kLast = S == C::kStages - 1;
+    constexpr uint32_t L = had_local(LOGN, S);
+    constexpr uint32_t TM = ~L & ((1u << C::kBlockBits) - 1);  // thread bits
+    const int tb = had_deposit(static_cast<int>(threadIdx.x), TM);  // block-space index of v[0]
+    const bool valid = row0 + (tb >> LOGN) < a.rows;
+    const int i0 = tb & (C::kN - 1);  // index within the row
+    // pad32(tb + off) = pad32(tb) + pad32(off): tb and off have no bit in common, so the low 5
+    // bits never carry; the per-register part is an immediate offset.
+    float* sb = hbuf + pad32(tb);
+    if constexpr (S == 0) {
+      constexpr int W = had_vec(had_low_run(L), C::kEB);
+      if (valid) {
+        static_for<C::kE / W>([&](auto cc) {
+          constexpr int c = decltype(cc){};
+          constexpr int off = had_deposit(c * W, L);
+          const HadVec<T, W> u = *reinterpret_cast<const HadVec<T, W>*>(xb + tb + off);
+#pragma unroll
+          for (int e = 0; e < W; ++e) v[c * W + e] = to_float(u.v[e]);
+        });
+        if (a.signs && !a.signs_after) had_apply_signs<C, S>(v, a.signs, i0);
+      } else {
+#pragma unroll
+        for (int j = 0; j < C::kE; ++j) v[j] = 0.0f;
+      }
+    } else {
+      __syncthreads();  // the previous stage's stores are visible
+      static_for<C::kE>([&](auto jj) {
+        constexpr int off = had_deposit(decltype(jj){}, L);
+        v[decltype(jj){}] = sb[off + (off >> 5)];
+      });
+    }
+    had_butterflies<C, S>(v);
+    if constexpr (!kLast) {
+      static_for<C::kE>([&](auto jj) {
+        constexpr int off = had_deposit(decltype(jj){}, L);
+        sb[off + (off >> 5)] = v[decltype(jj){}];
+      });
+    } else if (valid) {
+#pragma unroll
+      for (int j = 0; j < C::kE; ++j) v[j] *= a.scale;
+      if (a.signs && a.signs_after) had_apply_signs<C, S>(v, a.signs, i0);
+      constexpr int W = had_vec(had_low_run(L), C::kEB);
+      static_for<C::kE / W>([&](auto cc) {
+        constexpr int c = decltype(cc){};
+        constexpr int off = had_deposit(c * W, L);
+        HadVec<T, W> u;
+#pragma unroll
+        for (int e = 0; e < W; ++e) u.v[e] = from_float<T>(v[c * W + e]);
+        *reinterpret_cast<HadVec<T, W>*>(yb + tb + off) = u;
+      });
+    }
+  });
+}
+
+template <class T, int LOGN>
+cudaError_t launch_hadamard_v2(cudaStream_t stream, const HadamardArgs<T>& a) {
+  using C = HadCfg<T, LOGN>;
+  const int64_t blocks = (a.rows + (int64_t{1} << C::kRowBits) - 1) >> C::kRowBits;
+  const size_t smem = static_cast<size_t>(C::kSmemFloats) * sizeof(float);
+  auto kernel = hadamard_kernel<T, LOGN>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  if (blocks > 0) kernel<<<static_cast<unsigned>(blocks), C::kThreads, smem, stream>>>(a);
+  return cudaSuccess;
+}
+
+template <class T, int... Ls>
+cudaError_t dispatch_hadamard_v2(cudaStream_t stream, const HadamardArgs<T>& a, std::integer_sequence<int, Ls...>) {
+  cudaError_t err = cudaErrorInvalidValue;
+  ((a.logn == Ls + 1 ? (err = launch_hadamard_v2<T, Ls + 1>(stream, a), 0) : 0), ...);
+  return err;
+}
+
+bool hadamard_use_v1() {
+  static const bool v1 = [] {
+    const char* e = std::getenv("JAXQUANT_HADAMARD_KERNEL");
+    return e != nullptr && std::string(e) == "v1";
+  }();
+  return v1;
+}
+
+template <class T>
+cudaError_t launch_hadamard(cudaStream_t stream, HadamardArgs<T> a) {
+  if (hadamard_use_v1()) return launch_hadamard_v1(stream, a);
+  return dispatch_hadamard_v2(stream, a, std::make_integer_sequence<int, 15>{});
 }
 
 ffi::Error HadamardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> signs,
@@ -1448,3 +1731,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantQtipMatvec, QtipMatvecImpl,
                                   .Attr<int64_t>("ksplit")
                                   .Attr<int64_t>("warps"),
                               {ffi::Traits::kCmdBufferCompatible});
+
+// The Hadamard kernel's plan, for the NumPy emulation in tests/test_kernels.py: returns the number
+// of stages (0 for an unsupported logn) and writes out[0] = rows per block (log2), out[1] = threads
+// per block, then (local mask, active mask) per stage; cap = the length of out. Host code only.
+extern "C" int JaxquantHadamardPlan(int logn, int64_t* out, int cap) {
+  if (logn < 1 || logn > 15 || cap < 2 + 2 * had_stages(logn)) return 0;
+  const int local = logn < kHadLocalBits ? logn : kHadLocalBits;
+  out[0] = had_row_bits(logn);
+  out[1] = int64_t{1} << (logn + had_row_bits(logn) - local);
+  for (int s = 0; s < had_stages(logn); ++s) {
+    out[2 + 2 * s] = had_local(logn, s);
+    out[3 + 2 * s] = had_active(logn, s);
+  }
+  return had_stages(logn);
+}

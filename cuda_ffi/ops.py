@@ -69,7 +69,10 @@ def hadamard(x: jax.Array, signs: jax.Array | None = None, *, normalize: bool = 
 
     ``y = FWHT(x * signs) / sqrt(n)``; with ``signs_after`` the signs multiply the result instead
     (``FWHT(x) / sqrt(n) * signs``, the inverse of the former). ``normalize=False`` drops 1/sqrt(n).
-    Computes in float32 whatever the input dtype; the output has x's dtype.
+    Computes in float32 whatever the input dtype; the output has x's dtype. The kernel (v2:
+    coalesced 16-byte loads, butterflies in registers, shared memory between stages; see
+    cuda_ffi/NOTES.md) can be switched back to the first version with the environment variable
+    ``JAXQUANT_HADAMARD_KERNEL=v1``, read once per process.
     """
     _check_float(x, "hadamard")
     n = x.shape[-1]

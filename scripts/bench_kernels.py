@@ -291,30 +291,49 @@ def bench_vq(args, copy_bw, rows):
 
 
 def bench_hadamard(args, copy_bw, rows):
+    """Hadamard transform of bf16 (--dtype) rows: 64 MB per call (bandwidth, share of the copy
+    bandwidth), then one row per call (batch-1 latency, as inside a decode step), printed after all
+    the bandwidth rows. A width that is not a power of two (e.g. 28672 = 28 * 1024) goes through
+    ``dispatch.rht_fast`` (the kernel on the 2^p factor plus the K x K einsum, float32 in between)."""
     import cuda_ffi
     from jaxquant import hadamard as jq_hadamard
+    from jaxquant.formats import dispatch
 
     dtype = jnp.dtype(args.dtype)
-    for n in args.hadamard_n:
-        nrows = max(1, (64 << 20) // (n * dtype.itemsize))
-        key = jax.random.key(n)
-        count = 2
-        xs = [jax.random.normal(jax.random.fold_in(key, i), (nrows, n), jnp.float32).astype(dtype) for i in range(count)]
-        signs = jq_hadamard.random_signs(key, n)
-        ref = np.asarray(jq_hadamard.rht(xs[0].astype(jnp.float32), signs), np.float64)
-        nbytes = 2 * nrows * n * dtype.itemsize
-        for name, fn in (("reference", lambda s, x: jq_hadamard.rht(x, s)),
-                         ("cuda", lambda s, x: cuda_ffi.hadamard(x, s))):
-            row = dict(kind="hadamard", n=n, rows=nrows, backend=name, bytes=nbytes)
-            try:
-                row["rel_err"] = rel_err(jax.jit(fn)(signs, xs[0]), ref)
-                t = per_call_seconds(fn, signs, xs)
-                row.update(us=t * 1e6, GBps=nbytes / t / 1e9, copy_frac=nbytes / t / copy_bw)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                if args.verbose:
-                    traceback.print_exc()
-            record(args, rows, row)
+    latency_rows = []
+    for case in ("bandwidth", "batch1"):
+        for n in args.hadamard_n:
+            pow2 = n & (n - 1) == 0
+            nrows = max(1, (64 << 20) // (n * dtype.itemsize)) if case == "bandwidth" else 1
+            key = jax.random.key(n)
+            count = 2 if case == "bandwidth" else 8
+            xs = [jax.random.normal(jax.random.fold_in(key, i), (nrows, n), jnp.float32).astype(dtype)
+                  for i in range(count)]
+            signs = jq_hadamard.random_signs(key, n)
+            ref = np.asarray(jq_hadamard.rht(xs[0].astype(jnp.float32), signs), np.float64)
+            nbytes = 2 * nrows * n * dtype.itemsize
+            if pow2:
+                cuda_name, cuda_fn = "cuda", lambda s, x: cuda_ffi.hadamard(x, s)
+            else:
+                cuda_name = "cuda+einsum"
+                cuda_fn = lambda s, x: dispatch.rht_fast(x.astype(jnp.float32), s).astype(x.dtype)  # noqa: E731
+            for name, fn in (("reference", lambda s, x: jq_hadamard.rht(x, s)), (cuda_name, cuda_fn)):
+                row = dict(kind="hadamard", case=case, n=n, rows=nrows, backend=name, bytes=nbytes)
+                try:
+                    row["rel_err"] = rel_err(jax.jit(fn)(signs, xs[0]), ref)
+                    t = per_call_seconds(fn, signs, xs)
+                    row.update(us=t * 1e6, GBps=nbytes / t / 1e9, copy_frac=nbytes / t / copy_bw)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    if args.verbose:
+                        traceback.print_exc()
+                if case == "bandwidth":
+                    record(args, rows, row)
+                else:
+                    latency_rows.append(row)
+    print("hadamard batch-1 latency (one row per call, back to back):", flush=True)
+    for row in latency_rows:
+        record(args, rows, row)
 
 
 def record(args, rows, row):

@@ -180,20 +180,183 @@ def test_auto_dispatch_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
 def test_cuda_hadamard_gpu(dtype):
-    for logn in (1, 3, 5, 6, 10, 13, 14, 15):
+    """Every n = 2^1 .. 2^15; 1, 3 and 1000 rows (partial blocks); signs before and after; no
+    normalization; leading batch axes."""
+    for logn in range(1, 16):
         n = 2**logn
         key = jax.random.key(logn)
-        rows = max(1, 2**16 // n) + 3  # a partial last block
-        x = jax.random.normal(key, (rows, n), jnp.float32).astype(dtype)
+        x = jax.random.normal(key, (1000, n), jnp.float32).astype(dtype)
         signs = jq_hadamard.random_signs(jax.random.fold_in(key, 1), n)
-        ref = jq_hadamard.rht(x.astype(jnp.float32), signs)
-        assert rel_err(cuda_ffi.hadamard(x, signs), ref) < TOL[dtype], n
-        back = cuda_ffi.hadamard(jnp.asarray(ref, dtype), signs, signs_after=True)
-        assert rel_err(back, jq_hadamard.rht_inverse(ref, signs)) < TOL[dtype], n
-        plain = cuda_ffi.hadamard(x, normalize=False)
-        ref_plain = np.asarray(x, np.float64) @ jq_hadamard.hadamard_matrix(n) if n <= 1024 else None
-        if ref_plain is not None:
-            assert rel_err(plain, ref_plain) < TOL[dtype], n
+        ref_all = jq_hadamard.rht(x.astype(jnp.float32), signs)
+        for rows in (1, 3, 1000):
+            xr, ref = x[:rows], ref_all[:rows]
+            assert rel_err(cuda_ffi.hadamard(xr, signs), ref) < TOL[dtype], (n, rows)
+            back = cuda_ffi.hadamard(jnp.asarray(ref, dtype), signs, signs_after=True)
+            assert rel_err(back, jq_hadamard.rht_inverse(jnp.asarray(ref, dtype).astype(jnp.float32), signs)) \
+                < TOL[dtype], (n, rows)
+            plain = cuda_ffi.hadamard(xr, normalize=False)
+            ref_plain = _fwht_np(np.asarray(jnp.asarray(xr, jnp.float32), np.float64))
+            assert rel_err(plain, ref_plain) < TOL[dtype], (n, rows)
+        x3 = x[:15].reshape(3, 5, n)
+        assert rel_err(cuda_ffi.hadamard(x3, signs), np.asarray(ref_all[:15]).reshape(3, 5, n)) < TOL[dtype], n
+        if dtype == jnp.float32:  # exact-ish: the kernel's output against float64
+            assert rel_err(cuda_ffi.hadamard(x[:3], normalize=False), _fwht_np(np.asarray(x[:3], np.float64))) < 1e-6
+
+
+# ------------------------------------------------------------------ Hadamard kernel: index plan emulated
+
+HAD_LOCAL_BITS = 5  # mirrors kHadLocalBits / kHadVecBits / kHadMinThreadBits in jaxquant_kernels.cu
+HAD_VEC_BITS = 3
+HAD_MIN_THREAD_BITS = 8
+
+
+def _fwht_np(x: np.ndarray) -> np.ndarray:
+    """Unnormalized Sylvester-ordered Walsh-Hadamard transform of the last axis (NumPy)."""
+    x = np.array(x, np.float64)
+    lead, n = x.shape[:-1], x.shape[-1]
+    h = 1
+    while h < n:
+        y = x.reshape(*lead, n // (2 * h), 2, h)
+        a, b = y[..., 0, :].copy(), y[..., 1, :].copy()
+        y[..., 0, :], y[..., 1, :] = a + b, a - b
+        h *= 2
+    return x
+
+
+def _had_plan(logn: int):
+    """Python mirror of the kernel's plan: (row bits, threads per block, [(local, active) per stage])."""
+    b, v = HAD_LOCAL_BITS, HAD_VEC_BITS
+    if logn <= b:
+        full = (1 << logn) - 1
+        return HAD_MIN_THREAD_BITS, 1 << HAD_MIN_THREAD_BITS, [(full, full)]
+    top = b - v
+    m0 = ((1 << v) - 1) | (((1 << top) - 1) << (logn - top))
+    stages = [(m0, m0)]
+    lo, hi = v, logn - top
+    while lo < hi:
+        act = ((1 << min(b, hi - lo)) - 1) << lo
+        stages.append((act, act))
+        lo += min(b, hi - lo)
+    loc, act = stages[-1]
+    for k in list(range(v)) + list(range(logn - 1, -1, -1)):  # fill the last stage's registers
+        if bin(loc).count("1") < b:
+            loc |= 1 << k
+    stages[-1] = (loc, act)
+    r = _low_run(loc)
+    if (loc >> r) & 31:  # lanes would not cover consecutive vectors: a store-only stage
+        stages.append((m0, 0))
+    row_bits = max(0, HAD_MIN_THREAD_BITS - (logn - b))
+    return row_bits, 1 << (logn + row_bits - b), stages
+
+
+def _had_plan_from_library(lib, logn: int):
+    import ctypes
+
+    out = (ctypes.c_int64 * 16)()
+    count = lib.JaxquantHadamardPlan(ctypes.c_int(logn), out, ctypes.c_int(16))
+    assert count > 0
+    return int(out[0]), int(out[1]), [(int(out[2 + 2 * s]), int(out[3 + 2 * s])) for s in range(count)]
+
+
+def _bits(mask: int) -> list[int]:
+    return [p for p in range(32) if (mask >> p) & 1]
+
+
+def _deposit(t: np.ndarray, positions: list[int]) -> np.ndarray:
+    out = np.zeros_like(t)
+    for k, p in enumerate(positions):
+        out |= ((t >> k) & 1) << p
+    return out
+
+
+def _low_run(mask: int) -> int:
+    r = 0
+    while (mask >> r) & 1:
+        r += 1
+    return r
+
+
+def _had_emulate(logn: int, elem_bytes: int, plan):
+    """Run the kernel's exact index mapping on one block in NumPy: thread t (threadIdx.x), register
+    j of stage s holds block-space element deposit(t, ~local) | deposit(j, local) (row = the bits
+    above logn); stage 0 loads global memory, the others read shared memory at pad32(index); each
+    stage applies the butterflies of its active bits to registers j, j ^ 2^k; the last stage stores.
+    Returns (block output, block input, worst shared-memory bank conflict, global vector bytes)."""
+    row_bits, threads, stages = plan
+    nloc = min(logn, HAD_LOCAL_BITS)
+    block_bits = logn + row_bits
+    assert threads == 1 << (block_bits - nloc)
+    E = 1 << nloc
+    t = np.arange(threads)[:, None]
+    j = np.arange(E)[None, :]
+    rng = np.random.default_rng(logn)
+    x = rng.standard_normal(1 << block_bits)
+    smem = np.full((1 << block_bits) + (1 << block_bits) // 32, np.nan)
+    y = np.full(1 << block_bits, np.nan)
+    worst, widths = 1, []
+    for s, (local, active) in enumerate(stages):
+        assert active & ~local == 0 and bin(local).count("1") == nloc
+        lp = _bits(local)
+        tp = [p for p in range(block_bits) if p not in lp]
+        tpart, jpart = _deposit(t, tp), _deposit(j, lp)
+        idx = tpart | jpart
+        assert np.array_equal(np.sort(idx.ravel()), np.arange(1 << block_bits))  # a permutation
+        addr = idx + (idx >> 5)  # pad32
+        assert np.array_equal(addr, (tpart + (tpart >> 5)) + (jpart + (jpart >> 5)))  # the kernel's split
+        if s == 0 or s == len(stages) - 1:  # global access: each lane a run of R, vectors of W
+            R = 1 << _low_run(local)
+            W = R
+            while W * elem_bytes > 16:
+                W >>= 1
+            widths.append(W * elem_bytes)
+            runs = idx[:, ::R]
+            assert np.all(runs % R == 0)  # aligned
+            assert np.array_equal(idx.reshape(threads, E // R, R) - runs[:, :, None],
+                                  np.broadcast_to(np.arange(R), (threads, E // R, R)))
+            if logn >= 10:  # a warp within one row: its lanes cover 32 consecutive runs
+                w = runs.reshape(threads // 32, 32, E // R)
+                assert np.all(np.sort(w, axis=1) - w.min(axis=1, keepdims=True) == (R * np.arange(32))[None, :, None])
+        if s > 0 or s < len(stages) - 1:
+            w = (addr % 32).reshape(-1, min(32, threads), E)
+            for e in range(E):
+                counts = np.apply_along_axis(np.bincount, 1, w[:, :, e], minlength=32)
+                worst = max(worst, int(counts.max()))
+        v = x[idx] if s == 0 else smem[addr]
+        for k, p in enumerate(lp):
+            if (active >> p) & 1:
+                lo = np.arange(E)[(np.arange(E) >> k) & 1 == 0]
+                a, b = v[:, lo].copy(), v[:, lo + (1 << k)].copy()
+                v[:, lo], v[:, lo + (1 << k)] = a + b, a - b
+        if s == len(stages) - 1:
+            y[idx] = v
+        else:
+            smem[addr] = v
+    return y.reshape(-1, 1 << logn), x.reshape(-1, 1 << logn), worst, widths
+
+
+@pytest.mark.parametrize("elem_bytes", [4, 2])
+def test_hadamard_plan_emulated(elem_bytes):
+    """The CUDA Hadamard kernel's index mapping, emulated per stage, equals the Sylvester Walsh-
+    Hadamard transform for every n = 2 .. 32768 and matches the plan compiled into the library;
+    global loads are 16-byte vectors; from n = 1024 on a warp's loads and stores cover 32
+    consecutive runs (below that a warp spans several rows); shared memory is free of bank
+    conflicts from n = 1024 on, at most 4-way for n = 64 .. 512."""
+    lib = None
+    if cuda_build.nvcc_path() is not None:
+        import ctypes
+
+        lib = ctypes.CDLL(str(cuda_build.compile_library()))
+    for logn in range(1, 16):
+        plan = _had_plan(logn)
+        if lib is not None:
+            assert _had_plan_from_library(lib, logn) == plan, logn
+        y, x, worst, widths = _had_emulate(logn, elem_bytes, plan)
+        np.testing.assert_allclose(y, _fwht_np(x), rtol=0, atol=1e-9 * 2**logn, err_msg=str(logn))
+        assert widths[0] == min(2**logn * elem_bytes, 16), (logn, widths)  # loads: 16-byte vectors
+        if logn >= 10 or logn <= HAD_LOCAL_BITS:
+            assert worst == 1, (logn, worst)  # no shared-memory bank conflicts
+        else:
+            assert worst <= 4, (logn, worst)
 
 
 # ------------------------------------------------------------------ E8P / QTIP kernels
