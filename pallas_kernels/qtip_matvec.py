@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 try:  # the Triton lowering (deprecated from jax 0.11 on, still present)
@@ -39,7 +40,7 @@ TILE = 16
 # Constants of jaxquant.codebooks.trellis (not imported: pallas_kernels imports nothing of jaxquant;
 # tests check they agree).
 MAD1_A, MAD1_B, MAD1_CENTER = 34038481, 76625530, 510
-MAD1_SCALE = 0.006765876989811659  # float32(1 / 147.800537109375)
+MAD1_SCALE = float(np.float32(1.0 / 147.800537109375))  # multiply by the fp32 reciprocal, as trellis does
 INST3_A, INST3_B, INST3_MASK, INST3_XOR = 89226354, 64248484, 0x8FFF8FFF, 0x3B603B60
 
 
