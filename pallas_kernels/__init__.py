@@ -1,8 +1,17 @@
 """Pallas GPU kernels (Hadamard transform, decode + matvec per format). Imports nothing of jaxquant.
 
-``scalar_matvec``: decode-matvec of the packed scalar format (2/4/8 bits), Triton lowering;
-``interpret=True`` runs it anywhere (the CPU tests).
+All use the Triton lowering: the decode kernels load code-stream words and table entries at
+computed positions (loads with index arrays), which it supports; Mosaic GPU versions were not
+attempted. ``interpret=True`` runs them anywhere (the CPU tests).
+
+``scalar_matvec``: decode-matvec of the packed scalar format (2/4/8 bits);
+``qtip_matvec``: QTIP trellis decode-matvec (1MAD, 3INST, HYB; k = 2, 3, 4) in the rotated domain;
+``e8p_matvec``: QuIP# E8P / E8P-RVQ4 decode-matvec in the rotated domain (``e8p_table``: its table);
+``hadamard``: Walsh-Hadamard transform of a power-of-two last axis, optional signs, 1/sqrt(n).
 """
+from pallas_kernels.e8p_matvec import e8p_matvec, e8p_table
+from pallas_kernels.hadamard import hadamard
+from pallas_kernels.qtip_matvec import qtip_matvec
 from pallas_kernels.scalar_matvec import SUPPORTED_BITS, plan, scalar_matvec
 
-__all__ = ["SUPPORTED_BITS", "plan", "scalar_matvec"]
+__all__ = ["SUPPORTED_BITS", "e8p_matvec", "e8p_table", "hadamard", "plan", "qtip_matvec", "scalar_matvec"]

@@ -2,7 +2,8 @@
 
 - ``reference``: ``dequantize`` then an XLA matmul; every format, shape and device.
 - ``pallas``: the Pallas kernel (``pallas_kernels``), Triton lowering on a GPU; on other backends it
-  runs in interpret mode (slow; for tests).
+  runs in interpret mode (slow; for tests). ``auto`` never picks it for the codebook formats
+  (E8P, QTIP; no GPU measurements of those kernels yet): ask for it explicitly.
 - ``cuda``: the CUDA FFI kernel (``cuda_ffi``), built with nvcc on first use; GPU only.
 - ``auto``: the reference on CPU and for more than ``MAX_KERNEL_BATCH`` rows of x (a GEMM beats a
   matvec kernel there); on a GPU the backend measured fastest for the format, bits and batch
@@ -13,6 +14,7 @@ The choice is made at trace time (shapes and the default backend are static).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -103,21 +105,25 @@ def scalar_matmul(qw: Any, x: jax.Array, backend: str = "auto") -> jax.Array:
 
 def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto", *, tuned: str | None = None,
               bits: int = 0) -> str:
-    """``reference`` or ``cuda`` for a codebook format (E8P, QTIP) with one CUDA kernel.
+    """``reference``, ``cuda`` or ``pallas`` for a codebook format (E8P, QTIP).
 
-    ``issue`` says why the kernel cannot serve this weight (None when it can). An explicit
-    ``cuda`` raises on an issue (and, later, off the GPU); ``auto`` takes the kernel on a GPU for
-    1 to ``MAX_KERNEL_BATCH`` rows of x when it serves and builds and the tuning table (entry
-    ``tuned``/``bits``) does not measure the reference faster, else the reference.
+    ``issue`` says why the kernel of ``backend`` (the CUDA one for ``auto``) cannot serve this
+    weight (None when it can). An explicit ``cuda`` or ``pallas`` raises on an issue (``cuda``
+    also off the GPU; ``pallas`` runs in interpret mode there); ``auto`` takes the CUDA kernel on
+    a GPU for 1 to ``MAX_KERNEL_BATCH`` rows of x when it serves and builds and the tuning table
+    (entry ``tuned``/``bits``) does not measure the reference faster, else the reference; it
+    never picks ``pallas`` (no measurements of it yet).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return backend
-    if backend == "pallas":
-        raise ValueError(f"{fmt} format, backend 'pallas': no Pallas kernel for this format; use 'cuda' or 'reference'")
     if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in KERNEL_DTYPES]:
         issue = issue or f"x dtype {x.dtype} is not float32, float16 or bfloat16"
+    if backend == "pallas":
+        if issue:
+            raise ValueError(f"{fmt} format, backend 'pallas': {issue}")
+        return "pallas"
     if backend == "cuda":
         if issue:
             raise ValueError(f"{fmt} format, backend 'cuda': {issue}")
@@ -133,11 +139,21 @@ def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto", 
     return "cuda"
 
 
-def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = False) -> jax.Array:
+def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = False,
+             kernel: str = "cuda") -> jax.Array:
     """``hadamard.rht`` (or ``rht_inverse``) of float32 ``x`` with its power-of-two factor through
-    the CUDA Walsh-Hadamard kernel (GPU only); the K x K factor of n = K * 2^p stays an XLA einsum."""
-    import cuda_ffi
+    the CUDA Walsh-Hadamard kernel (GPU only) or, with ``kernel="pallas"``, the Pallas one
+    (interpret mode off the GPU); the K x K factor of n = K * 2^p stays an XLA einsum."""
     from jaxquant import hadamard
+
+    if kernel == "pallas":
+        import pallas_kernels
+
+        fwht = functools.partial(pallas_kernels.hadamard, interpret=not on_gpu())
+    else:
+        import cuda_ffi
+
+        fwht = cuda_ffi.hadamard
 
     n = x.shape[-1]
     k, p = hadamard.hadamard_factors(n)
@@ -145,8 +161,8 @@ def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = F
     if p < 1 or 2**p > 32768:
         return (hadamard.rht_inverse if inverse else hadamard.rht)(x, s, seed=seed)
     if k == 1:
-        return cuda_ffi.hadamard(x, s, signs_after=inverse)
-    y = cuda_ffi.hadamard((x if inverse else x * s).reshape(*x.shape[:-1], k, 2**p))  # / sqrt(2^p)
+        return fwht(x, s, signs_after=inverse)
+    y = fwht((x if inverse else x * s).reshape(*x.shape[:-1], k, 2**p))  # / sqrt(2^p)
     hk = jnp.asarray(hadamard.hadamard_factor(k, seed=seed) / math.sqrt(k), jnp.float32)
     y = jnp.einsum("...ij,ki->...kj" if inverse else "...ij,ik->...kj", y, hk,
                    precision=jax.lax.Precision.HIGHEST).reshape(x.shape)

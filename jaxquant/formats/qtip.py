@@ -99,12 +99,16 @@ class QTIPQuantized(QuantizedWeight):
 
     def matmul(self, x: jax.Array, backend: str = "auto") -> jax.Array:
         """``x @ W.T = rht_inverse(rht(x, SU) @ (scale·Ŵr)ᵀ, SV)`` without forming W: ``reference``
-        (jnp), ``cuda`` (the trellis decode-matvec) or ``auto`` (the kernel on a GPU for 1-16 rows)."""
+        (jnp), ``cuda`` (the trellis decode-matvec), ``pallas`` (its Pallas version, interpret mode
+        off the GPU) or ``auto`` (the CUDA kernel on a GPU for 1-16 rows)."""
         from jaxquant.formats import dispatch
 
-        if dispatch.vq_choice(self.format_name, kernel_issue(self, x), x, backend,
-                              tuned=f"qtip-{self.code}-k{self.bits}", bits=self.bits) == "cuda":
+        choice = dispatch.vq_choice(self.format_name, kernel_issue(self, x, backend), x, backend,
+                                    tuned=f"qtip-{self.code}-k{self.bits}", bits=self.bits)
+        if choice == "cuda":
             return _matmul_cuda(x, self)
+        if choice == "pallas":
+            return _matmul_pallas(x, self)
         xr = hadamard.rht(x.astype(jnp.float32), self.su, seed=self.rht_seed)
         y = jnp.matmul(xr, self.rotated().T, precision=jax.lax.Precision.HIGHEST)
         return hadamard.rht_inverse(y, self.sv, seed=self.rht_seed).astype(x.dtype)
@@ -121,13 +125,32 @@ def _matmul_cuda(x, qw: QTIPQuantized):
     return y.astype(x.dtype)
 
 
-def kernel_issue(qw: QTIPQuantized, x: jax.Array) -> str | None:
-    """Why the CUDA kernel cannot compute ``x @ qw.T`` (None when it can)."""
+@jax.jit
+def _matmul_pallas(x, qw: QTIPQuantized):
+    import pallas_kernels
+    from jaxquant.formats import dispatch
+
+    xr = dispatch.rht_fast(x.astype(jnp.float32), qw.su, seed=qw.rht_seed, kernel="pallas")
+    y = pallas_kernels.qtip_matvec(xr, qw.codes, qw.table if qw.code == "hyb" else None, code=qw.code, k=qw.bits,
+                                   L=qw.L, interpret=not dispatch.on_gpu())
+    y = dispatch.rht_fast(y * qw.scale.astype(jnp.float32)[0], qw.sv, seed=qw.rht_seed, inverse=True,
+                          kernel="pallas")
+    return y.astype(x.dtype)
+
+
+def kernel_issue(qw: QTIPQuantized, x: jax.Array, backend: str = "cuda") -> str | None:
+    """Why the CUDA (or, with ``backend="pallas"``, the Pallas) kernel cannot compute ``x @ qw.T``
+    (None when it can)."""
     if tuple(qw.tile) != (16, 16):
         return f"tile {qw.tile} has no kernel (16x16 has)"
     if qw.bits not in (2, 3, 4):
         return f"k = {qw.bits} has no kernel (2, 3, 4 have)"
-    if qw.code == "hyb":
+    if backend == "pallas" and qw.code in ("hyb", "1mad", "3inst"):
+        if not qw.bits * qw.V <= qw.L <= 24:
+            return f"L = {qw.L} has no Pallas kernel ({qw.bits * qw.V}..24 have)"
+        if qw.code == "hyb" and tuple(qw.table.shape) != (2**qw.Q, 2):
+            return f"hyb table of shape {tuple(qw.table.shape)} is not [2^Q, 2] with Q = {qw.Q}"
+    elif qw.code == "hyb":
         if (qw.L, qw.Q, qw.V) != (16, 9, 2):
             return f"hyb with L={qw.L}, Q={qw.Q} has no kernel (L=16, Q=9 has)"
     elif qw.code in ("1mad", "3inst"):

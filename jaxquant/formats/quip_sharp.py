@@ -69,20 +69,25 @@ class QuIPSharpQuantized(QuantizedWeight):
 
     def matmul(self, x: jax.Array, backend: str = "auto") -> jax.Array:
         """``x @ W.T`` through ``reference`` (jnp), ``cuda`` (the E8P / RVQ4 decode-matvec between
-        the two Hadamard transforms) or ``auto`` (the kernel on a GPU for 1-16 rows of x)."""
+        the two Hadamard transforms), ``pallas`` (its Pallas version, interpret mode off the GPU)
+        or ``auto`` (the CUDA kernel on a GPU for 1-16 rows of x)."""
         from jaxquant.formats import dispatch
 
-        if dispatch.vq_choice(self.format_name, kernel_issue(self, x), x, backend,
-                              tuned=self.codebook.replace("e8p-", ""), bits=self.bits) == "cuda":
+        choice = dispatch.vq_choice(self.format_name, kernel_issue(self, x, backend), x, backend,
+                                    tuned=self.codebook.replace("e8p-", ""), bits=self.bits)
+        if choice == "cuda":
             return _matmul_cuda(x, self)
+        if choice == "pallas":
+            return _matmul_pallas(x, self)
         return _matmul(x, self)
 
 
-def kernel_issue(qw: "QuIPSharpQuantized", x: jax.Array) -> str | None:
-    """Why the CUDA kernel cannot compute ``x @ qw.T`` (None when it can)."""
+def kernel_issue(qw: "QuIPSharpQuantized", x: jax.Array, backend: str = "cuda") -> str | None:
+    """Why the CUDA (or, with ``backend="pallas"``, the Pallas) kernel cannot compute ``x @ qw.T``
+    (None when it can)."""
     if qw.codebook not in ("e8p", "e8p-rvq4"):
         return f"codebook {qw.codebook} has no kernel (e8p, e8p-rvq4 have)"
-    unit = 64 if qw.bits == 2 else 32
+    unit = 8 if backend == "pallas" else 64 if qw.bits == 2 else 32
     if qw.shape[1] % unit:
         return f"in = {qw.shape[1]} is not a multiple of {unit}"
     if x.shape[-1] != qw.shape[1]:
@@ -106,6 +111,27 @@ def _matmul_cuda(x, qw: QuIPSharpQuantized):
     resid = e8p.get_codebook(qw.codebook).resid_scale or 1.0
     y = cuda_ffi.e8p_matvec(xr, qw.codes, _abs_table(), bits=qw.bits, resid_scale=resid)
     y = dispatch.rht_fast(y, qw.SV, seed=qw.had_seed, inverse=True)
+    return (y * qw.row_scale()).astype(x.dtype)
+
+
+@functools.cache
+def _pallas_table():
+    import pallas_kernels
+
+    return pallas_kernels.e8p_table(e8p.e8p_source_set())
+
+
+@jax.jit
+def _matmul_pallas(x, qw: QuIPSharpQuantized):
+    import pallas_kernels
+    from jaxquant.formats import dispatch
+
+    interpret = not dispatch.on_gpu()
+    xr = dispatch.rht_fast(x.astype(jnp.float32), qw.SU, seed=qw.had_seed, kernel="pallas")
+    resid = e8p.get_codebook(qw.codebook).resid_scale or 1.0
+    y = pallas_kernels.e8p_matvec(xr, qw.codes, _pallas_table(), bits=qw.bits, resid_scale=resid,
+                                  interpret=interpret)
+    y = dispatch.rht_fast(y, qw.SV, seed=qw.had_seed, inverse=True, kernel="pallas")
     return (y * qw.row_scale()).astype(x.dtype)
 
 
