@@ -12,11 +12,11 @@ with Sylvester matrices of order 16-128 (passed in as inputs, ±1, exact). Per s
 - ``n <= 8``: one program per ``block_rows`` rows, ``y = x H_n`` as a sum of n outer products
   (a dot needs every dimension >= 16);
 - ``16 <= n <= 128``: one program per ``block_rows`` rows (padded to a multiple), ``y = X H_n``;
-- ``256 <= n <= 16384``: one program per row, the row as ``[a, b]`` (a, b in 16..128),
-  ``Y = H_a X H_b``;
-- ``n = 32768``: two passes: ``H_16`` along the leading axis of the row viewed as
-  ``[16, 2048]`` (programs over ``[16, 128]`` column blocks), then each of the 16 rows of 2048
-  as above. Each pass reads and writes x once.
+- ``256 <= n <= 4096``: one program per row, the row as ``[a, b]`` (a, b in 16..64),
+  ``Y = H_a X H_b`` (at most 16 KiB per operand, so blocks stay in registers / shared memory);
+- ``8192 <= n <= 32768``: two passes: ``H_16`` along the leading axis of the row viewed as
+  ``[16, n/16]`` (programs over ``[16, 128]`` column blocks), then each of the 16 rows of
+  ``n/16`` as above. Each pass reads and writes x once (the first writes float32).
 
 Dots run at ``Precision.HIGHEST`` (IEEE fp32 in Triton; the default would be TF32).
 """
@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover
     pltriton = None
 
 MAX_N = 32768
-_ONE_PASS_MAX = 16384  # a, b <= 128
+_ONE_PASS_MAX = 4096  # a, b <= 64
 _HIGHEST = jax.lax.Precision.HIGHEST
 FLOAT_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 
@@ -53,7 +53,7 @@ def sylvester(n: int) -> np.ndarray:
 
 
 def _split(n: int) -> tuple[int, int]:
-    """``n = a·b`` with a <= b, both powers of two in [16, 128] (n in [256, 16384])."""
+    """``n = a·b`` with a <= b, both powers of two in [16, 64] (n in [256, 4096])."""
     p = n.bit_length() - 1
     return 2 ** (p // 2), 2 ** (p - p // 2)
 
@@ -118,7 +118,7 @@ def _params(interpret: bool, num_warps: int):
 
 
 def _rows_pass(x2, s, *, scale, signs_after, block_rows, interpret, num_warps):
-    """n <= 16384 on ``x2 [rows, n]``; ``s``: ``[1, n]`` float32 or None."""
+    """n <= 4096 on ``x2 [rows, n]``; ``s``: ``[1, n]`` float32 or None."""
     rows, n = x2.shape
     has = s is not None
     sargs = (s,) if has else ()
