@@ -534,8 +534,7 @@ def test_vq_dispatch_on_cpu():
     for w in (qw, qt):
         ref = np.asarray(x @ w.dequantize().T)
         assert rel_err(w.matmul(x), ref) < 1e-4
-        with pytest.raises(ValueError, match="pallas"):
-            w.matmul(x, backend="pallas")
+        assert rel_err(w.matmul(x, backend="pallas"), ref) < 1e-4  # interpret mode off the GPU
         if jax.default_backend() == "cpu":
             with pytest.raises(cuda_ffi.CudaFFIUnavailable):
                 w.matmul(x, backend="cuda")
