@@ -1374,7 +1374,9 @@ cudaError_t launch_hadamard_v1(cudaStream_t stream, HadamardArgs<T> a) {
 // 32768. The plan (local and active masks per stage) depends on p alone and is exported to the
 // host as JaxquantHadamardPlan, so that tests/test_kernels.py runs the exact index mapping of
 // every stage in NumPy (test_hadamard_plan_emulated: equal to the transform for p = 1 .. 15,
-// coalescing and bank conflicts checked).
+// coalescing and bank conflicts checked); test_hadamard_kernel_source_on_cpu compiles this section
+// for the host (it cuts it out by the first lines of Idx, pad32, HadamardArgs, kHadLocalBits and
+// launch_hadamard_v2: keep those) and runs it with one std::thread per CUDA thread.
 
 constexpr int kHadLocalBits = 5;   // log2 of the values per thread
 constexpr int kHadMinThreadBits = 8;  // at least 256 threads per block

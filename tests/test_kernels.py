@@ -359,6 +359,170 @@ def test_hadamard_plan_emulated(elem_bytes):
             assert worst <= 4, (logn, worst)
 
 
+# ------------------------------------------------------------------ Hadamard kernel: the CUDA source run on the CPU
+
+_HAD_HOST_HARNESS = r"""
+// Runs hadamard_kernel (the CUDA source, cut from jaxquant_kernels.cu unchanged) on the CPU: one
+// std::thread per CUDA thread, __syncthreads as a barrier, shared memory NaN-filled per block.
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+static thread_local uint3 h_threadIdx, h_blockIdx;
+static std::barrier<>* h_bar = nullptr;
+static float hbuf_storage[(1 << 15) + (1 << 10)];
+#undef __global__
+#define __global__
+#undef __shared__
+#define __shared__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#define threadIdx h_threadIdx
+#define blockIdx h_blockIdx
+#define hbuf hbuf_storage
+static void __syncthreads() { h_bar->arrive_and_wait(); }
+
+#include "kernel_part.inc"
+
+template <class T, int LOGN>
+void run(const HadamardArgs<T>& a) {
+  using C = HadCfg<T, LOGN>;
+  const int64_t blocks = (a.rows + (int64_t{1} << C::kRowBits) - 1) >> C::kRowBits;
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (auto& f : hbuf_storage) f = NAN;
+    std::barrier<> bar(C::kThreads);
+    h_bar = &bar;
+    std::vector<std::thread> ts;
+    for (int t = 0; t < C::kThreads; ++t)
+      ts.emplace_back([&a, t, b] {
+        h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
+        h_blockIdx = uint3{static_cast<unsigned>(b), 0, 0};
+        hadamard_kernel<T, LOGN>(a);
+      });
+    for (auto& th : ts) th.join();
+  }
+}
+
+template <class T, int... Ls>
+void dispatch(const HadamardArgs<T>& a, std::integer_sequence<int, Ls...>) {
+  ((a.logn == Ls + 1 ? (run<T, Ls + 1>(a), 0) : 0), ...);
+}
+
+template <class T>
+int go(int logn, int64_t rows, int has_signs, int signs_after, int normalize, FILE* in, FILE* out) {
+  const int64_t n = int64_t{1} << logn, total = rows * n;
+  std::vector<float> xf(total), sg(n);
+  if (fread(xf.data(), 4, total, in) != size_t(total) || fread(sg.data(), 4, n, in) != size_t(n)) return 2;
+  std::vector<T> x(total), y(total);
+  for (int64_t i = 0; i < total; ++i) x[i] = from_float<T>(xf[i]);
+  for (auto& v : y) v = from_float<T>(NAN);
+  HadamardArgs<T> a{x.data(), has_signs ? sg.data() : nullptr, y.data(), rows, logn, 1, signs_after,
+                    normalize ? 1.0f / std::sqrt(static_cast<float>(n)) : 1.0f};
+  dispatch(a, std::make_integer_sequence<int, 15>{});
+  for (int64_t i = 0; i < total; ++i) xf[i] = to_float(y[i]);
+  return fwrite(xf.data(), 4, total, out) == size_t(total) ? 0 : 4;
+}
+
+// argv: dtype (0 fp32, 1 fp16, 2 bf16) logn rows has_signs signs_after normalize in out
+int main(int argc, char** argv) {
+  if (argc != 9) return 1;
+  const int dt = atoi(argv[1]), logn = atoi(argv[2]);
+  const int64_t rows = atoll(argv[3]);
+  const int hs = atoi(argv[4]), sa = atoi(argv[5]), nm = atoi(argv[6]);
+  FILE* in = fopen(argv[7], "rb");
+  FILE* out = fopen(argv[8], "wb");
+  if (!in || !out) return 3;
+  const int rc = dt == 0 ? go<float>(logn, rows, hs, sa, nm, in, out)
+               : dt == 1 ? go<__half>(logn, rows, hs, sa, nm, in, out)
+                         : go<__nv_bfloat16>(logn, rows, hs, sa, nm, in, out);
+  fclose(in);
+  fclose(out);
+  return rc;
+}
+"""
+
+# The pieces of jaxquant_kernels.cu the harness needs: (first line, the line after the piece).
+_HAD_HOST_CUTS = [
+    ("template <int I>\nstruct Idx", "enum DType"),
+    ("__host__ __device__ __forceinline__ int pad32", "template <int NBITS>"),
+    ("template <class T>\nstruct HadamardArgs {",
+     "template <class T, int NBITS>\n__device__ __forceinline__ void hadamard_pass"),
+    ("constexpr int kHadLocalBits", "template <class T, int LOGN>\ncudaError_t launch_hadamard_v2"),
+]
+
+
+def _cuda_include_dir():
+    """The CUDA include directory (next to nvcc), or None."""
+    import pathlib
+
+    nvcc = cuda_build.nvcc_path()
+    candidates = [pathlib.Path("/usr/local/cuda/include")]
+    if nvcc:
+        candidates.insert(0, pathlib.Path(nvcc).resolve().parent.parent / "include")
+    for c in candidates:
+        if (c / "cuda_bf16.h").exists():
+            return c
+    return None
+
+
+def test_hadamard_kernel_source_on_cpu(tmp_path):
+    """hadamard_kernel's own source, compiled for the host (g++, one thread per CUDA thread and a
+    barrier for __syncthreads, NaN-filled shared memory) against the float64 transform: every n =
+    2 .. 32768, fp32/fp16/bf16, signs before / after / none, unnormalized, partial blocks."""
+    import shutil
+    import subprocess
+
+    import ml_dtypes
+
+    gxx = shutil.which("g++")
+    include = _cuda_include_dir()
+    if gxx is None or include is None:
+        pytest.skip("g++ or the CUDA headers (cuda_bf16.h) not found")
+    src = (cuda_build.SOURCE_DIR / "jaxquant_kernels.cu").read_text()
+    pieces = []
+    for first, after in _HAD_HOST_CUTS:
+        i = src.index(first)
+        pieces.append(src[i:src.index(after, i)])
+    (tmp_path / "kernel_part.inc").write_text("\n".join(pieces))
+    (tmp_path / "harness.cpp").write_text(_HAD_HOST_HARNESS)
+    exe = tmp_path / "harness"
+    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", f"-I{include}", str(tmp_path / "harness.cpp"),
+                           "-o", str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dtypes = {0: np.float32, 1: np.float16, 2: ml_dtypes.bfloat16}
+    tol = {0: 1e-6, 1: 2e-3, 2: 1e-2}
+    cases = []  # (dtype, logn, rows, has_signs, signs_after, normalize)
+    for logn in range(1, 16):
+        cases += [(0, logn, 3, 1, 0, 1), (1, logn, 3, 1, 1, 1), (2, logn, 1, 0, 0, 0), (2, logn, 3, 1, 0, 1)]
+        if logn <= 9:
+            cases.append((0, logn, 300, 1, 1, 1))  # several rows per block, the last block partial
+    rng = np.random.default_rng(0)
+    for dt, logn, rows, hs, sa, norm in cases:
+        n = 2**logn
+        x = rng.standard_normal((rows, n)).astype(np.float32)
+        s = rng.choice(np.array([-1.0, 1.0], np.float32), n)
+        (tmp_path / "in.bin").write_bytes(x.tobytes() + s.tobytes())
+        proc = subprocess.run([str(exe), str(dt), str(logn), str(rows), str(hs), str(sa), str(norm),
+                               str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
+        case = (dt, logn, rows, hs, sa, norm)
+        assert proc.returncode == 0, case
+        y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, n)
+        xq = x.astype(dtypes[dt]).astype(np.float64)
+        ref = _fwht_np(xq * s if hs and not sa else xq) / (np.sqrt(n) if norm else 1.0)
+        if hs and sa:
+            ref = ref * s
+        assert rel_err(y, ref) < tol[dt], case
+
+
 # ------------------------------------------------------------------ E8P / QTIP kernels
 
 from jaxquant.codebooks import e8p as jq_e8p  # noqa: E402
