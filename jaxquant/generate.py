@@ -62,7 +62,10 @@ def generate(model: Llama, tokenizer, prompt: str, max_new_tokens: int = 32, *, 
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     else:
         ids = tokenizer(prompt).input_ids
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else None
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if chat:  # a control token in the reply (e.g. <|im_start|> of a next turn) also ends this turn
+        eos |= set(getattr(tokenizer, "all_special_ids", ()))
+    eos = eos or None
     out: list[int] = []
     shown = ""
     for t in generate_tokens(model, list(np.asarray(ids).tolist()), max_new_tokens, eos=eos, **sampling):

@@ -46,3 +46,25 @@ def test_kv_cache_greedy_matches_uncached_forward():
         logits, _ = model(jnp.asarray([tokens]))
         tokens.append(int(jnp.argmax(logits[0, -1])))
     assert cached == tokens[len(prompt):]
+
+
+def test_chat_generation_stops_at_any_special_token():
+    """A control token in a chat reply (e.g. the <|im_start|> of a next turn) ends the reply."""
+    from jaxquant.generate import generate
+
+    cfg = tiny_config()
+    model = model_from_params(cfg, random_params(cfg, seed=np.random.SeedSequence().entropy % 2**32))
+    prompt = [int(t) for t in np.random.default_rng().integers(0, cfg.vocab_size, size=5)]
+    greedy = list(generate_tokens(model, prompt, 12))
+    stop = next((i for i in range(1, 11) if greedy[i] not in greedy[:i]), 0)  # before the 12-token limit
+
+    class Tokenizer:  # the interface generate() uses; decode keeps special tokens to count them
+        chat_template, eos_token_id, all_special_ids = "template", None, [greedy[stop]]
+
+        def apply_chat_template(self, messages, add_generation_prompt):
+            return prompt
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    assert generate(model, Tokenizer(), "hi", 12, chat=True).split() == [str(t) for t in greedy[:stop + 1]]
