@@ -267,6 +267,7 @@ def bench_vq(args, copy_bw, rows):
                           np.asarray(jnp.matmul(xf, q.T, precision=jax.lax.Precision.HIGHEST))),
                          ("linear-cuda", lambda x, qw: qw.matmul(x, backend="cuda"),
                           np.asarray(sets[0].matmul(xf, backend="reference"), np.float64))]
+                cases.append(("linear-pallas", lambda x, qw: qw.matmul(x, backend="pallas"), cases[1][2]))
                 if args.reference:
                     cases.append(("linear-reference", lambda x, qw: qw.matmul(x, backend="reference"), cases[1][2]))
                 del q
@@ -381,7 +382,8 @@ def main(argv=None):
     p.add_argument("--no-matvec", action="store_true", help="skip the scalar-format rows")
     p.add_argument("--vq", nargs="*", default=[], help="codebook formats: e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 ...")
     p.add_argument("--reference", action="store_true", help="also time the codebook formats' jnp reference")
-    p.add_argument("--vq-cases", nargs="+", default=["kernel", "linear-cuda"], help="kernel and/or linear-cuda")
+    p.add_argument("--vq-cases", nargs="+", default=["kernel", "linear-cuda"],
+                   help="any of kernel (CUDA, x already rotated), linear-cuda, linear-pallas (full linear, RHT included)")
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy that sets the bandwidth")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true")

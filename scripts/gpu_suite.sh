@@ -33,7 +33,7 @@ case $part in
     timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
     timeout 240 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel \
       --json "$out/bench_kernels_vq.json" --vq e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 qtip-3inst-k2 qtip-hyb-k4
-    timeout 180 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda \
+    timeout 180 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda linear-pallas \
       --json "$out/bench_kernels_linear.json" --models llama2-7b llama2-70b --vq e8p qtip-hyb-k2 ;;
   overhead)  # issues 10, 11: is the ~15 us per custom call XLA's command-buffer tracing? Default, custom calls
     # left out of command buffers, no command buffers
