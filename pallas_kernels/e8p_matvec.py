@@ -26,13 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-try:  # the Triton lowering (deprecated from jax 0.11 on, still present)
-    from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover
-    pltriton = None
+from pallas_kernels.common import over_row_groups, pow2_divisor, triton_params
+
 
 SUPPORTED_BITS = (2, 4)
-MAX_BATCH = 16
 
 
 def e8p_table(source_set: np.ndarray) -> np.ndarray:
@@ -44,13 +41,6 @@ def e8p_table(source_set: np.ndarray) -> np.ndarray:
     t = s.copy()
     t[:, 7] *= 1 - 2 * odd
     return t.astype(np.float32)
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    p = 1
-    while p * 2 <= cap and n % (p * 2) == 0:
-        p *= 2
-    return p
 
 
 def _decode(c: jax.Array, d: jax.Array, table_ref) -> jax.Array:
@@ -112,16 +102,12 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, table: jax.Array, *, bits: int, r
         raise TypeError(f"pallas e8p_matvec: x must be float32, float16 or bfloat16, got {x.dtype}")
     out, groups, _ = codes.shape
     k_in = x.shape[-1]
-    bn, bc = _pow2_divisor(out, block_rows), _pow2_divisor(k_in, block_cols)
+    bn, bc = pow2_divisor(out, block_rows), pow2_divisor(k_in, block_cols)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k_in)
     flat = codes.astype(jnp.uint8).reshape(-1)
     tab = jnp.asarray(table, jnp.float32).reshape(-1)
-    params = None
-    if not interpret:
-        if pltriton is None:
-            raise RuntimeError("pallas e8p_matvec needs jax.experimental.pallas.triton")
-        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    params = triton_params(interpret, "e8p_matvec", num_warps=num_warps, num_stages=num_stages)
 
     def call(xb):
         nb = xb.shape[0]
@@ -131,9 +117,4 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, table: jax.Array, *, bits: int, r
                               compiler_params=params, interpret=interpret, name=f"e8p_matvec_{bits}bit")(
             xb, flat, tab)
 
-    n = x2.shape[0]
-    if n == 0:
-        return jnp.zeros((*lead, out), jnp.float32)
-    parts = [call(x2[i:i + MAX_BATCH]) for i in range(0, n, MAX_BATCH)]
-    y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-    return y.reshape(*lead, out)
+    return over_row_groups(call, x2, lead, out, jnp.float32)

@@ -30,10 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-try:  # the Triton lowering (deprecated from jax 0.11 on, still present)
-    from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover
-    pltriton = None
+from pallas_kernels.common import triton_params
+
 
 MAX_N = 32768
 _ONE_PASS_MAX = 4096  # a, b <= 64
@@ -110,11 +108,7 @@ def _kernel_left(x_ref, h_ref, *rest, scale, has_signs):
 
 
 def _params(interpret: bool, num_warps: int):
-    if interpret:
-        return None
-    if pltriton is None:
-        raise RuntimeError("pallas hadamard needs jax.experimental.pallas.triton")
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+    return triton_params(interpret, "hadamard", num_warps=num_warps, num_stages=1)
 
 
 def _rows_pass(x2, s, *, scale, signs_after, block_rows, interpret, num_warps):

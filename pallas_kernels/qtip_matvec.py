@@ -27,14 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-try:  # the Triton lowering (deprecated from jax 0.11 on, still present)
-    from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover
-    pltriton = None
+from pallas_kernels.common import over_row_groups, pow2_divisor, triton_params
+
 
 CODES = ("1mad", "3inst", "hyb")
 SUPPORTED_K = (2, 3, 4)
-MAX_BATCH = 16
 TILE = 16
 
 # Constants of jaxquant.codebooks.trellis (not imported: pallas_kernels imports nothing of jaxquant;
@@ -42,13 +39,6 @@ TILE = 16
 MAD1_A, MAD1_B, MAD1_CENTER = 34038481, 76625530, 510
 MAD1_SCALE = float(np.float32(1.0 / 147.800537109375))  # multiply by the fp32 reciprocal, as trellis does
 INST3_A, INST3_B, INST3_MASK, INST3_XOR = 89226354, 64248484, 0x8FFF8FFF, 0x3B603B60
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    p = 1
-    while p * 2 <= cap and n % (p * 2) == 0:
-        p *= 2
-    return p
 
 
 def _u32(v: int) -> jax.Array:
@@ -118,7 +108,7 @@ def plan(codes_shape: tuple[int, ...], *, code: str, k: int, L: int = 16, table_
         raise ValueError(f"pallas qtip_matvec: codes must be [out/16, in/16, {8 * k}] at k={k}, got {codes_shape}")
     if code == "hyb" and (table_size < 4 or table_size & (table_size - 1) or table_size // 2 > 2 ** (L - 1)):
         raise ValueError(f"pallas qtip_matvec: hyb needs a [2^Q, 2] table with Q < L, got {table_size} entries")
-    return _pow2_divisor(codes_shape[0], block_tile_rows), _pow2_divisor(codes_shape[1], block_tile_cols)
+    return pow2_divisor(codes_shape[0], block_tile_rows), pow2_divisor(codes_shape[1], block_tile_cols)
 
 
 @functools.partial(jax.jit, static_argnames=("code", "k", "L", "block_tile_rows", "block_tile_cols", "num_warps",
@@ -150,11 +140,7 @@ def qtip_matvec(x: jax.Array, codes: jax.Array, table: jax.Array | None, *, code
     x2 = x.reshape(-1, x.shape[-1])
     flat = jax.lax.bitcast_convert_type(codes, jnp.uint32).reshape(-1)
     tab = table.astype(jnp.float16).reshape(-1) if code == "hyb" else jnp.zeros((2,), jnp.float16)
-    params = None
-    if not interpret:
-        if pltriton is None:
-            raise RuntimeError("pallas qtip_matvec needs jax.experimental.pallas.triton")
-        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    params = triton_params(interpret, "qtip_matvec", num_warps=num_warps, num_stages=num_stages)
 
     def call(xb):
         nb = xb.shape[0]
@@ -164,9 +150,4 @@ def qtip_matvec(x: jax.Array, codes: jax.Array, table: jax.Array | None, *, code
                               grid=(tiles_r // btr,), compiler_params=params, interpret=interpret,
                               name=f"qtip_matvec_{code}_k{k}")(xb, flat, tab)
 
-    n = x2.shape[0]
-    if n == 0:
-        return jnp.zeros((*lead, out), jnp.float32)
-    parts = [call(x2[i:i + MAX_BATCH]) for i in range(0, n, MAX_BATCH)]
-    y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-    return y.reshape(*lead, out)
+    return over_row_groups(call, x2, lead, out, jnp.float32)

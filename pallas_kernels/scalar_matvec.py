@@ -21,21 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-try:  # the Triton lowering (deprecated from jax 0.11 on, still present)
-    from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover
-    pltriton = None
+from pallas_kernels.common import over_row_groups, pow2_divisor, triton_params
+
 
 SUPPORTED_BITS = (2, 4, 8)
-MAX_BATCH = 16
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    """Largest power of two that divides ``n`` and is at most ``cap``."""
-    p = 1
-    while p * 2 <= cap and n % (p * 2) == 0:
-        p *= 2
-    return p
 
 
 def plan(out: int, words: int, bits: int, group_size: int, *, block_rows: int = 32,
@@ -47,8 +36,8 @@ def plan(out: int, words: int, bits: int, group_size: int, *, block_rows: int = 
         raise ValueError(f"pallas scalar_matvec: group_size must be a multiple of 32, got {group_size}")
     m = 32 // bits
     group_words = group_size // m
-    bw = _pow2_divisor(math.gcd(group_words, words), block_words)
-    bn = _pow2_divisor(out, block_rows)
+    bw = pow2_divisor(math.gcd(group_words, words), block_words)
+    bn = pow2_divisor(out, block_rows)
     return bn, bw
 
 
@@ -106,11 +95,7 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
     scale2, zero2 = scale.reshape(out, -1), zero.reshape(out, -1)
     if scale2.shape[1] * group_size < k_pad:
         raise ValueError("pallas scalar_matvec: scale/zero hold fewer groups than the codes")
-    params = None
-    if not interpret:
-        if pltriton is None:
-            raise RuntimeError("pallas scalar_matvec needs jax.experimental.pallas.triton")
-        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    params = triton_params(interpret, "scalar_matvec", num_warps=num_warps, num_stages=num_stages)
 
     def call(xb):
         nb = xb.shape[0]
@@ -120,7 +105,4 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
                               compiler_params=params, interpret=interpret,
                               name=f"scalar_matvec_{bits}bit")(xb.reshape(nb, words, m), codes, scale2, zero2)
 
-    n = x2.shape[0]
-    parts = [call(x2[i:i + MAX_BATCH]) for i in range(0, n, MAX_BATCH)]
-    y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-    return y.reshape(*lead, out)
+    return over_row_groups(call, x2, lead, out, x.dtype)
