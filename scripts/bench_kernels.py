@@ -186,17 +186,7 @@ def bench_matvec(args, copy_bw, rows):
                         continue
                     row = dict(kind="matvec", model=model, out=out, inp=inp, bits=bits, batch=batch,
                                backend=name, config=cfg, group_size=args.group_size, bytes=nbytes)
-                    try:
-                        y = jax.jit(fn)(x, sets[0])
-                        row["rel_err"] = rel_err(y, ref)
-                        t = per_call_seconds(fn, x, sets)
-                        row.update(us=t * 1e6, GBps=nbytes / t / 1e9, copy_frac=nbytes / t / copy_bw,
-                                   speedup_vs_fp16=t16 / t)
-                    except Exception as e:  # noqa: BLE001 - a failing backend is reported, not fatal
-                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                        if args.verbose:
-                            traceback.print_exc()
-                    record(args, rows, row)
+                    record(args, rows, measure(args, row, fn, x, sets, ref, copy_bw, t16))
                 del sets
         del w16
 
@@ -276,17 +266,8 @@ def bench_vq(args, copy_bw, rows):
                         continue
                     row = dict(kind="vq", model=model, out=out, inp=inp, bits=bits, batch=batch, format=fmt,
                                backend=name, config={}, bytes=nbytes)
-                    try:
-                        xin = xf if name == "kernel" else x
-                        row["rel_err"] = rel_err(jax.jit(fn)(xin, sets[0]), ref)
-                        t = per_call_seconds(fn, xin, sets)
-                        row.update(us=t * 1e6, GBps=nbytes / t / 1e9, copy_frac=nbytes / t / copy_bw,
-                                   speedup_vs_fp16=t16 / t)
-                    except Exception as e:  # noqa: BLE001
-                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                        if args.verbose:
-                            traceback.print_exc()
-                    record(args, rows, row)
+                    xin = xf if name == "kernel" else x
+                    record(args, rows, measure(args, row, fn, xin, sets, ref, copy_bw, t16))
                 del sets
         del w16
 
@@ -320,14 +301,7 @@ def bench_hadamard(args, copy_bw, rows):
                 cuda_fn = lambda s, x: dispatch.rht_fast(x.astype(jnp.float32), s).astype(x.dtype)  # noqa: E731
             for name, fn in (("reference", lambda s, x: jq_hadamard.rht(x, s)), (cuda_name, cuda_fn)):
                 row = dict(kind="hadamard", case=case, n=n, rows=nrows, backend=name, bytes=nbytes)
-                try:
-                    row["rel_err"] = rel_err(jax.jit(fn)(signs, xs[0]), ref)
-                    t = per_call_seconds(fn, signs, xs)
-                    row.update(us=t * 1e6, GBps=nbytes / t / 1e9, copy_frac=nbytes / t / copy_bw)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                    if args.verbose:
-                        traceback.print_exc()
+                row = measure(args, row, fn, signs, xs, ref, copy_bw)  # fn(signs, x): x rotates
                 if case == "bandwidth":
                     record(args, rows, row)
                 else:
@@ -335,6 +309,22 @@ def bench_hadamard(args, copy_bw, rows):
     print("hadamard batch-1 latency (one row per call, back to back):", flush=True)
     for row in latency_rows:
         record(args, rows, row)
+
+
+def measure(args, row, fn, x, sets, ref, copy_bw, t16=None):
+    """``row`` with ``fn(x, set)``'s error against ``ref``, time per call and bandwidth (bytes per
+    call in ``row``), and speed-up over the fp16 time ``t16``; or the error a failing backend raised."""
+    try:
+        row["rel_err"] = rel_err(jax.jit(fn)(x, sets[0]), ref)
+        t = per_call_seconds(fn, x, sets)
+        row.update(us=t * 1e6, GBps=row["bytes"] / t / 1e9, copy_frac=row["bytes"] / t / copy_bw)
+        if t16 is not None:
+            row["speedup_vs_fp16"] = t16 / t
+    except Exception as e:  # noqa: BLE001 - a failing backend is reported, not fatal
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if args.verbose:
+            traceback.print_exc()
+    return row
 
 
 def record(args, rows, row):
