@@ -21,6 +21,8 @@ lane wrapping to the tile's first (tail-biting).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,35 +108,31 @@ class QTIPQuantized(QuantizedWeight):
         choice = dispatch.vq_choice(self.format_name, kernel_issue(self, x, backend), x, backend,
                                     tuned=f"qtip-{self.code}-k{self.bits}", bits=self.bits)
         if choice == "cuda":
-            return _matmul_cuda(x, self)
+            return _matmul_kernel(x, self, "cuda")
         if choice == "pallas":
-            return _matmul_pallas(x, self)
+            return _matmul_kernel(x, self, "pallas")
         xr = hadamard.rht(x.astype(jnp.float32), self.su, seed=self.rht_seed)
         y = jnp.matmul(xr, self.rotated().T, precision=jax.lax.Precision.HIGHEST)
         return hadamard.rht_inverse(y, self.sv, seed=self.rht_seed).astype(x.dtype)
 
 
-@jax.jit
-def _matmul_cuda(x, qw: QTIPQuantized):
-    import cuda_ffi
+@functools.partial(jax.jit, static_argnames="kernel")
+def _matmul_kernel(x, qw: QTIPQuantized, kernel: str):
+    """The decode-matvec of ``kernel`` ("cuda" or "pallas") between that backend's Hadamard transforms."""
     from jaxquant.formats import dispatch
 
-    xr = dispatch.rht_fast(x.astype(jnp.float32), qw.su, seed=qw.rht_seed)
-    y = cuda_ffi.qtip_matvec(xr, qw.codes, qw.table if qw.code == "hyb" else None, code=qw.code, k=qw.bits, L=qw.L)
-    y = dispatch.rht_fast(y * qw.scale.astype(jnp.float32)[0], qw.sv, seed=qw.rht_seed, inverse=True)
-    return y.astype(x.dtype)
+    xr = dispatch.rht_fast(x.astype(jnp.float32), qw.su, seed=qw.rht_seed, kernel=kernel)
+    table = qw.table if qw.code == "hyb" else None
+    if kernel == "pallas":
+        import pallas_kernels
 
+        y = pallas_kernels.qtip_matvec(xr, qw.codes, table, code=qw.code, k=qw.bits, L=qw.L,
+                                       interpret=not dispatch.on_gpu())
+    else:
+        import cuda_ffi
 
-@jax.jit
-def _matmul_pallas(x, qw: QTIPQuantized):
-    import pallas_kernels
-    from jaxquant.formats import dispatch
-
-    xr = dispatch.rht_fast(x.astype(jnp.float32), qw.su, seed=qw.rht_seed, kernel="pallas")
-    y = pallas_kernels.qtip_matvec(xr, qw.codes, qw.table if qw.code == "hyb" else None, code=qw.code, k=qw.bits,
-                                   L=qw.L, interpret=not dispatch.on_gpu())
-    y = dispatch.rht_fast(y * qw.scale.astype(jnp.float32)[0], qw.sv, seed=qw.rht_seed, inverse=True,
-                          kernel="pallas")
+        y = cuda_ffi.qtip_matvec(xr, qw.codes, table, code=qw.code, k=qw.bits, L=qw.L)
+    y = dispatch.rht_fast(y * qw.scale.astype(jnp.float32)[0], qw.sv, seed=qw.rht_seed, inverse=True, kernel=kernel)
     return y.astype(x.dtype)
 
 

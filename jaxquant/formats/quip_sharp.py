@@ -76,9 +76,9 @@ class QuIPSharpQuantized(QuantizedWeight):
         choice = dispatch.vq_choice(self.format_name, kernel_issue(self, x, backend), x, backend,
                                     tuned=self.codebook.replace("e8p-", ""), bits=self.bits)
         if choice == "cuda":
-            return _matmul_cuda(x, self)
+            return _matmul_kernel(x, self, "cuda")
         if choice == "pallas":
-            return _matmul_pallas(x, self)
+            return _matmul_kernel(x, self, "pallas")
         return _matmul(x, self)
 
 
@@ -102,18 +102,6 @@ def _abs_table():
     return cuda_ffi.e8p_abs_table(e8p.e8p_source_set())
 
 
-@jax.jit
-def _matmul_cuda(x, qw: QuIPSharpQuantized):
-    import cuda_ffi
-    from jaxquant.formats import dispatch
-
-    xr = dispatch.rht_fast(x.astype(jnp.float32), qw.SU, seed=qw.had_seed)
-    resid = e8p.get_codebook(qw.codebook).resid_scale or 1.0
-    y = cuda_ffi.e8p_matvec(xr, qw.codes, _abs_table(), bits=qw.bits, resid_scale=resid)
-    y = dispatch.rht_fast(y, qw.SV, seed=qw.had_seed, inverse=True)
-    return (y * qw.row_scale()).astype(x.dtype)
-
-
 @functools.cache
 def _pallas_table():
     import pallas_kernels
@@ -121,17 +109,23 @@ def _pallas_table():
     return pallas_kernels.e8p_table(e8p.e8p_source_set())
 
 
-@jax.jit
-def _matmul_pallas(x, qw: QuIPSharpQuantized):
-    import pallas_kernels
+@functools.partial(jax.jit, static_argnames="kernel")
+def _matmul_kernel(x, qw: QuIPSharpQuantized, kernel: str):
+    """The decode-matvec of ``kernel`` ("cuda" or "pallas") between that backend's Hadamard transforms."""
     from jaxquant.formats import dispatch
 
-    interpret = not dispatch.on_gpu()
-    xr = dispatch.rht_fast(x.astype(jnp.float32), qw.SU, seed=qw.had_seed, kernel="pallas")
+    xr = dispatch.rht_fast(x.astype(jnp.float32), qw.SU, seed=qw.had_seed, kernel=kernel)
     resid = e8p.get_codebook(qw.codebook).resid_scale or 1.0
-    y = pallas_kernels.e8p_matvec(xr, qw.codes, _pallas_table(), bits=qw.bits, resid_scale=resid,
-                                  interpret=interpret)
-    y = dispatch.rht_fast(y, qw.SV, seed=qw.had_seed, inverse=True, kernel="pallas")
+    if kernel == "pallas":
+        import pallas_kernels
+
+        y = pallas_kernels.e8p_matvec(xr, qw.codes, _pallas_table(), bits=qw.bits, resid_scale=resid,
+                                      interpret=not dispatch.on_gpu())
+    else:
+        import cuda_ffi
+
+        y = cuda_ffi.e8p_matvec(xr, qw.codes, _abs_table(), bits=qw.bits, resid_scale=resid)
+    y = dispatch.rht_fast(y, qw.SV, seed=qw.had_seed, inverse=True, kernel=kernel)
     return (y * qw.row_scale()).astype(x.dtype)
 
 
