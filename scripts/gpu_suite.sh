@@ -18,26 +18,27 @@
 set -uo pipefail
 part=${1:?part}; out=${2:?outdir}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+build_cuda() { timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"; }
 case $part in
   kernels)  # issue 10, part 1: build, scalar / Hadamard gpu tests, scalar matvec and Hadamard rows (batch 1)
-    timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
+    build_cuda
     JAX_PLATFORMS=cuda timeout 180 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider \
       -k "not e8p and not qtip" > "$out/kernel_tests.log" 2>&1; tail -5 "$out/kernel_tests.log"
     timeout 260 python3 scripts/bench_kernels.py --json "$out/bench_kernels.json" --bits 2 3 4 8 \
       --hadamard-n 4096 8192 16384 32768 ;;
   kernels-vq-tests)  # issue 10, part 2: E8P / RVQ4 / QTIP gpu tests (their matrix needs most of a call)
-    timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
+    build_cuda
     JAX_PLATFORMS=cuda timeout 450 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider \
       -k "e8p or qtip" --durations 10 > "$out/kernel_tests_vq.log" 2>&1; tail -20 "$out/kernel_tests_vq.log" ;;
   kernels-vq)  # issue 10, part 3: E8P / RVQ4 / QTIP kernels alone, then the full linear (RHT included)
-    timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
+    build_cuda
     timeout 240 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel \
       --json "$out/bench_kernels_vq.json" --vq e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 qtip-3inst-k2 qtip-hyb-k4
     timeout 180 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda linear-pallas \
       --json "$out/bench_kernels_linear.json" --models llama2-7b llama2-70b --vq e8p qtip-hyb-k2 ;;
   overhead)  # issues 10, 11: is the ~15 us per custom call XLA's command-buffer tracing? Default, custom calls
     # left out of command buffers, no command buffers
-    timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"
+    build_cuda
     for flags in "" "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT" "--xla_gpu_enable_command_buffer="; do
       echo "=== XLA_FLAGS='$flags'"
       XLA_FLAGS=$flags timeout 100 python3 scripts/bench_kernels.py --backends cuda --bits 2 4 --copy-mib 512 \
