@@ -43,9 +43,9 @@ case $part in
       echo "=== XLA_FLAGS='$flags'"
       XLA_FLAGS=$flags timeout 100 python3 scripts/bench_kernels.py --backends cuda --bits 2 4 --copy-mib 512 \
         --shapes 4096x4096 8192x8192 --hadamard-n 8192 --vq e8p --vq-cases kernel linear-cuda 2>&1 | grep -E "us |copy:"
-      XLA_FLAGS=$flags timeout 110 python3 -m jaxquant.cli bench decode --shape llama2-7b --layers 8 --method quip# \
+      XLA_FLAGS=$flags timeout 90 python3 -m jaxquant.cli bench decode --shape llama2-7b --layers 8 --method quip# \
         --bits 2 --batch 1 --steps 32 2>&1 | grep "batch"
-    done ;;
+    done 2>&1 | tee "$out/overhead.log" ;;
   qtip)
     timeout 540 python3 scripts/bench_viterbi.py --json "$out/viterbi.json" ;;
   decode)  # dense rows come with each; file names avoid '#', which $OUT does not return

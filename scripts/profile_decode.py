@@ -1,0 +1,113 @@
+"""Where a decode step's time goes on the device: a jax.profiler trace, summarized per kernel.
+
+    python scripts/profile_decode.py --shape llama2-7b --layers 4 --method quip# --bits 2 [--fuse]
+
+Prints the wall time per step, the device-busy time per step (union of kernel intervals) and the
+kernels ranked by total time, so host dispatch, launch gaps and slow kernels can be told apart.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxquant import decode_bench as db  # noqa: E402
+from jaxquant.cli import build_parser, config_from_args  # noqa: E402
+from jaxquant.model.llama import init_cache  # noqa: E402
+from jaxquant.model.params import model_from_params, named_params  # noqa: E402
+from jaxquant.model.shapes import random_model  # noqa: E402
+
+
+def device_events(trace_dir: str) -> list[dict]:
+    """Complete ('X') events on GPU streams of the perfetto trace that jax.profiler wrote."""
+    path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    counts = collections.Counter(e.get("pid") for e in events if e.get("ph") == "X")
+    print("trace processes:", {names.get(pid, pid): n for pid, n in counts.items()})
+    gpu_pids = {pid for pid, name in names.items() if "GPU" in name}
+    return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and e.get("dur", 0) > 0]
+
+
+def busy_time(events: list[dict]) -> float:
+    """Length of the union of the events' intervals (µs): time the device was doing anything."""
+    total, end = 0.0, -1.0
+    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in events):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama2-7b")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--method", default="quip#")
+    p.add_argument("--bits", default="2")
+    p.add_argument("--fuse", action="store_true")
+    p.add_argument("--dense", action="store_true", help="profile the fp16 model instead")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args(argv)
+
+    dense = random_model(args.shape, dtype="float16", num_layers=args.layers)
+    if args.fuse:
+        from jaxquant.model.fuse import fuse_linears
+        dense = fuse_linears(dense)
+    model = dense
+    if not args.dense:
+        qargs = build_parser().parse_args(["bench", "decode", "--method", args.method, "--bits", args.bits])
+        model = db.quantize_shared(model_from_params(dense.config, named_params(dense)), config_from_args(qargs))
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state)
+    cache = init_cache(model.config, 1, 256, jnp.float16)
+
+    @functools.partial(jax.jit, donate_argnums=2)
+    def step(state, token, cache, pos):
+        logits, cache = nnx.merge(graphdef, state)(token, cache, pos)
+        return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
+
+    token = jnp.zeros((1, 1), jnp.int32)
+    for i in range(3):  # compile, warm up
+        token, cache = step(state, token, cache, jnp.int32(100 + i))
+    token.block_until_ready()
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            start = time.perf_counter()
+            for i in range(args.steps):
+                token, cache = step(state, token, cache, jnp.int32(110 + i))
+            token.block_until_ready()
+            wall = (time.perf_counter() - start) / args.steps * 1e6
+        events = device_events(tmp)
+    by_name = collections.defaultdict(list)
+    for e in events:
+        by_name[e["name"]].append(e["dur"])
+    print(f"{args.shape} {args.layers} layers, {'fp16' if args.dense else args.method + ' ' + args.bits + '-bit'}"
+          f"{' fused' if args.fuse else ''}: wall {wall:.0f} us/step (profiled), device busy "
+          f"{busy_time(events) / args.steps:.0f} us/step, kernel sum {sum(e['dur'] for e in events) / args.steps:.0f}"
+          f" us/step, {len(events) / args.steps:.0f} device events/step")
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    for name, durs in ranked[:args.top]:
+        print(f"  {sum(durs) / args.steps:8.1f} us/step  {len(durs) / args.steps:5.1f}x  mean {sum(durs) / len(durs):7.2f} us"
+              f"  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
