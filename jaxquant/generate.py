@@ -30,7 +30,10 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, to
 def generate_tokens(model: Llama, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos: set[int] | None = None,
                     cache_dtype=jnp.float32) -> Iterator[int]:
-    """Yield new tokens one by one (stop at ``eos`` or after ``max_new_tokens``)."""
+    """Yield new tokens one by one (stop at ``eos`` or after ``max_new_tokens``).
+
+    The token and position stay on the device and step ``i + 1`` is dispatched before token ``i`` is
+    read back, so the host's dispatch overlaps the device's work (one step past the end is wasted)."""
     if not prompt:
         raise ValueError("the prompt is empty")
     graphdef, state = nnx.split(model)
@@ -39,19 +42,24 @@ def generate_tokens(model: Llama, prompt: list[int], max_new_tokens: int, *, tem
 
     def forward(state, tokens, cache, pos, key):
         logits, cache = nnx.merge(graphdef, state)(tokens, cache, pos)
-        return sample(logits[0, -1], key, temperature, top_k, top_p), cache
+        token = sample(logits[0, -1], jax.random.fold_in(key, pos), temperature, top_k, top_p)
+        return token.astype(jnp.int32).reshape(1, 1), cache, pos + tokens.shape[1]
 
-    prefill = jax.jit(forward, donate_argnums=2)
-    step = jax.jit(forward, donate_argnums=2)
-    key = jax.random.key(seed)
-    token, cache = prefill(state, jnp.asarray([prompt], jnp.int32), cache, 0, key)
+    key, pos = jax.random.key(seed), jnp.int32(0)
+    prompt_ids = jnp.asarray([prompt], jnp.int32)
+    # Compile both programs first: the step's compilation would otherwise stall the second token.
+    prefill = jax.jit(forward, donate_argnums=2).lower(state, prompt_ids, cache, pos, key).compile()
+    step = jax.jit(forward, donate_argnums=2).lower(state, prompt_ids[:, :1], cache, pos, key).compile()
+    token, cache, pos = prefill(state, prompt_ids, cache, pos, key)
     for i in range(max_new_tokens):
-        t = int(token)
+        ahead = None
+        if i + 1 < max_new_tokens:
+            ahead, cache, pos = step(state, token, cache, pos, key)
+        t = int(token[0, 0])
         yield t
-        if eos and t in eos or i + 1 == max_new_tokens:
+        if eos and t in eos:
             return
-        key = jax.random.fold_in(key, i)
-        token, cache = step(state, jnp.asarray([[t]], jnp.int32), cache, jnp.int32(len(prompt) + i), key)
+        token = ahead
 
 
 def generate(model: Llama, tokenizer, prompt: str, max_new_tokens: int = 32, *, chat: bool = False,
