@@ -52,11 +52,17 @@ def per_call_seconds(fn, x, sets, *, unroll: int = 8, target_s: float = 0.05, tr
 
     One executable makes ``unroll`` calls on as many weight sets (so the dispatch cost is shared);
     it is dispatched over and over, rotating among groups of sets, without waiting in between.
-    The time per call is the slope between R and 2R rounds, which cancels the final wait.
+    The time per call is the slope between R and 2R rounds, which cancels the final wait. Where the
+    host's dispatch is slower than the device's work the slope measures the host.
     """
     u = max(1, min(unroll, len(sets)))
-    groups = [sets[i:i + u] for i in range(0, len(sets) - u + 1, u)]
-    f = jax.jit(lambda x, group: [fn(x, s) for s in group])
+    # Groups travel as flat lists of arrays: flattening the weight dataclasses on every dispatch cost
+    # more host time than a small kernel takes on an H100 (session 4's profile), setting the pace.
+    groups, treedef = [], None
+    for i in range(0, len(sets) - u + 1, u):
+        leaves, treedef = jax.tree.flatten(sets[i:i + u])
+        groups.append(leaves)
+    f = jax.jit(lambda x, leaves: [fn(x, s) for s in jax.tree.unflatten(treedef, leaves)])
     for g in groups:  # compile + warm up
         _block(f(x, g))
 
