@@ -188,15 +188,15 @@ def test_cuda_hadamard_gpu(dtype):
         x = jax.random.normal(key, (1000, n), jnp.float32).astype(dtype)
         signs = jq_hadamard.random_signs(jax.random.fold_in(key, 1), n)
         ref_all = jq_hadamard.rht(x.astype(jnp.float32), signs)
+        ref_back = jq_hadamard.rht_inverse(jnp.asarray(ref_all, dtype).astype(jnp.float32), signs)
+        ref_plain = _fwht_np(np.asarray(jnp.asarray(x, jnp.float32), np.float64))
+        three = jax.jit(lambda xr, yr: (cuda_ffi.hadamard(xr, signs), cuda_ffi.hadamard(yr, signs, signs_after=True),
+                                        cuda_ffi.hadamard(xr, normalize=False)))  # one compilation per row count
         for rows in (1, 3, 1000):
-            xr, ref = x[:rows], ref_all[:rows]
-            assert rel_err(cuda_ffi.hadamard(xr, signs), ref) < TOL[dtype], (n, rows)
-            back = cuda_ffi.hadamard(jnp.asarray(ref, dtype), signs, signs_after=True)
-            assert rel_err(back, jq_hadamard.rht_inverse(jnp.asarray(ref, dtype).astype(jnp.float32), signs)) \
-                < TOL[dtype], (n, rows)
-            plain = cuda_ffi.hadamard(xr, normalize=False)
-            ref_plain = _fwht_np(np.asarray(jnp.asarray(xr, jnp.float32), np.float64))
-            assert rel_err(plain, ref_plain) < TOL[dtype], (n, rows)
+            fwd, back, plain = three(x[:rows], jnp.asarray(ref_all[:rows], dtype))
+            assert rel_err(fwd, ref_all[:rows]) < TOL[dtype], (n, rows)
+            assert rel_err(back, ref_back[:rows]) < TOL[dtype], (n, rows)
+            assert rel_err(plain, ref_plain[:rows]) < TOL[dtype], (n, rows)
         x3 = x[:15].reshape(3, 5, n)
         assert rel_err(cuda_ffi.hadamard(x3, signs), np.asarray(ref_all[:15]).reshape(3, 5, n)) < TOL[dtype], n
         if dtype == jnp.float32:  # exact-ish: the kernel's output against float64
