@@ -15,12 +15,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxquant.formats.base import QuantizedWeight
 from jaxquant.model.fuse import fused_parts
 from jaxquant.model.llama import Llama, init_cache
-from jaxquant.model.params import get_param, named_params, set_param
+from jaxquant.model.params import device_leaves, get_param, named_params, set_param
 from jaxquant.pipeline import block_groups
 from jaxquant.quant import quantize_weight
 
@@ -79,14 +78,13 @@ def bytes_per_token(model: Llama) -> int:
 
 def decode_speed(model: Llama, *, batch: int, context: int = 128, steps: int = 32) -> float:
     """Tokens/s of jitted single-token decode steps (KV cache of ``context + steps``), all rows counted."""
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state)
-    dtype = jax.tree.leaves(state)[0].dtype
+    state, rebuild = device_leaves(model)
+    dtype = state[0].dtype
     cache = init_cache(model.config, batch, context + steps + 1, dtype)
 
     @functools.partial(jax.jit, donate_argnums=2)
     def step(state, token, cache, pos):
-        logits, cache = nnx.merge(graphdef, state)(token, cache, pos)
+        logits, cache = rebuild(state)(token, cache, pos)
         return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
 
     token = jnp.zeros((batch, 1), jnp.int32)

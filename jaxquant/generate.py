@@ -6,9 +6,8 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
 from jaxquant.model.llama import Llama, init_cache
+from jaxquant.model.params import device_leaves
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -36,12 +35,11 @@ def generate_tokens(model: Llama, prompt: list[int], max_new_tokens: int, *, tem
     read back, so the host's dispatch overlaps the device's work (one step past the end is wasted)."""
     if not prompt:
         raise ValueError("the prompt is empty")
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state)  # host (numpy) weights would otherwise be copied on every step
+    state, rebuild = device_leaves(model)  # on the device once: host (numpy) weights would be copied per step
     cache = init_cache(model.config, 1, len(prompt) + max_new_tokens, cache_dtype)
 
     def forward(state, tokens, cache, pos, key):
-        logits, cache = nnx.merge(graphdef, state)(tokens, cache, pos)
+        logits, cache = rebuild(state)(tokens, cache, pos)
         token = sample(logits[0, -1], jax.random.fold_in(key, pos), temperature, top_k, top_p)
         return token.astype(jnp.int32).reshape(1, 1), cache, pos + tokens.shape[1]
 

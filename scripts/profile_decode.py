@@ -20,14 +20,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxquant import decode_bench as db  # noqa: E402
 from jaxquant.cli import build_parser, config_from_args  # noqa: E402
 from jaxquant.model.llama import init_cache  # noqa: E402
-from jaxquant.model.params import model_from_params, named_params  # noqa: E402
+from jaxquant.model.params import device_leaves, model_from_params, named_params  # noqa: E402
 from jaxquant.model.shapes import random_model  # noqa: E402
 
 
@@ -75,13 +74,12 @@ def main(argv=None):
     if not args.dense:
         qargs = build_parser().parse_args(["bench", "decode", "--method", args.method, "--bits", args.bits])
         model = db.quantize_shared(model_from_params(dense.config, named_params(dense)), config_from_args(qargs))
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state)
+    state, rebuild = device_leaves(model)
     cache = init_cache(model.config, 1, 256, jnp.float16)
 
     @functools.partial(jax.jit, donate_argnums=2)
     def step(state, token, cache, pos):
-        logits, cache = nnx.merge(graphdef, state)(token, cache, pos)
+        logits, cache = rebuild(state)(token, cache, pos)
         return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
 
     token = jnp.zeros((1, 1), jnp.int32)

@@ -5,8 +5,9 @@ built abstractly (``nnx.eval_shape``) and then filled, so no random weights are 
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import jax
 from flax import nnx
 
 from jaxquant.model.config import LlamaConfig
@@ -45,6 +46,15 @@ def model_from_params(cfg: LlamaConfig, params: dict[str, Any], *, source: str =
 def named_params(model: nnx.Module) -> dict[str, Any]:
     """``{name: value}``; a value is a dense array or a ``QuantizedWeight``."""
     return {name: var.get_value() for name, var in _variables(model)}
+
+
+def device_leaves(model: nnx.Module) -> tuple[list[jax.Array], Callable[[list], Any]]:
+    """The module's arrays on the device as a flat list, and the function that rebuilds the module
+    from such a list (inside jit). Jitted decode steps take the list: flattening the module's state,
+    with hundreds of quantized-weight dataclasses, on every call costs several times more host time."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(jax.device_put(state))
+    return leaves, lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
 def set_param(model: nnx.Module, name: str, value: Any) -> None:
