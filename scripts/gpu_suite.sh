@@ -5,6 +5,8 @@
 #   kernels-vq-tests  issue 10: E8P / RVQ4 / QTIP gpu tests
 #   kernels-vq  issue 10: E8P / RVQ4 / QTIP decode-matvec and their full linear (RHT included)
 #   overhead  issues 10, 11: per-custom-call cost with and without XLA command buffers
+#   ncu       issues 10, 11: Nsight Compute sections of every batch-1 kernel at a 7B and a 70B shape (why they
+#             are slow: latency, occupancy, memory or issue)
 #   qtip      issue 6: Viterbi speed (target HYB <= 5 ms, 1MAD <= 8 ms per 65,536 weights at k=2)
 #   decode    issue 11: decode tokens/s vs the bandwidth bound, Llama-2-7B shape
 #   hessian   issue 8: Hessian collection scaling (nvidia-h200-x4: --devices 1 2 4)
@@ -46,6 +48,15 @@ case $part in
       XLA_FLAGS=$flags timeout 90 python3 -m jaxquant.cli bench decode --shape llama2-7b --layers 8 --method quip# \
         --bits 2 --batch 1 --steps 32 2>&1 | grep "batch"
     done 2>&1 | tee "$out/overhead.log" ;;
+  ncu)  # ~4 minutes; the reports are text (one per shape)
+    build_cuda
+    for shape in 4096x4096 28672x8192; do
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 250 ncu --section SpeedOfLight --section LaunchStats \
+        --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis -k regex:"e8p|qtip|scalar|hadamard" \
+        python3 scripts/ncu_kernels.py --shape $shape > "$out/ncu_$shape.txt" 2>&1
+      grep -E "^  [a-z_:<>(),0-9 ]+\(|Duration|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size" \
+        "$out/ncu_$shape.txt" | head -80
+    done ;;
   qtip)
     timeout 540 python3 scripts/bench_viterbi.py --json "$out/viterbi.json" ;;
   decode)  # dense rows come with each; file names avoid '#', which $OUT does not return

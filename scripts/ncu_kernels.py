@@ -1,0 +1,53 @@
+"""A target for Nsight Compute: each decode-matvec and Hadamard kernel at batch 1, a few calls each.
+
+    ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+        -k regex:"e8p|qtip|scalar|hadamard" --launch-skip 2 --launch-count 1 \
+        python3 scripts/ncu_kernels.py --shape 4096x4096
+
+The timing benches say how fast; this says why (latency, occupancy, memory or issue bound). One
+shape per run keeps the report short; every kernel runs three times (ncu profiles the third).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import bench_kernels as bk  # noqa: E402
+import cuda_ffi  # noqa: E402
+from jaxquant import hadamard as jq_hadamard  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="4096x4096", help="OUTxIN of the matvecs; IN is the Hadamard width")
+    p.add_argument("--vq", nargs="*", default=["e8p", "rvq4", "qtip-hyb-k2", "qtip-1mad-k2"])
+    p.add_argument("--scalar-bits", type=int, nargs="*", default=[2, 4])
+    args = p.parse_args(argv)
+    out, inp = (int(v) for v in args.shape.split("x"))
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (1, inp), jnp.float32).astype(jnp.bfloat16)
+    calls = []
+    for fmt in args.vq:
+        qw = bk.vq_sets(fmt, key, out, inp, 1)[0]
+        calls.append((fmt, jax.jit(bk.vq_kernel_fn(fmt, {})), qw))
+    for bits in args.scalar_bits:
+        qw = bk.random_sets(key, out, inp, bits, 128, 1)[0]
+        calls.append((f"scalar {bits}-bit", jax.jit(lambda x, qw: qw.matmul(x, backend="cuda")), qw))
+    signs = jq_hadamard.random_signs(key, inp)
+    if inp & (inp - 1) == 0:
+        calls.append((f"hadamard n={inp}", jax.jit(lambda x, s: cuda_ffi.hadamard(x, s)), signs))
+    for name, fn, arg in calls:
+        for _ in range(3):
+            jax.block_until_ready(fn(x, arg))
+        print(f"ran {name} at {args.shape}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
