@@ -8,6 +8,7 @@
 #   ncu       issues 10, 11: Nsight Compute sections of every batch-1 kernel at a 7B and a 70B shape (why they
 #             are slow: latency, occupancy, memory or issue)
 #   qtip      issue 6: Viterbi speed (target HYB <= 5 ms, 1MAD <= 8 ms per 65,536 weights at k=2)
+#   qtip-1mad issue 6: the 1MAD pair step with 1024-4096 sequences per chunk and unroll 2 / 4
 #   decode    issue 11: decode tokens/s vs the bandwidth bound, Llama-2-7B shape
 #   hessian   issue 8: Hessian collection scaling (nvidia-h200-x4: --devices 1 2 4)
 #   smollm2   issue 11: needs /tmp/m/smollm2.gguf (below); QuIP# 2-bit quantization and generation
@@ -59,6 +60,11 @@ case $part in
     done ;;
   qtip)
     timeout 540 python3 scripts/bench_viterbi.py --json "$out/viterbi.json" ;;
+  qtip-1mad)  # issue 6's last target (1MAD k=2 <= 8 ms per 65,536 weights; 8.86 with pair, unroll 2, one chunk)
+    timeout 280 python3 scripts/bench_viterbi.py --codes 1mad --bits 2 --impls pair --budgets-gib 1,2,4 --unroll 2 \
+      --max-seconds 200 --json "$out/viterbi_1mad_u2.json" 2>&1 | grep -v Warn | tail -5
+    timeout 280 python3 scripts/bench_viterbi.py --codes 1mad --bits 2 --impls pair --budgets-gib 2,16 --unroll 4 \
+      --max-seconds 200 --json "$out/viterbi_1mad_u4.json" 2>&1 | grep -v Warn | tail -4 ;;
   decode)  # dense rows come with each; file names avoid '#', which $OUT does not return
     for a in "llama2-7b quip# 2" "llama2-7b quip# 2 --fuse" "llama2-7b qtip 2 --fuse" "llama2-7b rtn 4 --group-size 128" \
              "smollm2-135m quip# 2 --fuse"; do
