@@ -6,6 +6,7 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from jaxquant.model.llama import Llama, init_cache
 from jaxquant.model.params import device_leaves
 
