@@ -7,6 +7,9 @@ bit-packed per row. ``VQSVDQuantized`` stores 1-D codebooks as a low-rank produc
 SVD codebook compression). ``VQScaledQuantized`` adds GPTVQ's blockwise scales: one ``scale_bits``
 log-domain code per row and ``scale_block`` columns, ``s = 2^(lo + code·(hi − lo)/(2^bits − 1))``,
 multiplying the decoded weights.
+
+``matmul``: ``reference`` (and ``auto``) dequantize then multiply; ``pallas`` (explicit only: never
+timed on a GPU) is ``pallas_kernels.vq_matvec``, block scales applied inside it. No CUDA kernel.
 """
 from __future__ import annotations
 
@@ -58,6 +61,51 @@ class _VQ(QuantizedWeight):
         w = decode(self.indices(), self.codebooks(), group_rows=self.group_rows,
                    group_cols=self.group_cols)
         return w.astype(dtype)
+
+    def matmul(self, x: jax.Array, backend: str = "auto") -> jax.Array:
+        """``x @ W.T`` through ``reference`` (dequantize, then XLA; also what ``auto`` takes) or
+        ``pallas`` (the decode-matvec, interpret mode off the GPU). There is no CUDA kernel."""
+        from jaxquant.formats import dispatch
+
+        if backend == "pallas":
+            issue = kernel_issue(self, x)
+        else:  # auto sees the missing CUDA kernel as an issue and takes the reference
+            issue = f"there is no CUDA kernel for the {self.format_name} format (use 'pallas' or 'reference')"
+        if dispatch.vq_choice(self.format_name, issue, x, backend) == "pallas":
+            return _matmul_pallas(x, self)
+        return dispatch.reference_matmul(self, x)
+
+
+def kernel_issue(qw: _VQ, x: jax.Array) -> str | None:
+    """Why ``pallas_kernels.vq_matvec`` cannot compute ``x @ qw.T`` (None when it can)."""
+    from pallas_kernels.vq_matvec import MAX_INDEX_BITS, SUPPORTED_DIMS
+
+    if qw.vq_dim not in SUPPORTED_DIMS:
+        return f"vq_dim {qw.vq_dim} has no kernel (supported: {SUPPORTED_DIMS})"
+    if qw.index_bits > MAX_INDEX_BITS:
+        return f"{qw.index_bits}-bit indices have no kernel (at most {MAX_INDEX_BITS})"
+    if isinstance(qw, VQScaledQuantized) and qw.scale_block % qw.vq_dim:
+        return f"scale_block {qw.scale_block} is not a multiple of vq_dim {qw.vq_dim}"
+    if x.shape[-1] != qw.shape[1]:
+        return f"x has {x.shape[-1]} inputs, the weight {qw.shape[1]}"
+    return None
+
+
+@jax.jit
+def _matmul_pallas(x: jax.Array, qw: _VQ) -> jax.Array:
+    """The Pallas decode-matvec with the float codebooks (and block scales) ``dequantize`` uses."""
+    import pallas_kernels
+    from jaxquant.formats import dispatch
+
+    scales = {}
+    if isinstance(qw, VQScaledQuantized):
+        values = log_scale_values(jnp.arange(2**qw.scale_bits), qw.scale_range, qw.scale_bits)
+        scales = dict(scale_codes=qw.scale_codes, scale_values=values, scale_block=qw.scale_block,
+                      scale_bits=qw.scale_bits)
+    y = pallas_kernels.vq_matvec(x, qw.codes, qw.codebooks(), vq_dim=qw.vq_dim, index_bits=qw.index_bits,
+                                 group_rows=qw.group_rows, group_cols=qw.group_cols,
+                                 interpret=not dispatch.on_gpu(), **scales)
+    return y.astype(x.dtype)
 
 
 @quantized_format("vq")
