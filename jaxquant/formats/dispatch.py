@@ -3,7 +3,7 @@
 - ``reference``: ``dequantize`` then an XLA matmul; every format, shape and device.
 - ``pallas``: the Pallas kernel (``pallas_kernels``), Triton lowering on a GPU; on other backends it
   runs in interpret mode (slow; for tests). ``auto`` never picks it for the codebook formats
-  (E8P, QTIP; no GPU measurements of those kernels yet): ask for it explicitly.
+  (E8P, QTIP, GPTVQ; none timed against the alternatives yet): ask for it explicitly.
 - ``cuda``: the CUDA FFI kernel (``cuda_ffi``), built with nvcc on first use; GPU only.
 - ``auto``: the reference on CPU and for more than ``MAX_KERNEL_BATCH`` rows of x (a GEMM beats a
   matvec kernel there); on a GPU the backend measured fastest for the format, bits and batch
