@@ -198,15 +198,26 @@ def bench_matvec(args, copy_bw, rows):
 
 
 def vq_sets(fmt, key, out, inp, count):
-    """Random weights of a codebook format: ``e8p``/``rvq4`` (QuIP#) or ``qtip-<code>-k<k>``."""
+    """Random weights of a codebook format: ``e8p``/``rvq4`` (QuIP#), ``qtip-<code>-k<k>`` or
+    ``gptvq-d<D>-k<bits per weight>`` (GPTVQ's default tiles: 8 rows x 256 columns per codebook)."""
     from jaxquant.codebooks import e8p as jq_e8p
     from jaxquant.codebooks import trellis
+    from jaxquant.formats import packing
     from jaxquant.formats.qtip import QTIPQuantized
     from jaxquant.formats.quip_sharp import QuIPSharpQuantized
+    from jaxquant.formats.vq import VQQuantized
 
     sets = []
     for i in range(count):
         k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
+        if fmt.startswith("gptvq"):
+            d, k = int(fmt.split("-d")[1].split("-")[0]), int(fmt.split("-k")[1])
+            words = packing.packed_words(inp // d, k * d)
+            codes = jax.random.randint(k1, (out, words), jnp.iinfo(jnp.int32).min, jnp.iinfo(jnp.int32).max, jnp.int32)
+            codebook = jax.random.randint(k2, (out // 8, inp // 256, 2 ** (k * d), d), -127, 128, jnp.int32)
+            sets.append(VQQuantized(codes, codebook.astype(jnp.int8), jnp.full((out // 8, inp // 256, 1, 1), 0.01,
+                                    jnp.float16), (out, inp), d, k * d, 8, 256))
+            continue
         su = jnp.where(jax.random.bernoulli(k2, 0.5, (inp,)), 1.0, -1.0).astype(jnp.float16)
         sv = jnp.where(jax.random.bernoulli(k3, 0.5, (out,)), 1.0, -1.0).astype(jnp.float16)
         if fmt in ("e8p", "rvq4"):
@@ -232,6 +243,8 @@ def vq_kernel_fn(fmt, cfg):
     import cuda_ffi
     from jaxquant.codebooks import e8p as jq_e8p
 
+    if fmt.startswith("gptvq"):  # no transform around it: the kernel is the whole product
+        return lambda x, qw: qw.matmul(x, backend="pallas")
     if fmt in ("e8p", "rvq4"):
         table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
         return lambda x, qw: cuda_ffi.e8p_matvec(x, qw.codes, table, bits=qw.bits,
@@ -256,7 +269,7 @@ def bench_vq(args, copy_bw, rows):
                 sets = vq_sets(fmt, jax.random.fold_in(key, out + inp), out, inp, _set_count(out * inp * bits // 8))
                 nbytes = sets[0].codes.nbytes + batch * (inp + out) * dtype.itemsize
                 xf = x.astype(jnp.float32)
-                q = sets[0].rotated()
+                q = sets[0].dequantize() if fmt.startswith("gptvq") else sets[0].rotated()
                 if fmt.startswith("qtip"):  # the kernel returns code values; the format scales after
                     q = q / sets[0].scale[0]
                 cases = [("kernel", lambda x, qw: vq_kernel_fn(fmt, {})(x, qw),
@@ -376,7 +389,7 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="several launch configurations per kernel")
     p.add_argument("--hadamard-n", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
     p.add_argument("--no-matvec", action="store_true", help="skip the scalar-format rows")
-    p.add_argument("--vq", nargs="*", default=[], help="codebook formats: e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 ...")
+    p.add_argument("--vq", nargs="*", default=[], help="codebook formats: e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 gptvq-d2-k2 ...")
     p.add_argument("--reference", action="store_true", help="also time the codebook formats' jnp reference")
     p.add_argument("--vq-cases", nargs="+", default=["kernel", "linear-cuda"],
                    help="any of kernel (CUDA, x already rotated), linear-cuda, linear-pallas (full linear, RHT included)")

@@ -36,7 +36,7 @@ case $part in
   kernels-vq)  # issue 10, part 3: E8P / RVQ4 / QTIP kernels alone, then the full linear (RHT included)
     build_cuda
     timeout 240 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel \
-      --json "$out/bench_kernels_vq.json" --vq e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 qtip-3inst-k2 qtip-hyb-k4
+      --json "$out/bench_kernels_vq.json" --vq e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 qtip-3inst-k2 qtip-hyb-k4 gptvq-d2-k2
     timeout 180 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda linear-pallas \
       --json "$out/bench_kernels_linear.json" --models llama2-7b llama2-70b --vq e8p qtip-hyb-k2 ;;
   overhead)  # issues 10, 11: is the ~15 us per custom call XLA's command-buffer tracing? Default, custom calls
