@@ -31,8 +31,8 @@ case $part in
       --hadamard-n 4096 8192 16384 32768 28672 ;;
   kernels-vq-tests)  # issue 10, part 2: E8P / RVQ4 / QTIP gpu tests (their matrix needs most of a call)
     build_cuda
-    JAX_PLATFORMS=cuda timeout 450 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider \
-      -k "e8p or qtip" --durations 10 > "$out/kernel_tests_vq.log" 2>&1; tail -20 "$out/kernel_tests_vq.log" ;;
+    JAX_PLATFORMS=cuda timeout 450 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_pallas_vq.py -p no:cacheprovider \
+      -k "e8p or qtip or vq" --durations 10 > "$out/kernel_tests_vq.log" 2>&1; tail -20 "$out/kernel_tests_vq.log" ;;
   kernels-vq)  # issue 10, part 3: E8P / RVQ4 / QTIP kernels alone, then the full linear (RHT included)
     build_cuda
     timeout 240 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel \

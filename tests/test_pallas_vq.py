@@ -216,3 +216,18 @@ def test_vq_matvec_lowers_to_triton_for_cuda():
         x, sq.codes, sq.codebooks(), vq_dim=2, index_bits=4, group_rows=8, group_cols=128, scale_codes=sq.scale_codes,
         scale_values=values, scale_block=64, scale_bits=4)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
+
+
+@pytest.mark.gpu
+def test_vq_matvec_gpu_llama_shapes():
+    """The Triton kernel on a GPU at Llama layer shapes (GPTVQ's default tiles: 8 rows x 256 columns)."""
+    rng = np.random.default_rng()
+    for out, inp in ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)):
+        for D, bits in ((2, 4), (1, 3), (4, 8)):
+            qw = random_vq(rng, out, inp, D, bits, 8, 256)
+            w = dequantize(qw)
+            for batch in (1, 4, 16):
+                x = normal(rng, (batch, inp)).astype(jnp.bfloat16)
+                ref = jnp.matmul(x.astype(jnp.float32), w.T, precision=HIGHEST)
+                assert rel_err(qw.matmul(x, backend="pallas"), ref) < 1e-2, (out, inp, D, bits, batch)
+            del w
