@@ -55,7 +55,10 @@ def test_matches_float64_gptq(layer):
     W, H = layer
     ref = numpy_gptq(np.asarray(W), H, 3, 64)
     ours = np.asarray(gptq.quantize(W, gptq.GPTQConfig(bits=3, group_size=64), hessian=H).dequantize())
-    assert np.mean(np.abs(ours - ref) > 1e-6) < 0.01  # fp32 vs fp64: at most a rare tie flips
+    # fp32 against fp64: a rare rounding tie may flip, and the error feedback then carries the
+    # difference along the rest of that row (rows are independent), so count differing rows.
+    differing_rows = np.any(np.abs(ours - ref) > 1e-6, axis=1)
+    assert differing_rows.sum() <= 3, differing_rows.sum()
 
 
 @pytest.mark.parametrize("act_order,static_groups,group_size", [
