@@ -10,6 +10,17 @@ from jaxquant.model.config import LlamaConfig
 from jaxquant.model.params import param_shapes
 
 
+def rel_err(y, ref) -> float:
+    """Relative Frobenius error of a kernel's output against its reference (float64, same shape)."""
+    import jax.numpy as jnp
+
+    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    assert y.shape == ref.shape, (y.shape, ref.shape)
+    assert np.all(np.isfinite(y)), "non-finite output"
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
 def tiny_config(**overrides) -> LlamaConfig:
     base = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=256)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
+from helpers import rel_err
 from jaxquant import hadamard as jq_hadamard
 from jaxquant.codebooks import e8p as jq_e8p
 from jaxquant.codebooks import trellis as jq_trellis
@@ -22,14 +23,6 @@ from jaxquant.formats.quip_sharp import QuIPSharpQuantized
 
 HIGHEST = jax.lax.Precision.HIGHEST
 INTERPRET = jax.default_backend() != "gpu"
-
-
-def rel_err(y, ref) -> float:
-    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
-    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-    assert y.shape == ref.shape, (y.shape, ref.shape)
-    assert np.all(np.isfinite(y)), "non-finite output"
-    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
 def lower_for_cuda(fn, *args) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
+from helpers import rel_err
 from jaxquant.formats import dispatch, packing, vq
 from jaxquant.methods import gptvq
 
@@ -19,14 +20,6 @@ INTERPRET = jax.default_backend() != "gpu"
 # Jitted once per shape: op by op, packing and decoding cost a second per weight on this CPU.
 pack = jax.jit(packing.pack, static_argnums=1)
 dequantize = jax.jit(lambda qw: qw.dequantize())
-
-
-def rel_err(y, ref) -> float:
-    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
-    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-    assert y.shape == ref.shape, (y.shape, ref.shape)
-    assert np.all(np.isfinite(y)), "non-finite output"
-    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
 def random_vq(rng, out, inp, D, bits, group_rows, group_cols) -> vq.VQQuantized:
