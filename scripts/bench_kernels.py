@@ -85,13 +85,6 @@ def per_call_seconds(fn, x, sets, *, unroll: int = 8, target_s: float = 0.05, tr
     return t if t > 0 else run(rounds) / (rounds * len(groups) * u)
 
 
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Bytes read + written per second by a device-to-device copy (an elementwise negation)."""
-    a = [jnp.full((nbytes // 2,), 1.5, jnp.bfloat16) + i for i in range(2)]
-    t = per_call_seconds(lambda x, a: -a, None, a, unroll=1)
-    return 2 * nbytes / t
-
-
 def _set_count(nbytes: int) -> int:
     """Weight sets to rotate among: a multiple of UNROLL holding at least ROTATE_BYTES."""
     return min(MAX_SETS, max(UNROLL, -(-ROTATE_BYTES // nbytes // UNROLL) * UNROLL))
@@ -400,6 +393,8 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
+    from jaxquant.decode_bench import copy_bandwidth  # the probe `bench decode` uses too
+
     copy_bw = copy_bandwidth(args.copy_mib << 20)
     print(f"device-to-device copy: {copy_bw / 1e9:.1f} GB/s (read + write)", flush=True)
     args.meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
