@@ -76,17 +76,23 @@ def bytes_per_token(model: Llama) -> int:
     return total
 
 
-def decode_speed(model: Llama, *, batch: int, context: int = 128, steps: int = 32) -> float:
-    """Tokens/s of jitted single-token decode steps (KV cache of ``context + steps``), all rows counted."""
+def greedy_step(model: Llama, *, batch: int, cache_len: int):
+    """A jitted greedy decode step ``step(state, token, cache, pos) -> (token, cache)`` (cache
+    donated), with the model's arrays on the device as ``state`` and an empty KV cache."""
     state, rebuild = device_leaves(model)
-    dtype = state[0].dtype
-    cache = init_cache(model.config, batch, context + steps + 1, dtype)
+    cache = init_cache(model.config, batch, cache_len, state[0].dtype)
 
     @functools.partial(jax.jit, donate_argnums=2)
     def step(state, token, cache, pos):
         logits, cache = rebuild(state)(token, cache, pos)
         return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
 
+    return step, state, cache
+
+
+def decode_speed(model: Llama, *, batch: int, context: int = 128, steps: int = 32) -> float:
+    """Tokens/s of jitted single-token decode steps (KV cache of ``context + steps``), all rows counted."""
+    step, state, cache = greedy_step(model, batch=batch, cache_len=context + steps + 1)
     token = jnp.zeros((batch, 1), jnp.int32)
     token, cache = step(state, token, cache, jnp.int32(context))  # compile
     token.block_until_ready()

@@ -1,11 +1,11 @@
 """A target for Nsight Compute: each decode-matvec and Hadamard kernel at batch 1, a few calls each.
 
     ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
-        -k regex:"e8p|qtip|scalar|hadamard" --launch-skip 2 --launch-count 1 \
-        python3 scripts/ncu_kernels.py --shape 4096x4096
+        -k regex:"e8p|qtip|scalar|hadamard" python3 scripts/ncu_kernels.py --shape 4096x4096
 
 The timing benches say how fast; this says why (latency, occupancy, memory or issue bound). One
-shape per run keeps the report short; every kernel runs three times (ncu profiles the third).
+shape per run keeps the report short; every kernel runs three times (read the last
+report of each: the first carries cold caches).
 """
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import glob
 import gzip
 import json
@@ -25,8 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxquant import decode_bench as db  # noqa: E402
 from jaxquant.cli import build_parser, config_from_args  # noqa: E402
-from jaxquant.model.llama import init_cache  # noqa: E402
-from jaxquant.model.params import device_leaves, model_from_params, named_params  # noqa: E402
+from jaxquant.model.params import model_from_params, named_params  # noqa: E402
 from jaxquant.model.shapes import random_model  # noqa: E402
 
 
@@ -74,13 +72,7 @@ def main(argv=None):
     if not args.dense:
         qargs = build_parser().parse_args(["bench", "decode", "--method", args.method, "--bits", args.bits])
         model = db.quantize_shared(model_from_params(dense.config, named_params(dense)), config_from_args(qargs))
-    state, rebuild = device_leaves(model)
-    cache = init_cache(model.config, 1, 256, jnp.float16)
-
-    @functools.partial(jax.jit, donate_argnums=2)
-    def step(state, token, cache, pos):
-        logits, cache = rebuild(state)(token, cache, pos)
-        return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
+    step, state, cache = db.greedy_step(model, batch=1, cache_len=256)
 
     token = jnp.zeros((1, 1), jnp.int32)
     for i in range(3):  # compile, warm up
