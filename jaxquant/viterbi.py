@@ -116,10 +116,13 @@ def default_impl(kV: int, V: int = 1, L: int | None = None, n: int | None = None
 
 
 def default_unroll(impl: str) -> int:
-    """Scan unroll: 2 for the grouped steps on a GPU (two iterations per loop body let the second
-    write its costs into the carry's buffer instead of a copy: "pair" 8.9 vs 12.2 ms on an H100),
-    else 1 (the packed HYB step takes 8.6 instead of 4.4 ms unrolled)."""
-    return 2 if impl in GROUP_STEPS and jax.default_backend() == "gpu" else 1
+    """Scan unroll on a GPU (H100, ``scripts/bench_viterbi.py``, 1M weights per call): 4 for "pair"
+    (1MAD k=2 in one 4096-sequence chunk: 7.74 ms per 65,536 weights against 8.85 at 2 and 12.1 at
+    1; later iterations write their costs into the carry's buffer instead of a copy), 2 for "group",
+    else 1 (the packed HYB step takes 8.6 instead of 4.4 ms unrolled). 1 off the GPU."""
+    if jax.default_backend() != "gpu":
+        return 1
+    return {"pair": 4, "group": 2}.get(impl, 1)
 
 
 def _forward(x, m0, vals, sqn, *, L, kV, impl, unroll):
