@@ -808,6 +808,53 @@ __device__ __forceinline__ float e8_shift(uint32_t c, float xq) {
   return __uint_as_float(__float_as_uint(xq) ^ ((c << 16) & 0x80000000u));
 }
 
+// Group g (8 weights) of a 16-byte code unit c4 against its 8 inputs xv (fp16) and shift term xq:
+// h[0] += x . decoded vector, t[0] += shift; for two-stage codes (ST = 2) the residual stage goes
+// to h[1], t[1].
+template <int ST, int g>
+__device__ __forceinline__ void e8_group(const uint4& c4, const uint4& xv, float xq, const uint2* atl,
+                                         const uint2* stl, __half2 (&h)[ST], float (&t)[ST]) {
+  constexpr int wi = ST == 1 ? g / 2 : g;
+  const uint32_t word = wi == 0 ? c4.x : wi == 1 ? c4.y : wi == 2 ? c4.z : c4.w;
+  if constexpr (ST == 1) {
+    const uint32_t c = (g & 1) ? (word >> 16) : word;
+    h[0] = e8_dot(c, atl, stl, xv, h[0]);
+    t[0] += e8_shift(c, xq);
+  } else {
+    h[0] = e8_dot(word, atl, stl, xv, h[0]);
+    t[0] += e8_shift(word, xq);
+    h[1] = e8_dot(word >> 16, atl, stl, xv, h[1]);
+    t[1] += e8_shift(word >> 16, xq);
+  }
+}
+
+// A unit's value in fp32: the half2 sums plus the shift terms, the residual stage scaled.
+template <int ST>
+__device__ __forceinline__ float e8_unit_total(const __half2 (&h)[ST], const float (&t)[ST], float resid) {
+  const float2 f0 = __half22float2(h[0]);
+  float v = (f0.x + f0.y) + t[0];
+  if constexpr (ST == 2) {
+    const float2 f1 = __half22float2(h[1]);
+    v = fmaf(resid, (f1.x + f1.y) + t[1], v);
+  }
+  return v;
+}
+
+// Shared-memory tables of a block: the 256 source vectors, then the 128 sign masks, 16 copies
+// each. One thread per entry: one load or mask, then its 16 copies (128 B) as 8 16-byte stores,
+// rotated by the entry so that the 8 lanes of a store phase hit different banks (at small shapes
+// this fill is a large share of a block's work).
+__device__ __forceinline__ void e8_fill_tables(uint2* tab, const uint2* abs) {
+  static_assert(kE8Rep == 16, "the fill writes 16 copies as 8 pairs");
+  for (int i = threadIdx.x; i < 256 + 128; i += blockDim.x) {
+    const uint2 v = i < 256 ? __ldg(abs + i) : e8_sign_masks(static_cast<uint32_t>(i - 256));
+    uint4* dst = reinterpret_cast<uint4*>(tab + static_cast<size_t>(i) * kE8Rep);
+#pragma unroll
+    for (int j = 0; j < kE8Rep / 2; ++j) dst[(j + i) & (kE8Rep / 2 - 1)] = make_uint4(v.x, v.y, v.x, v.y);
+  }
+  __syncthreads();
+}
+
 // Warps own R consecutive rows (grid-strided, persistent); lanes take 16-byte code units in turn
 // (8 codes = 64 weights at 2 bits, 4 two-stage codes = 32 weights at 4 bits), U units per lane
 // per step with all code loads issued first. x comes through L1 (every warp of an SM reads the
@@ -815,11 +862,9 @@ __device__ __forceinline__ float e8_shift(uint32_t c, float xq) {
 template <int NB, int R, int ST, int U>
 __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
   extern __shared__ uint2 e8tab[];
-  uint2* at = e8tab;
-  uint2* st = e8tab + 256 * kE8Rep;
-  for (int i = threadIdx.x; i < 256 * kE8Rep; i += blockDim.x) at[i] = __ldg(a.abs + i / kE8Rep);
-  for (int i = threadIdx.x; i < 128 * kE8Rep; i += blockDim.x) st[i] = e8_sign_masks(static_cast<uint32_t>(i / kE8Rep));
-  __syncthreads();
+  e8_fill_tables(e8tab, a.abs);
+  const uint2* at = e8tab;
+  const uint2* st = e8tab + 256 * kE8Rep;
 
   constexpr int G = 8 / ST;  // groups of 8 weights per unit
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -860,32 +905,10 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
                 const uint4 xv = __ldg(xp + static_cast<size_t>(g) * a.units);
                 const float xq = __ldg(qp + static_cast<size_t>(g) * a.units);
                 static_for<R>([&](auto r) {
-                  const uint4& c4 = cw[u][r];
-                  if constexpr (ST == 1) {
-                    constexpr int wi = int(decltype(g){}) / 2;
-                    const uint32_t word = wi == 0 ? c4.x : wi == 1 ? c4.y : wi == 2 ? c4.z : c4.w;
-                    const uint32_t c = (int(decltype(g){}) & 1) ? (word >> 16) : word;
-                    h[r][0] = e8_dot(c, atl, stl, xv, h[r][0]);
-                    t[r][0] += e8_shift(c, xq);
-                  } else {
-                    constexpr int wi = int(decltype(g){});
-                    const uint32_t word = wi == 0 ? c4.x : wi == 1 ? c4.y : wi == 2 ? c4.z : c4.w;
-                    h[r][0] = e8_dot(word, atl, stl, xv, h[r][0]);
-                    t[r][0] += e8_shift(word, xq);
-                    h[r][1] = e8_dot(word >> 16, atl, stl, xv, h[r][1]);
-                    t[r][1] += e8_shift(word >> 16, xq);
-                  }
+                  e8_group<ST, int(decltype(g){})>(cw[u][r], xv, xq, atl, stl, h[r], t[r]);
                 });
               });
-              static_for<R>([&](auto r) {
-                const float2 f0 = __half22float2(h[r][0]);
-                float v = (f0.x + f0.y) + t[r][0];
-                if constexpr (ST == 2) {
-                  const float2 f1 = __half22float2(h[r][1]);
-                  v = fmaf(a.resid, (f1.x + f1.y) + t[r][1], v);
-                }
-                acc[b][r] += v;
-              });
+              static_for<R>([&](auto r) { acc[b][r] += e8_unit_total<ST>(h[r], t[r], a.resid); });
             }
           });
         }
@@ -902,9 +925,77 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
   }
 }
 
-template <int NB, int R, int ST>
+// Variant 1, batch 1, x-stationary: warp w of the grid owns the K-chunk w % chunks (one code unit
+// per lane: 32 units, 2048 inputs at 2 bits) and keeps that chunk's x (fp16) and shift terms in
+// registers, then walks every (grid warps / chunks)-th group of R rows. No x traffic through L1
+// in the loop (the default kernel reads x again for every R rows, most of its L1 traffic), the
+// next rows' codes load while the current ones decode. Each row's partial over the chunk goes to
+// part[chunk][row]; the caller sums the chunks (deterministic, no atomics).
+template <int R, int ST>
+__global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunks, float* part) {
+  extern __shared__ uint2 e8tab[];
+  e8_fill_tables(e8tab, a.abs);
+  constexpr int G = 8 / ST;
+  const int lane = threadIdx.x & 31;
+  const uint2* atl = e8tab + (lane & 15);
+  const uint2* stl = e8tab + 256 * kE8Rep + (lane & 15);
+  const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int per_chunk = max(1, gridDim.x * (blockDim.x >> 5) / chunks);  // warps per chunk
+  if (gw >= per_chunk * chunks) return;
+  const int chunk = gw % chunks, uu = chunk * 32 + lane;
+  const bool live = uu < a.units;
+  uint4 xv[G];
+  float xq[G];
+  static_for<G>([&](auto g) {  // zeros past the row's end: code 0 times x = 0 adds nothing
+    xv[g] = live ? __ldg(a.x + static_cast<size_t>(g) * a.units + uu) : make_uint4(0u, 0u, 0u, 0u);
+    xq[g] = live ? __ldg(a.xq + static_cast<size_t>(g) * a.units + uu) : 0.f;
+  });
+  const int groups = (a.out + R - 1) / R;
+  auto load = [&](int grp, uint4 (&cw)[R]) {
+    static_for<R>([&](auto r) {
+      const int row = min(grp * R + static_cast<int>(r), a.out - 1);
+      cw[r] = live ? __ldcs(a.codes + static_cast<size_t>(row) * a.units + uu) : make_uint4(0u, 0u, 0u, 0u);
+    });
+  };
+  uint4 cur[R], nxt[R];
+  int grp = gw / chunks;
+  if (grp < groups) load(grp, cur);
+  for (; grp < groups; grp += per_chunk) {
+    if (grp + per_chunk < groups) load(grp + per_chunk, nxt);
+    float v[R];
+    static_for<R>([&](auto r) {
+      __half2 h[ST];
+      float t[ST];
+      static_for<ST>([&](auto q) {
+        h[q] = __float2half2_rn(0.f);
+        t[q] = 0.f;
+      });
+      static_for<G>([&](auto g) { e8_group<ST, int(decltype(g){})>(cur[r], xv[g], xq[g], atl, stl, h, t); });
+      v[r] = warp_sum(e8_unit_total<ST>(h, t, a.resid));
+    });
+    static_for<R>([&](auto r) {
+      const int row = grp * R + static_cast<int>(r);
+      if (lane == 0 && row < a.out) part[static_cast<size_t>(chunk) * a.out + row] = v[r];
+      cur[r] = nxt[r];
+    });
+  }
+}
+
+template <int R, int ST>
+cudaError_t launch_e8p_xs(cudaStream_t stream, const E8pArgs& a, int nwarps, int chunks, float* part) {
+  auto kernel = e8p_matvec_xs_kernel<R, ST>;
+  cudaError_t err = allow_smem(kernel, kE8SmemBytes);
+  if (err != cudaSuccess) return err;
+  // Persistent: one wave, but at least one warp per chunk.
+  const int blocks = max(multiprocessors() * blocks_per_sm(kernel, nwarps * 32, kE8SmemBytes),
+                         (chunks + nwarps - 1) / nwarps);
+  kernel<<<blocks, nwarps * 32, kE8SmemBytes, stream>>>(a, chunks, part);
+  return cudaSuccess;
+}
+
+template <int NB, int R, int ST, int U = 2>
 cudaError_t launch_e8p(cudaStream_t stream, const E8pArgs& a, int nwarps) {
-  auto kernel = e8p_matvec_kernel<NB, R, ST, 2>;
+  auto kernel = e8p_matvec_kernel<NB, R, ST, U>;
   cudaError_t err = allow_smem(kernel, kE8SmemBytes);
   if (err != cudaSuccess) return err;
   const int tasks = (a.out + nwarps * R - 1) / (nwarps * R);
@@ -913,12 +1004,16 @@ cudaError_t launch_e8p(cudaStream_t stream, const E8pArgs& a, int nwarps) {
   return cudaSuccess;
 }
 
+// Batch 1: R rows per warp (1, 2, 4) and U code units per lane per step (1, 2); 0 picks the
+// measured default (R = 2 from 8192 rows, else 1; U = 2).
 template <int ST>
-cudaError_t dispatch_e8p(cudaStream_t stream, const E8pArgs& a, int nwarps, int rows) {
+cudaError_t dispatch_e8p(cudaStream_t stream, const E8pArgs& a, int nwarps, int rows, int units) {
   if (a.n <= 1) {
     if (rows <= 0) rows = a.out >= 8192 ? 2 : 1;
-    if (rows >= 2) return launch_e8p<1, 2, ST>(stream, a, nwarps);
-    return launch_e8p<1, 1, ST>(stream, a, nwarps);
+    if (units <= 0) units = 2;
+    if (rows >= 4) return units == 1 ? launch_e8p<1, 4, ST, 1>(stream, a, nwarps) : launch_e8p<1, 4, ST, 2>(stream, a, nwarps);
+    if (rows >= 2) return units == 1 ? launch_e8p<1, 2, ST, 1>(stream, a, nwarps) : launch_e8p<1, 2, ST, 2>(stream, a, nwarps);
+    return units == 1 ? launch_e8p<1, 1, ST, 1>(stream, a, nwarps) : launch_e8p<1, 1, ST, 2>(stream, a, nwarps);
   }
   if (a.n <= 2) return launch_e8p<2, 1, ST>(stream, a, nwarps);
   if (a.n <= 4) return launch_e8p<4, 1, ST>(stream, a, nwarps);
@@ -927,7 +1022,8 @@ cudaError_t dispatch_e8p(cudaStream_t stream, const E8pArgs& a, int nwarps, int 
 
 ffi::Error E8pMatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buffer<ffi::F32> xq,
                          ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::U32> abs, ffi::Result<ffi::Buffer<ffi::F32>> y,
-                         int64_t bits, double resid_scale, int64_t rows_per_warp, int64_t warps) {
+                         int64_t bits, double resid_scale, int64_t rows_per_warp, int64_t warps,
+                         int64_t units_per_step, int64_t variant) {
   auto xd = x.dimensions();
   auto cd = codes.dimensions();
   auto yd = y->dimensions();
@@ -940,8 +1036,13 @@ ffi::Error E8pMatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buff
   a.k = static_cast<int>(xd[1]);
   a.out = static_cast<int>(cd[0]);
   const int st = static_cast<int>(bits / 2);
-  if (cd[2] != bits || cd[1] * 8 != xd[1] || yd[0] != xd[0] || yd[1] != cd[0] || a.n < 1 || a.n > 8) {
-    return ffi::Error::InvalidArgument("e8p_matvec: shapes disagree (or n is not in 1..8)");
+  // Variant 1 (batch 1) returns per-chunk partial sums: y [chunks, out], chunks = ceil(units / 32).
+  const int64_t chunks = (xd[1] * (bits / 2) / 64 + 31) / 32;
+  const int64_t yrows = variant == 1 ? chunks : xd[0];
+  if (cd[2] != bits || cd[1] * 8 != xd[1] || yd[0] != yrows || yd[1] != cd[0] || a.n < 1 || a.n > 8 ||
+      (variant == 1 && a.n != 1)) {
+    return ffi::Error::InvalidArgument("e8p_matvec: shapes disagree (or n is not in 1..8; variant 1: n = 1, "
+                                       "y [ceil(in * bits / 2048), out])");
   }
   if (a.k % (64 / st)) return ffi::Error::InvalidArgument("e8p_matvec: in must be a multiple of 64 (2-bit) or 32 (4-bit)");
   if (xq.element_count() != static_cast<size_t>(a.n) * (a.k / 8) || abs.element_count() != 512) {
@@ -955,8 +1056,18 @@ ffi::Error E8pMatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buff
   a.y = y->typed_data();
   a.resid = static_cast<float>(1.0 / resid_scale);
   const int nwarps = (warps >= 1 && warps <= 8) ? static_cast<int>(warps) : 8;
-  cudaError_t err = st == 1 ? dispatch_e8p<1>(stream, a, nwarps, static_cast<int>(rows_per_warp))
-                            : dispatch_e8p<2>(stream, a, nwarps, static_cast<int>(rows_per_warp));
+  const int rows = static_cast<int>(rows_per_warp), units = static_cast<int>(units_per_step);
+  cudaError_t err;
+  if (variant == 1) {
+    const int c = static_cast<int>(chunks);
+    if (rows >= 4) {
+      err = st == 1 ? launch_e8p_xs<4, 1>(stream, a, nwarps, c, a.y) : launch_e8p_xs<4, 2>(stream, a, nwarps, c, a.y);
+    } else {
+      err = st == 1 ? launch_e8p_xs<2, 1>(stream, a, nwarps, c, a.y) : launch_e8p_xs<2, 2>(stream, a, nwarps, c, a.y);
+    }
+  } else {
+    err = st == 1 ? dispatch_e8p<1>(stream, a, nwarps, rows, units) : dispatch_e8p<2>(stream, a, nwarps, rows, units);
+  }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_matvec: ") + cudaGetErrorString(err));
   return launch_error("e8p_matvec launch");
 }
@@ -1004,7 +1115,14 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
   uint32_t* tab = qsm;
   float* red = reinterpret_cast<float*>(qsm + (CODE == kHyb ? kHybEntries * kHybRep : 0));  // [nwarps][NB][16]
   if constexpr (CODE == kHyb) {
-    for (int i = threadIdx.x; i < kHybEntries * kHybRep; i += blockDim.x) tab[i] = __ldg(a.table + i / kHybRep);
+    // One load per entry, its 16 copies (64 B) as 4 16-byte stores rotated against bank conflicts.
+    static_assert(kHybRep == 16, "the fill writes 16 copies as 4 quads");
+    for (int i = threadIdx.x; i < kHybEntries; i += blockDim.x) {
+      const uint32_t v = __ldg(a.table + i);
+      uint4* dst = reinterpret_cast<uint4*>(tab + i * kHybRep);
+#pragma unroll
+      for (int j = 0; j < kHybRep / 4; ++j) dst[(j + i) & (kHybRep / 4 - 1)] = make_uint4(v, v, v, v);
+    }
     __syncthreads();
   }
   const int S = a.ksplit, slice = warp % S, tset = warp / S, tsets = nwarps / S;
@@ -1717,7 +1835,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvec, E8pMatvecImpl,
                                   .Attr<int64_t>("bits")
                                   .Attr<double>("resid_scale")
                                   .Attr<int64_t>("rows_per_warp")
-                                  .Attr<int64_t>("warps"),
+                                  .Attr<int64_t>("warps")
+                                  .Attr<int64_t>("units_per_step")
+                                  .Attr<int64_t>("variant"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantQtipMatvec, QtipMatvecImpl,

@@ -130,12 +130,16 @@ def e8p_x_layout(x2: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
 
 def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: int,
                resid_scale: float = 1.0, rows_per_warp: int = 0, warps: int = 0,
-               register: bool = True) -> jax.Array:
+               units_per_step: int = 0, variant: int = 0, register: bool = True) -> jax.Array:
     """``y[..., out] = x[..., in] @ Q.T`` (float32) for E8P (bits=2) or E8P-RVQ4 (bits=4) codes.
 
     codes: uint8 ``[out, in / 8, bits]`` (``jaxquant.formats.quip_sharp``); abs_table: uint32
     ``[256, 2]`` from ``e8p_abs_table``. x is used in float16 (its products accumulate in fp16 over
     at most 32 terms, then in float32). ``in`` must be a multiple of 64 (2-bit) or 32 (4-bit).
+    Launch knobs at batch 1 (0: the measured default): ``rows_per_warp`` (1, 2, 4), ``warps`` per
+    block (1-8), ``units_per_step`` (1, 2: 16-byte code units each lane loads before decoding).
+    ``variant=1`` (batch-1 calls only; others use the default): the x-stationary kernel, each warp
+    holding one 2048-input chunk of x in registers and returning per-chunk partials, summed here.
     """
     if bits not in (2, 4):
         raise ValueError(f"e8p_matvec: bits must be 2 or 4, got {bits}")
@@ -153,10 +157,15 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
 
     def one(idx):
         xb, qb = idx
-        f = jax.ffi.ffi_call("jaxquant_e8p_matvec", jax.ShapeDtypeStruct((xb.shape[0], out), jnp.float32),
+        var = variant if xb.shape[0] == 1 else 0
+        chunks = -(-(k_in * bits // 128) // 32)  # 16-byte code units per row, 32 per chunk
+        f = jax.ffi.ffi_call("jaxquant_e8p_matvec",
+                             jax.ShapeDtypeStruct((chunks if var == 1 else xb.shape[0], out), jnp.float32),
                              vmap_method="sequential")
-        return f(xb, qb, codes, table, bits=np.int64(bits), resid_scale=np.float64(resid_scale),
-                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps))
+        y = f(xb, qb, codes, table, bits=np.int64(bits), resid_scale=np.float64(resid_scale),
+              rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps),
+              units_per_step=np.int64(units_per_step), variant=np.int64(var))
+        return y.sum(0, keepdims=True) if var == 1 else y
 
     n = x2.shape[0]
     parts = [one((xh[i:i + VQ_MAX_BATCH], xq[i:i + VQ_MAX_BATCH])) for i in range(0, n, VQ_MAX_BATCH)]

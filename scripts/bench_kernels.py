@@ -265,19 +265,22 @@ def bench_vq(args, copy_bw, rows):
                 q = sets[0].dequantize() if fmt.startswith("gptvq") else sets[0].rotated()
                 if fmt.startswith("qtip"):  # the kernel returns code values; the format scales after
                     q = q / sets[0].scale[0]
-                cases = [("kernel", lambda x, qw: vq_kernel_fn(fmt, {})(x, qw),
-                          np.asarray(jnp.matmul(xf, q.T, precision=jax.lax.Precision.HIGHEST))),
-                         ("linear-cuda", lambda x, qw: qw.matmul(x, backend="cuda"),
-                          np.asarray(sets[0].matmul(xf, backend="reference"), np.float64))]
-                cases.append(("linear-pallas", lambda x, qw: qw.matmul(x, backend="pallas"), cases[1][2]))
+                ref_kernel = np.asarray(jnp.matmul(xf, q.T, precision=jax.lax.Precision.HIGHEST))
+                configs = args.vq_configs if fmt in ("e8p", "rvq4") else [{}]
+                cases = [("kernel", (lambda cfg: lambda x, qw: vq_kernel_fn(fmt, cfg)(x, qw))(cfg), ref_kernel, cfg)
+                         for cfg in configs]
+                cases += [("linear-cuda", lambda x, qw: qw.matmul(x, backend="cuda"),
+                          np.asarray(sets[0].matmul(xf, backend="reference"), np.float64), {})]
+                ref_linear = cases[-1][2]
+                cases.append(("linear-pallas", lambda x, qw: qw.matmul(x, backend="pallas"), ref_linear, {}))
                 if args.reference:
-                    cases.append(("linear-reference", lambda x, qw: qw.matmul(x, backend="reference"), cases[1][2]))
+                    cases.append(("linear-reference", lambda x, qw: qw.matmul(x, backend="reference"), ref_linear, {}))
                 del q
-                for name, fn, ref in cases:
+                for name, fn, ref, cfg in cases:
                     if name not in args.vq_cases and name != "linear-reference":
                         continue
                     row = dict(kind="vq", model=model, out=out, inp=inp, bits=bits, batch=batch, format=fmt,
-                               backend=name, config={}, bytes=nbytes)
+                               backend=name, config=cfg, bytes=nbytes)
                     xin = xf if name == "kernel" else x
                     record(args, rows, measure(args, row, fn, xin, sets, ref, copy_bw, t16))
                 del sets
@@ -386,6 +389,9 @@ def main(argv=None):
     p.add_argument("--reference", action="store_true", help="also time the codebook formats' jnp reference")
     p.add_argument("--vq-cases", nargs="+", default=["kernel", "linear-cuda"],
                    help="any of kernel (CUDA, x already rotated), linear-cuda, linear-pallas (full linear, RHT included)")
+    p.add_argument("--vq-configs", type=json.loads, default=[{}],
+                   help='E8P/RVQ4 kernel launch configurations as a JSON list, e.g. '
+                        '\'[{}, {"rows_per_warp": 4, "units_per_step": 1}]\' ({}: the default)')
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy that sets the bandwidth")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true")

@@ -4,6 +4,7 @@
 #   kernels   issue 10: gpu kernel tests, scalar decode-matvec and Hadamard vs copy bandwidth
 #   kernels-vq-tests  issue 10: E8P / RVQ4 / QTIP gpu tests
 #   kernels-vq  issue 10: E8P / RVQ4 / QTIP decode-matvec and their full linear (RHT included)
+#   e8p-sweep issue 10: E8P / RVQ4 launch configurations and the x-stationary variant (with their gpu tests)
 #   overhead  issues 10, 11: per-custom-call cost with and without XLA command buffers
 #   ncu       issues 10, 11: Nsight Compute sections of every batch-1 kernel at a 7B and a 70B shape (why they
 #             are slow: latency, occupancy, memory or issue)
@@ -21,7 +22,15 @@
 set -uo pipefail
 part=${1:?part}; out=${2:?outdir}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-build_cuda() { timeout 120 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"; }
+# A library built here for sm_90 (python3 -c "from cuda_ffi import build; print(build.compile_library())",
+# copied to .devcarry/lib/libjaxquant_cuda_ffi.so and carried) saves the device's nvcc minutes.
+build_cuda() {
+  if [ -f .devcarry/lib/libjaxquant_cuda_ffi.so ]; then
+    export JAXQUANT_CUDA_LIBRARY=$PWD/.devcarry/lib/libjaxquant_cuda_ffi.so
+    timeout 60 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi prebuilt')" && return
+    unset JAXQUANT_CUDA_LIBRARY
+  fi
+  timeout 300 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"; }
 case $part in
   kernels)  # issue 10, part 1: build, scalar / Hadamard gpu tests, scalar matvec and Hadamard rows (batch 1)
     build_cuda
@@ -39,6 +48,18 @@ case $part in
       --json "$out/bench_kernels_vq.json" --vq e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 qtip-3inst-k2 qtip-hyb-k4 gptvq-d2-k2
     timeout 180 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda linear-pallas \
       --json "$out/bench_kernels_linear.json" --models llama2-7b llama2-70b --vq e8p qtip-hyb-k2 ;;
+  e8p-sweep)  # issue 10: E8P / RVQ4 launch configurations (rows per warp, units per step) at every shape
+    build_cuda
+    JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider \
+      -k "e8p_matvec_gpu or (qtip_matvec_gpu and 2-hyb)" > "$out/kernel_tests_e8p.log" 2>&1; tail -3 "$out/kernel_tests_e8p.log"
+    timeout 200 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel \
+      --json "$out/bench_e8p_sweep.json" --vq e8p rvq4 qtip-hyb-k2 --vq-configs '[{}, {"rows_per_warp": 1,
+      "units_per_step": 1}, {"rows_per_warp": 1, "units_per_step": 2}, {"rows_per_warp": 2, "units_per_step": 1},
+      {"rows_per_warp": 2, "units_per_step": 2}, {"rows_per_warp": 4, "units_per_step": 1},
+      {"rows_per_warp": 4, "units_per_step": 2}, {"variant": 1, "rows_per_warp": 2}, {"variant": 1,
+      "rows_per_warp": 4}, {"variant": 1, "rows_per_warp": 2, "warps": 4}]' | grep -v "^llama.*warn"
+    timeout 90 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda \
+      --json "$out/bench_e8p_linear.json" --models llama2-70b --vq e8p ;;
   overhead)  # issues 10, 11: is the ~15 us per custom call XLA's command-buffer tracing? Default, custom calls
     # left out of command buffers, no command buffers
     build_cuda

@@ -7,6 +7,8 @@ kernel against the reference on fresh random inputs.
 """
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -681,9 +683,15 @@ def random_qtip(key, out: int, inp: int, code: str, k: int) -> QTIPQuantized:
 def test_vq_kernels_lower_for_cuda():
     qw = random_quip(jax.random.key(1), 64, 256, 2)
     x = jnp.ones((3, 256), jnp.float32)
-    text = _lower_for_cuda(lambda x: cuda_ops.e8p_matvec(x, qw.codes, cuda_ffi.e8p_abs_table(
-        jq_e8p.e8p_source_set()), bits=2, register=False), x)
+    table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
+    text = _lower_for_cuda(lambda x: cuda_ops.e8p_matvec(x, qw.codes, table, bits=2, register=False), x)
     assert "jaxquant_e8p_matvec" in text
+    # the x-stationary variant at batch 1: per-chunk partials [4096 * 2 / 4096, 64], summed after
+    wide = random_quip(jax.random.key(2), 64, 4096, 2)
+    text = _lower_for_cuda(lambda x: cuda_ops.e8p_matvec(x, wide.codes, table, bits=2, variant=1,
+                                                         register=False), jnp.ones((1, 4096), jnp.float32))
+    call = [line for line in text.splitlines() if "jaxquant_e8p_matvec" in line]
+    assert call and "-> tensor<2x64xf32>" in call[0]
     for code in ("hyb", "1mad", "3inst"):
         qt = random_qtip(jax.random.key(2), 32, 256, code, 3)
         text = _lower_for_cuda(lambda x, qt=qt: cuda_ops.qtip_matvec(
@@ -724,6 +732,19 @@ def test_cuda_e8p_matvec_gpu(bits):
             ref = np.asarray(jnp.matmul(x, q.T, precision=HIGHEST))
             assert rel_err(y, ref) < 4e-3, (out, inp, batch)
         del q
+    qw = random_quip(jax.random.key(9), 4100, 1024, bits)  # rows not a multiple of R: the tail
+    x = jax.random.normal(jax.random.key(10), (1, 1024), jnp.float32)
+    ref = np.asarray(jnp.matmul(x, qw.rotated().T, precision=HIGHEST))
+    for rows, units, warps, variant in itertools.product((1, 2, 4), (1, 2), (0, 3), (0, 1)):
+        y = cuda_ffi.e8p_matvec(x, qw.codes, table, bits=bits, resid_scale=cb.resid_scale or 1.0,
+                                rows_per_warp=rows, units_per_step=units, warps=warps, variant=variant)
+        assert rel_err(y, ref) < 4e-3, (rows, units, warps, variant)
+    for i, (out, inp) in enumerate(VQ_SHAPES + [(96, 512)]):  # the x-stationary kernel (batch 1)
+        qw = random_quip(jax.random.key(600 + 10 * i + bits), out, inp, bits)
+        x = jax.random.normal(jax.random.key(700 + i), (1, inp), jnp.float32)
+        ref = np.asarray(jnp.matmul(x, qw.rotated().T, precision=HIGHEST))
+        y = cuda_ffi.e8p_matvec(x, qw.codes, table, bits=bits, resid_scale=cb.resid_scale or 1.0, variant=1)
+        assert rel_err(y, ref) < 4e-3, (out, inp)
     for out, inp in [(1024, 2048), (1536, 1536)]:  # RHT of 2^p and of 12 * 2^p
         qw = random_quip(jax.random.key(7 + out), out, inp, bits)
         x = jax.random.normal(jax.random.key(8), (3, inp), jnp.bfloat16)
