@@ -30,6 +30,7 @@ TARGETS = {
     "jaxquant_scalar_matvec": "JaxquantScalarMatvec",
     "jaxquant_hadamard": "JaxquantHadamard",
     "jaxquant_e8p_matvec": "JaxquantE8pMatvec",
+    "jaxquant_e8p_matvec_xs": "JaxquantE8pMatvecXs",
     "jaxquant_qtip_matvec": "JaxquantQtipMatvec",
 }
 

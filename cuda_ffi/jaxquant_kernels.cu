@@ -72,6 +72,12 @@ __device__ __forceinline__ __half2 u2h2(uint32_t u) {
   return h;
 }
 
+__device__ __forceinline__ uint32_t h22u(__half2 h) {
+  uint32_t u;
+  memcpy(&u, &h, sizeof(u));
+  return u;
+}
+
 __device__ __forceinline__ float load_elem(const void* p, int64_t i, int dt) {
   if (dt == kF16) return __half2float(static_cast<const __half*>(p)[i]);
   if (dt == kBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
@@ -772,6 +778,7 @@ constexpr size_t kE8SmemBytes = (256 + 128) * kE8Rep * sizeof(uint2);  // 48 KB
 
 struct E8pArgs {
   const uint4* x;      // [n, G, units] 16-byte groups of 8 fp16 inputs: group g of unit u at [g][u]
+  const float* xf;     // x-stationary kernel: float32 [in] in natural order (x and xq unused)
   const float* xq;     // [n, G, units]: -1/4 * sum of each 8 inputs, same order
   const uint4* codes;  // [out, k / 8 * bytes] as 16-byte units
   const uint2* abs;    // [256] fp16 high bytes of the source vectors
@@ -925,12 +932,13 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
   }
 }
 
-// Variant 1, batch 1, x-stationary: warp w of the grid owns the K-chunk w % chunks (one code unit
-// per lane: 32 units, 2048 inputs at 2 bits) and keeps that chunk's x (fp16) and shift terms in
-// registers, then walks every (grid warps / chunks)-th group of R rows. No x traffic through L1
-// in the loop (the default kernel reads x again for every R rows, most of its L1 traffic), the
-// next rows' codes load while the current ones decode. Each row's partial over the chunk goes to
-// part[chunk][row]; the caller sums the chunks (deterministic, no atomics).
+// Batch 1, x-stationary: warp w of the grid owns the K-chunk w % chunks (one code unit per lane:
+// 32 units, 2048 inputs at 2 bits) and keeps that chunk's x (fp16) and shift terms in registers,
+// made once from float32 x in natural order (no layout or sum ops before the call), then walks
+// every (grid warps / chunks)-th group of R rows. No x traffic through L1 in the loop (the default
+// kernel reads x again for every R rows, most of its L1 traffic); the next rows' codes load while
+// the current ones decode. Each row's partial over the chunk goes to part[chunk][row]; the caller
+// sums the chunks (deterministic, no atomics).
 template <int R, int ST>
 __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunks, float* part) {
   extern __shared__ uint2 e8tab[];
@@ -946,9 +954,16 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
   const bool live = uu < a.units;
   uint4 xv[G];
   float xq[G];
-  static_for<G>([&](auto g) {  // zeros past the row's end: code 0 times x = 0 adds nothing
-    xv[g] = live ? __ldg(a.x + static_cast<size_t>(g) * a.units + uu) : make_uint4(0u, 0u, 0u, 0u);
-    xq[g] = live ? __ldg(a.xq + static_cast<size_t>(g) * a.units + uu) : 0.f;
+  static_for<G>([&](auto g) {  // group g of unit uu: inputs 8 (uu G + g) .. +8; zeros past the end
+    float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+    if (live) {
+      const float4* p = reinterpret_cast<const float4*>(a.xf) + 2 * (static_cast<size_t>(uu) * G + g);
+      lo = __ldg(p);
+      hi = __ldg(p + 1);
+    }
+    xq[g] = -0.25f * (((lo.x + lo.y) + (lo.z + lo.w)) + ((hi.x + hi.y) + (hi.z + hi.w)));
+    xv[g] = make_uint4(h22u(__floats2half2_rn(lo.x, lo.y)), h22u(__floats2half2_rn(lo.z, lo.w)),
+                       h22u(__floats2half2_rn(hi.x, hi.y)), h22u(__floats2half2_rn(hi.z, hi.w)));
   });
   const int groups = (a.out + R - 1) / R;
   auto load = [&](int grp, uint4 (&cw)[R]) {
@@ -1023,7 +1038,7 @@ cudaError_t dispatch_e8p(cudaStream_t stream, const E8pArgs& a, int nwarps, int 
 ffi::Error E8pMatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buffer<ffi::F32> xq,
                          ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::U32> abs, ffi::Result<ffi::Buffer<ffi::F32>> y,
                          int64_t bits, double resid_scale, int64_t rows_per_warp, int64_t warps,
-                         int64_t units_per_step, int64_t variant) {
+                         int64_t units_per_step) {
   auto xd = x.dimensions();
   auto cd = codes.dimensions();
   auto yd = y->dimensions();
@@ -1036,13 +1051,8 @@ ffi::Error E8pMatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buff
   a.k = static_cast<int>(xd[1]);
   a.out = static_cast<int>(cd[0]);
   const int st = static_cast<int>(bits / 2);
-  // Variant 1 (batch 1) returns per-chunk partial sums: y [chunks, out], chunks = ceil(units / 32).
-  const int64_t chunks = (xd[1] * (bits / 2) / 64 + 31) / 32;
-  const int64_t yrows = variant == 1 ? chunks : xd[0];
-  if (cd[2] != bits || cd[1] * 8 != xd[1] || yd[0] != yrows || yd[1] != cd[0] || a.n < 1 || a.n > 8 ||
-      (variant == 1 && a.n != 1)) {
-    return ffi::Error::InvalidArgument("e8p_matvec: shapes disagree (or n is not in 1..8; variant 1: n = 1, "
-                                       "y [ceil(in * bits / 2048), out])");
+  if (cd[2] != bits || cd[1] * 8 != xd[1] || yd[0] != xd[0] || yd[1] != cd[0] || a.n < 1 || a.n > 8) {
+    return ffi::Error::InvalidArgument("e8p_matvec: shapes disagree (or n is not in 1..8)");
   }
   if (a.k % (64 / st)) return ffi::Error::InvalidArgument("e8p_matvec: in must be a multiple of 64 (2-bit) or 32 (4-bit)");
   if (xq.element_count() != static_cast<size_t>(a.n) * (a.k / 8) || abs.element_count() != 512) {
@@ -1057,19 +1067,49 @@ ffi::Error E8pMatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buff
   a.resid = static_cast<float>(1.0 / resid_scale);
   const int nwarps = (warps >= 1 && warps <= 8) ? static_cast<int>(warps) : 8;
   const int rows = static_cast<int>(rows_per_warp), units = static_cast<int>(units_per_step);
-  cudaError_t err;
-  if (variant == 1) {
-    const int c = static_cast<int>(chunks);
-    if (rows >= 4) {
-      err = st == 1 ? launch_e8p_xs<4, 1>(stream, a, nwarps, c, a.y) : launch_e8p_xs<4, 2>(stream, a, nwarps, c, a.y);
-    } else {
-      err = st == 1 ? launch_e8p_xs<2, 1>(stream, a, nwarps, c, a.y) : launch_e8p_xs<2, 2>(stream, a, nwarps, c, a.y);
-    }
-  } else {
-    err = st == 1 ? dispatch_e8p<1>(stream, a, nwarps, rows, units) : dispatch_e8p<2>(stream, a, nwarps, rows, units);
-  }
+  cudaError_t err = st == 1 ? dispatch_e8p<1>(stream, a, nwarps, rows, units)
+                            : dispatch_e8p<2>(stream, a, nwarps, rows, units);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_matvec: ") + cudaGetErrorString(err));
   return launch_error("e8p_matvec launch");
+}
+
+// The x-stationary kernel (batch 1): x float32 [in] in natural order; y [chunks, out] partials,
+// chunks = ceil(in * bits / 4096) (32 code units of 16 bytes per chunk).
+ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                           ffi::Buffer<ffi::U32> abs, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits,
+                           double resid_scale, int64_t rows_per_warp, int64_t warps) {
+  auto cd = codes.dimensions();
+  auto yd = y->dimensions();
+  if (cd.size() != 3 || yd.size() != 2 || (bits != 2 && bits != 4) || cd[2] != bits || abs.element_count() != 512) {
+    return ffi::Error::InvalidArgument("e8p_matvec_xs: codes [out, in/8, bits] with bits 2 or 4, abs [256, 2] words");
+  }
+  const int64_t k = static_cast<int64_t>(x.element_count());
+  const int st = static_cast<int>(bits / 2);
+  const int64_t units = k * st / 64, chunks = (units + 31) / 32;
+  if (cd[1] * 8 != k || k % (64 / st) || yd[0] != chunks || yd[1] != cd[0]) {
+    return ffi::Error::InvalidArgument("e8p_matvec_xs: x [in] (in a multiple of 64 / (bits / 2)), "
+                                       "y [ceil(in * bits / 4096), out]");
+  }
+  E8pArgs a{};
+  a.n = 1;
+  a.k = static_cast<int>(k);
+  a.out = static_cast<int>(cd[0]);
+  a.units = static_cast<int>(units);
+  a.xf = x.typed_data();
+  a.codes = reinterpret_cast<const uint4*>(codes.typed_data());
+  a.abs = reinterpret_cast<const uint2*>(abs.typed_data());
+  a.y = y->typed_data();
+  a.resid = static_cast<float>(1.0 / resid_scale);
+  const int nwarps = (warps >= 1 && warps <= 8) ? static_cast<int>(warps) : 8;
+  const int c = static_cast<int>(chunks);
+  cudaError_t err;
+  if (rows_per_warp >= 4) {
+    err = st == 1 ? launch_e8p_xs<4, 1>(stream, a, nwarps, c, a.y) : launch_e8p_xs<4, 2>(stream, a, nwarps, c, a.y);
+  } else {
+    err = st == 1 ? launch_e8p_xs<2, 1>(stream, a, nwarps, c, a.y) : launch_e8p_xs<2, 2>(stream, a, nwarps, c, a.y);
+  }
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_matvec_xs: ") + cudaGetErrorString(err));
+  return launch_error("e8p_matvec_xs launch");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1836,8 +1876,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvec, E8pMatvecImpl,
                                   .Attr<double>("resid_scale")
                                   .Attr<int64_t>("rows_per_warp")
                                   .Attr<int64_t>("warps")
-                                  .Attr<int64_t>("units_per_step")
-                                  .Attr<int64_t>("variant"),
+                                  .Attr<int64_t>("units_per_step"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvecXs, E8pMatvecXsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<double>("resid_scale")
+                                  .Attr<int64_t>("rows_per_warp")
+                                  .Attr<int64_t>("warps"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantQtipMatvec, QtipMatvecImpl,

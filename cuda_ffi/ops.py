@@ -139,7 +139,8 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     Launch knobs at batch 1 (0: the measured default): ``rows_per_warp`` (1, 2, 4), ``warps`` per
     block (1-8), ``units_per_step`` (1, 2: 16-byte code units each lane loads before decoding).
     ``variant=1`` (batch-1 calls only; others use the default): the x-stationary kernel, each warp
-    holding one 2048-input chunk of x in registers and returning per-chunk partials, summed here.
+    holding one chunk of 32 code units' inputs in registers (made in the kernel from float32 x in
+    natural order) and returning per-chunk partials, summed here.
     """
     if bits not in (2, 4):
         raise ValueError(f"e8p_matvec: bits must be 2 or 4, got {bits}")
@@ -152,20 +153,23 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     x2 = x.reshape(-1, k_in).astype(jnp.float32)
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, out), jnp.float32)
-    xh, xq = e8p_x_layout(x2, bits)
     table = jnp.asarray(abs_table, jnp.uint32).reshape(512)
+    if variant == 1 and x2.shape[0] == 1:
+        chunks = -(-(k_in * bits // 128) // 32)  # 16-byte code units per row, 32 per chunk
+        f = jax.ffi.ffi_call("jaxquant_e8p_matvec_xs", jax.ShapeDtypeStruct((chunks, out), jnp.float32),
+                             vmap_method="sequential")
+        part = f(x2.reshape(k_in), codes, table, bits=np.int64(bits), resid_scale=np.float64(resid_scale),
+                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps))
+        return part.sum(0).reshape(*lead, out)
+    xh, xq = e8p_x_layout(x2, bits)
 
     def one(idx):
         xb, qb = idx
-        var = variant if xb.shape[0] == 1 else 0
-        chunks = -(-(k_in * bits // 128) // 32)  # 16-byte code units per row, 32 per chunk
-        f = jax.ffi.ffi_call("jaxquant_e8p_matvec",
-                             jax.ShapeDtypeStruct((chunks if var == 1 else xb.shape[0], out), jnp.float32),
+        f = jax.ffi.ffi_call("jaxquant_e8p_matvec", jax.ShapeDtypeStruct((xb.shape[0], out), jnp.float32),
                              vmap_method="sequential")
-        y = f(xb, qb, codes, table, bits=np.int64(bits), resid_scale=np.float64(resid_scale),
-              rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps),
-              units_per_step=np.int64(units_per_step), variant=np.int64(var))
-        return y.sum(0, keepdims=True) if var == 1 else y
+        return f(xb, qb, codes, table, bits=np.int64(bits), resid_scale=np.float64(resid_scale),
+                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps),
+                 units_per_step=np.int64(units_per_step))
 
     n = x2.shape[0]
     parts = [one((xh[i:i + VQ_MAX_BATCH], xq[i:i + VQ_MAX_BATCH])) for i in range(0, n, VQ_MAX_BATCH)]
