@@ -564,6 +564,192 @@ def test_e8p_kernel_decode_emulated():
     np.testing.assert_array_equal(vals, jq_e8p.e8p_codewords())
 
 
+_E8P_HOST_HARNESS = r"""
+// Runs e8p_matvec_kernel and e8p_matvec_xs_kernel (the CUDA source, cut from jaxquant_kernels.cu
+// unchanged) on the CPU: blocks one after another, one std::thread per CUDA thread, a barrier for
+// __syncthreads, warp shuffles through a per-warp exchange, the HFMA2 rounded to fp16 per lane.
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <utility>
+#include <vector>
+
+static thread_local uint3 h_threadIdx, h_blockIdx;
+static dim3 h_blockDim, h_gridDim;
+static std::barrier<>* h_bar = nullptr;
+static std::vector<std::unique_ptr<std::barrier<>>> h_warp_bar;
+static float h_shfl[8][32];
+uint2 e8tab[(256 + 128) * 16];
+#undef __global__
+#define __global__
+#undef __shared__
+#define __shared__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#define threadIdx h_threadIdx
+#define blockIdx h_blockIdx
+#define blockDim h_blockDim
+#define gridDim h_gridDim
+static void __syncthreads() { h_bar->arrive_and_wait(); }
+template <class T> static T __ldg(const T* p) { return *p; }
+template <class T> static T __ldcs(const T* p) { return *p; }
+static int min(int a, int b) { return a < b ? a : b; }
+static int max(int a, int b) { return a > b ? a : b; }
+static unsigned __popc(unsigned v) { return __builtin_popcount(v); }
+static unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+static float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+static unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t pool = (uint64_t{y} << 32) | x;
+  unsigned r = 0;
+  for (int k = 0; k < 4; ++k) r |= static_cast<unsigned>((pool >> (8 * ((s >> (4 * k)) & 7))) & 0xFF) << (8 * k);
+  return r;
+}
+static __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+  const float2 fa = __half22float2(a), fb = __half22float2(b), fc = __half22float2(c);
+  return __floats2half2_rn(static_cast<float>(double(fa.x) * fb.x + fc.x),
+                           static_cast<float>(double(fa.y) * fb.y + fc.y));
+}
+static float __shfl_xor_sync(unsigned, float v, int m) {
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  h_shfl[w][l] = v;
+  h_warp_bar[w]->arrive_and_wait();
+  const float r = h_shfl[w][l ^ m];
+  h_warp_bar[w]->arrive_and_wait();
+  return r;
+}
+
+#include "kernel_part.inc"
+
+template <class K>
+void run(K kernel, int blocks, int warps) {
+  h_gridDim = dim3(blocks, 1, 1);
+  h_blockDim = dim3(warps * 32, 1, 1);
+  for (int b = 0; b < blocks; ++b) {
+    memset(e8tab, 0xFF, sizeof(e8tab));
+    std::barrier<> bar(warps * 32);
+    h_bar = &bar;
+    h_warp_bar.clear();
+    for (int w = 0; w < warps; ++w) h_warp_bar.emplace_back(new std::barrier<>(32));
+    std::vector<std::thread> ts;
+    for (int t = 0; t < warps * 32; ++t)
+      ts.emplace_back([&kernel, t, b] {
+        h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
+        h_blockIdx = uint3{static_cast<unsigned>(b), 0, 0};
+        kernel();
+      });
+    for (auto& th : ts) th.join();
+  }
+}
+
+template <class T>
+bool read(FILE* f, std::vector<T>& v, size_t n) { v.resize(n); return fread(v.data(), sizeof(T), n, f) == n; }
+
+// argv: kernel (0 default, 1 x-stationary) bits out k rows units blocks warps in out
+// in: x f32 [k], xh f16 [k] and xq f32 [k/8] in the default kernel's layout, codes u8 [out, k/8, bits],
+// abs u32 [512]; out: y f32 [out] (default) or the partials f32 [chunks, out] (x-stationary).
+int main(int argc, char** argv) {
+  if (argc != 11) return 1;
+  const int xs = atoi(argv[1]), bits = atoi(argv[2]), out = atoi(argv[3]), k = atoi(argv[4]);
+  const int rows = atoi(argv[5]), units_per_step = atoi(argv[6]), blocks = atoi(argv[7]), warps = atoi(argv[8]);
+  FILE* in = fopen(argv[9], "rb");
+  FILE* fo = fopen(argv[10], "wb");
+  if (!in || !fo) return 3;
+  std::vector<float> x, xq;
+  std::vector<__half> xh;
+  std::vector<uint8_t> codes;
+  std::vector<uint32_t> abs;
+  if (!read(in, x, k) || !read(in, xh, k) || !read(in, xq, k / 8) || !read(in, codes, size_t(out) * k / 8 * bits) ||
+      !read(in, abs, 512)) return 2;
+  const int st = bits / 2, units = k * st / 64, chunks = (units + 31) / 32;
+  std::vector<float> y(size_t(xs ? chunks : 1) * out, NAN);
+  E8pArgs a{};
+  a.n = 1; a.k = k; a.out = out; a.units = units;
+  a.x = reinterpret_cast<const uint4*>(xh.data());
+  a.xq = xq.data();
+  a.xf = x.data();
+  a.codes = reinterpret_cast<const uint4*>(codes.data());
+  a.abs = reinterpret_cast<const uint2*>(abs.data());
+  a.y = y.data();
+  a.resid = bits == 4 ? 1.0f / 3.45f : 1.0f;
+  auto go = [&](auto kernel) { run(kernel, blocks, warps); };
+#define XS(R, ST) go([&] { e8p_matvec_xs_kernel<R, ST>(a, chunks, a.y); })
+#define DEF(R, ST, U) go([&] { e8p_matvec_kernel<1, R, ST, U>(a); })
+  if (xs) {
+    if (rows >= 4) { if (st == 1) XS(4, 1); else XS(4, 2); }
+    else { if (st == 1) XS(2, 1); else XS(2, 2); }
+  } else if (units_per_step == 1) {
+    if (rows >= 4) { if (st == 1) DEF(4, 1, 1); else DEF(4, 2, 1); }
+    else if (rows == 2) { if (st == 1) DEF(2, 1, 1); else DEF(2, 2, 1); }
+    else { if (st == 1) DEF(1, 1, 1); else DEF(1, 2, 1); }
+  } else {
+    if (rows >= 4) { if (st == 1) DEF(4, 1, 2); else DEF(4, 2, 2); }
+    else if (rows == 2) { if (st == 1) DEF(2, 1, 2); else DEF(2, 2, 2); }
+    else { if (st == 1) DEF(1, 1, 2); else DEF(1, 2, 2); }
+  }
+  const bool ok = fwrite(y.data(), 4, y.size(), fo) == y.size();
+  fclose(in);
+  fclose(fo);
+  return ok ? 0 : 4;
+}
+"""
+
+_E8P_HOST_CUTS = [
+    ("template <int I>\nstruct Idx", "enum DType"),
+    ("__device__ __forceinline__ __half2 u2h2", "__device__ __forceinline__ float load_elem"),
+    ("__device__ __forceinline__ float warp_sum", "// Four consecutive x values"),
+    ("constexpr int kE8Rep = 16;", "template <int R, int ST>\ncudaError_t launch_e8p_xs"),
+]
+
+
+def test_e8p_kernels_source_on_cpu(tmp_path):
+    """Both batch-1 E8P kernels' own source, compiled for the host (blocks in turn, a thread per
+    CUDA thread, shared tables 0xFF-filled per block), against float64 x @ Q.T: 2 and 4 bits, rows
+    per warp 1/2/4, 1/2 units per step, a grid with idle warps, the last chunk partly past the row,
+    a row count that is not a multiple of R."""
+    import shutil
+    import subprocess
+
+    gxx = shutil.which("g++")
+    include = _cuda_include_dir()
+    if gxx is None or include is None:
+        pytest.skip("g++ or the CUDA headers not found")
+    src = (cuda_build.SOURCE_DIR / "jaxquant_kernels.cu").read_text()
+    (tmp_path / "kernel_part.inc").write_text("\n".join(src[src.index(a):src.index(b, src.index(a))]
+                                                        for a, b in _E8P_HOST_CUTS))
+    (tmp_path / "harness.cpp").write_text(_E8P_HOST_HARNESS)
+    exe = tmp_path / "harness"
+    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", f"-I{include}", str(tmp_path / "harness.cpp"),
+                           "-o", str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
+    cases = [  # (x-stationary, bits, out, k, rows per warp, units per step, blocks, warps)
+        (0, 2, 37, 512, 1, 2, 2, 3), (0, 2, 37, 512, 2, 1, 1, 4), (0, 4, 37, 1024, 4, 2, 2, 2),
+        (1, 2, 37, 6144, 2, 0, 2, 4), (1, 2, 37, 6144, 4, 0, 1, 8), (1, 4, 37, 3072, 2, 0, 2, 4),
+        (1, 2, 37, 512, 2, 0, 1, 2), (1, 4, 21, 1056, 4, 0, 3, 1)]
+    for i, (xs, bits, out, k, rows, units, blocks, warps) in enumerate(cases):
+        assert 1.0 / (jq_e8p.get_codebook(bits).resid_scale or 1.0) == pytest.approx(
+            1.0 / 3.45 if bits == 4 else 1.0)  # the harness's resid
+        qw = random_quip(jax.random.key(900 + i), out, k, bits)
+        x = np.asarray(jax.random.normal(jax.random.key(950 + i), (1, k), jnp.float32))
+        xh, xq = cuda_ops.e8p_x_layout(jnp.asarray(x), bits)
+        (tmp_path / "in.bin").write_bytes(x.tobytes() + np.asarray(xh).tobytes() + np.asarray(xq).tobytes()
+                                          + np.asarray(qw.codes).tobytes() + np.asarray(table).tobytes())
+        proc = subprocess.run([str(exe), *map(str, (xs, bits, out, k, rows, units, blocks, warps)),
+                               str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
+        assert proc.returncode == 0, cases[i]
+        y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(-1, out)
+        assert y.shape[0] == (-(-(k * bits // 128) // 32) if xs else 1) and np.isfinite(y).all(), cases[i]
+        ref = x.astype(np.float64) @ np.asarray(qw.rotated(), np.float64).T
+        assert rel_err(y.sum(0, keepdims=True), ref) < 4e-3, cases[i]
+
+
 def test_scalar_half2_decode_emulated():
     """The 2-bit half2 decode (variant 1): for pair i of a word, one shift and one mask put codes
     i and i + 8 at mantissa bits 8-9 (i even) or 6-7 (i odd) of 1.0 in fp16; with x'' = x or 4x,
