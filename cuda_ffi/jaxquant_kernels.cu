@@ -939,9 +939,10 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
 // kernel reads x again for every R rows, most of its L1 traffic); the next rows' codes load while
 // the current ones decode. Each row's partial over the chunk goes to part[chunk][row]; the caller
 // sums the chunks (deterministic, no atomics).
-// Launch bounds: 3 blocks of 256 per SM at R = 2 (86 registers unbounded: 2 blocks), 2 at R = 4.
+// Registers (sm_90): 86 at R = 2 (2 blocks of 256 per SM), 196 at R = 4 (1 block); asking for
+// 3 / 2 blocks spills 60 / 52 bytes in the loop, and spills go through L1, which this kernel relieves.
 template <int R, int ST>
-__global__ void __launch_bounds__(256, R == 2 ? 3 : 2) e8p_matvec_xs_kernel(E8pArgs a, int chunks, float* part) {
+__global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunks, float* part) {
   extern __shared__ uint2 e8tab[];
   e8_fill_tables(e8tab, a.abs);
   constexpr int G = 8 / ST;
