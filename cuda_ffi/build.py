@@ -32,6 +32,7 @@ TARGETS = {
     "jaxquant_e8p_matvec": "JaxquantE8pMatvec",
     "jaxquant_e8p_matvec_xs": "JaxquantE8pMatvecXs",
     "jaxquant_qtip_matvec": "JaxquantQtipMatvec",
+    "jaxquant_vq2_matvec": "JaxquantVq2Matvec",
 }
 
 

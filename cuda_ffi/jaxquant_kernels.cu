@@ -1115,6 +1115,145 @@ ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Bu
 }
 
 // ------------------------------------------------------------------------------------------
+// GPTVQ 2-D decode-matvec, batch 1 (jaxquant/formats/vq.py, D = 2): y = x @ W.T
+// ------------------------------------------------------------------------------------------
+// Codes: per row, runs of 32 vector indices of B bits, each run B little-endian words (index t at
+// stream bits t·B .. +B; widths that do not divide 32 straddle two words). Each group_rows ×
+// group_cols tile has its own codebook of K = 2^B fp16 pairs (the caller rounds the float
+// codebooks to half2). x-stationary, like the E8P kernel above: warp w of a block owns chunk
+// (set · warps + w) of 32 runs (one run per lane: 64 inputs, 32 half2 registers made once from
+// float32 x) and the block walks row groups; per group each warp copies its chunk's codebooks
+// (at most tiles_per_warp tiles) into its own shared-memory slice (a __syncwarp, no block barrier),
+// then decodes the group's rows, the next row's code words loading while the current decodes.
+// Products in half2 over a run's 32 vectors, then fp32; part[chunk][row], summed by the caller.
+
+constexpr int kVqRun = 32;  // indices per packed run
+
+struct VqArgs {
+  const float* x;          // [in] float32
+  const uint32_t* codes;   // [out, words]
+  const uint32_t* cb;      // [tr, tc, K] half2 codebook entries
+  float* part;             // [chunks, out]
+  int in, out, words, runs, tc, group_rows, group_cols, chunks, sets, tiles_per_warp;
+};
+
+template <int B>
+__global__ void __launch_bounds__(256) vq2_matvec_kernel(VqArgs a) {
+  constexpr int K = 1 << B;
+  extern __shared__ uint32_t vqcb[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int chunk = (blockIdx.x % a.sets) * nwarps + warp;
+  if (chunk >= a.chunks) return;  // whole warps; no block barrier below
+  uint32_t* cbw = vqcb + static_cast<size_t>(warp) * a.tiles_per_warp * K;
+  const int run = chunk * kVqRun + lane;
+  const bool live = run < a.runs;
+  const int t0 = chunk * kVqRun * 64 / a.group_cols;  // the warp's first tile column
+  const int t1 = min(a.tc - 1, (chunk * kVqRun * 64 + kVqRun * 64 - 1) / a.group_cols);
+  const int my_tile = live ? run * 64 / a.group_cols - t0 : 0;
+  uint32_t xh[kVqRun];  // the run's 32 input pairs as half2; zeros past the row's end
+#pragma unroll
+  for (int t = 0; t < kVqRun; ++t) {
+    const int v = run * kVqRun + t;
+    float2 p = make_float2(0.f, 0.f);
+    if (live && 2 * v + 1 < a.in) p = __ldg(reinterpret_cast<const float2*>(a.x) + v);
+    xh[t] = h22u(__floats2half2_rn(p.x, p.y));
+  }
+  auto load = [&](int row, uint32_t (&w)[B]) {
+    const uint32_t* src = a.codes + static_cast<size_t>(row) * a.words + static_cast<size_t>(run) * B;
+#pragma unroll
+    for (int i = 0; i < B; ++i) w[i] = live ? __ldcs(src + i) : 0u;
+  };
+  const int groups = (a.out + a.group_rows - 1) / a.group_rows;
+  const int per_set = gridDim.x / a.sets;
+  for (int g = blockIdx.x / a.sets; g < groups; g += per_set) {
+    const int r0 = g * a.group_rows, r1 = min(a.out, r0 + a.group_rows);
+    uint32_t cur[B], nxt[B];
+    load(r0, cur);
+    __syncwarp();
+    const uint32_t* src = a.cb + (static_cast<size_t>(g) * a.tc + t0) * K;
+    for (int i = lane; i < (t1 - t0 + 1) * K; i += 32) cbw[i] = __ldg(src + i);
+    __syncwarp();
+    const uint32_t* mycb = cbw + my_tile * K;
+    for (int row = r0; row < r1; ++row) {
+      if (row + 1 < r1) load(row + 1, nxt);
+      __half2 h = __float2half2_rn(0.f);
+#pragma unroll
+      for (int t = 0; t < kVqRun; ++t) {
+        constexpr int kMask = K - 1;
+        const int bit = t * B, wi = bit / 32, sh = bit % 32;
+        uint32_t idx;
+        if (sh + B <= 32) {
+          idx = (cur[wi] >> sh) & kMask;
+        } else {
+          idx = __funnelshift_r(cur[wi], cur[wi + 1 < B ? wi + 1 : wi], sh) & kMask;
+        }
+        h = __hfma2(u2h2(xh[t]), u2h2(mycb[idx]), h);
+      }
+      const float2 f = __half22float2(h);
+      const float v = warp_sum(f.x + f.y);
+      if (lane == 0) a.part[static_cast<size_t>(chunk) * a.out + row] = v;
+#pragma unroll
+      for (int i = 0; i < B; ++i) cur[i] = nxt[i];
+    }
+  }
+}
+
+template <int B>
+cudaError_t launch_vq2(cudaStream_t stream, const VqArgs& a, int nwarps) {
+  auto kernel = vq2_matvec_kernel<B>;
+  const size_t smem = static_cast<size_t>(nwarps) * a.tiles_per_warp * (1 << B) * sizeof(uint32_t);
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const int groups = (a.out + a.group_rows - 1) / a.group_rows;
+  const int resident = multiprocessors() * max(1, blocks_per_sm(kernel, nwarps * 32, smem));
+  const int per_set = max(1, min(groups, resident / a.sets));  // blocks per chunk set
+  kernel<<<per_set * a.sets, nwarps * 32, smem, stream>>>(a);
+  return cudaSuccess;
+}
+
+// x float32 [in]; codes int32 [out, words]; cb uint32 [tr, tc, K] half2; part f32 [chunks, out],
+// chunks = ceil(in / 2048).
+ffi::Error Vq2MatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> codes,
+                         ffi::Buffer<ffi::U32> cb, ffi::Result<ffi::Buffer<ffi::F32>> part, int64_t index_bits,
+                         int64_t group_rows, int64_t group_cols, int64_t warps) {
+  auto cd = codes.dimensions();
+  auto bd = cb.dimensions();
+  auto pd = part->dimensions();
+  const int B = static_cast<int>(index_bits);
+  if (B != 4 && B != 6 && B != 8) return ffi::Error::InvalidArgument("vq2_matvec: index_bits must be 4, 6 or 8");
+  if (cd.size() != 2 || bd.size() != 3 || pd.size() != 2 || bd[2] != (int64_t{1} << B)) {
+    return ffi::Error::InvalidArgument("vq2_matvec: codes [out, words], cb [tr, tc, 2^bits], part [chunks, out]");
+  }
+  const int64_t in = static_cast<int64_t>(x.element_count()), out = cd[0];
+  const int64_t runs = (in / 2 + kVqRun - 1) / kVqRun, chunks = (runs + kVqRun - 1) / kVqRun;
+  if (in % 2 || group_cols <= 0 || group_cols % 64 || group_rows <= 0 || cd[1] != runs * B ||
+      bd[0] != (out + group_rows - 1) / group_rows || bd[1] != (in + group_cols - 1) / group_cols ||
+      pd[0] != chunks || pd[1] != out) {
+    return ffi::Error::InvalidArgument("vq2_matvec: shapes disagree (in even, group_cols a multiple of 64)");
+  }
+  VqArgs a{};
+  a.x = x.typed_data();
+  a.codes = reinterpret_cast<const uint32_t*>(codes.typed_data());
+  a.cb = cb.typed_data();
+  a.part = part->typed_data();
+  a.in = static_cast<int>(in);
+  a.out = static_cast<int>(out);
+  a.words = static_cast<int>(cd[1]);
+  a.runs = static_cast<int>(runs);
+  a.tc = static_cast<int>(bd[1]);
+  a.group_rows = static_cast<int>(group_rows);
+  a.group_cols = static_cast<int>(group_cols);
+  a.chunks = static_cast<int>(chunks);
+  a.tiles_per_warp = static_cast<int>((kVqRun * 64 + group_cols - 1) / group_cols + 1);
+  const int nwarps = (warps >= 1 && warps <= 8) ? static_cast<int>(warps) : 8;
+  a.sets = (a.chunks + nwarps - 1) / nwarps;
+  cudaError_t err = B == 4 ? launch_vq2<4>(stream, a, nwarps) : B == 6 ? launch_vq2<6>(stream, a, nwarps)
+                                                                 : launch_vq2<8>(stream, a, nwarps);
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("vq2_matvec: ") + cudaGetErrorString(err));
+  return launch_error("vq2_matvec launch");
+}
+
+// ------------------------------------------------------------------------------------------
 // QTIP decode-matvec: y_r = (code values) @ xr, tile by tile (jaxquant/formats/qtip.py)
 // ------------------------------------------------------------------------------------------
 // A tile is 16x16 weights, one tail-biting stream of 256k bits in 8k words (MSB-first). Tile row
@@ -1891,6 +2030,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvecXs, E8pMatvecXsImpl,
                                   .Attr<int64_t>("bits")
                                   .Attr<double>("resid_scale")
                                   .Attr<int64_t>("rows_per_warp")
+                                  .Attr<int64_t>("warps"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantVq2Matvec, Vq2MatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("index_bits")
+                                  .Attr<int64_t>("group_rows")
+                                  .Attr<int64_t>("group_cols")
                                   .Attr<int64_t>("warps"),
                               {ffi::Traits::kCmdBufferCompatible});
 

@@ -222,3 +222,37 @@ def qtip_matvec(x: jax.Array, codes: jax.Array, table: jax.Array | None, *, code
     if code == "1mad":  # the kernel returns sum x (1 + y/1024); value = (y - 510) * MAD1_SCALE
         y = MAD1_SCALE * (1024.0 * y - 1534.0 * x2.sum(-1, keepdims=True))
     return y.reshape(*lead, out)
+
+
+VQ2_INDEX_BITS = (4, 6, 8)  # 2, 3 and 4 bits per weight at D = 2
+
+
+def vq2_matvec(x: jax.Array, codes: jax.Array, codebooks: jax.Array, *, index_bits: int, group_rows: int,
+               group_cols: int, warps: int = 0, register: bool = True) -> jax.Array:
+    """``y[..., out] = x[..., in] @ W.T`` (float32) for GPTVQ with 2-D vectors (``formats.vq``).
+
+    codes: int32 ``[out, words]`` (runs of 32 indices of ``index_bits`` bits, 4, 6 or 8);
+    codebooks: float ``[out / group_rows, in / group_cols, 2^index_bits, 2]`` (rounded to fp16
+    pairs here); ``group_cols`` a multiple of 64. Each row of x is one call of the batch-1 kernel:
+    products in fp16 over 32 vectors, then float32.
+    """
+    if index_bits not in VQ2_INDEX_BITS:
+        raise ValueError(f"vq2_matvec: index_bits must be one of {VQ2_INDEX_BITS}, got {index_bits}")
+    if codebooks.ndim != 4 or codebooks.shape[2:] != (1 << index_bits, 2):
+        raise ValueError(f"vq2_matvec: codebooks must be [tr, tc, {1 << index_bits}, 2], got {codebooks.shape}")
+    if group_cols % 64:
+        raise ValueError(f"vq2_matvec: group_cols must be a multiple of 64, got {group_cols}")
+    if register:
+        build.load()
+    lead, k_in = x.shape[:-1], x.shape[-1]
+    out = codes.shape[0]
+    x2 = x.reshape(-1, k_in).astype(jnp.float32)
+    table = jax.lax.bitcast_convert_type(codebooks.astype(jnp.float16), jnp.uint32)
+    chunks = -(-k_in // 2048)
+    f = jax.ffi.ffi_call("jaxquant_vq2_matvec", jax.ShapeDtypeStruct((chunks, out), jnp.float32),
+                         vmap_method="sequential")
+    rows = [f(x2[i], codes, table, index_bits=np.int64(index_bits), group_rows=np.int64(group_rows),
+              group_cols=np.int64(group_cols), warps=np.int64(warps)).sum(0) for i in range(x2.shape[0])]
+    y = jnp.stack(rows) if rows else jnp.zeros((0, out), jnp.float32)
+    return y.reshape(*lead, out)
+

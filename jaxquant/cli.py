@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import pathlib
 import sys
 import time
@@ -295,17 +297,34 @@ def cmd_finetune(args):
     print(f"saved {save(qmodel, args.out, tokenizer=tokenizer, recipe={**recipe, **summarize(qmodel)})}")
 
 
+def _available_memory() -> int:
+    """Bytes of memory available now (Linux; 0 where unknown, which keeps weights packed)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def cmd_generate(args):
+    import jax
+
+    from jaxquant.formats.base import QuantizedWeight
     from jaxquant.generate import generate
     from jaxquant.model.load import load_model, load_tokenizer
+    from jaxquant.model.params import model_from_params, named_params
 
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    if args.dense:
-        from jaxquant.formats.base import QuantizedWeight
-        from jaxquant.model.params import model_from_params, named_params
-
+    params = named_params(model)
+    dense = args.dense
+    if dense is None:  # auto: decode once where no decode kernel runs and the float32 copy fits easily
+        dense_bytes = sum(4 * math.prod(v.shape) for v in params.values() if isinstance(v, QuantizedWeight))
+        dense = jax.default_backend() == "cpu" and 0 < dense_bytes <= _available_memory() // 2
+        if dense:
+            print(f"decoding the weights once into float32 ({dense_bytes / 2**20:.0f} MiB; no decode kernel on "
+                  "the CPU; --no-dense keeps them packed)", file=sys.stderr)
+    if dense:
         model = model_from_params(model.config, {n: v.dequantize() if isinstance(v, QuantizedWeight) else v
-                                                 for n, v in named_params(model).items()})
+                                                 for n, v in params.items()})
     times = [time.perf_counter()]
 
     def stream(text):
@@ -501,8 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    q.add_argument("--dense", action="store_true", help="decode the quantized weights once into full-precision "
-                   "arrays first: faster where no decode kernel runs (CPU), at full-precision memory")
+    q.add_argument("--dense", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode the quantized weights once into float32 first: faster where no decode kernel runs, "
+                        "at full-precision memory (default: on the CPU when that copy takes at most half the "
+                        "available memory)")
     q.set_defaults(fn=cmd_generate)
 
     q = sub.add_parser("export", help="write a safetensors folder with an HF-style quantization_config")

@@ -60,7 +60,10 @@ case $part in
       {"rows_per_warp": 4, "units_per_step": 2}, {"variant": 1, "rows_per_warp": 2}, {"variant": 1,
       "rows_per_warp": 4}, {"variant": 1, "rows_per_warp": 2, "warps": 4}]' | grep -v "^llama.*warn"
     timeout 90 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda \
-      --json "$out/bench_e8p_linear.json" --models llama2-70b --vq e8p ;;
+      --json "$out/bench_e8p_linear.json" --models llama2-70b --vq e8p
+    # GPTVQ (no transform: kernel = whole product): Pallas ("kernel" rows) against CUDA ("linear-cuda")
+    timeout 150 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel linear-cuda \
+      --json "$out/bench_gptvq.json" --vq gptvq-d2-k2 ;;
   decode-ab)  # issues 10, 11: 7B QuIP# decode with the default and the x-stationary batch-1 E8P kernel
     build_cuda
     for kern in default xs; do

@@ -564,10 +564,10 @@ def test_e8p_kernel_decode_emulated():
     np.testing.assert_array_equal(vals, jq_e8p.e8p_codewords())
 
 
-_E8P_HOST_HARNESS = r"""
-// Runs e8p_matvec_kernel and e8p_matvec_xs_kernel (the CUDA source, cut from jaxquant_kernels.cu
-// unchanged) on the CPU: blocks one after another, one std::thread per CUDA thread, a barrier for
-// __syncthreads, warp shuffles through a per-warp exchange, the HFMA2 rounded to fp16 per lane.
+_HOST_PRELUDE = r"""
+// Runs decode-matvec kernels (the CUDA source, cut from jaxquant_kernels.cu unchanged) on the CPU:
+// blocks one after another, one std::thread per CUDA thread, a barrier for __syncthreads, warp
+// shuffles and __syncwarp through a per-warp barrier, the HFMA2 rounded to fp16 per lane.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <barrier>
@@ -587,6 +587,7 @@ static std::barrier<>* h_bar = nullptr;
 static std::vector<std::unique_ptr<std::barrier<>>> h_warp_bar;
 static float h_shfl[8][32];
 uint2 e8tab[(256 + 128) * 16];
+uint32_t vqcb[1 << 17];
 #undef __global__
 #define __global__
 #undef __shared__
@@ -616,6 +617,10 @@ static __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
   return __floats2half2_rn(static_cast<float>(double(fa.x) * fb.x + fc.x),
                            static_cast<float>(double(fa.y) * fb.y + fc.y));
 }
+static unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned sh) {
+  return static_cast<unsigned>(((uint64_t{hi} << 32) | lo) >> (sh & 31));
+}
+static void __syncwarp() { h_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
 static float __shfl_xor_sync(unsigned, float v, int m) {
   const int w = threadIdx.x / 32, l = threadIdx.x % 32;
   h_shfl[w][l] = v;
@@ -633,6 +638,7 @@ void run(K kernel, int blocks, int warps) {
   h_blockDim = dim3(warps * 32, 1, 1);
   for (int b = 0; b < blocks; ++b) {
     memset(e8tab, 0xFF, sizeof(e8tab));
+    memset(vqcb, 0xFF, sizeof(vqcb));
     std::barrier<> bar(warps * 32);
     h_bar = &bar;
     h_warp_bar.clear();
@@ -651,6 +657,9 @@ void run(K kernel, int blocks, int warps) {
 template <class T>
 bool read(FILE* f, std::vector<T>& v, size_t n) { v.resize(n); return fread(v.data(), sizeof(T), n, f) == n; }
 
+"""
+
+_E8P_HOST_MAIN = r"""
 // argv: kernel (0 default, 1 x-stationary) bits out k rows units blocks warps in out
 // in: x f32 [k], xh f16 [k] and xq f32 [k/8] in the default kernel's layout, codes u8 [out, k/8, bits],
 // abs u32 [512]; out: y f32 [out] (default) or the partials f32 [chunks, out] (x-stationary).
@@ -723,7 +732,7 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
     src = (cuda_build.SOURCE_DIR / "jaxquant_kernels.cu").read_text()
     (tmp_path / "kernel_part.inc").write_text("\n".join(src[src.index(a):src.index(b, src.index(a))]
                                                         for a, b in _E8P_HOST_CUTS))
-    (tmp_path / "harness.cpp").write_text(_E8P_HOST_HARNESS)
+    (tmp_path / "harness.cpp").write_text(_HOST_PRELUDE + _E8P_HOST_MAIN)
     exe = tmp_path / "harness"
     proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", f"-I{include}", str(tmp_path / "harness.cpp"),
                            "-o", str(exe)], capture_output=True, text=True)
@@ -748,6 +757,86 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
         assert y.shape[0] == (-(-(k * bits // 128) // 32) if xs else 1) and np.isfinite(y).all(), cases[i]
         ref = x.astype(np.float64) @ np.asarray(qw.rotated(), np.float64).T
         assert rel_err(y.sum(0, keepdims=True), ref) < 4e-3, cases[i]
+
+
+_VQ2_HOST_MAIN = r"""
+// argv: index_bits out in group_rows group_cols blocks_per_set warps in out
+// in: x f32 [in], codes i32 [out, words], cb u32 [tr, tc, 2^bits]; out: part f32 [chunks, out]
+int main(int argc, char** argv) {
+  if (argc != 10) return 1;
+  const int B = atoi(argv[1]), out = atoi(argv[2]), k = atoi(argv[3]), gr = atoi(argv[4]), gc = atoi(argv[5]);
+  const int per_set = atoi(argv[6]), warps = atoi(argv[7]);
+  FILE* in = fopen(argv[8], "rb");
+  FILE* fo = fopen(argv[9], "wb");
+  if (!in || !fo) return 3;
+  const int runs = (k / 2 + 31) / 32, chunks = (runs + 31) / 32, tr = (out + gr - 1) / gr, tc = (k + gc - 1) / gc;
+  std::vector<float> x;
+  std::vector<int32_t> codes;
+  std::vector<uint32_t> cb;
+  if (!read(in, x, k) || !read(in, codes, size_t(out) * runs * B) || !read(in, cb, size_t(tr) * tc * (1 << B)))
+    return 2;
+  std::vector<float> part(size_t(chunks) * out, NAN);
+  VqArgs a{};
+  a.x = x.data();
+  a.codes = reinterpret_cast<const uint32_t*>(codes.data());
+  a.cb = cb.data();
+  a.part = part.data();
+  a.in = k; a.out = out; a.words = runs * B; a.runs = runs; a.tc = tc; a.group_rows = gr; a.group_cols = gc;
+  a.chunks = chunks;
+  a.tiles_per_warp = (32 * 64 + gc - 1) / gc + 1;
+  a.sets = (chunks + warps - 1) / warps;
+  auto go = [&](auto kernel) { run(kernel, per_set * a.sets, warps); };
+  if (B == 4) go([&] { vq2_matvec_kernel<4>(a); });
+  else if (B == 6) go([&] { vq2_matvec_kernel<6>(a); });
+  else go([&] { vq2_matvec_kernel<8>(a); });
+  const bool ok = fwrite(part.data(), 4, part.size(), fo) == part.size();
+  fclose(in);
+  fclose(fo);
+  return ok ? 0 : 4;
+}
+"""
+
+
+def test_vq2_kernel_source_on_cpu(tmp_path):
+    """The GPTVQ 2-D kernel's own source on the host (as the E8P test above) against float64
+    x @ W.T from ``formats.vq.decode``: 4, 6 (indices straddling words) and 8 index bits, partial
+    last chunk and row group, idle warps, several blocks per chunk set."""
+    import shutil
+    import subprocess
+
+    from jaxquant.formats import packing
+    from jaxquant.formats import vq as jq_vq
+
+    gxx = shutil.which("g++")
+    include = _cuda_include_dir()
+    if gxx is None or include is None:
+        pytest.skip("g++ or the CUDA headers not found")
+    src = (cuda_build.SOURCE_DIR / "jaxquant_kernels.cu").read_text()
+    cuts = _E8P_HOST_CUTS[:3] + [("constexpr int kVqRun = 32;", "template <int B>\ncudaError_t launch_vq2")]
+    (tmp_path / "kernel_part.inc").write_text("\n".join(src[src.index(a):src.index(b, src.index(a))] for a, b in cuts))
+    (tmp_path / "harness.cpp").write_text(_HOST_PRELUDE + _VQ2_HOST_MAIN)
+    exe = tmp_path / "harness"
+    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", f"-I{include}", str(tmp_path / "harness.cpp"),
+                           "-o", str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rng = np.random.default_rng()
+    cases = [(4, 37, 4224, 4, 128, 2, 2), (6, 19, 2048, 8, 256, 1, 4), (8, 9, 1216, 3, 64, 3, 1)]
+    for bits, out, k, gr, gc, per_set, warps in cases:  # index bits, rows, inputs, tile, grid
+        idx = rng.integers(0, 2**bits, (out, k // 2), np.uint32)
+        codes = np.asarray(packing.pack(jnp.asarray(idx), bits))
+        tiles = (-(-out // gr), -(-k // gc), 2**bits, 2)
+        cb = rng.standard_normal(tiles).astype(np.float16)  # exact in the kernel's fp16 table
+        table = np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(cb), jnp.uint32))
+        x = rng.standard_normal(k).astype(np.float32)
+        (tmp_path / "in.bin").write_bytes(x.tobytes() + codes.astype(np.int32).tobytes() + table.tobytes())
+        proc = subprocess.run([str(exe), *map(str, (bits, out, k, gr, gc, per_set, warps)), str(tmp_path / "in.bin"),
+                               str(tmp_path / "out.bin")])
+        assert proc.returncode == 0, (bits, out, k)
+        part = np.fromfile(tmp_path / "out.bin", np.float32).reshape(-(-k // 2048), out)
+        assert np.isfinite(part).all(), (bits, out, k)
+        w = np.asarray(jq_vq.decode(jnp.asarray(idx), jnp.asarray(cb, jnp.float32), group_rows=gr, group_cols=gc))
+        ref = w.astype(np.float64) @ x.astype(np.float64)
+        assert rel_err(part.sum(0), ref) < 4e-3, (bits, out, k)
 
 
 def test_scalar_half2_decode_emulated():

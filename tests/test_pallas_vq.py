@@ -137,7 +137,7 @@ def test_matmul_backend_pallas_equals_reference(quantized, fmt):
         assert rel_err(y, qw.matmul(x, backend="reference")) < 2e-6
 
 
-def test_auto_never_picks_pallas_and_cuda_has_no_kernel(quantized, monkeypatch):
+def test_auto_takes_the_reference_and_cuda_serves_plain_2d_vq(quantized, monkeypatch):
     qw = quantized["vq_scaled"]
     x = normal(np.random.default_rng(), (2, qw.shape[1]))
     ref = np.asarray(qw.matmul(x, backend="reference"))
@@ -146,13 +146,22 @@ def test_auto_never_picks_pallas_and_cuda_has_no_kernel(quantized, monkeypatch):
     monkeypatch.setattr(dispatch, "_cuda_ready", lambda: True)
 
     def no_kernel(*args, **kwargs):
-        raise AssertionError("auto took the Pallas kernel")
+        raise AssertionError("auto took a kernel")
 
     monkeypatch.setattr(vq, "_matmul_pallas", no_kernel)
-    np.testing.assert_array_equal(np.asarray(qw.matmul(x, backend="auto")), ref)
+    monkeypatch.setattr(vq, "_matmul_cuda", no_kernel)
     for w in quantized.values():
-        with pytest.raises(ValueError, match="backend 'cuda': there is no CUDA kernel"):
-            w.matmul(x, backend="cuda")
+        np.testing.assert_array_equal(np.asarray(w.matmul(x, backend="auto")),
+                                      np.asarray(w.matmul(x, backend="reference")))
+    assert vq.cuda_issue(quantized["vq"], x) is None  # D = 2, 4 index bits, 128-column tiles
+    with pytest.raises(AssertionError, match="auto took a kernel"):  # explicit cuda reaches the kernel
+        quantized["vq"].matmul(x, backend="cuda")
+    for name in ("vq_scaled", "vq_svd"):
+        with pytest.raises(ValueError, match="backend 'cuda': the CUDA kernel reads plain VQ"):
+            quantized[name].matmul(x, backend="cuda")
+    odd = random_vq(np.random.default_rng(), 16, 96, 2, 4, 8, 32)
+    assert "multiple of 64" in vq.cuda_issue(odd, jnp.ones((1, 96)))
+    assert "2-D vectors" in vq.cuda_issue(random_vq(np.random.default_rng(), 16, 64, 1, 3, 8, 32), jnp.ones((1, 64)))
     with pytest.raises(ValueError, match="backend must be one of"):
         qw.matmul(x, backend="triton")
 
@@ -209,6 +218,37 @@ def test_vq_matvec_lowers_to_triton_for_cuda():
         x, sq.codes, sq.codebooks(), vq_dim=2, index_bits=4, group_rows=8, group_cols=128, scale_codes=sq.scale_codes,
         scale_values=values, scale_block=64, scale_bits=4)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
+
+
+def test_vq2_cuda_lowers_for_cuda():
+    """The CUDA GPTVQ kernel: one ffi call per row of x, per-chunk partials [ceil(in / 2048), out]."""
+    from cuda_ffi import ops as cuda_ops
+
+    rng = np.random.default_rng()
+    qw = random_vq(rng, 32, 4096, 2, 6, 8, 128)
+    text = jax.jit(lambda x: cuda_ops.vq2_matvec(x, qw.codes, qw.codebooks(), index_bits=6, group_rows=8,
+                                                 group_cols=128, register=False)).trace(
+        jnp.ones((3, 4096), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "jaxquant_vq2_matvec" in line]
+    assert len(calls) == 3 and all("-> tensor<2x32xf32>" in c for c in calls)
+    with pytest.raises(ValueError, match="index_bits must be one of"):
+        cuda_ops.vq2_matvec(jnp.ones((1, 256)), qw.codes, jnp.ones((4, 2, 8, 2)), index_bits=3, group_rows=8,
+                            group_cols=128, register=False)
+
+
+@pytest.mark.gpu
+def test_vq2_cuda_gpu_llama_shapes():
+    """The CUDA GPTVQ kernel (2-D vectors) on a GPU at Llama layer shapes, 2, 3 and 4 bits per weight."""
+    rng = np.random.default_rng()
+    for out, inp in ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672)):
+        for bits in (4, 6, 8):
+            qw = random_vq(rng, out, inp, 2, bits, 8, 256)
+            w = dequantize(qw)
+            for batch in (1, 3):
+                x = normal(rng, (batch, inp)).astype(jnp.bfloat16)
+                ref = jnp.matmul(x.astype(jnp.float32), w.T, precision=HIGHEST)
+                assert rel_err(qw.matmul(x, backend="cuda"), ref) < 1e-2, (out, inp, bits, batch)
+            del w
 
 
 @pytest.mark.gpu

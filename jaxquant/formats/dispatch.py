@@ -4,7 +4,8 @@
 - ``pallas``: the Pallas kernel (``pallas_kernels``), Triton lowering on a GPU; on other backends it
   runs in interpret mode (slow; for tests). ``auto`` never picks it for the codebook formats
   (E8P, QTIP, GPTVQ; none timed against the alternatives yet): ask for it explicitly.
-- ``cuda``: the CUDA FFI kernel (``cuda_ffi``), built with nvcc on first use; GPU only.
+- ``cuda``: the CUDA FFI kernel (``cuda_ffi``), built with nvcc on first use; GPU only. GPTVQ's
+  (2-D vectors) is explicit only, like its Pallas one, until timed.
 - ``auto``: the reference on CPU and for more than ``MAX_KERNEL_BATCH`` rows of x (a GEMM beats a
   matvec kernel there); on a GPU the backend measured fastest for the format, bits and batch
   (``formats.tuning``, a table stored with the package), falling back to the other kernel, then to

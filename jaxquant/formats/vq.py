@@ -63,16 +63,22 @@ class _VQ(QuantizedWeight):
         return w.astype(dtype)
 
     def matmul(self, x: jax.Array, backend: str = "auto") -> jax.Array:
-        """``x @ W.T`` through ``reference`` (dequantize, then XLA; also what ``auto`` takes) or
-        ``pallas`` (the decode-matvec, interpret mode off the GPU). There is no CUDA kernel."""
+        """``x @ W.T`` through ``reference`` (dequantize, then XLA; also what ``auto`` takes until
+        the kernels are timed), ``pallas`` (the decode-matvec, interpret mode off the GPU) or
+        ``cuda`` (2-D vectors of 2-4 bits per weight without block scales; GPU only)."""
         from jaxquant.formats import dispatch
 
         if backend == "pallas":
             issue = kernel_issue(self, x)
-        else:  # auto sees the missing CUDA kernel as an issue and takes the reference
-            issue = f"there is no CUDA kernel for the {self.format_name} format (use 'pallas' or 'reference')"
-        if dispatch.vq_choice(self.format_name, issue, x, backend) == "pallas":
+        elif backend == "cuda":
+            issue = cuda_issue(self, x)
+        else:  # no timed kernel yet: auto takes the reference
+            issue = f"the {self.format_name} kernels are not timed yet (pick 'cuda' or 'pallas' explicitly)"
+        choice = dispatch.vq_choice(self.format_name, issue, x, backend)
+        if choice == "pallas":
             return _matmul_pallas(x, self)
+        if choice == "cuda":
+            return _matmul_cuda(x, self)
         return dispatch.reference_matmul(self, x)
 
 
@@ -89,6 +95,31 @@ def kernel_issue(qw: _VQ, x: jax.Array) -> str | None:
     if x.shape[-1] != qw.shape[1]:
         return f"x has {x.shape[-1]} inputs, the weight {qw.shape[1]}"
     return None
+
+
+def cuda_issue(qw: _VQ, x: jax.Array) -> str | None:
+    """Why ``cuda_ffi.vq2_matvec`` cannot compute ``x @ qw.T`` (None when it can)."""
+    from cuda_ffi.ops import VQ2_INDEX_BITS
+
+    if type(qw) is not VQQuantized:
+        return f"the CUDA kernel reads plain VQ codebooks, not the {qw.format_name} format (use 'pallas')"
+    if qw.vq_dim != 2 or qw.index_bits not in VQ2_INDEX_BITS:
+        return (f"the CUDA kernel takes 2-D vectors of {VQ2_INDEX_BITS} index bits, not vq_dim {qw.vq_dim} "
+                f"with {qw.index_bits} (use 'pallas')")
+    if qw.group_cols % 64:
+        return f"the CUDA kernel needs group_cols a multiple of 64, got {qw.group_cols} (use 'pallas')"
+    if x.shape[-1] != qw.shape[1]:
+        return f"x has {x.shape[-1]} inputs, the weight {qw.shape[1]}"
+    return None
+
+
+@jax.jit
+def _matmul_cuda(x: jax.Array, qw: VQQuantized) -> jax.Array:
+    import cuda_ffi
+
+    y = cuda_ffi.vq2_matvec(x, qw.codes, qw.codebooks(), index_bits=qw.index_bits, group_rows=qw.group_rows,
+                            group_cols=qw.group_cols)
+    return y.astype(x.dtype)
 
 
 @jax.jit
