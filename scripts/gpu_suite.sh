@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks still owed by open issues, in one device call each (≤ 10 minutes).
 # Usage on the device machine, from the repo root:  bash scripts/gpu_suite.sh PART OUTDIR
-#   kernels   issue 10: gpu kernel tests, scalar decode-matvec and Hadamard vs copy bandwidth
+#   kernels-tests  issue 10: scalar and Hadamard gpu kernel tests
+#   kernels   issue 10: scalar decode-matvec and Hadamard vs copy bandwidth
 #   kernels-vq-tests  issue 10: E8P / RVQ4 / QTIP gpu tests
 #   kernels-vq  issue 10: E8P / RVQ4 / QTIP decode-matvec and their full linear (RHT included)
 #   e8p-sweep issue 10: E8P / RVQ4 launch configurations and the x-stationary variant (with their gpu tests)
@@ -33,11 +34,13 @@ build_cuda() {
   fi
   timeout 300 python3 -c "import cuda_ffi; cuda_ffi.load(); print('cuda_ffi built')"; }
 case $part in
-  kernels)  # issue 10, part 1: build, scalar / Hadamard gpu tests, scalar matvec and Hadamard rows (batch 1)
+  kernels-tests)  # issue 10, part 1: scalar / Hadamard gpu tests (~21 of them took the 220 s they once had)
     build_cuda
-    JAX_PLATFORMS=cuda timeout 220 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider \
-      -k "not e8p and not qtip" > "$out/kernel_tests.log" 2>&1; tail -5 "$out/kernel_tests.log"
-    timeout 230 python3 scripts/bench_kernels.py --json "$out/bench_kernels.json" --bits 2 3 4 8 \
+    JAX_PLATFORMS=cuda timeout 540 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider \
+      -k "not e8p and not qtip" --durations 10 > "$out/kernel_tests.log" 2>&1; tail -15 "$out/kernel_tests.log" ;;
+  kernels)  # issue 10, part 2: scalar matvec and Hadamard rows (batch 1)
+    build_cuda
+    timeout 300 python3 scripts/bench_kernels.py --json "$out/bench_kernels.json" --bits 2 3 4 8 \
       --hadamard-n 4096 8192 16384 32768 28672 ;;
   kernels-vq-tests)  # issue 10, part 2: E8P / RVQ4 / QTIP gpu tests (their matrix needs most of a call)
     build_cuda
