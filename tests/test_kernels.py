@@ -476,30 +476,36 @@ def _cuda_include_dir():
     return None
 
 
-def test_hadamard_kernel_source_on_cpu(tmp_path):
-    """hadamard_kernel's own source, compiled for the host (g++, one thread per CUDA thread and a
-    barrier for __syncthreads, NaN-filled shared memory) against the float64 transform: every n =
-    2 .. 32768, fp32/fp16/bf16, signs before / after / none, unnormalized, partial blocks."""
+def _host_harness(tmp_path, cuts, harness: str):
+    """Compile ``harness`` (C++ that includes "kernel_part.inc") with g++ against the pieces of
+    jaxquant_kernels.cu that ``cuts`` names ((first line, the line after) pairs, cut unchanged);
+    the executable's path. Skips the test without g++ or the CUDA headers."""
     import shutil
     import subprocess
-
-    import ml_dtypes
 
     gxx = shutil.which("g++")
     include = _cuda_include_dir()
     if gxx is None or include is None:
         pytest.skip("g++ or the CUDA headers (cuda_bf16.h) not found")
     src = (cuda_build.SOURCE_DIR / "jaxquant_kernels.cu").read_text()
-    pieces = []
-    for first, after in _HAD_HOST_CUTS:
-        i = src.index(first)
-        pieces.append(src[i:src.index(after, i)])
-    (tmp_path / "kernel_part.inc").write_text("\n".join(pieces))
-    (tmp_path / "harness.cpp").write_text(_HAD_HOST_HARNESS)
+    (tmp_path / "kernel_part.inc").write_text("\n".join(src[src.index(a):src.index(b, src.index(a))] for a, b in cuts))
+    (tmp_path / "harness.cpp").write_text(harness)
     exe = tmp_path / "harness"
     proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", f"-I{include}", str(tmp_path / "harness.cpp"),
                            "-o", str(exe)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return exe
+
+
+def test_hadamard_kernel_source_on_cpu(tmp_path):
+    """hadamard_kernel's own source, compiled for the host (g++, one thread per CUDA thread and a
+    barrier for __syncthreads, NaN-filled shared memory) against the float64 transform: every n =
+    2 .. 32768, fp32/fp16/bf16, signs before / after / none, unnormalized, partial blocks."""
+    import subprocess
+
+    import ml_dtypes
+
+    exe = _host_harness(tmp_path, _HAD_HOST_CUTS, _HAD_HOST_HARNESS)
     dtypes = {0: np.float32, 1: np.float16, 2: ml_dtypes.bfloat16}
     tol = {0: 1e-6, 1: 2e-3, 2: 1e-2}
     cases = []  # (dtype, logn, rows, has_signs, signs_after, normalize)
@@ -722,21 +728,9 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
     CUDA thread, shared tables 0xFF-filled per block), against float64 x @ Q.T: 2 and 4 bits, rows
     per warp 1/2/4, 1/2 units per step, a grid with idle warps, the last chunk partly past the row,
     a row count that is not a multiple of R."""
-    import shutil
     import subprocess
 
-    gxx = shutil.which("g++")
-    include = _cuda_include_dir()
-    if gxx is None or include is None:
-        pytest.skip("g++ or the CUDA headers not found")
-    src = (cuda_build.SOURCE_DIR / "jaxquant_kernels.cu").read_text()
-    (tmp_path / "kernel_part.inc").write_text("\n".join(src[src.index(a):src.index(b, src.index(a))]
-                                                        for a, b in _E8P_HOST_CUTS))
-    (tmp_path / "harness.cpp").write_text(_HOST_PRELUDE + _E8P_HOST_MAIN)
-    exe = tmp_path / "harness"
-    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", f"-I{include}", str(tmp_path / "harness.cpp"),
-                           "-o", str(exe)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    exe = _host_harness(tmp_path, _E8P_HOST_CUTS, _HOST_PRELUDE + _E8P_HOST_MAIN)
     table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
     cases = [  # (x-stationary, bits, out, k, rows per warp, units per step, blocks, warps)
         (0, 2, 37, 512, 1, 2, 2, 3), (0, 2, 37, 512, 2, 1, 1, 4), (0, 4, 37, 1024, 4, 2, 2, 2),
@@ -801,24 +795,13 @@ def test_vq2_kernel_source_on_cpu(tmp_path):
     """The GPTVQ 2-D kernel's own source on the host (as the E8P test above) against float64
     x @ W.T from ``formats.vq.decode``: 4, 6 (indices straddling words) and 8 index bits, partial
     last chunk and row group, idle warps, several blocks per chunk set."""
-    import shutil
     import subprocess
 
     from jaxquant.formats import packing
     from jaxquant.formats import vq as jq_vq
 
-    gxx = shutil.which("g++")
-    include = _cuda_include_dir()
-    if gxx is None or include is None:
-        pytest.skip("g++ or the CUDA headers not found")
-    src = (cuda_build.SOURCE_DIR / "jaxquant_kernels.cu").read_text()
     cuts = _E8P_HOST_CUTS[:3] + [("constexpr int kVqRun = 32;", "template <int B>\ncudaError_t launch_vq2")]
-    (tmp_path / "kernel_part.inc").write_text("\n".join(src[src.index(a):src.index(b, src.index(a))] for a, b in cuts))
-    (tmp_path / "harness.cpp").write_text(_HOST_PRELUDE + _VQ2_HOST_MAIN)
-    exe = tmp_path / "harness"
-    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", f"-I{include}", str(tmp_path / "harness.cpp"),
-                           "-o", str(exe)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    exe = _host_harness(tmp_path, cuts, _HOST_PRELUDE + _VQ2_HOST_MAIN)
     rng = np.random.default_rng()
     cases = [(4, 37, 4224, 4, 128, 2, 2), (6, 19, 2048, 8, 256, 1, 4), (8, 9, 1216, 3, 64, 3, 1)]
     for bits, out, k, gr, gc, per_set, warps in cases:  # index bits, rows, inputs, tile, grid
