@@ -29,6 +29,7 @@ LIBRARY_STEM = "libjaxquant_cuda_ffi"
 TARGETS = {
     "jaxquant_scalar_matvec": "JaxquantScalarMatvec",
     "jaxquant_hadamard": "JaxquantHadamard",
+    "jaxquant_hadamard_k": "JaxquantHadamardK",
     "jaxquant_e8p_matvec": "JaxquantE8pMatvec",
     "jaxquant_e8p_matvec_xs": "JaxquantE8pMatvecXs",
     "jaxquant_qtip_matvec": "JaxquantQtipMatvec",

@@ -1929,6 +1929,157 @@ cudaError_t launch_hadamard(cudaStream_t stream, HadamardArgs<T> a) {
   return dispatch_hadamard_v2(stream, a, std::make_integer_sequence<int, 15>{});
 }
 
+// Hadamard of n = K * 2^p in one kernel (K = 12, 20, 28; 2^6 <= 2^p <= 2^10): what the power-of-two
+// kernel plus an XLA einsum for the K-point factor did in four passes over memory (9.9% of copy
+// at n = 28672 on an H100). One block per row, the row held in shared memory as fp32 (K * 2^p
+// floats: 112 KB at n = 28672, two blocks per SM). Element i = a * M + j (M = 2^p).
+//   phase 1  thread column j loads the K elements a * M + j (lanes on consecutive j: coalesced),
+//            applies the signs (forward) and the K-point factor as compile-time additions and
+//            subtractions (K per element), and stores row k of the result;
+//   phase 2  the M-point transform of every row in registers: bits [5, p) gathered with stride 32,
+//            then bits [0, 5) contiguous, which scales, applies the signs (inverse) and stores
+//            16-byte vectors.
+// Shared-memory index f lives at f ^ ((f >> 5) & 31), so each pass's 32 lanes hit 32 banks.
+// Forward: y = (H_K ⊗ H_M)(x * s) / sqrt(n) (jaxquant.hadamard.rht); inverse: the transpose, signs
+// after. HadK<K>::neg[r] has bit c set where H_K[r][c] = -1, H_K = jaxquant.hadamard.hadamard_factor(K)
+// (test_hadamard_k_signs_match_python keeps them equal).
+template <int K>
+struct HadK;
+template <>
+struct HadK<12> {
+  static constexpr uint32_t neg[12] = {0x0000000, 0x0000475, 0x00008e9, 0x00001d3, 0x00003a5, 0x0000749,
+                                       0x0000e91, 0x0000d23, 0x0000a47, 0x000048f, 0x000091d, 0x000023b};
+};
+template <>
+struct HadK<20> {
+  static constexpr uint32_t neg[20] = {0x0000000, 0x00615e5, 0x00c2bc9, 0x0085793, 0x000af27, 0x0015e4d, 0x002bc99,
+                                       0x0057931, 0x00af261, 0x005e4c3, 0x00bc985, 0x007930b, 0x00f2615, 0x00e4c2b,
+                                       0x00c9857, 0x00930af, 0x002615f, 0x004c2bd, 0x0098579, 0x0030af3};
+};
+template <>
+struct HadK<28> {
+  static constexpr uint32_t neg[28] = {0x0000000, 0x237c5a5, 0x42fab49, 0x81f7293, 0x18e3d27, 0x1555e4d, 0x0e39c9b,
+                                       0xc41f935, 0xa82f669, 0x704ecd3, 0xf8b488d, 0xf56910b, 0xee52607, 0xc7a4c63,
+                                       0xabc9855, 0x7393439, 0x3f26b11, 0x5ecd2a1, 0x9d9a5c1, 0x6911be3, 0xd2217d5,
+                                       0xa4c0fb9, 0x498c71f, 0x930aaaf, 0x26871cf, 0x4d620fd, 0x9a5417b, 0x34b8277};
+};
+
+constexpr int kHadKMinLogm = 6, kHadKMaxLogm = 10;
+
+__host__ __device__ __forceinline__ int had_k_swizzle(int f) { return f ^ ((f >> 5) & 31); }
+
+__host__ __device__ __forceinline__ uint32_t sign_bit(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  return u >> 31;
+}
+
+__host__ __device__ __forceinline__ float flip_sign(float x, uint32_t bit) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  u ^= bit << 31;
+  memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+template <int K, int LOGM>
+struct HadKCfg {
+  static constexpr int kM = 1 << LOGM;
+  static constexpr int kN = K * kM;
+  static constexpr int kHi = LOGM - 5;  // bits of the strided pass
+  static constexpr int kThreads = kM >= 512 ? 512 : (kM >= 256 ? 256 : 128);
+  static constexpr int kMinBlocks = 1024 / kThreads;  // <= 64 registers
+  static constexpr size_t kSmemBytes = sizeof(float) * kN;
+};
+
+template <class T, int K, int LOGM, bool INV>
+__global__ void __launch_bounds__(HadKCfg<K, LOGM>::kThreads, HadKCfg<K, LOGM>::kMinBlocks)
+    hadamard_k_kernel(HadamardArgs<T> a) {
+  using C = HadKCfg<K, LOGM>;
+  extern __shared__ float hkbuf[];
+  const int64_t row = blockIdx.x;
+  const T* __restrict__ xr = a.x + row * C::kN;
+  T* __restrict__ yr = a.y + row * C::kN;
+  for (int j = threadIdx.x; j < C::kM; j += C::kThreads) {
+    float z[K];
+    static_for<K>([&](auto aa) {
+      constexpr int ai = decltype(aa){};
+      z[ai] = to_float(xr[ai * C::kM + j]);
+      if (!INV && a.signs) z[ai] *= a.signs[ai * C::kM + j];
+    });
+    static_for<K>([&](auto kk) {
+      constexpr int k = decltype(kk){};
+      float acc = 0.0f;
+      static_for<K>([&](auto aa) {
+        constexpr int ai = decltype(aa){};
+        // forward y[k] = sum_a H[a][k] z[a]; inverse sum_a H[k][a] z[a]
+        constexpr bool neg = INV ? (HadK<K>::neg[k] >> ai) & 1u : (HadK<K>::neg[ai] >> k) & 1u;
+        if constexpr (neg) acc -= z[ai];
+        else acc += z[ai];
+      });
+      hkbuf[had_k_swizzle(k * C::kM + j)] = acc;
+    });
+  }
+  __syncthreads();
+  if constexpr (C::kHi > 0) {  // bits [5, p): lane on bits 0-4, registers on the rest
+    for (int g = threadIdx.x; g < K * 32; g += C::kThreads) {
+      const int base = (g >> 5) * C::kM + (g & 31);
+      float v[1 << C::kHi];
+      static_for<(1 << C::kHi)>([&](auto e) { v[decltype(e){}] = hkbuf[had_k_swizzle(base + 32 * decltype(e){})]; });
+      butterflies<C::kHi>(v);
+      static_for<(1 << C::kHi)>([&](auto e) { hkbuf[had_k_swizzle(base + 32 * decltype(e){})] = v[decltype(e){}]; });
+    }
+    __syncthreads();
+  }
+  constexpr int W = 16 / sizeof(T);  // elements per 16-byte store
+  for (int g = threadIdx.x; g < (K << C::kHi); g += C::kThreads) {  // bits [0, 5): 32 contiguous
+    const int base = g * 32;
+    uint32_t neg = 0;  // the inverse's signs as sign bits: one register instead of 32
+    if (INV && a.signs) {
+      static_for<8>([&](auto q) {
+        const float4 sg = *reinterpret_cast<const float4*>(a.signs + base + 4 * decltype(q){});
+        neg |= (sign_bit(sg.x) | sign_bit(sg.y) << 1 | sign_bit(sg.z) << 2 | sign_bit(sg.w) << 3) << (4 * q);
+      });
+    }
+    float v[32];
+    static_for<32>([&](auto e) { v[decltype(e){}] = hkbuf[base + (decltype(e){} ^ (g & 31))]; });
+    butterflies<5>(v);
+    static_for<32 / W>([&](auto cc) {
+      constexpr int c = decltype(cc){};
+      HadVec<T, W> u;
+#pragma unroll
+      for (int e = 0; e < W; ++e) u.v[e] = from_float<T>(flip_sign(v[c * W + e] * a.scale, (neg >> (c * W + e)) & 1u));
+      *reinterpret_cast<HadVec<T, W>*>(yr + base + c * W) = u;
+    });
+  }
+}
+
+template <class T, int K, int LOGM>
+cudaError_t launch_hadamard_k(cudaStream_t stream, const HadamardArgs<T>& a) {
+  using C = HadKCfg<K, LOGM>;
+  auto kernel = a.signs_after ? hadamard_k_kernel<T, K, LOGM, true> : hadamard_k_kernel<T, K, LOGM, false>;
+  cudaError_t err = allow_smem(kernel, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  if (a.rows > 0) kernel<<<static_cast<unsigned>(a.rows), C::kThreads, C::kSmemBytes, stream>>>(a);
+  return cudaSuccess;
+}
+
+template <class T, int K, int... Ls>
+cudaError_t dispatch_hadamard_k_logm(cudaStream_t stream, const HadamardArgs<T>& a, std::integer_sequence<int, Ls...>) {
+  cudaError_t err = cudaErrorInvalidValue;
+  ((a.logn == Ls + kHadKMinLogm ? (err = launch_hadamard_k<T, K, Ls + kHadKMinLogm>(stream, a), 0) : 0), ...);
+  return err;
+}
+
+template <class T>
+cudaError_t dispatch_hadamard_k(cudaStream_t stream, const HadamardArgs<T>& a, int k) {
+  using Logms = std::make_integer_sequence<int, kHadKMaxLogm - kHadKMinLogm + 1>;
+  if (k == 12) return dispatch_hadamard_k_logm<T, 12>(stream, a, Logms{});
+  if (k == 20) return dispatch_hadamard_k_logm<T, 20>(stream, a, Logms{});
+  if (k == 28) return dispatch_hadamard_k_logm<T, 28>(stream, a, Logms{});
+  return cudaErrorInvalidValue;
+}
+
 ffi::Error HadamardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> signs,
                         ffi::Result<ffi::AnyBuffer> y, int64_t has_signs, int64_t signs_after,
                         int64_t normalize) {
@@ -1976,6 +2127,48 @@ ffi::Error HadamardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::
   return launch_error("hadamard launch");
 }
 
+// n = K * 2^p (K = 12, 20, 28; p = 6 .. 10), normalized: rht (signs before) or its inverse.
+ffi::Error HadamardKImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> signs,
+                         ffi::Result<ffi::AnyBuffer> y, int64_t k, int64_t has_signs, int64_t inverse) {
+  auto xd = x.dimensions();
+  if (xd.size() < 1 || y->element_type() != x.element_type() || y->element_count() != x.element_count()) {
+    return ffi::Error::InvalidArgument("hadamard_k: y must match x");
+  }
+  const int64_t n = xd[xd.size() - 1], m = (k == 12 || k == 20 || k == 28) && n % k == 0 ? n / k : 0;
+  if (m < (1 << kHadKMinLogm) || m > (1 << kHadKMaxLogm) || (m & (m - 1))) {
+    return ffi::Error::InvalidArgument("hadamard_k: the last axis must be K * 2^p with K in {12, 20, 28}, p in [6, 10]");
+  }
+  if (has_signs && signs.element_count() != static_cast<size_t>(n)) {
+    return ffi::Error::InvalidArgument("hadamard_k: signs must have n elements");
+  }
+  int logm = 0;
+  while ((int64_t{1} << logm) < m) ++logm;
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / n;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(n));
+  const float* sg = has_signs ? signs.typed_data() : nullptr;
+  const int kk = static_cast<int>(k), inv = inverse ? 1 : 0;
+  cudaError_t err;
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      err = dispatch_hadamard_k(stream, HadamardArgs<float>{static_cast<const float*>(x.untyped_data()), sg,
+                                static_cast<float*>(y->untyped_data()), rows, logm, 1, inv, scale}, kk);
+      break;
+    case ffi::DataType::F16:
+      err = dispatch_hadamard_k(stream, HadamardArgs<__half>{static_cast<const __half*>(x.untyped_data()), sg,
+                                static_cast<__half*>(y->untyped_data()), rows, logm, 1, inv, scale}, kk);
+      break;
+    case ffi::DataType::BF16:
+      err = dispatch_hadamard_k(stream, HadamardArgs<__nv_bfloat16>{
+                                static_cast<const __nv_bfloat16*>(x.untyped_data()), sg,
+                                static_cast<__nv_bfloat16*>(y->untyped_data()), rows, logm, 1, inv, scale}, kk);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("hadamard_k: x must be float32, float16 or bfloat16");
+  }
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("hadamard_k: ") + cudaGetErrorString(err));
+  return launch_error("hadamard_k launch");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantScalarMatvec, ScalarMatvecImpl,
@@ -2003,6 +2196,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantHadamard, HadamardImpl,
                                   .Attr<int64_t>("has_signs")
                                   .Attr<int64_t>("signs_after")
                                   .Attr<int64_t>("normalize"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantHadamardK, HadamardKImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("has_signs")
+                                  .Attr<int64_t>("inverse"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvec, E8pMatvecImpl,

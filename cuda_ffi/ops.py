@@ -91,6 +91,41 @@ def hadamard(x: jax.Array, signs: jax.Array | None = None, *, normalize: bool = 
              normalize=np.int64(normalize))
 
 
+HADAMARD_K = (12, 20, 28)  # K of n = K * 2^p that the fused kernel takes, with p in [6, 10]
+
+
+def hadamard_k_factor(n: int) -> int | None:
+    """K of width n = K * 2^p when ``hadamard_k`` takes it (K = 4 * the odd part of n, as
+    ``jaxquant.hadamard.hadamard_factors`` picks for these K), else None."""
+    odd = n // (n & -n) if n > 0 else 0
+    k = 4 * odd
+    return k if k in HADAMARD_K and n % k == 0 and 64 <= n // k <= 1024 else None
+
+
+def hadamard_k(x: jax.Array, signs: jax.Array | None = None, *, inverse: bool = False,
+               register: bool = True) -> jax.Array:
+    """``jaxquant.hadamard.rht`` (or ``rht_inverse``) of the last axis, n = K * 2^p with K in
+    ``HADAMARD_K`` and 2^p in [64, 1024], in one kernel: the K-point factor (compile-time signs of
+    ``hadamard_factor(K)``) and the 2^p-point transform on a row held in shared memory.
+    ``y = (H_K ⊗ H_M)(x * signs) / sqrt(n)``; ``inverse``: the transpose, signs after. Computes in
+    float32; the output has x's dtype."""
+    _check_float(x, "hadamard_k")
+    n = x.shape[-1]
+    k = hadamard_k_factor(n)
+    if k is None:
+        raise ValueError(f"hadamard_k: width {n} is not K * 2^p with K in {HADAMARD_K}, 2^p in [64, 1024]")
+    if register:
+        build.load()
+    if signs is None:
+        s = jnp.zeros((1,), jnp.float32)
+    else:
+        if signs.shape != (n,):
+            raise ValueError(f"hadamard_k: signs must have shape ({n},), got {signs.shape}")
+        s = signs.astype(jnp.float32)
+    f = jax.ffi.ffi_call("jaxquant_hadamard_k", jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
+    return f(x, s, k=np.int64(k), has_signs=np.int64(signs is not None), inverse=np.int64(inverse))
+
+
 VQ_MAX_BATCH = 8
 
 

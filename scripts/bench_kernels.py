@@ -291,10 +291,10 @@ def bench_hadamard(args, copy_bw, rows):
     """Hadamard transform of bf16 (--dtype) rows: 64 MB per call (bandwidth, share of the copy
     bandwidth), then one row per call (batch-1 latency, as inside a decode step), printed after all
     the bandwidth rows. A width that is not a power of two (e.g. 28672 = 28 * 1024) goes through
-    ``dispatch.rht_fast`` (the kernel on the 2^p factor plus the K x K einsum, float32 in between)."""
+    the kernel on the 2^p factor plus the K x K einsum (float32 in between; "cuda+einsum") and, for
+    K = 12, 20, 28, the fused kernel ``cuda_ffi.hadamard_k`` ("cuda-k", what ``rht_fast`` uses)."""
     import cuda_ffi
     from jaxquant import hadamard as jq_hadamard
-    from jaxquant.formats import dispatch
 
     dtype = jnp.dtype(args.dtype)
     latency_rows = []
@@ -309,12 +309,14 @@ def bench_hadamard(args, copy_bw, rows):
             signs = jq_hadamard.random_signs(key, n)
             ref = np.asarray(jq_hadamard.rht(xs[0].astype(jnp.float32), signs), np.float64)
             nbytes = 2 * nrows * n * dtype.itemsize
+            cuda_fns = {"reference": lambda s, x: jq_hadamard.rht(x, s)}
             if pow2:
-                cuda_name, cuda_fn = "cuda", lambda s, x: cuda_ffi.hadamard(x, s)
+                cuda_fns["cuda"] = lambda s, x: cuda_ffi.hadamard(x, s)
             else:
-                cuda_name = "cuda+einsum"
-                cuda_fn = lambda s, x: dispatch.rht_fast(x.astype(jnp.float32), s).astype(x.dtype)  # noqa: E731
-            for name, fn in (("reference", lambda s, x: jq_hadamard.rht(x, s)), (cuda_name, cuda_fn)):
+                cuda_fns["cuda+einsum"] = lambda s, x: _rht_einsum(x.astype(jnp.float32), s).astype(x.dtype)
+                if cuda_ffi.hadamard_k_factor(n):
+                    cuda_fns["cuda-k"] = lambda s, x: cuda_ffi.hadamard_k(x, s)
+            for name, fn in cuda_fns.items():
                 row = dict(kind="hadamard", case=case, n=n, rows=nrows, backend=name, bytes=nbytes)
                 row = measure(args, row, fn, signs, xs, ref, copy_bw)  # fn(signs, x): x rotates
                 if case == "bandwidth":
@@ -324,6 +326,18 @@ def bench_hadamard(args, copy_bw, rows):
     print("hadamard batch-1 latency (one row per call, back to back):", flush=True)
     for row in latency_rows:
         record(args, rows, row)
+
+
+def _rht_einsum(x, signs):
+    """``rht`` as two steps: the CUDA 2^p-point kernel, then the K x K factor as an XLA einsum."""
+    import cuda_ffi
+    from jaxquant import hadamard as jq_hadamard
+
+    n = x.shape[-1]
+    k, p = jq_hadamard.hadamard_factors(n)
+    y = cuda_ffi.hadamard((x * signs.astype(x.dtype)).reshape(*x.shape[:-1], k, 2**p))
+    hk = jnp.asarray(jq_hadamard.hadamard_factor(k) / np.sqrt(k), x.dtype)
+    return jnp.einsum("...ij,ik->...kj", y, hk, precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
 
 
 def measure(args, row, fn, x, sets, ref, copy_bw, t16=None):

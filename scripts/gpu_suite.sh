@@ -6,7 +6,6 @@
 #   kernels-vq-tests  issue 10: E8P / RVQ4 / QTIP gpu tests
 #   kernels-vq  issue 10: E8P / RVQ4 / QTIP decode-matvec and their full linear (RHT included)
 #   e8p-sweep issue 10: E8P / RVQ4 launch configurations and the x-stationary variant (with their gpu tests)
-#   decode-ab 7B QuIP# decode, default vs x-stationary E8P kernel (JAXQUANT_E8P_KERNEL=xs)
 #   overhead  issues 10, 11: per-custom-call cost with and without XLA command buffers
 #   ncu       issues 10, 11: Nsight Compute sections of every batch-1 kernel at a 7B and a 70B shape (why they
 #             are slow: latency, occupancy, memory or issue)
@@ -67,12 +66,6 @@ case $part in
     # GPTVQ (no transform: kernel = whole product): Pallas ("kernel" rows) against CUDA ("linear-cuda")
     timeout 150 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel linear-cuda \
       --json "$out/bench_gptvq.json" --vq gptvq-d2-k2 ;;
-  decode-ab)  # issues 10, 11: 7B QuIP# decode with the default and the x-stationary batch-1 E8P kernel
-    build_cuda
-    for kern in default xs; do
-      JAXQUANT_E8P_KERNEL=$kern timeout 200 python3 -m jaxquant.cli bench decode --shape llama2-7b --method 'quip#' \
-        --bits 2 --fuse --json "$out/decode_llama2-7b_quip2_fuse_$kern.json" 2>&1 | grep "batch"
-    done ;;
   overhead)  # issues 10, 11: is the ~15 us per custom call XLA's command-buffer tracing? Default, custom calls
     # left out of command buffers, no command buffers
     build_cuda

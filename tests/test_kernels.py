@@ -99,6 +99,12 @@ def test_cuda_ffi_calls_lower_for_cuda():
     signs = jnp.ones((1024,), jnp.float32)
     text = _lower_for_cuda(lambda x: cuda_ops.hadamard(x, signs, register=False), jnp.ones((4, 1024), jnp.bfloat16))
     assert "jaxquant_hadamard" in text
+    signs = jnp.ones((28672,), jnp.float32)
+    text = _lower_for_cuda(lambda x: cuda_ops.hadamard_k(x, signs, inverse=True, register=False),
+                           jnp.ones((2, 28672), jnp.float32))
+    assert "jaxquant_hadamard_k" in text
+    with pytest.raises(ValueError, match="K \\* 2\\^p"):
+        cuda_ops.hadamard_k(jnp.ones((1, 11008)), register=False)  # K = 172: the einsum path's
 
 
 def test_cuda_sources_compile():
@@ -529,6 +535,165 @@ def test_hadamard_kernel_source_on_cpu(tmp_path):
         if hs and sa:
             ref = ref * s
         assert rel_err(y, ref) < tol[dt], case
+
+
+_HADK_HOST_HARNESS = r"""
+// Runs hadamard_k_kernel (cut from jaxquant_kernels.cu unchanged) on the CPU: one std::thread per
+// CUDA thread, __syncthreads as a barrier, shared memory NaN-filled per block.
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+static thread_local uint3 h_threadIdx, h_blockIdx;
+static std::barrier<>* h_bar = nullptr;
+static float hkbuf_storage[28 * 1024];
+#undef __global__
+#define __global__
+#undef __shared__
+#define __shared__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#define threadIdx h_threadIdx
+#define blockIdx h_blockIdx
+#define hkbuf hkbuf_storage
+static void __syncthreads() { h_bar->arrive_and_wait(); }
+
+#include "kernel_part.inc"
+
+template <class T, int K, int LOGM>
+void run(const HadamardArgs<T>& a) {
+  using C = HadKCfg<K, LOGM>;
+  for (int64_t b = 0; b < a.rows; ++b) {
+    for (auto& f : hkbuf_storage) f = NAN;
+    std::barrier<> bar(C::kThreads);
+    h_bar = &bar;
+    std::vector<std::thread> ts;
+    for (int t = 0; t < C::kThreads; ++t)
+      ts.emplace_back([&a, t, b] {
+        h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
+        h_blockIdx = uint3{static_cast<unsigned>(b), 0, 0};
+        if (a.signs_after) hadamard_k_kernel<T, K, LOGM, true>(a);
+        else hadamard_k_kernel<T, K, LOGM, false>(a);
+      });
+    for (auto& th : ts) th.join();
+  }
+}
+
+template <class T, int K, int... Ls>
+void dispatch(const HadamardArgs<T>& a, std::integer_sequence<int, Ls...>) {
+  ((a.logn == Ls + kHadKMinLogm ? (run<T, K, Ls + kHadKMinLogm>(a), 0) : 0), ...);
+}
+
+template <class T>
+int go(int k, int logm, int64_t rows, int has_signs, int inverse, FILE* in, FILE* out) {
+  const int64_t n = int64_t{k} << logm, total = rows * n;
+  std::vector<float> xf(total), sg(n);
+  if (fread(xf.data(), 4, total, in) != size_t(total) || fread(sg.data(), 4, n, in) != size_t(n)) return 2;
+  std::vector<T> x(total), y(total);
+  for (int64_t i = 0; i < total; ++i) x[i] = from_float<T>(xf[i]);
+  for (auto& v : y) v = from_float<T>(NAN);
+  HadamardArgs<T> a{x.data(), has_signs ? sg.data() : nullptr, y.data(), rows, logm, 1, inverse,
+                    1.0f / std::sqrt(static_cast<float>(n))};
+  using Logms = std::make_integer_sequence<int, kHadKMaxLogm - kHadKMinLogm + 1>;
+  if (k == 12) dispatch<T, 12>(a, Logms{});
+  if (k == 20) dispatch<T, 20>(a, Logms{});
+  if (k == 28) dispatch<T, 28>(a, Logms{});
+  for (int64_t i = 0; i < total; ++i) xf[i] = to_float(y[i]);
+  return fwrite(xf.data(), 4, total, out) == size_t(total) ? 0 : 4;
+}
+
+// argv: dtype (0 fp32, 1 fp16, 2 bf16) k logm rows has_signs inverse in out
+int main(int argc, char** argv) {
+  if (argc != 9) return 1;
+  const int dt = atoi(argv[1]), k = atoi(argv[2]), logm = atoi(argv[3]);
+  const int64_t rows = atoll(argv[4]);
+  const int hs = atoi(argv[5]), inv = atoi(argv[6]);
+  FILE* in = fopen(argv[7], "rb");
+  FILE* out = fopen(argv[8], "wb");
+  if (!in || !out) return 3;
+  const int rc = dt == 0 ? go<float>(k, logm, rows, hs, inv, in, out)
+               : dt == 1 ? go<__half>(k, logm, rows, hs, inv, in, out)
+                         : go<__nv_bfloat16>(k, logm, rows, hs, inv, in, out);
+  fclose(in);
+  fclose(out);
+  return rc;
+}
+"""
+
+_HADK_HOST_CUTS = [
+    ("template <int I>\nstruct Idx", "enum DType"),
+    ("template <int NBITS>\n__device__ __forceinline__ void butterflies", "template <class T>\nstruct HadamardArgs {"),
+    ("template <class T>\nstruct HadamardArgs {",
+     "template <class T, int NBITS>\n__device__ __forceinline__ void hadamard_pass"),
+    ("template <class T, int W>\nstruct alignas", "template <class T, int LOGN>\nstruct HadCfg"),
+    ("template <int K>\nstruct HadK;", "template <class T, int K, int LOGM>\ncudaError_t launch_hadamard_k"),
+]
+
+
+def _rht_k_np(x, signs, k, inverse):
+    """float64 (H_K ⊗ H_M)(x * s) / sqrt(n), or its transpose with the signs after."""
+    rows, n = x.shape
+    h = jq_hadamard.hadamard_factor(k)
+    z = _fwht_np((x if inverse else x * signs).reshape(rows, k, n // k))
+    y = np.einsum("ka,raj->rkj" if inverse else "ak,raj->rkj", h, z).reshape(rows, n) / np.sqrt(n)
+    return y * signs if inverse else y
+
+
+def test_hadamard_k_signs_match_python():
+    """The K-point factors compiled into the kernel are jaxquant.hadamard.hadamard_factor(K)."""
+    import re
+
+    src = (cuda_build.SOURCE_DIR / "jaxquant_kernels.cu").read_text()
+    for k in cuda_ops.HADAMARD_K:
+        body = re.search(rf"struct HadK<{k}> \{{[^{{]*\{{([^}}]*)\}}", src).group(1)
+        masks = [int(v, 16) for v in re.findall(r"0x[0-9a-f]+", body)]
+        signs = np.array([[-1.0 if (m >> c) & 1 else 1.0 for c in range(k)] for m in masks])
+        np.testing.assert_array_equal(signs, jq_hadamard.hadamard_factor(k))
+
+
+def test_hadamard_k_kernel_source_on_cpu(tmp_path):
+    """hadamard_k_kernel's own source on the host (one thread per CUDA thread, NaN-filled shared
+    memory) against float64 (H_K ⊗ H_M)(x * s) / sqrt(n) and its inverse: K = 12, 20, 28, 2^p =
+    64 .. 1024 (n = 28672 and 14336 included), fp32/fp16/bf16, signs or none, several rows."""
+    import subprocess
+
+    import ml_dtypes
+
+    exe = _host_harness(tmp_path, _HADK_HOST_CUTS, _HADK_HOST_HARNESS)
+    dtypes = {0: np.float32, 1: np.float16, 2: ml_dtypes.bfloat16}
+    tol = {0: 1e-6, 1: 2e-3, 2: 1e-2}
+    cases = [(0, 28, 10, 2, 1, 0), (0, 28, 10, 1, 1, 1), (2, 28, 9, 2, 1, 0), (1, 28, 9, 1, 1, 1),
+             (0, 20, 8, 3, 1, 1), (2, 20, 8, 2, 0, 0), (0, 12, 6, 3, 1, 0), (1, 12, 7, 2, 1, 1),
+             (0, 12, 10, 1, 1, 1)]  # (dtype, K, log2 M, rows, has_signs, inverse)
+    rng = np.random.default_rng()
+    for dt, k, logm, rows, hs, inv in cases:
+        n = k << logm
+        x = rng.standard_normal((rows, n)).astype(np.float32)
+        s = rng.choice(np.array([-1.0, 1.0], np.float32), n)
+        (tmp_path / "in.bin").write_bytes(x.tobytes() + s.tobytes())
+        proc = subprocess.run([str(exe), str(dt), str(k), str(logm), str(rows), str(hs), str(inv),
+                               str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
+        case = (dt, k, logm, rows, hs, inv)
+        assert proc.returncode == 0, case
+        y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, n)
+        ref = _rht_k_np(x.astype(dtypes[dt]).astype(np.float64), s if hs else np.ones(n), k, inv)
+        assert np.isfinite(y).all(), case
+        assert rel_err(y, ref) < tol[dt], case
+    # the float64 reference is jaxquant.hadamard.rht's transform (and rht_inverse's)
+    x = rng.standard_normal((2, 28 * 64)).astype(np.float32)
+    s = rng.choice(np.array([-1.0, 1.0], np.float32), 28 * 64)
+    assert rel_err(np.asarray(jq_hadamard.rht(jnp.asarray(x), jnp.asarray(s))), _rht_k_np(x, s, 28, False)) < 1e-5
+    assert rel_err(np.asarray(jq_hadamard.rht_inverse(jnp.asarray(x), jnp.asarray(s))), _rht_k_np(x, s, 28, True)) < 1e-5
 
 
 # ------------------------------------------------------------------ E8P / QTIP kernels
@@ -1044,8 +1209,31 @@ def test_cuda_scalar_half2_variant_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_cuda_hadamard_k_gpu(dtype):
+    """The fused K * 2^p kernel against jaxquant.hadamard.rht / rht_inverse: K = 12, 20, 28 and
+    2^p = 64 .. 1024, 1, 3 and 300 rows, signs or none, leading axes."""
+    for k in cuda_ops.HADAMARD_K:
+        for logm in range(6, 11):
+            n = k << logm
+            key = jax.random.key(n)
+            x = jax.random.normal(key, (300, n), jnp.float32).astype(dtype)
+            s = jq_hadamard.random_signs(jax.random.fold_in(key, 1), n)
+            xf = x.astype(jnp.float32)
+            refs = jq_hadamard.rht(xf, s), jq_hadamard.rht_inverse(xf, s), jq_hadamard.rht(xf, jnp.ones(n))
+            three = jax.jit(lambda x: (cuda_ffi.hadamard_k(x, s), cuda_ffi.hadamard_k(x, s, inverse=True),
+                                       cuda_ffi.hadamard_k(x)))
+            for rows in (1, 3, 300):
+                for y, ref in zip(three(x[:rows]), refs):
+                    assert y.dtype == dtype
+                    assert rel_err(y, ref[:rows]) < TOL[dtype], (n, rows)
+            y3 = cuda_ffi.hadamard_k(x[:6].reshape(2, 3, n), s)
+            assert rel_err(y3, np.asarray(refs[0][:6]).reshape(2, 3, n)) < TOL[dtype], n
+
+
+@pytest.mark.gpu
 def test_rht_fast_gpu():
-    for n in (1024, 1536, 28672):
+    for n in (1024, 1536, 11008, 14336, 28672):  # 2^p; K = 12, 172 (einsum), 28, 28 (fused kernel)
         x = jax.random.normal(jax.random.key(n), (3, n), jnp.float32)
         s = jq_hadamard.random_signs(jax.random.key(n + 1), n)
         assert rel_err(dispatch.rht_fast(x, s), jq_hadamard.rht(x, s)) < 1e-5, n

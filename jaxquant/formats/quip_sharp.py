@@ -18,7 +18,6 @@ factor per part (the common Wscale times that part's RMS), applied after the inv
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -103,11 +102,6 @@ def _abs_table():
     return cuda_ffi.e8p_abs_table(e8p.e8p_source_set())
 
 
-# The batch-1 CUDA E8P kernel: "xs" picks the x-stationary one (cuda_ffi.e8p_matvec variant=1) for
-# A/B runs until a GPU measurement settles the default. Read once per process.
-_E8P_VARIANT = 1 if os.environ.get("JAXQUANT_E8P_KERNEL", "") == "xs" else 0
-
-
 @functools.cache
 def _pallas_table():
     import pallas_kernels
@@ -131,7 +125,7 @@ def _matmul_kernel(x, qw: QuIPSharpQuantized, kernel: str):
         import cuda_ffi
 
         y = cuda_ffi.e8p_matvec(xr, qw.codes, _abs_table(), bits=qw.bits, resid_scale=resid,
-                                variant=_E8P_VARIANT)
+                                variant=1)  # x-stationary at batch 1: 14% faster 7B decode (H100)
     y = dispatch.rht_fast(y, qw.SV, seed=qw.had_seed, inverse=True, kernel=kernel)
     return (y * qw.row_scale()).astype(x.dtype)
 
