@@ -10,6 +10,7 @@ report of each: the first carries cold caches).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -28,6 +29,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="4096x4096", help="OUTxIN of the matvecs; IN is the Hadamard width")
     p.add_argument("--vq", nargs="*", default=["e8p", "rvq4", "qtip-hyb-k2", "qtip-1mad-k2"])
+    p.add_argument("--vq-config", type=json.loads, default={},
+                   help='launch configuration of the codebook kernels (JSON), e.g. \'{"variant": 1}\' for the '
+                        "x-stationary E8P kernel")
     p.add_argument("--scalar-bits", type=int, nargs="*", default=[2, 4])
     args = p.parse_args(argv)
     out, inp = (int(v) for v in args.shape.split("x"))
@@ -36,13 +40,15 @@ def main(argv=None):
     calls = []
     for fmt in args.vq:
         qw = bk.vq_sets(fmt, key, out, inp, 1)[0]
-        calls.append((fmt, jax.jit(bk.vq_kernel_fn(fmt, {})), qw))
+        calls.append((fmt, jax.jit(bk.vq_kernel_fn(fmt, args.vq_config)), qw))
     for bits in args.scalar_bits:
         qw = bk.random_sets(key, out, inp, bits, 128, 1)[0]
         calls.append((f"scalar {bits}-bit", jax.jit(lambda x, qw: qw.matmul(x, backend="cuda")), qw))
     signs = jq_hadamard.random_signs(key, inp)
     if inp & (inp - 1) == 0:
         calls.append((f"hadamard n={inp}", jax.jit(lambda x, s: cuda_ffi.hadamard(x, s)), signs))
+    elif cuda_ffi.hadamard_k_factor(inp):
+        calls.append((f"hadamard_k n={inp}", jax.jit(lambda x, s: cuda_ffi.hadamard_k(x, s)), signs))
     for name, fn, arg in calls:
         for _ in range(3):
             jax.block_until_ready(fn(x, arg))
