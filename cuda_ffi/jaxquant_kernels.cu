@@ -1542,6 +1542,7 @@ struct HadamardArgs {
   int64_t rows;
   int logn, rb, signs_after;
   float scale;
+  int parts = 1;  // x holds `parts` arrays of rows * n elements, transformed as their sum (v2, K * 2^p)
 };
 
 template <class T>
@@ -1860,6 +1861,11 @@ __global__ void __launch_bounds__(HadCfg<T, LOGN>::kThreads, HadCfg<T, LOGN>::kM
           const HadVec<T, W> u = *reinterpret_cast<const HadVec<T, W>*>(xb + tb + off);
 #pragma unroll
           for (int e = 0; e < W; ++e) v[c * W + e] = to_float(u.v[e]);
+          for (int q = 1; q < a.parts; ++q) {  // partial sums of a matvec, added in order
+            const HadVec<T, W> w = *reinterpret_cast<const HadVec<T, W>*>(xb + q * (a.rows << LOGN) + tb + off);
+#pragma unroll
+            for (int e = 0; e < W; ++e) v[c * W + e] += to_float(w.v[e]);
+          }
         });
         if (a.signs && !a.signs_after) had_apply_signs<C, S>(v, a.signs, i0);
       } else {
@@ -1925,7 +1931,7 @@ bool hadamard_use_v1() {
 
 template <class T>
 cudaError_t launch_hadamard(cudaStream_t stream, HadamardArgs<T> a) {
-  if (hadamard_use_v1()) return launch_hadamard_v1(stream, a);
+  if (hadamard_use_v1() && a.parts == 1) return launch_hadamard_v1(stream, a);
   return dispatch_hadamard_v2(stream, a, std::make_integer_sequence<int, 15>{});
 }
 
@@ -2005,6 +2011,7 @@ __global__ void __launch_bounds__(HadKCfg<K, LOGM>::kThreads, HadKCfg<K, LOGM>::
     static_for<K>([&](auto aa) {
       constexpr int ai = decltype(aa){};
       z[ai] = to_float(xr[ai * C::kM + j]);
+      for (int q = 1; q < a.parts; ++q) z[ai] += to_float(xr[q * a.rows * C::kN + ai * C::kM + j]);
       if (!INV && a.signs) z[ai] *= a.signs[ai * C::kM + j];
     });
     static_for<K>([&](auto kk) {
@@ -2082,10 +2089,11 @@ cudaError_t dispatch_hadamard_k(cudaStream_t stream, const HadamardArgs<T>& a, i
 
 ffi::Error HadamardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> signs,
                         ffi::Result<ffi::AnyBuffer> y, int64_t has_signs, int64_t signs_after,
-                        int64_t normalize) {
+                        int64_t normalize, int64_t parts) {
   auto xd = x.dimensions();
-  if (xd.size() < 1 || y->element_type() != x.element_type() || y->element_count() != x.element_count()) {
-    return ffi::Error::InvalidArgument("hadamard: y must match x");
+  if (xd.size() < 1 || parts < 1 || y->element_type() != x.element_type() ||
+      y->element_count() * parts != x.element_count()) {
+    return ffi::Error::InvalidArgument("hadamard: y must match x (x holds `parts` arrays of y's size)");
   }
   const int64_t n = xd[xd.size() - 1];
   if (n < 2 || (n & (n - 1)) || n > 32768) {
@@ -2096,27 +2104,28 @@ ffi::Error HadamardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::
   }
   int logn = 0;
   while ((int64_t{1} << logn) < n) ++logn;
-  const int64_t rows = static_cast<int64_t>(x.element_count()) / n;
+  const int64_t rows = static_cast<int64_t>(y->element_count()) / n;
   const float scale = normalize ? 1.0f / std::sqrt(static_cast<float>(n)) : 1.0f;
   const float* sg = has_signs ? signs.typed_data() : nullptr;
+  const int np = static_cast<int>(parts);
   cudaError_t err;
   switch (x.element_type()) {
     case ffi::DataType::F32: {
       HadamardArgs<float> a{static_cast<const float*>(x.untyped_data()), sg, static_cast<float*>(y->untyped_data()),
-                            rows, logn, 1, static_cast<int>(signs_after), scale};
+                            rows, logn, 1, static_cast<int>(signs_after), scale, np};
       err = launch_hadamard(stream, a);
       break;
     }
     case ffi::DataType::F16: {
       HadamardArgs<__half> a{static_cast<const __half*>(x.untyped_data()), sg, static_cast<__half*>(y->untyped_data()),
-                             rows, logn, 1, static_cast<int>(signs_after), scale};
+                             rows, logn, 1, static_cast<int>(signs_after), scale, np};
       err = launch_hadamard(stream, a);
       break;
     }
     case ffi::DataType::BF16: {
       HadamardArgs<__nv_bfloat16> a{static_cast<const __nv_bfloat16*>(x.untyped_data()), sg,
                                     static_cast<__nv_bfloat16*>(y->untyped_data()), rows, logn, 1,
-                                    static_cast<int>(signs_after), scale};
+                                    static_cast<int>(signs_after), scale, np};
       err = launch_hadamard(stream, a);
       break;
     }
@@ -2129,10 +2138,12 @@ ffi::Error HadamardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::
 
 // n = K * 2^p (K = 12, 20, 28; p = 6 .. 10), normalized: rht (signs before) or its inverse.
 ffi::Error HadamardKImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> signs,
-                         ffi::Result<ffi::AnyBuffer> y, int64_t k, int64_t has_signs, int64_t inverse) {
+                         ffi::Result<ffi::AnyBuffer> y, int64_t k, int64_t has_signs, int64_t inverse,
+                         int64_t parts) {
   auto xd = x.dimensions();
-  if (xd.size() < 1 || y->element_type() != x.element_type() || y->element_count() != x.element_count()) {
-    return ffi::Error::InvalidArgument("hadamard_k: y must match x");
+  if (xd.size() < 1 || parts < 1 || y->element_type() != x.element_type() ||
+      y->element_count() * parts != x.element_count()) {
+    return ffi::Error::InvalidArgument("hadamard_k: y must match x (x holds `parts` arrays of y's size)");
   }
   const int64_t n = xd[xd.size() - 1], m = (k == 12 || k == 20 || k == 28) && n % k == 0 ? n / k : 0;
   if (m < (1 << kHadKMinLogm) || m > (1 << kHadKMaxLogm) || (m & (m - 1))) {
@@ -2143,24 +2154,24 @@ ffi::Error HadamardKImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   }
   int logm = 0;
   while ((int64_t{1} << logm) < m) ++logm;
-  const int64_t rows = static_cast<int64_t>(x.element_count()) / n;
+  const int64_t rows = static_cast<int64_t>(y->element_count()) / n;
   const float scale = 1.0f / std::sqrt(static_cast<float>(n));
   const float* sg = has_signs ? signs.typed_data() : nullptr;
-  const int kk = static_cast<int>(k), inv = inverse ? 1 : 0;
+  const int kk = static_cast<int>(k), inv = inverse ? 1 : 0, np = static_cast<int>(parts);
   cudaError_t err;
   switch (x.element_type()) {
     case ffi::DataType::F32:
       err = dispatch_hadamard_k(stream, HadamardArgs<float>{static_cast<const float*>(x.untyped_data()), sg,
-                                static_cast<float*>(y->untyped_data()), rows, logm, 1, inv, scale}, kk);
+                                static_cast<float*>(y->untyped_data()), rows, logm, 1, inv, scale, np}, kk);
       break;
     case ffi::DataType::F16:
       err = dispatch_hadamard_k(stream, HadamardArgs<__half>{static_cast<const __half*>(x.untyped_data()), sg,
-                                static_cast<__half*>(y->untyped_data()), rows, logm, 1, inv, scale}, kk);
+                                static_cast<__half*>(y->untyped_data()), rows, logm, 1, inv, scale, np}, kk);
       break;
     case ffi::DataType::BF16:
       err = dispatch_hadamard_k(stream, HadamardArgs<__nv_bfloat16>{
                                 static_cast<const __nv_bfloat16*>(x.untyped_data()), sg,
-                                static_cast<__nv_bfloat16*>(y->untyped_data()), rows, logm, 1, inv, scale}, kk);
+                                static_cast<__nv_bfloat16*>(y->untyped_data()), rows, logm, 1, inv, scale, np}, kk);
       break;
     default:
       return ffi::Error::InvalidArgument("hadamard_k: x must be float32, float16 or bfloat16");
@@ -2195,7 +2206,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantHadamard, HadamardImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("has_signs")
                                   .Attr<int64_t>("signs_after")
-                                  .Attr<int64_t>("normalize"),
+                                  .Attr<int64_t>("normalize")
+                                  .Attr<int64_t>("parts"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantHadamardK, HadamardKImpl,
@@ -2206,7 +2218,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantHadamardK, HadamardKImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("has_signs")
-                                  .Attr<int64_t>("inverse"),
+                                  .Attr<int64_t>("inverse")
+                                  .Attr<int64_t>("parts"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvec, E8pMatvecImpl,

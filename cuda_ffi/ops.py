@@ -64,7 +64,7 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
 
 
 def hadamard(x: jax.Array, signs: jax.Array | None = None, *, normalize: bool = True,
-             signs_after: bool = False, register: bool = True) -> jax.Array:
+             signs_after: bool = False, sum_parts: bool = False, register: bool = True) -> jax.Array:
     """Walsh-Hadamard transform (Sylvester order) of the last axis, n = 2^p <= 32768.
 
     ``y = FWHT(x * signs) / sqrt(n)``; with ``signs_after`` the signs multiply the result instead
@@ -72,7 +72,8 @@ def hadamard(x: jax.Array, signs: jax.Array | None = None, *, normalize: bool = 
     Computes in float32 whatever the input dtype; the output has x's dtype. The kernel (v2:
     coalesced 16-byte loads, butterflies in registers, shared memory between stages; see
     cuda_ffi/NOTES.md) can be switched back to the first version with the environment variable
-    ``JAXQUANT_HADAMARD_KERNEL=v1``, read once per process.
+    ``JAXQUANT_HADAMARD_KERNEL=v1``, read once per process. ``sum_parts``: x is ``[P, ..., n]`` and
+    the transform is of ``x.sum(0)``, added in the kernel's first pass (a matvec's partial sums).
     """
     _check_float(x, "hadamard")
     n = x.shape[-1]
@@ -86,9 +87,18 @@ def hadamard(x: jax.Array, signs: jax.Array | None = None, *, normalize: bool = 
         if signs.shape != (n,):
             raise ValueError(f"hadamard: signs must have shape ({n},), got {signs.shape}")
         s = signs.astype(jnp.float32)
-    f = jax.ffi.ffi_call("jaxquant_hadamard", jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
+    out = _parts_shape(x, sum_parts, "hadamard")
+    f = jax.ffi.ffi_call("jaxquant_hadamard", jax.ShapeDtypeStruct(out, x.dtype), vmap_method="sequential")
     return f(x, s, has_signs=np.int64(signs is not None), signs_after=np.int64(signs_after),
-             normalize=np.int64(normalize))
+             normalize=np.int64(normalize), parts=np.int64(x.shape[0] if sum_parts else 1))
+
+
+def _parts_shape(x: jax.Array, sum_parts: bool, what: str) -> tuple[int, ...]:
+    if not sum_parts:
+        return x.shape
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise ValueError(f"{what}: sum_parts needs x [P, ..., n] with P >= 1, got {x.shape}")
+    return x.shape[1:]
 
 
 HADAMARD_K = (12, 20, 28)  # K of n = K * 2^p that the fused kernel takes, with p in [6, 10]
@@ -103,12 +113,12 @@ def hadamard_k_factor(n: int) -> int | None:
 
 
 def hadamard_k(x: jax.Array, signs: jax.Array | None = None, *, inverse: bool = False,
-               register: bool = True) -> jax.Array:
+               sum_parts: bool = False, register: bool = True) -> jax.Array:
     """``jaxquant.hadamard.rht`` (or ``rht_inverse``) of the last axis, n = K * 2^p with K in
     ``HADAMARD_K`` and 2^p in [64, 1024], in one kernel: the K-point factor (compile-time signs of
     ``hadamard_factor(K)``) and the 2^p-point transform on a row held in shared memory.
     ``y = (H_K ⊗ H_M)(x * signs) / sqrt(n)``; ``inverse``: the transpose, signs after. Computes in
-    float32; the output has x's dtype."""
+    float32; the output has x's dtype. ``sum_parts`` as in ``hadamard``."""
     _check_float(x, "hadamard_k")
     n = x.shape[-1]
     k = hadamard_k_factor(n)
@@ -122,8 +132,10 @@ def hadamard_k(x: jax.Array, signs: jax.Array | None = None, *, inverse: bool = 
         if signs.shape != (n,):
             raise ValueError(f"hadamard_k: signs must have shape ({n},), got {signs.shape}")
         s = signs.astype(jnp.float32)
-    f = jax.ffi.ffi_call("jaxquant_hadamard_k", jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
-    return f(x, s, k=np.int64(k), has_signs=np.int64(signs is not None), inverse=np.int64(inverse))
+    out = _parts_shape(x, sum_parts, "hadamard_k")
+    f = jax.ffi.ffi_call("jaxquant_hadamard_k", jax.ShapeDtypeStruct(out, x.dtype), vmap_method="sequential")
+    return f(x, s, k=np.int64(k), has_signs=np.int64(signs is not None), inverse=np.int64(inverse),
+             parts=np.int64(x.shape[0] if sum_parts else 1))
 
 
 VQ_MAX_BATCH = 8
@@ -165,7 +177,8 @@ def e8p_x_layout(x2: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
 
 def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: int,
                resid_scale: float = 1.0, rows_per_warp: int = 0, warps: int = 0,
-               units_per_step: int = 0, variant: int = 0, register: bool = True) -> jax.Array:
+               units_per_step: int = 0, variant: int = 0, keep_parts: bool = False,
+               register: bool = True) -> jax.Array:
     """``y[..., out] = x[..., in] @ Q.T`` (float32) for E8P (bits=2) or E8P-RVQ4 (bits=4) codes.
 
     codes: uint8 ``[out, in / 8, bits]`` (``jaxquant.formats.quip_sharp``); abs_table: uint32
@@ -175,7 +188,8 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     block (1-8), ``units_per_step`` (1, 2: 16-byte code units each lane loads before decoding).
     ``variant=1`` (batch-1 calls only; others use the default): the x-stationary kernel, each warp
     holding one chunk of 32 code units' inputs in registers (made in the kernel from float32 x in
-    natural order) and returning per-chunk partials, summed here.
+    natural order) and returning per-chunk partials, summed here; ``keep_parts`` returns them
+    unsummed, ``[P, ..., out]`` (P = 1 for the other kernels), for ``hadamard(..., sum_parts=True)``.
     """
     if bits not in (2, 4):
         raise ValueError(f"e8p_matvec: bits must be 2 or 4, got {bits}")
@@ -187,7 +201,7 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     lead, k_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k_in).astype(jnp.float32)
     if x2.shape[0] == 0:
-        return jnp.zeros((*lead, out), jnp.float32)
+        return jnp.zeros((1, *lead, out) if keep_parts else (*lead, out), jnp.float32)
     table = jnp.asarray(abs_table, jnp.uint32).reshape(512)
     if variant == 1 and x2.shape[0] == 1:
         chunks = -(-(k_in * bits // 128) // 32)  # 16-byte code units per row, 32 per chunk
@@ -195,7 +209,7 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
                              vmap_method="sequential")
         part = f(x2.reshape(k_in), codes, table, bits=np.int64(bits), resid_scale=np.float64(resid_scale),
                  rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps))
-        return part.sum(0).reshape(*lead, out)
+        return part.reshape(chunks, *lead, out) if keep_parts else part.sum(0).reshape(*lead, out)
     xh, xq = e8p_x_layout(x2, bits)
 
     def one(idx):
@@ -209,7 +223,7 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     n = x2.shape[0]
     parts = [one((xh[i:i + VQ_MAX_BATCH], xq[i:i + VQ_MAX_BATCH])) for i in range(0, n, VQ_MAX_BATCH)]
     y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-    return y.reshape(*lead, out)
+    return y.reshape(1, *lead, out) if keep_parts else y.reshape(*lead, out)
 
 
 QTIP_CODES = {"hyb": 0, "1mad": 1, "3inst": 2}

@@ -207,6 +207,9 @@ def test_cuda_hadamard_gpu(dtype):
             assert rel_err(plain, ref_plain[:rows]) < TOL[dtype], (n, rows)
         x3 = x[:15].reshape(3, 5, n)
         assert rel_err(cuda_ffi.hadamard(x3, signs), np.asarray(ref_all[:15]).reshape(3, 5, n)) < TOL[dtype], n
+        parts = x[:12].reshape(4, 3, n)  # the transform of their sum
+        summed = jq_hadamard.rht_inverse(parts.astype(jnp.float32).sum(0), signs)
+        assert rel_err(cuda_ffi.hadamard(parts, signs, signs_after=True, sum_parts=True), summed) < TOL[dtype], n
         if dtype == jnp.float32:  # exact-ish: the kernel's output against float64
             assert rel_err(cuda_ffi.hadamard(x[:3], normalize=False), _fwht_np(np.asarray(x[:3], np.float64))) < 1e-6
 
@@ -426,32 +429,32 @@ void dispatch(const HadamardArgs<T>& a, std::integer_sequence<int, Ls...>) {
 }
 
 template <class T>
-int go(int logn, int64_t rows, int has_signs, int signs_after, int normalize, FILE* in, FILE* out) {
+int go(int logn, int64_t rows, int has_signs, int signs_after, int normalize, int parts, FILE* in, FILE* out) {
   const int64_t n = int64_t{1} << logn, total = rows * n;
-  std::vector<float> xf(total), sg(n);
-  if (fread(xf.data(), 4, total, in) != size_t(total) || fread(sg.data(), 4, n, in) != size_t(n)) return 2;
-  std::vector<T> x(total), y(total);
-  for (int64_t i = 0; i < total; ++i) x[i] = from_float<T>(xf[i]);
+  std::vector<float> xf(parts * total), sg(n);
+  if (fread(xf.data(), 4, parts * total, in) != size_t(parts * total) || fread(sg.data(), 4, n, in) != size_t(n)) return 2;
+  std::vector<T> x(parts * total), y(total);
+  for (int64_t i = 0; i < parts * total; ++i) x[i] = from_float<T>(xf[i]);
   for (auto& v : y) v = from_float<T>(NAN);
   HadamardArgs<T> a{x.data(), has_signs ? sg.data() : nullptr, y.data(), rows, logn, 1, signs_after,
-                    normalize ? 1.0f / std::sqrt(static_cast<float>(n)) : 1.0f};
+                    normalize ? 1.0f / std::sqrt(static_cast<float>(n)) : 1.0f, parts};
   dispatch(a, std::make_integer_sequence<int, 15>{});
   for (int64_t i = 0; i < total; ++i) xf[i] = to_float(y[i]);
   return fwrite(xf.data(), 4, total, out) == size_t(total) ? 0 : 4;
 }
 
-// argv: dtype (0 fp32, 1 fp16, 2 bf16) logn rows has_signs signs_after normalize in out
+// argv: dtype (0 fp32, 1 fp16, 2 bf16) logn rows has_signs signs_after normalize parts in out
 int main(int argc, char** argv) {
-  if (argc != 9) return 1;
+  if (argc != 10) return 1;
   const int dt = atoi(argv[1]), logn = atoi(argv[2]);
   const int64_t rows = atoll(argv[3]);
-  const int hs = atoi(argv[4]), sa = atoi(argv[5]), nm = atoi(argv[6]);
-  FILE* in = fopen(argv[7], "rb");
-  FILE* out = fopen(argv[8], "wb");
+  const int hs = atoi(argv[4]), sa = atoi(argv[5]), nm = atoi(argv[6]), np = atoi(argv[7]);
+  FILE* in = fopen(argv[8], "rb");
+  FILE* out = fopen(argv[9], "wb");
   if (!in || !out) return 3;
-  const int rc = dt == 0 ? go<float>(logn, rows, hs, sa, nm, in, out)
-               : dt == 1 ? go<__half>(logn, rows, hs, sa, nm, in, out)
-                         : go<__nv_bfloat16>(logn, rows, hs, sa, nm, in, out);
+  const int rc = dt == 0 ? go<float>(logn, rows, hs, sa, nm, np, in, out)
+               : dt == 1 ? go<__half>(logn, rows, hs, sa, nm, np, in, out)
+                         : go<__nv_bfloat16>(logn, rows, hs, sa, nm, np, in, out);
   fclose(in);
   fclose(out);
   return rc;
@@ -506,7 +509,8 @@ def _host_harness(tmp_path, cuts, harness: str):
 def test_hadamard_kernel_source_on_cpu(tmp_path):
     """hadamard_kernel's own source, compiled for the host (g++, one thread per CUDA thread and a
     barrier for __syncthreads, NaN-filled shared memory) against the float64 transform: every n =
-    2 .. 32768, fp32/fp16/bf16, signs before / after / none, unnormalized, partial blocks."""
+    2 .. 32768, fp32/fp16/bf16, signs before / after / none, unnormalized, partial blocks, and the
+    sum of several parts (a matvec's partials)."""
     import subprocess
 
     import ml_dtypes
@@ -514,23 +518,24 @@ def test_hadamard_kernel_source_on_cpu(tmp_path):
     exe = _host_harness(tmp_path, _HAD_HOST_CUTS, _HAD_HOST_HARNESS)
     dtypes = {0: np.float32, 1: np.float16, 2: ml_dtypes.bfloat16}
     tol = {0: 1e-6, 1: 2e-3, 2: 1e-2}
-    cases = []  # (dtype, logn, rows, has_signs, signs_after, normalize)
+    cases = []  # (dtype, logn, rows, has_signs, signs_after, normalize, parts)
     for logn in range(1, 16):
-        cases += [(0, logn, 3, 1, 0, 1), (1, logn, 3, 1, 1, 1), (2, logn, 1, 0, 0, 0), (2, logn, 3, 1, 0, 1)]
+        cases += [(0, logn, 3, 1, 0, 1, 1), (1, logn, 3, 1, 1, 1, 1), (2, logn, 1, 0, 0, 0, 1), (2, logn, 3, 1, 0, 1, 1)]
         if logn <= 9:
-            cases.append((0, logn, 300, 1, 1, 1))  # several rows per block, the last block partial
+            cases.append((0, logn, 300, 1, 1, 1, 1))  # several rows per block, the last block partial
+    cases += [(0, 12, 1, 1, 1, 1, 3), (0, 8, 300, 1, 1, 1, 2), (2, 13, 2, 1, 1, 1, 4)]
     rng = np.random.default_rng(0)
-    for dt, logn, rows, hs, sa, norm in cases:
+    for dt, logn, rows, hs, sa, norm, parts in cases:
         n = 2**logn
-        x = rng.standard_normal((rows, n)).astype(np.float32)
+        x = rng.standard_normal((parts, rows, n)).astype(np.float32)
         s = rng.choice(np.array([-1.0, 1.0], np.float32), n)
         (tmp_path / "in.bin").write_bytes(x.tobytes() + s.tobytes())
-        proc = subprocess.run([str(exe), str(dt), str(logn), str(rows), str(hs), str(sa), str(norm),
+        proc = subprocess.run([str(exe), str(dt), str(logn), str(rows), str(hs), str(sa), str(norm), str(parts),
                                str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
-        case = (dt, logn, rows, hs, sa, norm)
+        case = (dt, logn, rows, hs, sa, norm, parts)
         assert proc.returncode == 0, case
         y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, n)
-        xq = x.astype(dtypes[dt]).astype(np.float64)
+        xq = x.astype(dtypes[dt]).astype(np.float64).sum(0)
         ref = _fwht_np(xq * s if hs and not sa else xq) / (np.sqrt(n) if norm else 1.0)
         if hs and sa:
             ref = ref * s
@@ -595,15 +600,15 @@ void dispatch(const HadamardArgs<T>& a, std::integer_sequence<int, Ls...>) {
 }
 
 template <class T>
-int go(int k, int logm, int64_t rows, int has_signs, int inverse, FILE* in, FILE* out) {
+int go(int k, int logm, int64_t rows, int has_signs, int inverse, int parts, FILE* in, FILE* out) {
   const int64_t n = int64_t{k} << logm, total = rows * n;
-  std::vector<float> xf(total), sg(n);
-  if (fread(xf.data(), 4, total, in) != size_t(total) || fread(sg.data(), 4, n, in) != size_t(n)) return 2;
-  std::vector<T> x(total), y(total);
-  for (int64_t i = 0; i < total; ++i) x[i] = from_float<T>(xf[i]);
+  std::vector<float> xf(parts * total), sg(n);
+  if (fread(xf.data(), 4, parts * total, in) != size_t(parts * total) || fread(sg.data(), 4, n, in) != size_t(n)) return 2;
+  std::vector<T> x(parts * total), y(total);
+  for (int64_t i = 0; i < parts * total; ++i) x[i] = from_float<T>(xf[i]);
   for (auto& v : y) v = from_float<T>(NAN);
   HadamardArgs<T> a{x.data(), has_signs ? sg.data() : nullptr, y.data(), rows, logm, 1, inverse,
-                    1.0f / std::sqrt(static_cast<float>(n))};
+                    1.0f / std::sqrt(static_cast<float>(n)), parts};
   using Logms = std::make_integer_sequence<int, kHadKMaxLogm - kHadKMinLogm + 1>;
   if (k == 12) dispatch<T, 12>(a, Logms{});
   if (k == 20) dispatch<T, 20>(a, Logms{});
@@ -612,18 +617,18 @@ int go(int k, int logm, int64_t rows, int has_signs, int inverse, FILE* in, FILE
   return fwrite(xf.data(), 4, total, out) == size_t(total) ? 0 : 4;
 }
 
-// argv: dtype (0 fp32, 1 fp16, 2 bf16) k logm rows has_signs inverse in out
+// argv: dtype (0 fp32, 1 fp16, 2 bf16) k logm rows has_signs inverse parts in out
 int main(int argc, char** argv) {
-  if (argc != 9) return 1;
+  if (argc != 10) return 1;
   const int dt = atoi(argv[1]), k = atoi(argv[2]), logm = atoi(argv[3]);
   const int64_t rows = atoll(argv[4]);
-  const int hs = atoi(argv[5]), inv = atoi(argv[6]);
-  FILE* in = fopen(argv[7], "rb");
-  FILE* out = fopen(argv[8], "wb");
+  const int hs = atoi(argv[5]), inv = atoi(argv[6]), np = atoi(argv[7]);
+  FILE* in = fopen(argv[8], "rb");
+  FILE* out = fopen(argv[9], "wb");
   if (!in || !out) return 3;
-  const int rc = dt == 0 ? go<float>(k, logm, rows, hs, inv, in, out)
-               : dt == 1 ? go<__half>(k, logm, rows, hs, inv, in, out)
-                         : go<__nv_bfloat16>(k, logm, rows, hs, inv, in, out);
+  const int rc = dt == 0 ? go<float>(k, logm, rows, hs, inv, np, in, out)
+               : dt == 1 ? go<__half>(k, logm, rows, hs, inv, np, in, out)
+                         : go<__nv_bfloat16>(k, logm, rows, hs, inv, np, in, out);
   fclose(in);
   fclose(out);
   return rc;
@@ -664,7 +669,8 @@ def test_hadamard_k_signs_match_python():
 def test_hadamard_k_kernel_source_on_cpu(tmp_path):
     """hadamard_k_kernel's own source on the host (one thread per CUDA thread, NaN-filled shared
     memory) against float64 (H_K ⊗ H_M)(x * s) / sqrt(n) and its inverse: K = 12, 20, 28, 2^p =
-    64 .. 1024 (n = 28672 and 14336 included), fp32/fp16/bf16, signs or none, several rows."""
+    64 .. 1024 (n = 28672 and 14336 included), fp32/fp16/bf16, signs or none, several rows, the sum
+    of several parts."""
     import subprocess
 
     import ml_dtypes
@@ -672,21 +678,21 @@ def test_hadamard_k_kernel_source_on_cpu(tmp_path):
     exe = _host_harness(tmp_path, _HADK_HOST_CUTS, _HADK_HOST_HARNESS)
     dtypes = {0: np.float32, 1: np.float16, 2: ml_dtypes.bfloat16}
     tol = {0: 1e-6, 1: 2e-3, 2: 1e-2}
-    cases = [(0, 28, 10, 2, 1, 0), (0, 28, 10, 1, 1, 1), (2, 28, 9, 2, 1, 0), (1, 28, 9, 1, 1, 1),
-             (0, 20, 8, 3, 1, 1), (2, 20, 8, 2, 0, 0), (0, 12, 6, 3, 1, 0), (1, 12, 7, 2, 1, 1),
-             (0, 12, 10, 1, 1, 1)]  # (dtype, K, log2 M, rows, has_signs, inverse)
+    cases = [(0, 28, 10, 2, 1, 0, 1), (0, 28, 10, 1, 1, 1, 1), (2, 28, 9, 2, 1, 0, 1), (1, 28, 9, 1, 1, 1, 1),
+             (0, 20, 8, 3, 1, 1, 1), (2, 20, 8, 2, 0, 0, 1), (0, 12, 6, 3, 1, 0, 1), (1, 12, 7, 2, 1, 1, 1),
+             (0, 12, 10, 1, 1, 1, 3), (0, 28, 8, 2, 1, 1, 2)]  # (dtype, K, log2 M, rows, has_signs, inverse, parts)
     rng = np.random.default_rng()
-    for dt, k, logm, rows, hs, inv in cases:
+    for dt, k, logm, rows, hs, inv, parts in cases:
         n = k << logm
-        x = rng.standard_normal((rows, n)).astype(np.float32)
+        x = rng.standard_normal((parts, rows, n)).astype(np.float32)
         s = rng.choice(np.array([-1.0, 1.0], np.float32), n)
         (tmp_path / "in.bin").write_bytes(x.tobytes() + s.tobytes())
-        proc = subprocess.run([str(exe), str(dt), str(k), str(logm), str(rows), str(hs), str(inv),
+        proc = subprocess.run([str(exe), str(dt), str(k), str(logm), str(rows), str(hs), str(inv), str(parts),
                                str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
-        case = (dt, k, logm, rows, hs, inv)
+        case = (dt, k, logm, rows, hs, inv, parts)
         assert proc.returncode == 0, case
         y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, n)
-        ref = _rht_k_np(x.astype(dtypes[dt]).astype(np.float64), s if hs else np.ones(n), k, inv)
+        ref = _rht_k_np(x.astype(dtypes[dt]).astype(np.float64).sum(0), s if hs else np.ones(n), k, inv)
         assert np.isfinite(y).all(), case
         assert rel_err(y, ref) < tol[dt], case
     # the float64 reference is jaxquant.hadamard.rht's transform (and rht_inverse's)
@@ -1122,6 +1128,21 @@ def test_vq_kernels_lower_for_cuda():
         assert "jaxquant_qtip_matvec" in text
 
 
+def test_quip_linear_lowers_with_partials_summed_by_the_transform(monkeypatch):
+    """At batch 1 the x-stationary E8P kernel's per-chunk partials go straight into the inverse
+    transform's kernel (parts = chunks), with no XLA reduction between: 2^p and K * 2^p outputs."""
+    from jaxquant.formats import quip_sharp
+
+    monkeypatch.setattr(cuda_build, "load", lambda: None)  # lower only: nothing is registered here
+    for out, target in ((64, "jaxquant_hadamard("), (768, "jaxquant_hadamard_k(")):
+        qw = random_quip(jax.random.key(out), out, 4096, 2)
+        text = _lower_for_cuda(lambda x, qw=qw: quip_sharp._matmul_kernel(x, qw, kernel="cuda"),
+                               jnp.ones((1, 4096), jnp.bfloat16))
+        inverse = [line for line in text.splitlines() if target in line and "parts = 2" in line]
+        assert inverse and f"(tensor<2x1x{out}xf32>" in inverse[0], out
+        assert "stablehlo.reduce" not in text, out
+
+
 def test_vq_dispatch_on_cpu():
     qw = random_quip(jax.random.key(3), 32, 128, 2)
     qt = random_qtip(jax.random.key(4), 32, 128, "hyb", 2)
@@ -1168,12 +1189,15 @@ def test_cuda_e8p_matvec_gpu(bits):
         ref = np.asarray(jnp.matmul(x, qw.rotated().T, precision=HIGHEST))
         y = cuda_ffi.e8p_matvec(x, qw.codes, table, bits=bits, resid_scale=cb.resid_scale or 1.0, variant=1)
         assert rel_err(y, ref) < 4e-3, (out, inp)
-    for out, inp in [(1024, 2048), (1536, 1536)]:  # RHT of 2^p and of 12 * 2^p
+    # the full linear: RHT of 2^p, 12 * 2^p (fused kernel) and 172 * 2^p (einsum) outputs; batch 1
+    # sends the x-stationary kernel's partials into the inverse transform
+    for out, inp in [(1024, 2048), (1536, 1536), (11008, 4096)]:
         qw = random_quip(jax.random.key(7 + out), out, inp, bits)
-        x = jax.random.normal(jax.random.key(8), (3, inp), jnp.bfloat16)
-        ref = np.asarray(qw.matmul(x.astype(jnp.float32), backend="reference"))
-        assert rel_err(qw.matmul(x, backend="cuda"), ref) < TOL[jnp.bfloat16], (out, inp)
-        assert rel_err(qw.matmul(x), ref) < TOL[jnp.bfloat16]  # auto
+        for batch in (1, 3):
+            x = jax.random.normal(jax.random.key(8), (batch, inp), jnp.bfloat16)
+            ref = np.asarray(qw.matmul(x.astype(jnp.float32), backend="reference"))
+            assert rel_err(qw.matmul(x, backend="cuda"), ref) < TOL[jnp.bfloat16], (out, inp, batch)
+            assert rel_err(qw.matmul(x), ref) < TOL[jnp.bfloat16]  # auto
 
 
 @pytest.mark.gpu
@@ -1229,6 +1253,9 @@ def test_cuda_hadamard_k_gpu(dtype):
                     assert rel_err(y, ref[:rows]) < TOL[dtype], (n, rows)
             y3 = cuda_ffi.hadamard_k(x[:6].reshape(2, 3, n), s)
             assert rel_err(y3, np.asarray(refs[0][:6]).reshape(2, 3, n)) < TOL[dtype], n
+            summed = jq_hadamard.rht_inverse(xf[:6].reshape(3, 2, n).sum(0), s)
+            assert rel_err(cuda_ffi.hadamard_k(x[:6].reshape(3, 2, n), s, inverse=True, sum_parts=True),
+                           summed) < TOL[dtype], n
 
 
 @pytest.mark.gpu
@@ -1238,6 +1265,9 @@ def test_rht_fast_gpu():
         s = jq_hadamard.random_signs(jax.random.key(n + 1), n)
         assert rel_err(dispatch.rht_fast(x, s), jq_hadamard.rht(x, s)) < 1e-5, n
         assert rel_err(dispatch.rht_fast(x, s, inverse=True), jq_hadamard.rht_inverse(x, s)) < 1e-5, n
+        parts = jax.random.normal(jax.random.key(n + 2), (5, 1, n), jnp.float32)
+        assert rel_err(dispatch.rht_fast(parts, s, inverse=True, sum_parts=True),
+                       jq_hadamard.rht_inverse(parts.sum(0), s)) < 1e-5, n
 
 
 @pytest.mark.gpu

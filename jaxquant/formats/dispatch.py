@@ -145,13 +145,21 @@ def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto", 
 
 
 def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = False,
-             kernel: str = "cuda") -> jax.Array:
+             kernel: str = "cuda", sum_parts: bool = False) -> jax.Array:
     """``hadamard.rht`` (or ``rht_inverse``) of float32 ``x`` with its power-of-two factor through
     the CUDA Walsh-Hadamard kernel (GPU only) or, with ``kernel="pallas"``, the Pallas one
     (interpret mode off the GPU); the K x K factor of n = K * 2^p is an XLA einsum, except where
-    one CUDA kernel does both (``cuda_ffi.hadamard_k``: K = 12, 20, 28 and 2^p in [64, 1024])."""
+    one CUDA kernel does both (``cuda_ffi.hadamard_k``: K = 12, 20, 28 and 2^p in [64, 1024]).
+    ``sum_parts``: x is ``[P, ..., n]`` (a matvec's partial sums), transformed as ``x.sum(0)``; the
+    CUDA kernels add the parts as they load them."""
     from jaxquant import hadamard
 
+    n = x.shape[-1]
+    k, p = hadamard.hadamard_factors(n)
+    s = signs.astype(jnp.float32)
+    fused = kernel != "pallas" and 1 <= p and 2**p <= 32768
+    if sum_parts and not fused:
+        x, sum_parts = x.sum(0), False
     if kernel == "pallas":
         import pallas_kernels
 
@@ -159,13 +167,9 @@ def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = F
     else:
         import cuda_ffi
 
-        fwht = cuda_ffi.hadamard
-
-    n = x.shape[-1]
-    k, p = hadamard.hadamard_factors(n)
-    s = signs.astype(jnp.float32)
-    if kernel != "pallas" and cuda_ffi.hadamard_k_factor(n):  # K = 12, 20, 28: one fused kernel
-        return cuda_ffi.hadamard_k(x, s, inverse=inverse)
+        if cuda_ffi.hadamard_k_factor(n):  # K = 12, 20, 28: one fused kernel
+            return cuda_ffi.hadamard_k(x, s, inverse=inverse, sum_parts=sum_parts)
+        fwht = functools.partial(cuda_ffi.hadamard, sum_parts=sum_parts)
     if p < 1 or 2**p > 32768:
         return (hadamard.rht_inverse if inverse else hadamard.rht)(x, s, seed=seed)
     if k == 1:
@@ -173,5 +177,5 @@ def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = F
     y = fwht((x if inverse else x * s).reshape(*x.shape[:-1], k, 2**p))  # / sqrt(2^p)
     hk = jnp.asarray(hadamard.hadamard_factor(k, seed=seed) / math.sqrt(k), jnp.float32)
     y = jnp.einsum("...ij,ki->...kj" if inverse else "...ij,ik->...kj", y, hk,
-                   precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
+                   precision=jax.lax.Precision.HIGHEST).reshape(y.shape[:-2] + (n,))
     return y * s if inverse else y
