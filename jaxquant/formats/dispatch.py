@@ -157,8 +157,8 @@ def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = F
     n = x.shape[-1]
     k, p = hadamard.hadamard_factors(n)
     s = signs.astype(jnp.float32)
-    fused = kernel != "pallas" and 1 <= p and 2**p <= 32768
-    if sum_parts and not fused:
+    cuda_adds_parts = kernel != "pallas" and 1 <= p and 2**p <= 32768
+    if sum_parts and not cuda_adds_parts:
         x, sum_parts = x.sum(0), False
     if kernel == "pallas":
         import pallas_kernels
