@@ -941,7 +941,9 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
 // sums the chunks (deterministic, no atomics).
 // Registers (sm_90): 86 at R = 2 (2 blocks of 256 per SM), 196 at R = 4 (1 block); asking for
 // 3 / 2 blocks spills 60 / 52 bytes in the loop, and spills go through L1, which this kernel relieves.
-template <int R, int ST>
+// D: row groups whose codes are in flight while one decodes (1, or 2 to cover more of the DRAM
+// latency per warp: +4 R registers).
+template <int R, int ST, int D = 1>
 __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunks, float* part) {
   extern __shared__ uint2 e8tab[];
   e8_fill_tables(e8tab, a.abs);
@@ -974,11 +976,14 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
       cw[r] = live ? __ldcs(a.codes + static_cast<size_t>(row) * a.units + uu) : make_uint4(0u, 0u, 0u, 0u);
     });
   };
-  uint4 cur[R], nxt[R];
+  uint4 q[D + 1][R];  // q[0]: the group decoding now; q[1 .. D]: the next ones, loading
   int grp = gw / chunks;
-  if (grp < groups) load(grp, cur);
+  static_for<D>([&](auto d) {
+    if (grp + d * per_chunk < groups) load(grp + d * per_chunk, q[d]);
+  });
   for (; grp < groups; grp += per_chunk) {
-    if (grp + per_chunk < groups) load(grp + per_chunk, nxt);
+    if (grp + D * per_chunk < groups) load(grp + D * per_chunk, q[D]);
+    uint4 (&cur)[R] = q[0];
     float v[R];
     static_for<R>([&](auto r) {
       __half2 h[ST];
@@ -993,14 +998,14 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
     static_for<R>([&](auto r) {
       const int row = grp * R + static_cast<int>(r);
       if (lane == 0 && row < a.out) part[static_cast<size_t>(chunk) * a.out + row] = v[r];
-      cur[r] = nxt[r];
+      static_for<D>([&](auto d) { q[d][r] = q[d + 1][r]; });
     });
   }
 }
 
-template <int R, int ST>
+template <int R, int ST, int D>
 cudaError_t launch_e8p_xs(cudaStream_t stream, const E8pArgs& a, int nwarps, int chunks, float* part) {
-  auto kernel = e8p_matvec_xs_kernel<R, ST>;
+  auto kernel = e8p_matvec_xs_kernel<R, ST, D>;
   cudaError_t err = allow_smem(kernel, kE8SmemBytes);
   if (err != cudaSuccess) return err;
   // Persistent: one wave, but at least one warp per chunk.
@@ -1079,7 +1084,7 @@ ffi::Error E8pMatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buff
 // chunks = ceil(in * bits / 4096) (32 code units of 16 bytes per chunk).
 ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                            ffi::Buffer<ffi::U32> abs, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits,
-                           double resid_scale, int64_t rows_per_warp, int64_t warps) {
+                           double resid_scale, int64_t rows_per_warp, int64_t warps, int64_t prefetch) {
   auto cd = codes.dimensions();
   auto yd = y->dimensions();
   if (cd.size() != 3 || yd.size() != 2 || (bits != 2 && bits != 4) || cd[2] != bits || abs.element_count() != 512) {
@@ -1105,10 +1110,16 @@ ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Bu
   const int nwarps = (warps >= 1 && warps <= 8) ? static_cast<int>(warps) : 8;
   const int c = static_cast<int>(chunks);
   cudaError_t err;
+  auto launch = [&](auto r, auto d) {
+    constexpr int R = decltype(r)::value, D = decltype(d)::value;
+    return st == 1 ? launch_e8p_xs<R, 1, D>(stream, a, nwarps, c, a.y) : launch_e8p_xs<R, 2, D>(stream, a, nwarps, c, a.y);
+  };
+  using Two = std::integral_constant<int, 2>;
+  using One = std::integral_constant<int, 1>;
   if (rows_per_warp >= 4) {
-    err = st == 1 ? launch_e8p_xs<4, 1>(stream, a, nwarps, c, a.y) : launch_e8p_xs<4, 2>(stream, a, nwarps, c, a.y);
+    err = prefetch >= 2 ? launch(std::integral_constant<int, 4>{}, Two{}) : launch(std::integral_constant<int, 4>{}, One{});
   } else {
-    err = st == 1 ? launch_e8p_xs<2, 1>(stream, a, nwarps, c, a.y) : launch_e8p_xs<2, 2>(stream, a, nwarps, c, a.y);
+    err = prefetch >= 2 ? launch(Two{}, Two{}) : launch(Two{}, One{});
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_matvec_xs: ") + cudaGetErrorString(err));
   return launch_error("e8p_matvec_xs launch");
@@ -2247,7 +2258,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvecXs, E8pMatvecXsImpl,
                                   .Attr<int64_t>("bits")
                                   .Attr<double>("resid_scale")
                                   .Attr<int64_t>("rows_per_warp")
-                                  .Attr<int64_t>("warps"),
+                                  .Attr<int64_t>("warps")
+                                  .Attr<int64_t>("prefetch"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantVq2Matvec, Vq2MatvecImpl,

@@ -177,7 +177,7 @@ def e8p_x_layout(x2: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
 
 def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: int,
                resid_scale: float = 1.0, rows_per_warp: int = 0, warps: int = 0,
-               units_per_step: int = 0, variant: int = 0, keep_parts: bool = False,
+               units_per_step: int = 0, variant: int = 0, prefetch: int = 0, keep_parts: bool = False,
                register: bool = True) -> jax.Array:
     """``y[..., out] = x[..., in] @ Q.T`` (float32) for E8P (bits=2) or E8P-RVQ4 (bits=4) codes.
 
@@ -188,7 +188,8 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     block (1-8), ``units_per_step`` (1, 2: 16-byte code units each lane loads before decoding).
     ``variant=1`` (batch-1 calls only; others use the default): the x-stationary kernel, each warp
     holding one chunk of 32 code units' inputs in registers (made in the kernel from float32 x in
-    natural order) and returning per-chunk partials, summed here; ``keep_parts`` returns them
+    natural order) and returning per-chunk partials, summed here; its ``prefetch`` (1, 2; 0: 1) is
+    the number of row groups whose codes load while one decodes. ``keep_parts`` returns the partials
     unsummed, ``[P, ..., out]`` (P = 1 for the other kernels), for ``hadamard(..., sum_parts=True)``.
     """
     if bits not in (2, 4):
@@ -208,7 +209,7 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
         f = jax.ffi.ffi_call("jaxquant_e8p_matvec_xs", jax.ShapeDtypeStruct((chunks, out), jnp.float32),
                              vmap_method="sequential")
         part = f(x2.reshape(k_in), codes, table, bits=np.int64(bits), resid_scale=np.float64(resid_scale),
-                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps))
+                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), prefetch=np.int64(prefetch))
         return part.reshape(chunks, *lead, out) if keep_parts else part.sum(0).reshape(*lead, out)
     xh, xq = e8p_x_layout(x2, bits)
 

@@ -67,7 +67,8 @@ case $part in
       "units_per_step": 1}, {"rows_per_warp": 1, "units_per_step": 2}, {"rows_per_warp": 2, "units_per_step": 1},
       {"rows_per_warp": 2, "units_per_step": 2}, {"rows_per_warp": 4, "units_per_step": 1},
       {"rows_per_warp": 4, "units_per_step": 2}, {"variant": 1, "rows_per_warp": 2}, {"variant": 1,
-      "rows_per_warp": 4}, {"variant": 1, "rows_per_warp": 2, "warps": 4}]' | grep -v "^llama.*warn"
+      "rows_per_warp": 4}, {"variant": 1, "rows_per_warp": 2, "warps": 4}, {"variant": 1, "prefetch": 2},
+      {"variant": 1, "rows_per_warp": 4, "prefetch": 2}]' | grep -v "^llama.*warn"
     timeout 90 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases linear-cuda \
       --json "$out/bench_e8p_linear.json" --models llama2-70b --vq e8p
     # GPTVQ (no transform: kernel = whole product): Pallas ("kernel" rows) against CUDA ("linear-cuda")

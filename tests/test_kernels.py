@@ -838,6 +838,7 @@ bool read(FILE* f, std::vector<T>& v, size_t n) { v.resize(n); return fread(v.da
 
 _E8P_HOST_MAIN = r"""
 // argv: kernel (0 default, 1 x-stationary) bits out k rows units blocks warps in out
+// (units: code units per step of the default kernel; row groups in flight of the x-stationary one)
 // in: x f32 [k], xh f16 [k] and xq f32 [k/8] in the default kernel's layout, codes u8 [out, k/8, bits],
 // abs u32 [512]; out: y f32 [out] (default) or the partials f32 [chunks, out] (x-stationary).
 int main(int argc, char** argv) {
@@ -865,7 +866,8 @@ int main(int argc, char** argv) {
   a.y = y.data();
   a.resid = bits == 4 ? 1.0f / 3.45f : 1.0f;
   auto go = [&](auto kernel) { run(kernel, blocks, warps); };
-#define XS(R, ST) go([&] { e8p_matvec_xs_kernel<R, ST>(a, chunks, a.y); })
+#define XS(R, ST) (units_per_step == 2 ? go([&] { e8p_matvec_xs_kernel<R, ST, 2>(a, chunks, a.y); }) \
+                                       : go([&] { e8p_matvec_xs_kernel<R, ST, 1>(a, chunks, a.y); }))
 #define DEF(R, ST, U) go([&] { e8p_matvec_kernel<1, R, ST, U>(a); })
   if (xs) {
     if (rows >= 4) { if (st == 1) XS(4, 1); else XS(4, 2); }
@@ -890,15 +892,15 @@ _E8P_HOST_CUTS = [
     ("template <int I>\nstruct Idx", "enum DType"),
     ("__device__ __forceinline__ __half2 u2h2", "__device__ __forceinline__ float load_elem"),
     ("__device__ __forceinline__ float warp_sum", "// Four consecutive x values"),
-    ("constexpr int kE8Rep = 16;", "template <int R, int ST>\ncudaError_t launch_e8p_xs"),
+    ("constexpr int kE8Rep = 16;", "template <int R, int ST, int D>\ncudaError_t launch_e8p_xs"),
 ]
 
 
 def test_e8p_kernels_source_on_cpu(tmp_path):
     """Both batch-1 E8P kernels' own source, compiled for the host (blocks in turn, a thread per
     CUDA thread, shared tables 0xFF-filled per block), against float64 x @ Q.T: 2 and 4 bits, rows
-    per warp 1/2/4, 1/2 units per step, a grid with idle warps, the last chunk partly past the row,
-    a row count that is not a multiple of R."""
+    per warp 1/2/4, 1/2 units per step (default) or 1/2 row groups in flight (x-stationary), a grid
+    with idle warps, the last chunk partly past the row, a row count that is not a multiple of R."""
     import subprocess
 
     exe = _host_harness(tmp_path, _E8P_HOST_CUTS, _HOST_PRELUDE + _E8P_HOST_MAIN)
@@ -906,7 +908,8 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
     cases = [  # (x-stationary, bits, out, k, rows per warp, units per step, blocks, warps)
         (0, 2, 37, 512, 1, 2, 2, 3), (0, 2, 37, 512, 2, 1, 1, 4), (0, 4, 37, 1024, 4, 2, 2, 2),
         (1, 2, 37, 6144, 2, 0, 2, 4), (1, 2, 37, 6144, 4, 0, 1, 8), (1, 4, 37, 3072, 2, 0, 2, 4),
-        (1, 2, 37, 512, 2, 0, 1, 2), (1, 4, 21, 1056, 4, 0, 3, 1)]
+        (1, 2, 37, 512, 2, 0, 1, 2), (1, 4, 21, 1056, 4, 0, 3, 1),
+        (1, 2, 37, 6144, 2, 2, 2, 2), (1, 4, 21, 1056, 4, 2, 1, 3), (1, 2, 37, 512, 2, 2, 2, 4)]  # 2 in flight
     for i, (xs, bits, out, k, rows, units, blocks, warps) in enumerate(cases):
         assert 1.0 / (jq_e8p.get_codebook(bits).resid_scale or 1.0) == pytest.approx(
             1.0 / 3.45 if bits == 4 else 1.0)  # the harness's resid
@@ -1187,8 +1190,10 @@ def test_cuda_e8p_matvec_gpu(bits):
         qw = random_quip(jax.random.key(600 + 10 * i + bits), out, inp, bits)
         x = jax.random.normal(jax.random.key(700 + i), (1, inp), jnp.float32)
         ref = np.asarray(jnp.matmul(x, qw.rotated().T, precision=HIGHEST))
-        y = cuda_ffi.e8p_matvec(x, qw.codes, table, bits=bits, resid_scale=cb.resid_scale or 1.0, variant=1)
-        assert rel_err(y, ref) < 4e-3, (out, inp)
+        for prefetch in (1, 2):
+            y = cuda_ffi.e8p_matvec(x, qw.codes, table, bits=bits, resid_scale=cb.resid_scale or 1.0, variant=1,
+                                    prefetch=prefetch)
+            assert rel_err(y, ref) < 4e-3, (out, inp, prefetch)
     # the full linear: RHT of 2^p, 12 * 2^p (fused kernel) and 172 * 2^p (einsum) outputs; batch 1
     # sends the x-stationary kernel's partials into the inverse transform
     for out, inp in [(1024, 2048), (1536, 1536), (11008, 4096)]:
