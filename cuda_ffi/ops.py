@@ -81,24 +81,26 @@ def hadamard(x: jax.Array, signs: jax.Array | None = None, *, normalize: bool = 
         raise ValueError(f"hadamard: the last axis must be a power of two in [2, 32768], got {n}")
     if register:
         build.load()
+    return _hadamard_call("hadamard", x, signs, sum_parts, signs_after=np.int64(signs_after),
+                          normalize=np.int64(normalize))
+
+
+def _hadamard_call(what: str, x: jax.Array, signs: jax.Array | None, sum_parts: bool, **attrs) -> jax.Array:
+    """The ``jaxquant_<what>`` call with the checks and attributes both transforms share."""
+    n = x.shape[-1]
     if signs is None:
         s = jnp.zeros((1,), jnp.float32)
     else:
         if signs.shape != (n,):
-            raise ValueError(f"hadamard: signs must have shape ({n},), got {signs.shape}")
+            raise ValueError(f"{what}: signs must have shape ({n},), got {signs.shape}")
         s = signs.astype(jnp.float32)
-    out = _parts_shape(x, sum_parts, "hadamard")
-    f = jax.ffi.ffi_call("jaxquant_hadamard", jax.ShapeDtypeStruct(out, x.dtype), vmap_method="sequential")
-    return f(x, s, has_signs=np.int64(signs is not None), signs_after=np.int64(signs_after),
-             normalize=np.int64(normalize), parts=np.int64(x.shape[0] if sum_parts else 1))
-
-
-def _parts_shape(x: jax.Array, sum_parts: bool, what: str) -> tuple[int, ...]:
-    if not sum_parts:
-        return x.shape
-    if x.ndim < 2 or x.shape[0] < 1:
-        raise ValueError(f"{what}: sum_parts needs x [P, ..., n] with P >= 1, got {x.shape}")
-    return x.shape[1:]
+    out = x.shape
+    if sum_parts:
+        if x.ndim < 2 or x.shape[0] < 1:
+            raise ValueError(f"{what}: sum_parts needs x [P, ..., n] with P >= 1, got {x.shape}")
+        out = x.shape[1:]
+    f = jax.ffi.ffi_call(f"jaxquant_{what}", jax.ShapeDtypeStruct(out, x.dtype), vmap_method="sequential")
+    return f(x, s, has_signs=np.int64(signs is not None), parts=np.int64(x.shape[0] if sum_parts else 1), **attrs)
 
 
 HADAMARD_K = (12, 20, 28)  # K of n = K * 2^p that the fused kernel takes, with p in [6, 10]
@@ -126,16 +128,7 @@ def hadamard_k(x: jax.Array, signs: jax.Array | None = None, *, inverse: bool = 
         raise ValueError(f"hadamard_k: width {n} is not K * 2^p with K in {HADAMARD_K}, 2^p in [64, 1024]")
     if register:
         build.load()
-    if signs is None:
-        s = jnp.zeros((1,), jnp.float32)
-    else:
-        if signs.shape != (n,):
-            raise ValueError(f"hadamard_k: signs must have shape ({n},), got {signs.shape}")
-        s = signs.astype(jnp.float32)
-    out = _parts_shape(x, sum_parts, "hadamard_k")
-    f = jax.ffi.ffi_call("jaxquant_hadamard_k", jax.ShapeDtypeStruct(out, x.dtype), vmap_method="sequential")
-    return f(x, s, k=np.int64(k), has_signs=np.int64(signs is not None), inverse=np.int64(inverse),
-             parts=np.int64(x.shape[0] if sum_parts else 1))
+    return _hadamard_call("hadamard_k", x, signs, sum_parts, k=np.int64(k), inverse=np.int64(inverse))
 
 
 VQ_MAX_BATCH = 8

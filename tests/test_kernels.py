@@ -372,8 +372,8 @@ def test_hadamard_plan_emulated(elem_bytes):
 
 # ------------------------------------------------------------------ Hadamard kernel: the CUDA source run on the CPU
 
-_HAD_HOST_HARNESS = r"""
-// Runs hadamard_kernel (the CUDA source, cut from jaxquant_kernels.cu unchanged) on the CPU: one
+_HAD_HOST_PRELUDE = r"""
+// Runs a Hadamard kernel (the CUDA source, cut from jaxquant_kernels.cu unchanged) on the CPU: one
 // std::thread per CUDA thread, __syncthreads as a barrier, shared memory NaN-filled per block.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -383,6 +383,8 @@ _HAD_HOST_HARNESS = r"""
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <functional>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -390,7 +392,7 @@ _HAD_HOST_HARNESS = r"""
 
 static thread_local uint3 h_threadIdx, h_blockIdx;
 static std::barrier<>* h_bar = nullptr;
-static float hbuf_storage[(1 << 15) + (1 << 10)];
+static float smem_storage[(1 << 15) + (1 << 10)];
 #undef __global__
 #define __global__
 #undef __shared__
@@ -399,28 +401,72 @@ static float hbuf_storage[(1 << 15) + (1 << 10)];
 #define __launch_bounds__(...)
 #define threadIdx h_threadIdx
 #define blockIdx h_blockIdx
-#define hbuf hbuf_storage
+#define hbuf smem_storage
+#define hkbuf smem_storage
 static void __syncthreads() { h_bar->arrive_and_wait(); }
 
 #include "kernel_part.inc"
 
-template <class T, int LOGN>
-void run(const HadamardArgs<T>& a) {
-  using C = HadCfg<T, LOGN>;
-  const int64_t blocks = (a.rows + (int64_t{1} << C::kRowBits) - 1) >> C::kRowBits;
+// kernel() for every thread of `blocks` blocks of `threads`, a block at a time.
+void run_blocks(int64_t blocks, int threads, const std::function<void()>& kernel) {
   for (int64_t b = 0; b < blocks; ++b) {
-    for (auto& f : hbuf_storage) f = NAN;
-    std::barrier<> bar(C::kThreads);
+    for (auto& f : smem_storage) f = NAN;
+    std::barrier<> bar(threads);
     h_bar = &bar;
     std::vector<std::thread> ts;
-    for (int t = 0; t < C::kThreads; ++t)
-      ts.emplace_back([&a, t, b] {
+    for (int t = 0; t < threads; ++t)
+      ts.emplace_back([&kernel, t, b] {
         h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
         h_blockIdx = uint3{static_cast<unsigned>(b), 0, 0};
-        hadamard_kernel<T, LOGN>(a);
+        kernel();
       });
     for (auto& th : ts) th.join();
   }
+}
+
+// in: x f32 [parts, rows, n], signs f32 [n]; returns HadamardArgs over T copies (y NaN-filled).
+template <class T>
+struct HostRows {
+  std::vector<T> x, y;
+  std::vector<float> sg;
+  bool read(FILE* in, int parts, int64_t rows, int64_t n) {
+    std::vector<float> xf(parts * rows * n);
+    sg.resize(n);
+    if (fread(xf.data(), 4, xf.size(), in) != xf.size() || fread(sg.data(), 4, n, in) != size_t(n)) return false;
+    x.resize(xf.size());
+    for (size_t i = 0; i < xf.size(); ++i) x[i] = from_float<T>(xf[i]);
+    y.assign(rows * n, from_float<T>(NAN));
+    return true;
+  }
+  bool write(FILE* out) const {
+    std::vector<float> yf(y.size());
+    for (size_t i = 0; i < y.size(); ++i) yf[i] = to_float(y[i]);
+    return fwrite(yf.data(), 4, yf.size(), out) == yf.size();
+  }
+};
+
+// argv[1] is the dtype (0 fp32, 1 fp16, 2 bf16); go<T>(argv, in, out) does the rest.
+#define HOST_MAIN(NARGS)                                                        \
+  int main(int argc, char** argv) {                                             \
+    if (argc != NARGS) return 1;                                                \
+    FILE* in = fopen(argv[NARGS - 2], "rb");                                    \
+    FILE* out = fopen(argv[NARGS - 1], "wb");                                   \
+    if (!in || !out) return 3;                                                  \
+    const int dt = atoi(argv[1]);                                               \
+    const int rc = dt == 0 ? go<float>(argv, in, out)                           \
+                 : dt == 1 ? go<__half>(argv, in, out) : go<__nv_bfloat16>(argv, in, out); \
+    fclose(in);                                                                 \
+    fclose(out);                                                                \
+    return rc;                                                                  \
+  }
+"""
+
+_HAD_HOST_HARNESS = _HAD_HOST_PRELUDE + r"""
+template <class T, int LOGN>
+void run(const HadamardArgs<T>& a) {
+  using C = HadCfg<T, LOGN>;
+  run_blocks((a.rows + (int64_t{1} << C::kRowBits) - 1) >> C::kRowBits, C::kThreads,
+             [&a] { hadamard_kernel<T, LOGN>(a); });
 }
 
 template <class T, int... Ls>
@@ -428,37 +474,20 @@ void dispatch(const HadamardArgs<T>& a, std::integer_sequence<int, Ls...>) {
   ((a.logn == Ls + 1 ? (run<T, Ls + 1>(a), 0) : 0), ...);
 }
 
+// argv: dtype logn rows has_signs signs_after normalize parts in out
 template <class T>
-int go(int logn, int64_t rows, int has_signs, int signs_after, int normalize, int parts, FILE* in, FILE* out) {
-  const int64_t n = int64_t{1} << logn, total = rows * n;
-  std::vector<float> xf(parts * total), sg(n);
-  if (fread(xf.data(), 4, parts * total, in) != size_t(parts * total) || fread(sg.data(), 4, n, in) != size_t(n)) return 2;
-  std::vector<T> x(parts * total), y(total);
-  for (int64_t i = 0; i < parts * total; ++i) x[i] = from_float<T>(xf[i]);
-  for (auto& v : y) v = from_float<T>(NAN);
-  HadamardArgs<T> a{x.data(), has_signs ? sg.data() : nullptr, y.data(), rows, logn, 1, signs_after,
-                    normalize ? 1.0f / std::sqrt(static_cast<float>(n)) : 1.0f, parts};
+int go(char** argv, FILE* in, FILE* out) {
+  const int logn = atoi(argv[2]), hs = atoi(argv[4]), sa = atoi(argv[5]), nm = atoi(argv[6]), parts = atoi(argv[7]);
+  const int64_t rows = atoll(argv[3]), n = int64_t{1} << logn;
+  HostRows<T> h;
+  if (!h.read(in, parts, rows, n)) return 2;
+  HadamardArgs<T> a{h.x.data(), hs ? h.sg.data() : nullptr, h.y.data(), rows, logn, 1, sa,
+                    nm ? 1.0f / std::sqrt(static_cast<float>(n)) : 1.0f, parts};
   dispatch(a, std::make_integer_sequence<int, 15>{});
-  for (int64_t i = 0; i < total; ++i) xf[i] = to_float(y[i]);
-  return fwrite(xf.data(), 4, total, out) == size_t(total) ? 0 : 4;
+  return h.write(out) ? 0 : 4;
 }
 
-// argv: dtype (0 fp32, 1 fp16, 2 bf16) logn rows has_signs signs_after normalize parts in out
-int main(int argc, char** argv) {
-  if (argc != 10) return 1;
-  const int dt = atoi(argv[1]), logn = atoi(argv[2]);
-  const int64_t rows = atoll(argv[3]);
-  const int hs = atoi(argv[4]), sa = atoi(argv[5]), nm = atoi(argv[6]), np = atoi(argv[7]);
-  FILE* in = fopen(argv[8], "rb");
-  FILE* out = fopen(argv[9], "wb");
-  if (!in || !out) return 3;
-  const int rc = dt == 0 ? go<float>(logn, rows, hs, sa, nm, np, in, out)
-               : dt == 1 ? go<__half>(logn, rows, hs, sa, nm, np, in, out)
-                         : go<__nv_bfloat16>(logn, rows, hs, sa, nm, np, in, out);
-  fclose(in);
-  fclose(out);
-  return rc;
-}
+HOST_MAIN(10)
 """
 
 # The pieces of jaxquant_kernels.cu the harness needs: (first line, the line after the piece).
@@ -542,56 +571,13 @@ def test_hadamard_kernel_source_on_cpu(tmp_path):
         assert rel_err(y, ref) < tol[dt], case
 
 
-_HADK_HOST_HARNESS = r"""
-// Runs hadamard_k_kernel (cut from jaxquant_kernels.cu unchanged) on the CPU: one std::thread per
-// CUDA thread, __syncthreads as a barrier, shared memory NaN-filled per block.
-#include <cuda_runtime.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <thread>
-#include <type_traits>
-#include <utility>
-#include <vector>
-
-static thread_local uint3 h_threadIdx, h_blockIdx;
-static std::barrier<>* h_bar = nullptr;
-static float hkbuf_storage[28 * 1024];
-#undef __global__
-#define __global__
-#undef __shared__
-#define __shared__
-#undef __launch_bounds__
-#define __launch_bounds__(...)
-#define threadIdx h_threadIdx
-#define blockIdx h_blockIdx
-#define hkbuf hkbuf_storage
-static void __syncthreads() { h_bar->arrive_and_wait(); }
-
-#include "kernel_part.inc"
-
+_HADK_HOST_HARNESS = _HAD_HOST_PRELUDE + r"""
 template <class T, int K, int LOGM>
 void run(const HadamardArgs<T>& a) {
-  using C = HadKCfg<K, LOGM>;
-  for (int64_t b = 0; b < a.rows; ++b) {
-    for (auto& f : hkbuf_storage) f = NAN;
-    std::barrier<> bar(C::kThreads);
-    h_bar = &bar;
-    std::vector<std::thread> ts;
-    for (int t = 0; t < C::kThreads; ++t)
-      ts.emplace_back([&a, t, b] {
-        h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
-        h_blockIdx = uint3{static_cast<unsigned>(b), 0, 0};
-        if (a.signs_after) hadamard_k_kernel<T, K, LOGM, true>(a);
-        else hadamard_k_kernel<T, K, LOGM, false>(a);
-      });
-    for (auto& th : ts) th.join();
-  }
+  run_blocks(a.rows, HadKCfg<K, LOGM>::kThreads, [&a] {
+    if (a.signs_after) hadamard_k_kernel<T, K, LOGM, true>(a);
+    else hadamard_k_kernel<T, K, LOGM, false>(a);
+  });
 }
 
 template <class T, int K, int... Ls>
@@ -599,40 +585,23 @@ void dispatch(const HadamardArgs<T>& a, std::integer_sequence<int, Ls...>) {
   ((a.logn == Ls + kHadKMinLogm ? (run<T, K, Ls + kHadKMinLogm>(a), 0) : 0), ...);
 }
 
+// argv: dtype k logm rows has_signs inverse parts in out
 template <class T>
-int go(int k, int logm, int64_t rows, int has_signs, int inverse, int parts, FILE* in, FILE* out) {
-  const int64_t n = int64_t{k} << logm, total = rows * n;
-  std::vector<float> xf(parts * total), sg(n);
-  if (fread(xf.data(), 4, parts * total, in) != size_t(parts * total) || fread(sg.data(), 4, n, in) != size_t(n)) return 2;
-  std::vector<T> x(parts * total), y(total);
-  for (int64_t i = 0; i < parts * total; ++i) x[i] = from_float<T>(xf[i]);
-  for (auto& v : y) v = from_float<T>(NAN);
-  HadamardArgs<T> a{x.data(), has_signs ? sg.data() : nullptr, y.data(), rows, logm, 1, inverse,
+int go(char** argv, FILE* in, FILE* out) {
+  const int k = atoi(argv[2]), logm = atoi(argv[3]), hs = atoi(argv[5]), inv = atoi(argv[6]), parts = atoi(argv[7]);
+  const int64_t rows = atoll(argv[4]), n = int64_t{k} << logm;
+  HostRows<T> h;
+  if (!h.read(in, parts, rows, n)) return 2;
+  HadamardArgs<T> a{h.x.data(), hs ? h.sg.data() : nullptr, h.y.data(), rows, logm, 1, inv,
                     1.0f / std::sqrt(static_cast<float>(n)), parts};
   using Logms = std::make_integer_sequence<int, kHadKMaxLogm - kHadKMinLogm + 1>;
   if (k == 12) dispatch<T, 12>(a, Logms{});
   if (k == 20) dispatch<T, 20>(a, Logms{});
   if (k == 28) dispatch<T, 28>(a, Logms{});
-  for (int64_t i = 0; i < total; ++i) xf[i] = to_float(y[i]);
-  return fwrite(xf.data(), 4, total, out) == size_t(total) ? 0 : 4;
+  return h.write(out) ? 0 : 4;
 }
 
-// argv: dtype (0 fp32, 1 fp16, 2 bf16) k logm rows has_signs inverse parts in out
-int main(int argc, char** argv) {
-  if (argc != 10) return 1;
-  const int dt = atoi(argv[1]), k = atoi(argv[2]), logm = atoi(argv[3]);
-  const int64_t rows = atoll(argv[4]);
-  const int hs = atoi(argv[5]), inv = atoi(argv[6]), np = atoi(argv[7]);
-  FILE* in = fopen(argv[8], "rb");
-  FILE* out = fopen(argv[9], "wb");
-  if (!in || !out) return 3;
-  const int rc = dt == 0 ? go<float>(k, logm, rows, hs, inv, np, in, out)
-               : dt == 1 ? go<__half>(k, logm, rows, hs, inv, np, in, out)
-                         : go<__nv_bfloat16>(k, logm, rows, hs, inv, np, in, out);
-  fclose(in);
-  fclose(out);
-  return rc;
-}
+HOST_MAIN(10)
 """
 
 _HADK_HOST_CUTS = [
