@@ -535,18 +535,32 @@ def _host_harness(tmp_path, cuts, harness: str):
     return exe
 
 
+def _run_hadamard_harness(exe, tmp_path, rng, args, parts: int, rows: int, n: int):
+    """Run a Hadamard host harness on fresh x [parts, rows, n] and ±1 signs [n]: (x, signs, y)."""
+    import subprocess
+
+    x = rng.standard_normal((parts, rows, n)).astype(np.float32)
+    s = rng.choice(np.array([-1.0, 1.0], np.float32), n)
+    (tmp_path / "in.bin").write_bytes(x.tobytes() + s.tobytes())
+    proc = subprocess.run([str(exe), *map(str, args), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
+    assert proc.returncode == 0, args
+    return x, s, np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, n)
+
+
+def _host_dtypes():
+    """Harness dtype codes -> (numpy dtype, tolerance)."""
+    import ml_dtypes
+
+    return {0: (np.float32, 1e-6), 1: (np.float16, 2e-3), 2: (ml_dtypes.bfloat16, 1e-2)}
+
+
 def test_hadamard_kernel_source_on_cpu(tmp_path):
     """hadamard_kernel's own source, compiled for the host (g++, one thread per CUDA thread and a
     barrier for __syncthreads, NaN-filled shared memory) against the float64 transform: every n =
     2 .. 32768, fp32/fp16/bf16, signs before / after / none, unnormalized, partial blocks, and the
     sum of several parts (a matvec's partials)."""
-    import subprocess
-
-    import ml_dtypes
-
     exe = _host_harness(tmp_path, _HAD_HOST_CUTS, _HAD_HOST_HARNESS)
-    dtypes = {0: np.float32, 1: np.float16, 2: ml_dtypes.bfloat16}
-    tol = {0: 1e-6, 1: 2e-3, 2: 1e-2}
+    dtypes = _host_dtypes()
     cases = []  # (dtype, logn, rows, has_signs, signs_after, normalize, parts)
     for logn in range(1, 16):
         cases += [(0, logn, 3, 1, 0, 1, 1), (1, logn, 3, 1, 1, 1, 1), (2, logn, 1, 0, 0, 0, 1), (2, logn, 3, 1, 0, 1, 1)]
@@ -556,19 +570,13 @@ def test_hadamard_kernel_source_on_cpu(tmp_path):
     rng = np.random.default_rng(0)
     for dt, logn, rows, hs, sa, norm, parts in cases:
         n = 2**logn
-        x = rng.standard_normal((parts, rows, n)).astype(np.float32)
-        s = rng.choice(np.array([-1.0, 1.0], np.float32), n)
-        (tmp_path / "in.bin").write_bytes(x.tobytes() + s.tobytes())
-        proc = subprocess.run([str(exe), str(dt), str(logn), str(rows), str(hs), str(sa), str(norm), str(parts),
-                               str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
         case = (dt, logn, rows, hs, sa, norm, parts)
-        assert proc.returncode == 0, case
-        y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, n)
-        xq = x.astype(dtypes[dt]).astype(np.float64).sum(0)
+        x, s, y = _run_hadamard_harness(exe, tmp_path, rng, case, parts, rows, n)
+        xq = x.astype(dtypes[dt][0]).astype(np.float64).sum(0)
         ref = _fwht_np(xq * s if hs and not sa else xq) / (np.sqrt(n) if norm else 1.0)
         if hs and sa:
             ref = ref * s
-        assert rel_err(y, ref) < tol[dt], case
+        assert rel_err(y, ref) < dtypes[dt][1], case
 
 
 # (dtype 0 fp32 / 1 fp16 / 2 bf16, K, log2 M, rows, has_signs, inverse, parts); the harness compiles
@@ -645,27 +653,16 @@ def test_hadamard_k_kernel_source_on_cpu(tmp_path):
     memory) against float64 (H_K ⊗ H_M)(x * s) / sqrt(n) and its inverse: K = 12, 20, 28, 2^p =
     64 .. 1024 (n = 28672 and 14336 included), fp32/fp16/bf16, signs or none, several rows, the sum
     of several parts."""
-    import subprocess
-
-    import ml_dtypes
-
     exe = _host_harness(tmp_path, _HADK_HOST_CUTS, _hadk_host_harness(_HADK_HOST_CASES))
-    dtypes = {0: np.float32, 1: np.float16, 2: ml_dtypes.bfloat16}
-    tol = {0: 1e-6, 1: 2e-3, 2: 1e-2}
+    dtypes = _host_dtypes()
     rng = np.random.default_rng()
-    for dt, k, logm, rows, hs, inv, parts in _HADK_HOST_CASES:
+    for case in _HADK_HOST_CASES:
+        dt, k, logm, rows, hs, inv, parts = case
         n = k << logm
-        x = rng.standard_normal((parts, rows, n)).astype(np.float32)
-        s = rng.choice(np.array([-1.0, 1.0], np.float32), n)
-        (tmp_path / "in.bin").write_bytes(x.tobytes() + s.tobytes())
-        proc = subprocess.run([str(exe), str(dt), str(k), str(logm), str(rows), str(hs), str(inv), str(parts),
-                               str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
-        case = (dt, k, logm, rows, hs, inv, parts)
-        assert proc.returncode == 0, case
-        y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, n)
-        ref = _rht_k_np(x.astype(dtypes[dt]).astype(np.float64).sum(0), s if hs else np.ones(n), k, inv)
+        x, s, y = _run_hadamard_harness(exe, tmp_path, rng, case, parts, rows, n)
+        ref = _rht_k_np(x.astype(dtypes[dt][0]).astype(np.float64).sum(0), s if hs else np.ones(n), k, inv)
         assert np.isfinite(y).all(), case
-        assert rel_err(y, ref) < tol[dt], case
+        assert rel_err(y, ref) < dtypes[dt][1], case
     # the float64 reference is jaxquant.hadamard.rht's transform (and rht_inverse's)
     x = rng.standard_normal((2, 28 * 64)).astype(np.float32)
     s = rng.choice(np.array([-1.0, 1.0], np.float32), 28 * 64)
