@@ -289,8 +289,8 @@ def bench_vq(args, copy_bw, rows):
 
 def bench_hadamard(args, copy_bw, rows):
     """Hadamard transform of bf16 (--dtype) rows: 64 MB per call (bandwidth, share of the copy
-    bandwidth), then one row per call (batch-1 latency, as inside a decode step), printed after all
-    the bandwidth rows. A width that is not a power of two (e.g. 28672 = 28 * 1024) goes through
+    bandwidth), then ``--hadamard-rows`` rows per call (latency at decode batch sizes, where few
+    blocks run), printed after all the bandwidth rows. A width that is not a power of two (e.g. 28672 = 28 * 1024) goes through
     the kernel on the 2^p factor plus the K x K einsum (float32 in between; "cuda+einsum") and, for
     K = 12, 20, 28, the fused kernel ``cuda_ffi.hadamard_k`` ("cuda-k", what ``rht_fast`` uses)."""
     import cuda_ffi
@@ -298,10 +298,10 @@ def bench_hadamard(args, copy_bw, rows):
 
     dtype = jnp.dtype(args.dtype)
     latency_rows = []
-    for case in ("bandwidth", "batch1"):
+    for case, few_rows in [("bandwidth", None)] + [("latency", r) for r in args.hadamard_rows]:
         for n in args.hadamard_n:
             pow2 = n & (n - 1) == 0
-            nrows = max(1, (64 << 20) // (n * dtype.itemsize)) if case == "bandwidth" else 1
+            nrows = few_rows or max(1, (64 << 20) // (n * dtype.itemsize))
             key = jax.random.key(n)
             count = 2 if case == "bandwidth" else 8
             xs = [jax.random.normal(jax.random.fold_in(key, i), (nrows, n), jnp.float32).astype(dtype)
@@ -323,7 +323,7 @@ def bench_hadamard(args, copy_bw, rows):
                     record(args, rows, row)
                 else:
                     latency_rows.append(row)
-    print("hadamard batch-1 latency (one row per call, back to back):", flush=True)
+    print("hadamard latency (few rows per call, back to back):", flush=True)
     for row in latency_rows:
         record(args, rows, row)
 
@@ -398,6 +398,8 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", default=["cuda", "pallas"])
     p.add_argument("--sweep", action="store_true", help="several launch configurations per kernel")
     p.add_argument("--hadamard-n", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
+    p.add_argument("--hadamard-rows", type=int, nargs="*", default=[1],
+                   help="row counts of the Hadamard latency rows (decode batch sizes)")
     p.add_argument("--no-matvec", action="store_true", help="skip the scalar-format rows")
     p.add_argument("--vq", nargs="*", default=[], help="codebook formats: e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 gptvq-d2-k2 ...")
     p.add_argument("--reference", action="store_true", help="also time the codebook formats' jnp reference")

@@ -1101,17 +1101,27 @@ def test_vq_kernels_lower_for_cuda():
 
 def test_quip_linear_lowers_with_partials_summed_by_the_transform(monkeypatch):
     """At batch 1 the x-stationary E8P kernel's per-chunk partials go straight into the inverse
-    transform's kernel (parts = chunks), with no XLA reduction between: 2^p and K * 2^p outputs."""
+    transform's kernel (parts = chunks), with no XLA reduction between: 2^p and K * 2^p outputs
+    (one row: the 2^p kernel on [parts, 1, K, 2^p], then the K x K einsum)."""
     from jaxquant.formats import quip_sharp
 
     monkeypatch.setattr(cuda_build, "load", lambda: None)  # lower only: nothing is registered here
-    for out, target in ((64, "jaxquant_hadamard("), (768, "jaxquant_hadamard_k(")):
+    for out, operand in ((64, "2x1x64"), (768, "2x1x12x64")):
         qw = random_quip(jax.random.key(out), out, 4096, 2)
         text = _lower_for_cuda(lambda x, qw=qw: quip_sharp._matmul_kernel(x, qw, kernel="cuda"),
                                jnp.ones((1, 4096), jnp.bfloat16))
-        inverse = [line for line in text.splitlines() if target in line and "parts = 2" in line]
-        assert inverse and f"(tensor<2x1x{out}xf32>" in inverse[0], out
+        inverse = [line for line in text.splitlines() if "jaxquant_hadamard(" in line and "parts = 2" in line]
+        assert inverse and f"(tensor<{operand}xf32>" in inverse[0], out
         assert "stablehlo.reduce" not in text, out
+
+
+def test_rht_fast_takes_the_fused_kernel_only_for_many_rows(monkeypatch):
+    """One block per row: below HADAMARD_K_MIN_ROWS rows the 2^p kernel and an einsum are faster."""
+    monkeypatch.setattr(cuda_build, "load", lambda: None)
+    signs = jnp.ones((768,))
+    for rows, fused in ((1, False), (dispatch.HADAMARD_K_MIN_ROWS, True)):
+        text = _lower_for_cuda(lambda x: dispatch.rht_fast(x, signs), jnp.ones((rows, 768)))
+        assert ("jaxquant_hadamard_k(" in text) == fused and ("jaxquant_hadamard(" in text) != fused, rows
 
 
 def test_vq_dispatch_on_cpu():
@@ -1233,14 +1243,15 @@ def test_cuda_hadamard_k_gpu(dtype):
 
 @pytest.mark.gpu
 def test_rht_fast_gpu():
-    for n in (1024, 1536, 11008, 14336, 28672):  # 2^p; K = 12, 172 (einsum), 28, 28 (fused kernel)
-        x = jax.random.normal(jax.random.key(n), (3, n), jnp.float32)
+    # 2^p; K = 12, 172 (einsum), 28, 28: the fused kernel from HADAMARD_K_MIN_ROWS rows, else the einsum
+    for n, rows in itertools.product((1024, 1536, 11008, 14336, 28672), (3, dispatch.HADAMARD_K_MIN_ROWS)):
+        x = jax.random.normal(jax.random.key(n), (rows, n), jnp.float32)
         s = jq_hadamard.random_signs(jax.random.key(n + 1), n)
-        assert rel_err(dispatch.rht_fast(x, s), jq_hadamard.rht(x, s)) < 1e-5, n
-        assert rel_err(dispatch.rht_fast(x, s, inverse=True), jq_hadamard.rht_inverse(x, s)) < 1e-5, n
-        parts = jax.random.normal(jax.random.key(n + 2), (5, 1, n), jnp.float32)
+        assert rel_err(dispatch.rht_fast(x, s), jq_hadamard.rht(x, s)) < 1e-5, (n, rows)
+        assert rel_err(dispatch.rht_fast(x, s, inverse=True), jq_hadamard.rht_inverse(x, s)) < 1e-5, (n, rows)
+        parts = jax.random.normal(jax.random.key(n + 2), (5, rows, n), jnp.float32)
         assert rel_err(dispatch.rht_fast(parts, s, inverse=True, sum_parts=True),
-                       jq_hadamard.rht_inverse(parts.sum(0), s)) < 1e-5, n
+                       jq_hadamard.rht_inverse(parts.sum(0), s)) < 1e-5, (n, rows)
 
 
 @pytest.mark.gpu

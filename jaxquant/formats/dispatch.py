@@ -144,12 +144,19 @@ def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto", 
     return "cuda"
 
 
+# The fused K * 2^p kernel runs one block per row, so a decode batch leaves most SMs idle: on an
+# H100 one row of 28672 took 19 us against 6 us for the 2^p kernel (K blocks) plus the einsum,
+# while 1170 rows took 188 against 483 us (results/bench_hadamard_k_h100_session7.json).
+HADAMARD_K_MIN_ROWS = 128
+
+
 def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = False,
              kernel: str = "cuda", sum_parts: bool = False) -> jax.Array:
     """``hadamard.rht`` (or ``rht_inverse``) of float32 ``x`` with its power-of-two factor through
     the CUDA Walsh-Hadamard kernel (GPU only) or, with ``kernel="pallas"``, the Pallas one
     (interpret mode off the GPU); the K x K factor of n = K * 2^p is an XLA einsum, except where
-    one CUDA kernel does both (``cuda_ffi.hadamard_k``: K = 12, 20, 28 and 2^p in [64, 1024]).
+    one CUDA kernel does both (``cuda_ffi.hadamard_k``: K = 12, 20, 28 and 2^p in [64, 1024]) for
+    at least ``HADAMARD_K_MIN_ROWS`` rows.
     ``sum_parts``: x is ``[P, ..., n]`` (a matvec's partial sums), transformed as ``x.sum(0)``; the
     CUDA kernels add the parts as they load them."""
     from jaxquant import hadamard
@@ -167,7 +174,8 @@ def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = F
     else:
         import cuda_ffi
 
-        if cuda_ffi.hadamard_k_factor(n):  # K = 12, 20, 28: one fused kernel
+        rows = math.prod(x.shape[1 if sum_parts else 0:-1])
+        if cuda_ffi.hadamard_k_factor(n) and rows >= HADAMARD_K_MIN_ROWS:  # K = 12, 20, 28: one kernel
             return cuda_ffi.hadamard_k(x, s, inverse=inverse, sum_parts=sum_parts)
         fwht = functools.partial(cuda_ffi.hadamard, sum_parts=sum_parts)
     if p < 1 or 2**p > 32768:
