@@ -771,10 +771,13 @@ ffi::Error ScalarMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<f
 // gives the half2 (w_2i, w_2i+1) for an HFMA2 with x in fp16. The shift adds +-1/4 * sum(x) over
 // the 8 inputs; the caller passes xq = -1/4 * sum per 8, and the shift bit flips its sign.
 // Both tables are replicated 16 times, copy = lane % 16, so the 16 lanes of a 64-bit shared
-// load phase hit 16 different bank pairs (no conflicts whatever the codes).
+// load phase hit 16 different bank pairs (no conflicts whatever the codes). They interleave in
+// 256-byte entries: entry e holds the 16 copies of source vector e, then those of sign index
+// e & 127 (bit 7 of a code's sign byte is its shift bit). A lane's byte offset for a code byte is
+// then one byte permute, [lane copy offset, code byte, 0, 0], not a shift, mask and multiply-add.
 
 constexpr int kE8Rep = 16;
-constexpr size_t kE8SmemBytes = (256 + 128) * kE8Rep * sizeof(uint2);  // 48 KB
+constexpr size_t kE8SmemBytes = 256 * 2 * kE8Rep * sizeof(uint2);  // 64 KB
 
 struct E8pArgs {
   const uint4* x;      // [n, G, units] 16-byte groups of 8 fp16 inputs: group g of unit u at [g][u]
@@ -798,10 +801,13 @@ __device__ __forceinline__ uint2 e8_sign_masks(uint32_t s) {
   return make_uint2(lo, hi);
 }
 
-// h += x . (signed source vector of code c) for the 16-bit code in the low bits of c.
-__device__ __forceinline__ __half2 e8_dot(uint32_t c, const uint2* atl, const uint2* stl, const uint4& xv, __half2 h) {
-  const uint2 av = atl[(c & 0xFFu) * kE8Rep];
-  const uint2 sv = stl[((c >> 8) & 0x7Fu) * kE8Rep];
+// h += x . (signed source vector of the 16-bit code in bits 16 HI .. 16 HI + 15 of word w); tab is
+// the block's table, copy = its byte offset (lane % 16) * 8.
+template <int HI>
+__device__ __forceinline__ __half2 e8_dot(uint32_t w, const char* tab, uint32_t copy, const uint4& xv, __half2 h) {
+  constexpr uint32_t source_byte = 0x5504u | (2 * HI) << 4, sign_byte = 0x5504u | (2 * HI + 1) << 4;
+  const uint2 av = *reinterpret_cast<const uint2*>(tab + __byte_perm(w, copy, source_byte));
+  const uint2 sv = *reinterpret_cast<const uint2*>(tab + kE8Rep * sizeof(uint2) + __byte_perm(w, copy, sign_byte));
   const uint32_t lo = av.x ^ sv.x, hi = av.y ^ sv.y;
   h = __hfma2(u2h2(xv.x), u2h2(__byte_perm(lo, 0u, 0x1404)), h);
   h = __hfma2(u2h2(xv.y), u2h2(__byte_perm(lo, 0u, 0x3424)), h);
@@ -810,51 +816,40 @@ __device__ __forceinline__ __half2 e8_dot(uint32_t c, const uint2* atl, const ui
   return h;
 }
 
-// The shift term of code c (bit 15): +1/4 * sum(x) when set, -1/4 * sum(x) when clear.
-__device__ __forceinline__ float e8_shift(uint32_t c, float xq) {
-  return __uint_as_float(__float_as_uint(xq) ^ ((c << 16) & 0x80000000u));
+// Word wi (two 16-bit codes) of a 16-byte code unit c4. ST = 1: the codes of groups 2 wi and
+// 2 wi + 1 (8 weights each) against their fp16 inputs xa, xb, into h[0]. ST = 2: group wi's two
+// stages against xa (xb unused), into h[0] and the residual h[1]. hq: the codes' shift terms, the
+// half2 (xq of the low code, xq of the high one); its sign bits sit where the codes' shift bits do
+// (15, 31), so one XOR applies both shifts and one add keeps them in t.
+template <int ST, int wi>
+__device__ __forceinline__ void e8_word(const uint4& c4, const uint4& xa, const uint4& xb, uint32_t hq,
+                                        const char* tab, uint32_t copy, __half2 (&h)[ST], __half2& t) {
+  const uint32_t word = wi == 0 ? c4.x : wi == 1 ? c4.y : wi == 2 ? c4.z : c4.w;
+  h[0] = e8_dot<0>(word, tab, copy, xa, h[0]);
+  h[ST - 1] = e8_dot<1>(word, tab, copy, ST == 1 ? xb : xa, h[ST - 1]);
+  t = __hadd2(t, u2h2(hq ^ (word & 0x80008000u)));
 }
 
-// Group g (8 weights) of a 16-byte code unit c4 against its 8 inputs xv (fp16) and shift term xq:
-// h[0] += x . decoded vector, t[0] += shift; for two-stage codes (ST = 2) the residual stage goes
-// to h[1], t[1].
-template <int ST, int g>
-__device__ __forceinline__ void e8_group(const uint4& c4, const uint4& xv, float xq, const uint2* atl,
-                                         const uint2* stl, __half2 (&h)[ST], float (&t)[ST]) {
-  constexpr int wi = ST == 1 ? g / 2 : g;
-  const uint32_t word = wi == 0 ? c4.x : wi == 1 ? c4.y : wi == 2 ? c4.z : c4.w;
-  if constexpr (ST == 1) {
-    const uint32_t c = (g & 1) ? (word >> 16) : word;
-    h[0] = e8_dot(c, atl, stl, xv, h[0]);
-    t[0] += e8_shift(c, xq);
-  } else {
-    h[0] = e8_dot(word, atl, stl, xv, h[0]);
-    t[0] += e8_shift(word, xq);
-    h[1] = e8_dot(word >> 16, atl, stl, xv, h[1]);
-    t[1] += e8_shift(word >> 16, xq);
-  }
-}
+// The half2 of two groups' shift terms xq = -1/4 * sum of their 8 inputs, as e8_word takes it.
+__device__ __forceinline__ uint32_t e8_shift_pair(float lo, float hi) { return h22u(__floats2half2_rn(lo, hi)); }
 
 // A unit's value in fp32: the half2 sums plus the shift terms, the residual stage scaled.
 template <int ST>
-__device__ __forceinline__ float e8_unit_total(const __half2 (&h)[ST], const float (&t)[ST], float resid) {
-  const float2 f0 = __half22float2(h[0]);
-  float v = (f0.x + f0.y) + t[0];
-  if constexpr (ST == 2) {
-    const float2 f1 = __half22float2(h[1]);
-    v = fmaf(resid, (f1.x + f1.y) + t[1], v);
-  }
-  return v;
+__device__ __forceinline__ float e8_unit_total(const __half2 (&h)[ST], __half2 t, float resid) {
+  const float2 f0 = __half22float2(h[0]), ft = __half22float2(t);
+  if constexpr (ST == 1) return (f0.x + f0.y) + (ft.x + ft.y);
+  const float2 f1 = __half22float2(h[ST - 1]);
+  return fmaf(resid, (f1.x + f1.y) + ft.y, (f0.x + f0.y) + ft.x);
 }
 
-// Shared-memory tables of a block: the 256 source vectors, then the 128 sign masks, 16 copies
-// each. One thread per entry: one load or mask, then its 16 copies (128 B) as 8 16-byte stores,
-// rotated by the entry so that the 8 lanes of a store phase hit different banks (at small shapes
-// this fill is a large share of a block's work).
+// The block's shared-memory table (above): 512 half entries, source vector i / 2 or sign masks of
+// (i / 2) & 127. One thread per half entry: one load or mask, then its 16 copies (128 B) as 8
+// 16-byte stores, rotated by i so that the 8 lanes of a store phase hit different banks (at small
+// shapes this fill is a large share of a block's work).
 __device__ __forceinline__ void e8_fill_tables(uint2* tab, const uint2* abs) {
   static_assert(kE8Rep == 16, "the fill writes 16 copies as 8 pairs");
-  for (int i = threadIdx.x; i < 256 + 128; i += blockDim.x) {
-    const uint2 v = i < 256 ? __ldg(abs + i) : e8_sign_masks(static_cast<uint32_t>(i - 256));
+  for (int i = threadIdx.x; i < 512; i += blockDim.x) {
+    const uint2 v = i & 1 ? e8_sign_masks(static_cast<uint32_t>(i >> 1) & 127u) : __ldg(abs + (i >> 1));
     uint4* dst = reinterpret_cast<uint4*>(tab + static_cast<size_t>(i) * kE8Rep);
 #pragma unroll
     for (int j = 0; j < kE8Rep / 2; ++j) dst[(j + i) & (kE8Rep / 2 - 1)] = make_uint4(v.x, v.y, v.x, v.y);
@@ -870,13 +865,11 @@ template <int NB, int R, int ST, int U>
 __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
   extern __shared__ uint2 e8tab[];
   e8_fill_tables(e8tab, a.abs);
-  const uint2* at = e8tab;
-  const uint2* st = e8tab + 256 * kE8Rep;
+  const char* tab = reinterpret_cast<const char*>(e8tab);
 
   constexpr int G = 8 / ST;  // groups of 8 weights per unit
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const uint2* atl = at + (lane & 15);
-  const uint2* stl = st + (lane & 15);
+  const uint32_t copy = (lane & 15) * sizeof(uint2);
   const int kg = a.k / 8;  // groups per row
 
   for (int row0 = (blockIdx.x * nwarps + warp) * R; row0 < a.out; row0 += gridDim.x * nwarps * R) {
@@ -900,19 +893,19 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
               // transposed x to [G][units]; read in unit order, each lane would touch its own line).
               const uint4* xp = a.x + (static_cast<size_t>(b) * kg + uu);
               const float* qp = a.xq + (static_cast<size_t>(b) * kg + uu);
-              __half2 h[R][ST];
-              float t[R][ST];
+              __half2 h[R][ST], t[R];
               static_for<R>([&](auto r) {
-                static_for<ST>([&](auto s) {
-                  h[r][s] = __float2half2_rn(0.f);
-                  t[r][s] = 0.f;
-                });
+                t[r] = __float2half2_rn(0.f);
+                static_for<ST>([&](auto s) { h[r][s] = t[r]; });
               });
-              static_for<G>([&](auto g) {
-                const uint4 xv = __ldg(xp + static_cast<size_t>(g) * a.units);
-                const float xq = __ldg(qp + static_cast<size_t>(g) * a.units);
+              static_for<4>([&](auto wi) {
+                constexpr int ga = ST == 1 ? 2 * wi : wi, gb = ST == 1 ? ga + 1 : ga;  // the word's groups
+                const uint4 xa = __ldg(xp + static_cast<size_t>(ga) * a.units);
+                const uint4 xb = ST == 1 ? __ldg(xp + static_cast<size_t>(gb) * a.units) : xa;
+                const uint32_t hq = e8_shift_pair(__ldg(qp + static_cast<size_t>(ga) * a.units),
+                                                  __ldg(qp + static_cast<size_t>(gb) * a.units));
                 static_for<R>([&](auto r) {
-                  e8_group<ST, int(decltype(g){})>(cw[u][r], xv, xq, atl, stl, h[r], t[r]);
+                  e8_word<ST, int(decltype(wi){})>(cw[u][r], xa, xb, hq, tab, copy, h[r], t[r]);
                 });
               });
               static_for<R>([&](auto r) { acc[b][r] += e8_unit_total<ST>(h[r], t[r], a.resid); });
@@ -949,8 +942,8 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
   e8_fill_tables(e8tab, a.abs);
   constexpr int G = 8 / ST;
   const int lane = threadIdx.x & 31;
-  const uint2* atl = e8tab + (lane & 15);
-  const uint2* stl = e8tab + 256 * kE8Rep + (lane & 15);
+  const char* tab = reinterpret_cast<const char*>(e8tab);
+  const uint32_t copy = (lane & 15) * sizeof(uint2);
   const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int per_chunk = max(1, gridDim.x * (blockDim.x >> 5) / chunks);  // warps per chunk
   if (gw >= per_chunk * chunks) return;
@@ -958,6 +951,7 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
   const bool live = uu < a.units;
   uint4 xv[G];
   float xq[G];
+  uint32_t hq[4];  // shift-term pairs of the 4 code words (e8_word)
   static_for<G>([&](auto g) {  // group g of unit uu: inputs 8 (uu G + g) .. +8; zeros past the end
     float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
     if (live) {
@@ -969,6 +963,7 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
     xv[g] = make_uint4(h22u(__floats2half2_rn(lo.x, lo.y)), h22u(__floats2half2_rn(lo.z, lo.w)),
                        h22u(__floats2half2_rn(hi.x, hi.y)), h22u(__floats2half2_rn(hi.z, hi.w)));
   });
+  static_for<4>([&](auto wi) { hq[wi] = ST == 1 ? e8_shift_pair(xq[2 * wi], xq[2 * wi + 1]) : e8_shift_pair(xq[wi], xq[wi]); });
   const int groups = (a.out + R - 1) / R;
   auto load = [&](int grp, uint4 (&cw)[R]) {
     static_for<R>([&](auto r) {
@@ -986,13 +981,12 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
     uint4 (&cur)[R] = q[0];
     float v[R];
     static_for<R>([&](auto r) {
-      __half2 h[ST];
-      float t[ST];
-      static_for<ST>([&](auto q) {
-        h[q] = __float2half2_rn(0.f);
-        t[q] = 0.f;
+      __half2 t = __float2half2_rn(0.f), h[ST];
+      static_for<ST>([&](auto q) { h[q] = t; });
+      static_for<4>([&](auto wi) {
+        constexpr int ga = ST == 1 ? 2 * wi : wi;
+        e8_word<ST, int(decltype(wi){})>(cur[r], xv[ga], xv[ST == 1 ? ga + 1 : ga], hq[wi], tab, copy, h, t);
       });
-      static_for<G>([&](auto g) { e8_group<ST, int(decltype(g){})>(cur[r], xv[g], xq[g], atl, stl, h, t); });
       v[r] = warp_sum(e8_unit_total<ST>(h, t, a.resid));
     });
     static_for<R>([&](auto r) {

@@ -731,7 +731,7 @@ static dim3 h_blockDim, h_gridDim;
 static std::barrier<>* h_bar = nullptr;
 static std::vector<std::unique_ptr<std::barrier<>>> h_warp_bar;
 static float h_shfl[8][32];
-uint2 e8tab[(256 + 128) * 16];
+uint2 e8tab[256 * 2 * 16];  // kE8SmemBytes
 uint32_t vqcb[1 << 17];
 #undef __global__
 #define __global__
