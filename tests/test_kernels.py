@@ -1266,3 +1266,32 @@ def test_cuda_scalar_matvec_llama_shapes_gpu():
                 ref = np.asarray(jnp.matmul(x.astype(jnp.float32), w.T, precision=HIGHEST))
                 assert rel_err(y, ref) < TOL[jnp.bfloat16], (out, inp, bits, batch)
             del w
+
+
+def test_sass_stats_finds_the_widest_loop():
+    """scripts/sass_stats.py on a made-up listing: a nested loop, a wider one and a forward branch
+    at random places; the widest backward branch's span is the loop, predicated opcodes counted."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "scripts" / "sass_stats.py"
+    spec = importlib.util.spec_from_file_location("sass_stats", path)
+    sass_stats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass_stats)
+    rng = np.random.default_rng()
+    n = int(rng.integers(40, 80))
+    a = int(rng.integers(5, n - 15))
+    b = a + int(rng.integers(4, 10))
+    ops = [str(rng.choice(["FADD", "@P0 LDS.64", "PRMT", "@!P1 HFMA2.MMA"])) + " R1, R2, R3" for _ in range(n)]
+    ops[b] = f"@P2 BRA 0x{16 * a:x}"  # the wide loop
+    ops[b - 1] = f"BRA 0x{16 * (b - 2):x}"  # a one-instruction inner loop
+    ops[1] = f"BRA 0x{16 * (n - 1):x}"  # forward
+    listing = "\n\tFunction : _Z6kernelv\n" + "\n".join(
+        f"        /*{16 * i:04x}*/                   {op} ;  /* 0x0 */" for i, op in enumerate(ops))
+    code = sass_stats.functions(listing)["_Z6kernelv"]
+    assert [t for _, t in code] == ops
+    loop = sass_stats.longest_loop(code)
+    assert loop == ops[a:b + 1]
+    counts = sass_stats.opcodes(loop)
+    assert counts["BRA"] == 2 and sum(counts.values()) == b - a + 1
+    assert counts["LDS.64"] == sum(op.startswith("@P0 LDS.64") for op in ops[a:b + 1])
