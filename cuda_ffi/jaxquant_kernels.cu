@@ -932,7 +932,7 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
 // kernel reads x again for every R rows, most of its L1 traffic); the next rows' codes load while
 // the current ones decode. Each row's partial over the chunk goes to part[chunk][row]; the caller
 // sums the chunks (deterministic, no atomics).
-// Registers (sm_90): 84 at R = 2, 112 at R = 4 (2 blocks of 256 per SM either way); asking for 3
+// Registers (sm_90): 83 at R = 2, 112 at R = 4 (2 blocks of 256 per SM either way); asking for 3
 // blocks at R = 2 spills 44 bytes in the loop, and spills go through L1, which this kernel relieves.
 // D: row groups whose codes are in flight while one decodes (1, or 2 to cover more of the DRAM
 // latency per warp: +4 R registers).
