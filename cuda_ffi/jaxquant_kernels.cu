@@ -867,7 +867,6 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
   e8_fill_tables(e8tab, a.abs);
   const char* tab = reinterpret_cast<const char*>(e8tab);
 
-  constexpr int G = 8 / ST;  // groups of 8 weights per unit
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const uint32_t copy = (lane & 15) * sizeof(uint2);
   const int kg = a.k / 8;  // groups per row

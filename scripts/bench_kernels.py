@@ -290,9 +290,10 @@ def bench_vq(args, copy_bw, rows):
 def bench_hadamard(args, copy_bw, rows):
     """Hadamard transform of bf16 (--dtype) rows: 64 MB per call (bandwidth, share of the copy
     bandwidth), then ``--hadamard-rows`` rows per call (latency at decode batch sizes, where few
-    blocks run), printed after all the bandwidth rows. A width that is not a power of two (e.g. 28672 = 28 * 1024) goes through
-    the kernel on the 2^p factor plus the K x K einsum (float32 in between; "cuda+einsum") and, for
-    K = 12, 20, 28, the fused kernel ``cuda_ffi.hadamard_k`` ("cuda-k", what ``rht_fast`` uses)."""
+    blocks run), printed after all the bandwidth rows. A width that is not a power of two (e.g.
+    28672 = 28 * 1024) goes through the kernel on the 2^p factor plus the K x K einsum (float32 in
+    between; "cuda+einsum") and, for K = 12, 20, 28, the fused kernel ``cuda_ffi.hadamard_k``
+    ("cuda-k", what ``rht_fast`` uses from ``HADAMARD_K_MIN_ROWS`` rows)."""
     import cuda_ffi
     from jaxquant import hadamard as jq_hadamard
 
