@@ -515,23 +515,34 @@ cudaError_t dispatch_batch(cudaStream_t stream, const MatvecArgs& a, int nwarps,
 }
 
 // ------------------------------------------------------------------------------------------
-// 2-bit, batch 1, 16-bit x: half2 decode (opt-in, variant = 1)
+// 2- and 4-bit, batch 1, 16-bit x: half2 decode (opt-in, variant = 1)
 // ------------------------------------------------------------------------------------------
-// Code i of a word (bits 2i, 2i+1) pairs with code i + 8 (bits 16 + 2i): one shift of the word
-// puts both at mantissa bits 8-9 (i even) or 6-7 (i odd) of the two halves, and one LOP3 with
-// 0x3C00 makes the half2 (1 + c/4) or (1 + c/16). With x'' = x (i even) or 4x (i odd) staged in
-// fp16, sum x'' h = C + (1/4) sum x c, C = sum x'' over the chunk. Per 16 weights: 4 shifts,
-// 8 LOP3, 8 HFMA2 (1.25 ops per weight against ~2.3 for the fp32 decode), products summed in
+// A word holds 32 / B codes; pair i of a word is codes i and i + 16 / B (bits B i and 16 + B i),
+// so one shift puts both at the same mantissa bits of the two halves and one LOP3 with 0x3C00
+// makes the half2 (1 + c / 2^(10 - pos)). 2 bits: pos 8 (i even) or 6 (i odd); 4 bits: pos 6.
+// With x'' = x, or 4x for pos 6 at 2 bits, staged in fp16, sum x'' h = C + sum x c / kHalfScale,
+// C = sum x'' over the chunk. Per 16 weights at 2 bits: 4 shifts, 8 LOP3, 8 HFMA2 (1.25 ops per
+// weight against ~2.3 for the fp32 decode); at 4 bits 1.5 against ~2.5. Products are summed in
 // half2 over 16 terms per half, then in fp32. Staged per chunk: 16 half2 as 4 uint4, slot q at
 // (q + c) % 4, then (C, X) as for the fp32 path.
 
-template <int I>
+template <int B>
+struct HalfCode {
+  static constexpr int kPerWord = 32 / B;                 // codes per word
+  static constexpr int kPairs = kPerWord / 2;             // pair i = codes i and i + kPairs
+  static constexpr int kSlotsPerWord = kPairs / 4;        // uint4 slots (4 pairs) per word
+  static constexpr float kHalfScale = B == 2 ? 4.f : 16.f;  // c = kHalfScale * (h - 1) * (x'' / x)
+  __host__ __device__ static constexpr int pos(int i) { return B == 4 || i % 2 == 0 ? 10 - B : 6; }
+  __host__ __device__ static constexpr float factor(int i) { return B == 2 && i % 2 ? 4.f : 1.f; }
+};
+
+template <int B, int I>
 __device__ __forceinline__ uint32_t half2_codes(uint32_t w) {
-  constexpr int pos = (I % 2 == 0) ? 8 : 6;
-  constexpr int sh = pos - 2 * I;  // > 0: left
-  constexpr uint32_t mask = pos == 8 ? 0x03000300u : 0x00C000C0u;
+  constexpr int pos = HalfCode<B>::pos(I);
+  constexpr int sh = pos - B * I;  // > 0: left
+  constexpr uint32_t mask = ((1u << B) - 1u) << pos;
   const uint32_t t = sh > 0 ? (w << (sh > 0 ? sh : 0)) : (w >> (sh < 0 ? -sh : 0));
-  return (t & mask) | 0x3C003C00u;
+  return (t & (mask | mask << 16)) | 0x3C003C00u;
 }
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
@@ -541,19 +552,21 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   return u;
 }
 
+template <int B>
 __device__ __forceinline__ void stage_x_half2(const MatvecArgs& a, uint4* xs, float2* cx, int c0, int tkc) {
+  using H = HalfCode<B>;
   const int nq = tkc * 4;  // uint4 slots; a multiple of 128
   for (int g = threadIdx.x; g < nq; g += blockDim.x) {
-    const int cl = g >> 2, q = g & 3, w = q >> 1, i0 = 4 * (q & 1);
-    const int64_t k0 = static_cast<int64_t>(c0 + cl) * 32 + 16 * w + i0;
+    const int cl = g >> 2, q = g & 3, w = q / H::kSlotsPerWord, i0 = 4 * (q % H::kSlotsPerWord);
+    const int64_t k0 = static_cast<int64_t>(c0 + cl) * 32 + H::kPerWord * w + i0;
     float lo[4], hi[4];
     load_x4(a, 0, k0, lo);
-    load_x4(a, 0, k0 + 8, hi);
+    load_x4(a, 0, k0 + H::kPairs, hi);
     uint32_t p[4];
     float xsum = 0.f, csum = 0.f;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float f = (e % 2) ? 4.f : 1.f;  // pair i = i0 + e: odd i sits at bits 6-7
+      const float f = H::factor(e);  // i0 is even, so pair i0 + e has the parity of e
       p[e] = pack_half2(lo[e] * f, hi[e] * f);
       const float2 r = __half22float2(u2h2(p[e]));  // C from the rounded values the products use
       csum += r.x + r.y;
@@ -569,8 +582,9 @@ __device__ __forceinline__ void stage_x_half2(const MatvecArgs& a, uint4* xs, fl
   }
 }
 
-template <int R, int U>
-__global__ void __launch_bounds__(512) scalar_matvec2_half_kernel(MatvecArgs a) {
+template <int B, int R, int U>
+__global__ void __launch_bounds__(512) scalar_matvec_half_kernel(MatvecArgs a) {
+  using H = HalfCode<B>;
   extern __shared__ uint4 hsm[];
   const int tkc = a.tkc;
   uint4* xs = hsm;                                       // [tkc][4]
@@ -581,10 +595,10 @@ __global__ void __launch_bounds__(512) scalar_matvec2_half_kernel(MatvecArgs a) 
   const int S = a.ksplit, slice = warp % S, rset = warp / S;
   const int rows_per_group = (nwarps / S) * R;
   const int ngroups = (a.out + rows_per_group - 1) / rows_per_group;
-  const int wd = a.nchunks * 2;
+  const int wd = a.nchunks * B;
   const bool whole = tkc >= a.nchunks;
   if (whole) {
-    stage_x_half2(a, xs, cx, 0, tkc);
+    stage_x_half2<B>(a, xs, cx, 0, tkc);
     __syncthreads();
   }
   for (int grp = blockIdx.x; grp < ngroups; grp += gridDim.x) {
@@ -598,16 +612,16 @@ __global__ void __launch_bounds__(512) scalar_matvec2_half_kernel(MatvecArgs a) 
     for (int c0 = 0; c0 < a.nchunks; c0 += tkc) {
       if (!whole) {
         __syncthreads();
-        stage_x_half2(a, xs, cx, c0, tkc);
+        stage_x_half2<B>(a, xs, cx, c0, tkc);
         __syncthreads();
       }
       const int cend = min(tkc, a.nchunks - c0);
       const int per = ((cend + S - 1) / S + 31) / 32 * 32;
       const int lo = slice * per, hi = min(cend, lo + per);
       for (int cl0 = lo + lane; cl0 < hi; cl0 += 32 * U) {
-        uint32_t w[U][R][2];
+        uint32_t w[U][R][B];
         float s[U][R], z[U][R];
-        load_units<2, R, U>(a, rowp, sp, zp, c0, cl0, hi, w, s, z);
+        load_units<B, R, U>(a, rowp, sp, zp, c0, cl0, hi, w, s, z);
         static_for<U>([&](auto u) {
           const int cl = cl0 + 32 * static_cast<int>(u);
           if (cl < hi) {
@@ -615,19 +629,20 @@ __global__ void __launch_bounds__(512) scalar_matvec2_half_kernel(MatvecArgs a) 
             static_for<R>([&](auto r) { h[r] = __float2half2_rn(0.f); });
             static_for<4>([&](auto q) {
               const uint4 xv = xs[cl * 4 + ((q + cl) & 3)];
-              constexpr int wi = int(decltype(q){}) >> 1, i0 = 4 * (int(decltype(q){}) & 1);
+              constexpr int wi = int(decltype(q){}) / H::kSlotsPerWord;
+              constexpr int i0 = 4 * (int(decltype(q){}) % H::kSlotsPerWord);
               static_for<R>([&](auto r) {
                 const uint32_t word = w[u][r][wi];
-                h[r] = __hfma2(u2h2(xv.x), u2h2(half2_codes<i0 + 0>(word)), h[r]);
-                h[r] = __hfma2(u2h2(xv.y), u2h2(half2_codes<i0 + 1>(word)), h[r]);
-                h[r] = __hfma2(u2h2(xv.z), u2h2(half2_codes<i0 + 2>(word)), h[r]);
-                h[r] = __hfma2(u2h2(xv.w), u2h2(half2_codes<i0 + 3>(word)), h[r]);
+                h[r] = __hfma2(u2h2(xv.x), u2h2(half2_codes<B, i0 + 0>(word)), h[r]);
+                h[r] = __hfma2(u2h2(xv.y), u2h2(half2_codes<B, i0 + 1>(word)), h[r]);
+                h[r] = __hfma2(u2h2(xv.z), u2h2(half2_codes<B, i0 + 2>(word)), h[r]);
+                h[r] = __hfma2(u2h2(xv.w), u2h2(half2_codes<B, i0 + 3>(word)), h[r]);
               });
             });
             const float2 cxv = cx[cl];
             static_for<R>([&](auto r) {
               const float2 f = __half22float2(h[r]);
-              acc[r] = fmaf(s[u][r], 4.f * ((f.x + f.y) - cxv.x) - z[u][r] * cxv.y, acc[r]);
+              acc[r] = fmaf(s[u][r], H::kHalfScale * ((f.x + f.y) - cxv.x) - z[u][r] * cxv.y, acc[r]);
             });
           }
         });
@@ -654,9 +669,9 @@ __global__ void __launch_bounds__(512) scalar_matvec2_half_kernel(MatvecArgs a) 
   }
 }
 
-template <int R>
-cudaError_t launch_matvec2_half(cudaStream_t stream, MatvecArgs a, int nwarps, int ksplit) {
-  constexpr int U = 4;
+template <int B, int R>
+cudaError_t launch_matvec_half(cudaStream_t stream, MatvecArgs a, int nwarps, int ksplit) {
+  constexpr int U = unroll_for<B>();
   constexpr size_t kBytesPerChunk = 64 + 8;
   const int sms = multiprocessors();
   const int need = (a.nchunks + 31) / 32 * 32;
@@ -673,7 +688,7 @@ cudaError_t launch_matvec2_half(cudaStream_t stream, MatvecArgs a, int nwarps, i
   while (nwarps % ksplit) --ksplit;
   a.ksplit = ksplit;
   const size_t smem = static_cast<size_t>(tkc) * kBytesPerChunk + static_cast<size_t>(nwarps) * R * 4;
-  auto kernel = scalar_matvec2_half_kernel<R, U>;
+  auto kernel = scalar_matvec_half_kernel<B, R, U>;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const int rows_per_group = (nwarps / ksplit) * R;
@@ -684,11 +699,12 @@ cudaError_t launch_matvec2_half(cudaStream_t stream, MatvecArgs a, int nwarps, i
   return cudaSuccess;
 }
 
-cudaError_t dispatch_matvec2_half(cudaStream_t stream, const MatvecArgs& a, int nwarps, int rows, int ksplit) {
-  if (rows <= 0) rows = auto_rows(a.out, 2);
-  if (rows >= 4) return launch_matvec2_half<4>(stream, a, nwarps, ksplit);
-  if (rows == 2) return launch_matvec2_half<2>(stream, a, nwarps, ksplit);
-  return launch_matvec2_half<1>(stream, a, nwarps, ksplit);
+template <int B>
+cudaError_t dispatch_matvec_half(cudaStream_t stream, const MatvecArgs& a, int nwarps, int rows, int ksplit) {
+  if (rows <= 0) rows = auto_rows(a.out, B);
+  if (rows >= 4) return launch_matvec_half<B, 4>(stream, a, nwarps, ksplit);
+  if (rows == 2) return launch_matvec_half<B, 2>(stream, a, nwarps, ksplit);
+  return launch_matvec_half<B, 1>(stream, a, nwarps, ksplit);
 }
 
 ffi::Error ScalarMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> codes,
@@ -743,8 +759,9 @@ ffi::Error ScalarMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<f
   const int ks = (ksplit >= 1 && ksplit <= 16) ? static_cast<int>(ksplit) : 0;
   const int rows = static_cast<int>(rows_per_warp);
   cudaError_t err;
-  if (variant == 1 && bits == 2 && a.n == 1 && a.x_dt != kF32) {
-    err = dispatch_matvec2_half(stream, a, nwarps, rows, ks);
+  if (variant == 1 && (bits == 2 || bits == 4) && a.n == 1 && a.x_dt != kF32) {
+    err = bits == 2 ? dispatch_matvec_half<2>(stream, a, nwarps, rows, ks)
+                    : dispatch_matvec_half<4>(stream, a, nwarps, rows, ks);
     if (err != cudaSuccess) return ffi::Error::Internal(std::string("scalar_matvec: ") + cudaGetErrorString(err));
     return launch_error("scalar_matvec launch");
   }
@@ -1944,15 +1961,18 @@ cudaError_t launch_hadamard(cudaStream_t stream, HadamardArgs<T> a) {
 
 // Hadamard of n = K * 2^p in one kernel (K = 12, 20, 28; 2^6 <= 2^p <= 2^10): what the power-of-two
 // kernel plus an XLA einsum for the K-point factor did in four passes over memory (9.9% of copy
-// at n = 28672 on an H100). One block per row, the row held in shared memory as fp32 (K * 2^p
-// floats: 112 KB at n = 28672, two blocks per SM). Element i = a * M + j (M = 2^p).
-//   phase 1  thread column j loads the K elements a * M + j (lanes on consecutive j: coalesced),
-//            applies the signs (forward) and the K-point factor as compile-time additions and
-//            subtractions (K per element), and stores row k of the result;
-//   phase 2  the M-point transform of every row in registers: bits [5, p) gathered with stride 32,
-//            then bits [0, 5) contiguous, which scales, applies the signs (inverse) and stores
-//            16-byte vectors.
-// Shared-memory index f lives at f ^ ((f >> 5) & 31), so each pass's 32 lanes hit 32 banks.
+// at n = 28672 on an H100). A persistent grid of one block per SM walks the rows; element
+// i = a * M + j (M = 2^p). Per row:
+//   phase 1  thread column j reads the K elements a * M + j, applies the signs (forward) and the
+//            K-point factor: the 8 sign combinations of each group of 4 inputs (12 additions),
+//            then K/4 - 1 additions per output, 9 per element at K = 28 instead of 27;
+//   phase 2  bits [5, p) of every row in registers (stride 32);
+//   phase 3  bits [0, 5) (32 contiguous), scale, signs (inverse), 16-byte stores.
+// Rows in 16-bit types are staged in shared memory by cp.async, the next row's copy overlapping
+// phases 2 and 3 of the current one. The work row is fp32 with one pad word per 32
+// (f -> f + f / 32), so every pass's 32 lanes hit 32 banks at immediate offsets; the signs are
+// kept as bits (forward: bit a of word j is the sign of a * M + j; inverse: bit e of word w is the
+// sign of 32 * w + e).
 // Forward: y = (H_K ⊗ H_M)(x * s) / sqrt(n) (jaxquant.hadamard.rht); inverse: the transpose, signs
 // after. HadK<K>::neg[r] has bit c set where H_K[r][c] = -1, H_K = jaxquant.hadamard.hadamard_factor(K)
 // (test_hadamard_k_signs_match_python keeps them equal).
@@ -1979,8 +1999,6 @@ struct HadK<28> {
 
 constexpr int kHadKMinLogm = 6, kHadKMaxLogm = 10;
 
-__host__ __device__ __forceinline__ int had_k_swizzle(int f) { return f ^ ((f >> 5) & 31); }
-
 __host__ __device__ __forceinline__ uint32_t sign_bit(float x) {
   uint32_t u;
   memcpy(&u, &x, sizeof(u));
@@ -1995,86 +2013,191 @@ __host__ __device__ __forceinline__ float flip_sign(float x, uint32_t bit) {
   return x;
 }
 
-template <int K, int LOGM>
+// 16-byte global -> shared copies that do not hold registers (sm_80+); plain copies on the host.
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
+#ifdef __CUDA_ARCH__
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+#else
+  memcpy(smem, gmem, 16);
+#endif
+}
+
+__device__ __forceinline__ void copy_async_commit() {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+__device__ __forceinline__ void copy_async_wait_all() {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// The bits of one float, or of two 16-bit values (lo in the low half).
+template <class T>
+__device__ __forceinline__ uint32_t store_word(const float* v) {
+  uint32_t w;
+  if constexpr (sizeof(T) == 4) {
+    memcpy(&w, v, 4);
+  } else {
+    const T p[2] = {from_float<T>(v[0]), from_float<T>(v[1])};
+    memcpy(&w, p, 4);
+  }
+  return w;
+}
+
+// 32 floats to 32 consecutive elements of T, in 16-byte stores.
+template <class T>
+__device__ __forceinline__ void store32(T* __restrict__ dst, const float (&v)[32]) {
+  constexpr int W = 16 / sizeof(T), S = 4 / sizeof(T);  // elements per store, per word
+  static_for<32 / W>([&](auto qq) {
+    constexpr int q = decltype(qq){};
+    const uint4 u = make_uint4(store_word<T>(v + q * W), store_word<T>(v + q * W + S), store_word<T>(v + q * W + 2 * S),
+                               store_word<T>(v + q * W + 3 * S));
+#ifdef __CUDA_ARCH__
+    __stcs(reinterpret_cast<uint4*>(dst + q * W), u);  // one 16-byte store (a plain uint4 copy was split in four)
+#else
+    memcpy(dst + q * W, &u, 16);
+#endif
+  });
+}
+
+template <class T, int K, int LOGM>
 struct HadKCfg {
   static constexpr int kM = 1 << LOGM;
   static constexpr int kN = K * kM;
   static constexpr int kHi = LOGM - 5;  // bits of the strided pass
   static constexpr int kThreads = kM >= 512 ? 512 : (kM >= 256 ? 256 : 128);
-  static constexpr int kMinBlocks = 1024 / kThreads;  // <= 64 registers
-  static constexpr size_t kSmemBytes = sizeof(float) * kN;
+  static constexpr int kRowStride = kM + kM / 32;  // padded floats per K-row of the work row
+  static constexpr int kWorkFloats = K * kRowStride;
+  static constexpr int kSignWords = kM > kN / 32 ? kM : kN / 32;
+  static constexpr bool kStage = sizeof(T) == 2;  // fp32 rows would not fit next to the work row
+  static constexpr size_t kSmemBytes = sizeof(float) * kWorkFloats + sizeof(uint32_t) * kSignWords +
+                                       (kStage ? sizeof(T) * kN : 0);
 };
 
-template <class T, int K, int LOGM, bool INV>
-__global__ void __launch_bounds__(HadKCfg<K, LOGM>::kThreads, HadKCfg<K, LOGM>::kMinBlocks)
-    hadamard_k_kernel(HadamardArgs<T> a) {
-  using C = HadKCfg<K, LOGM>;
-  extern __shared__ float hkbuf[];
-  const int64_t row = blockIdx.x;
-  const T* __restrict__ xr = a.x + row * C::kN;
-  T* __restrict__ yr = a.y + row * C::kN;
-  for (int j = threadIdx.x; j < C::kM; j += C::kThreads) {
-    float z[K];
-    static_for<K>([&](auto aa) {
-      constexpr int ai = decltype(aa){};
-      z[ai] = to_float(xr[ai * C::kM + j]);
-      for (int q = 1; q < a.parts; ++q) z[ai] += to_float(xr[q * a.rows * C::kN + ai * C::kM + j]);
-      if (!INV && a.signs) z[ai] *= a.signs[ai * C::kM + j];
+// Sign of H_K in output k, input a: forward y[k] = sum_a H[a][k] z[a]; inverse sum_a H[k][a] z[a].
+template <int K, bool INV>
+__host__ __device__ constexpr uint32_t hadk_neg(int k, int a) {
+  return INV ? (HadK<K>::neg[k] >> a) & 1u : (HadK<K>::neg[a] >> k) & 1u;
+}
+
+// out[k * STRIDE] = the K-point factor's output k for inputs z.
+template <int K, bool INV, int STRIDE>
+__device__ __forceinline__ void hadk_factor(const float (&z)[K], float* out) {
+  static_assert(K % 4 == 0, "K-point factors come in groups of 4 inputs");
+  float c[K / 4][8];  // c[g][4 r1 + 2 r2 + r3] = z0 + (-1)^r1 z1 + (-1)^r2 z2 + (-1)^r3 z3 of group g
+  static_for<K / 4>([&](auto gg) {
+    constexpr int g = decltype(gg){};
+    const float s1 = z[4 * g] + z[4 * g + 1], d1 = z[4 * g] - z[4 * g + 1];
+    const float s2 = z[4 * g + 2] + z[4 * g + 3], d2 = z[4 * g + 2] - z[4 * g + 3];
+    c[g][0] = s1 + s2, c[g][1] = s1 + d2, c[g][2] = s1 - d2, c[g][3] = s1 - s2;
+    c[g][4] = d1 + s2, c[g][5] = d1 + d2, c[g][6] = d1 - d2, c[g][7] = d1 - s2;
+  });
+  static_for<K>([&](auto kk) {
+    constexpr int k = decltype(kk){};
+    float acc = 0.0f;
+    static_for<K / 4>([&](auto gg) {
+      constexpr int g = decltype(gg){};
+      constexpr uint32_t n0 = hadk_neg<K, INV>(k, 4 * g);
+      constexpr int r = 4 * (n0 ^ hadk_neg<K, INV>(k, 4 * g + 1)) + 2 * (n0 ^ hadk_neg<K, INV>(k, 4 * g + 2)) +
+                        (n0 ^ hadk_neg<K, INV>(k, 4 * g + 3));
+      if constexpr (g == 0) acc = n0 ? -c[g][r] : c[g][r];
+      else if constexpr (n0) acc -= c[g][r];
+      else acc += c[g][r];
     });
-    static_for<K>([&](auto kk) {
-      constexpr int k = decltype(kk){};
-      float acc = 0.0f;
+    out[k * STRIDE] = acc;
+  });
+}
+
+template <class T, int K, int LOGM, bool INV>
+__global__ void __launch_bounds__(HadKCfg<T, K, LOGM>::kThreads, 1) hadamard_k_kernel(HadamardArgs<T> a) {
+  using C = HadKCfg<T, K, LOGM>;
+  extern __shared__ __align__(16) float hkbuf[];
+  float* work = hkbuf;
+  uint32_t* sbits = reinterpret_cast<uint32_t*>(hkbuf + C::kWorkFloats);
+  T* stage = reinterpret_cast<T*>(sbits + C::kSignWords);
+  if constexpr (INV) {
+    for (int w = threadIdx.x; w < C::kN / 32; w += C::kThreads) {
+      uint32_t m = 0;
+      if (a.signs) {
+        static_for<8>([&](auto q) {
+          const float4 sg = *reinterpret_cast<const float4*>(a.signs + 32 * w + 4 * decltype(q){});
+          m |= (sign_bit(sg.x) | sign_bit(sg.y) << 1 | sign_bit(sg.z) << 2 | sign_bit(sg.w) << 3) << (4 * q);
+        });
+      }
+      sbits[w] = m;
+    }
+  } else {
+    for (int j = threadIdx.x; j < C::kM; j += C::kThreads) {
+      uint32_t m = 0;
+      if (a.signs) static_for<K>([&](auto aa) { m |= sign_bit(a.signs[decltype(aa){} * C::kM + j]) << decltype(aa){}; });
+      sbits[j] = m;
+    }
+  }
+  const auto prefetch = [&](int64_t row) {
+    if constexpr (C::kStage) {
+      const char* src = reinterpret_cast<const char*>(a.x + row * C::kN);
+      char* dst = reinterpret_cast<char*>(stage);
+      for (int c = threadIdx.x; c < C::kN * static_cast<int>(sizeof(T)) / 16; c += C::kThreads)
+        copy16_async(dst + 16 * c, src + 16 * c);
+      copy_async_commit();
+    }
+  };
+  if (blockIdx.x < a.rows) prefetch(blockIdx.x);
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    copy_async_wait_all();
+    __syncthreads();  // the staged row, the sign bits and the previous row's last reads of work
+    const T* __restrict__ xr = a.x + row * C::kN;
+    for (int j = threadIdx.x; j < C::kM; j += C::kThreads) {
+      const uint32_t neg = INV ? 0u : sbits[j];
+      float z[K];
       static_for<K>([&](auto aa) {
         constexpr int ai = decltype(aa){};
-        // forward y[k] = sum_a H[a][k] z[a]; inverse sum_a H[k][a] z[a]
-        constexpr bool neg = INV ? (HadK<K>::neg[k] >> ai) & 1u : (HadK<K>::neg[ai] >> k) & 1u;
-        if constexpr (neg) acc -= z[ai];
-        else acc += z[ai];
+        if constexpr (C::kStage) z[ai] = to_float(stage[ai * C::kM + j]);
+        else z[ai] = to_float(xr[ai * C::kM + j]);
       });
-      hkbuf[had_k_swizzle(k * C::kM + j)] = acc;
-    });
-  }
-  __syncthreads();
-  if constexpr (C::kHi > 0) {  // bits [5, p): lane on bits 0-4, registers on the rest
-    for (int g = threadIdx.x; g < K * 32; g += C::kThreads) {
-      const int base = (g >> 5) * C::kM + (g & 31);
+#pragma unroll 1
+      for (int q = 1; q < a.parts; ++q) {  // partial sums of a matvec, added in order (kept rolled: code size)
+        static_for<K>([&](auto aa) { z[decltype(aa){}] += to_float(xr[q * a.rows * C::kN + decltype(aa){} * C::kM + j]); });
+      }
+      if constexpr (!INV) static_for<K>([&](auto aa) { z[decltype(aa){}] = flip_sign(z[decltype(aa){}], (neg >> decltype(aa){}) & 1u); });
+      hadk_factor<K, INV, C::kRowStride>(z, work + j + (j >> 5));
+    }
+    __syncthreads();  // work holds the factor's output; the stage is free
+    if (row + gridDim.x < a.rows) prefetch(row + gridDim.x);
+    for (int u = threadIdx.x; u < K * 32; u += C::kThreads) {  // bits [5, p): lane on bits 0-4
+      float* base = work + (u >> 5) * C::kRowStride + (u & 31);
       float v[1 << C::kHi];
-      static_for<(1 << C::kHi)>([&](auto e) { v[decltype(e){}] = hkbuf[had_k_swizzle(base + 32 * decltype(e){})]; });
+      static_for<(1 << C::kHi)>([&](auto e) { v[decltype(e){}] = base[33 * decltype(e){}]; });
       butterflies<C::kHi>(v);
-      static_for<(1 << C::kHi)>([&](auto e) { hkbuf[had_k_swizzle(base + 32 * decltype(e){})] = v[decltype(e){}]; });
+      static_for<(1 << C::kHi)>([&](auto e) { base[33 * decltype(e){}] = v[decltype(e){}]; });
     }
     __syncthreads();
-  }
-  constexpr int W = 16 / sizeof(T);  // elements per 16-byte store
-  for (int g = threadIdx.x; g < (K << C::kHi); g += C::kThreads) {  // bits [0, 5): 32 contiguous
-    const int base = g * 32;
-    uint32_t neg = 0;  // the inverse's signs as sign bits: one register instead of 32
-    if (INV && a.signs) {
-      static_for<8>([&](auto q) {
-        const float4 sg = *reinterpret_cast<const float4*>(a.signs + base + 4 * decltype(q){});
-        neg |= (sign_bit(sg.x) | sign_bit(sg.y) << 1 | sign_bit(sg.z) << 2 | sign_bit(sg.w) << 3) << (4 * q);
-      });
-    }
-    float v[32];
-    static_for<32>([&](auto e) { v[decltype(e){}] = hkbuf[base + (decltype(e){} ^ (g & 31))]; });
-    butterflies<5>(v);
-    static_for<32 / W>([&](auto cc) {
-      constexpr int c = decltype(cc){};
-      HadVec<T, W> u;
+    T* __restrict__ yr = a.y + row * C::kN;
+    for (int u = threadIdx.x; u < C::kN / 32; u += C::kThreads) {  // bits [0, 5): 32 contiguous
+      float v[32];
+      static_for<32>([&](auto e) { v[decltype(e){}] = work[33 * u + decltype(e){}]; });
+      const uint32_t neg = INV ? sbits[u] : 0u;
+      butterflies<5>(v);
 #pragma unroll
-      for (int e = 0; e < W; ++e) u.v[e] = from_float<T>(flip_sign(v[c * W + e] * a.scale, (neg >> (c * W + e)) & 1u));
-      *reinterpret_cast<HadVec<T, W>*>(yr + base + c * W) = u;
-    });
+      for (int e = 0; e < 32; ++e) v[e] = flip_sign(v[e] * a.scale, (neg >> e) & 1u);
+      store32(yr + 32 * u, v);
+    }
   }
 }
 
 template <class T, int K, int LOGM>
 cudaError_t launch_hadamard_k(cudaStream_t stream, const HadamardArgs<T>& a) {
-  using C = HadKCfg<K, LOGM>;
+  using C = HadKCfg<T, K, LOGM>;
   auto kernel = a.signs_after ? hadamard_k_kernel<T, K, LOGM, true> : hadamard_k_kernel<T, K, LOGM, false>;
   cudaError_t err = allow_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  if (a.rows > 0) kernel<<<static_cast<unsigned>(a.rows), C::kThreads, C::kSmemBytes, stream>>>(a);
+  const int64_t resident = int64_t{multiprocessors()} * blocks_per_sm(kernel, C::kThreads, C::kSmemBytes);
+  const int64_t blocks = a.rows < resident ? a.rows : resident;
+  if (blocks > 0) kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(a);
   return cudaSuccess;
 }
 

@@ -32,8 +32,8 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
     than 16 rows in all are split into calls of 16 (each reads the weights again).
     ``rows_per_warp`` (1, 2, 4; batch 1 only), ``warps`` (1-16 per block) and ``ksplit`` (warps
     sharing a row set, each a slice of K) tune the launch; 0 = auto. ``variant=1`` takes the half2
-    decode for 2 bits at batch 1 with float16/bfloat16 x (fp16 products: error ~1e-3 relative;
-    other cases ignore it).
+    decode for 2 and 4 bits at batch 1 with float16/bfloat16 x (fp16 products: error ~1e-3
+    relative; other cases ignore it).
     """
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"scalar_matvec: bits must be 2, 3, 4 or 8, got {bits}")

@@ -181,7 +181,7 @@ def bench_matvec(args, copy_bw, rows):
                 for name, cfg, fn in backends(args):
                     if name == "pallas" and bits not in pallas_kernels.SUPPORTED_BITS:
                         continue
-                    if cfg.get("variant") and (bits != 2 or batch != 1):  # the half2 decode's only case
+                    if cfg.get("variant") and (bits not in (2, 4) or batch != 1):  # the half2 decode's only cases
                         continue
                     row = dict(kind="matvec", model=model, out=out, inp=inp, bits=bits, batch=batch,
                                backend=name, config=cfg, group_size=args.group_size, bytes=nbytes)

@@ -391,8 +391,9 @@ _HAD_HOST_PRELUDE = r"""
 #include <vector>
 
 static thread_local uint3 h_threadIdx, h_blockIdx;
+static uint3 h_gridDim;
 static std::barrier<>* h_bar = nullptr;
-static float smem_storage[(1 << 15) + (1 << 10)];
+alignas(16) static float smem_storage[1 << 16];
 #undef __global__
 #define __global__
 #undef __shared__
@@ -401,6 +402,7 @@ static float smem_storage[(1 << 15) + (1 << 10)];
 #define __launch_bounds__(...)
 #define threadIdx h_threadIdx
 #define blockIdx h_blockIdx
+#define gridDim h_gridDim
 #define hbuf smem_storage
 #define hkbuf smem_storage
 static void __syncthreads() { h_bar->arrive_and_wait(); }
@@ -409,6 +411,7 @@ static void __syncthreads() { h_bar->arrive_and_wait(); }
 
 // kernel() for every thread of `blocks` blocks of `threads`, a block at a time.
 void run_blocks(int64_t blocks, int threads, const std::function<void()>& kernel) {
+  h_gridDim = uint3{static_cast<unsigned>(blocks), 1, 1};
   for (int64_t b = 0; b < blocks; ++b) {
     for (auto& f : smem_storage) f = NAN;
     std::barrier<> bar(threads);
@@ -584,7 +587,7 @@ def test_hadamard_kernel_source_on_cpu(tmp_path):
 _HADK_HOST_CASES = [
     (0, 28, 10, 2, 1, 0, 1), (0, 28, 10, 1, 1, 1, 1), (2, 28, 9, 2, 1, 0, 1), (1, 28, 9, 1, 1, 1, 1),
     (0, 20, 8, 3, 1, 1, 1), (2, 20, 8, 2, 0, 0, 1), (0, 12, 6, 3, 1, 0, 1), (1, 12, 7, 2, 1, 1, 1),
-    (0, 12, 10, 1, 1, 1, 3), (0, 28, 8, 2, 1, 1, 2)]
+    (0, 12, 10, 1, 1, 1, 3), (0, 28, 8, 2, 1, 1, 2), (2, 12, 7, 3, 1, 1, 2), (1, 20, 6, 3, 1, 0, 1)]
 
 
 def _hadk_host_harness(cases) -> str:
@@ -595,7 +598,8 @@ def _hadk_host_harness(cases) -> str:
     return _HAD_HOST_PRELUDE + r"""
 template <class T, int K, int LOGM>
 void run(const HadamardArgs<T>& a) {
-  run_blocks(a.rows, HadKCfg<K, LOGM>::kThreads, [&a] {
+  // two blocks at most, so that a block walks several rows as on a GPU with few SMs
+  run_blocks(a.rows < 2 ? a.rows : 2, HadKCfg<T, K, LOGM>::kThreads, [&a] {
     if (a.signs_after) hadamard_k_kernel<T, K, LOGM, true>(a);
     else hadamard_k_kernel<T, K, LOGM, false>(a);
   });
@@ -741,6 +745,7 @@ uint32_t vqcb[1 << 17];
 #define __launch_bounds__(...)
 #define threadIdx h_threadIdx
 #define blockIdx h_blockIdx
+#define gridDim h_gridDim
 #define blockDim h_blockDim
 #define gridDim h_gridDim
 static void __syncthreads() { h_bar->arrive_and_wait(); }
@@ -964,27 +969,29 @@ def test_vq2_kernel_source_on_cpu(tmp_path):
         assert rel_err(part.sum(0), ref) < 4e-3, (bits, out, k)
 
 
-def test_scalar_half2_decode_emulated():
-    """The 2-bit half2 decode (variant 1): for pair i of a word, one shift and one mask put codes
-    i and i + 8 at mantissa bits 8-9 (i even) or 6-7 (i odd) of 1.0 in fp16; with x'' = x or 4x,
-    sum x'' h - C = sum x c / 4 exactly (before rounding)."""
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_scalar_half2_decode_emulated(bits):
+    """The half2 decode (variant 1): for pair i of a word, one shift and one mask put codes i and
+    i + 16/B at the same mantissa bits of 1.0 in fp16 (2 bits: 8-9 for even i, 6-7 for odd i; 4 bits:
+    6-9); with x'' = x, or 4x at bits 6-7 for 2 bits, sum x'' h - C = sum x c / kHalfScale exactly."""
+    rng = np.random.default_rng()
+    per_word, pairs = 32 // bits, 16 // bits
     w = rng.integers(0, 2**32, 64, dtype=np.uint64).astype(np.uint32)
-    codes = (w[:, None] >> (2 * np.arange(16, dtype=np.uint32))) & 3  # [64, 16], code t of each word
-    x = rng.standard_normal((64, 16))
+    codes = (w[:, None] >> (bits * np.arange(per_word, dtype=np.uint32))) & (2**bits - 1)  # [64, 32 / B]
+    x = rng.standard_normal((64, per_word))
     total = np.zeros(64)
-    for i in range(8):
-        pos = 8 if i % 2 == 0 else 6
-        sh = pos - 2 * i
+    for i in range(pairs):
+        pos = 10 - bits if bits == 4 or i % 2 == 0 else 6
+        sh = pos - bits * i
         t = (w << np.uint32(sh)) if sh > 0 else (w >> np.uint32(-sh))
-        mask = np.uint32(0x03000300 if pos == 8 else 0x00C000C0)
+        mask = np.uint32(((2**bits - 1) << pos) * 0x10001)
         hv = (t & mask) | np.uint32(0x3C003C00)
         h = hv.view(np.float16).reshape(64, 2).astype(np.float64)
-        f = 1.0 if i % 2 == 0 else 4.0
-        np.testing.assert_array_equal((h - 1) * (4 if pos == 8 else 16), codes[:, [i, i + 8]])
-        xx = x[:, [i, i + 8]] * f
+        np.testing.assert_array_equal((h - 1) * 2 ** (10 - pos), codes[:, [i, i + pairs]])
+        f = 4.0 if bits == 2 and pos == 6 else 1.0
+        xx = x[:, [i, i + pairs]] * f
         total += (xx * h).sum(1) - xx.sum(1)
-    np.testing.assert_allclose(4 * total, (x * codes).sum(1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose((4 if bits == 2 else 16) * total, (x * codes).sum(1), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -1205,13 +1212,15 @@ def test_cuda_qtip_matvec_gpu(code, k):
 
 
 @pytest.mark.gpu
-def test_cuda_scalar_half2_variant_gpu():
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cuda_scalar_half2_variant_gpu(bits):
     for i, (out, inp, group) in enumerate(SHAPES + [(8192, 28672, 128), (4096, 11008, 128)]):
         for dtype in (jnp.bfloat16, jnp.float16):
-            qw = random_scalar(jax.random.key(800 + i), out, inp, 2, group)
+            qw = random_scalar(jax.random.key(800 + i), out, inp, bits, group)
             x = jax.random.normal(jax.random.key(900 + i), (1, inp), jnp.float32).astype(dtype)
             for cfg in (dict(), dict(rows_per_warp=1, ksplit=2), dict(rows_per_warp=4)):
-                y = cuda_ffi.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=2, group_size=group, variant=1, **cfg)
+                y = cuda_ffi.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=bits, group_size=group, variant=1,
+                                           **cfg)
                 assert rel_err(y, reference(qw, x)) < TOL[jnp.bfloat16], (out, inp, group, dtype, cfg)
 
 
