@@ -699,9 +699,17 @@ cudaError_t launch_matvec_half(cudaStream_t stream, MatvecArgs a, int nwarps, in
   return cudaSuccess;
 }
 
+// Rows per warp of the half2 kernel. 4 bits (H100 sweeps, session 8, results/
+// bench_scalar_half2_sweep_h100_session8.json): 2 rows at 28672x8192 (80-83% of copy against 73-77
+// with 4), 4 rows at 8192x28672 (71-75% against 61-65 with 2); 2 bits as the fp32 kernel.
+int auto_rows_half(int out, int k_in, int bits) {
+  if (bits == 4) return out < 16384 && k_in >= 16384 ? 4 : 2;
+  return auto_rows(out, bits);
+}
+
 template <int B>
 cudaError_t dispatch_matvec_half(cudaStream_t stream, const MatvecArgs& a, int nwarps, int rows, int ksplit) {
-  if (rows <= 0) rows = auto_rows(a.out, B);
+  if (rows <= 0) rows = auto_rows_half(a.out, a.k_in, B);
   if (rows >= 4) return launch_matvec_half<B, 4>(stream, a, nwarps, ksplit);
   if (rows == 2) return launch_matvec_half<B, 2>(stream, a, nwarps, ksplit);
   return launch_matvec_half<B, 1>(stream, a, nwarps, ksplit);
@@ -2069,6 +2077,7 @@ struct HadKCfg {
   static constexpr int kM = 1 << LOGM;
   static constexpr int kN = K * kM;
   static constexpr int kHi = LOGM - 5;  // bits of the strided pass
+  // 1024 threads with pair combinations (64 registers) were 2-3% slower at n = 28672 (session 8)
   static constexpr int kThreads = kM >= 512 ? 512 : (kM >= 256 ? 256 : 128);
   static constexpr int kRowStride = kM + kM / 32;  // padded floats per K-row of the work row
   static constexpr int kWorkFloats = K * kRowStride;

@@ -34,7 +34,9 @@ SHAPES = {
 }
 CUDA_CONFIGS = [dict(), dict(rows_per_warp=1), dict(rows_per_warp=2), dict(rows_per_warp=4),
                 dict(rows_per_warp=1, ksplit=2), dict(rows_per_warp=2, ksplit=2), dict(rows_per_warp=1, ksplit=4),
-                dict(variant=1), dict(variant=1, rows_per_warp=2), dict(variant=1, rows_per_warp=4)]
+                dict(variant=1), dict(variant=1, rows_per_warp=2), dict(variant=1, rows_per_warp=4),
+                dict(variant=1, rows_per_warp=1, ksplit=2), dict(variant=1, rows_per_warp=2, ksplit=2),
+                dict(variant=1, rows_per_warp=4, warps=16)]
 PALLAS_CONFIGS = [dict(block_rows=16, block_words=32, num_warps=4, num_stages=3),
                   dict(block_rows=32, block_words=32, num_warps=4, num_stages=3),
                   dict(block_rows=64, block_words=32, num_warps=8, num_stages=4)]
@@ -125,7 +127,7 @@ def backends(args):
 
     out = [("reference", {}, lambda x, qw: qw.matmul(x, backend="reference"))]
     if "cuda" in args.backends:
-        configs = CUDA_CONFIGS if args.sweep else [CUDA_CONFIGS[0], dict(variant=1)]
+        configs = args.scalar_configs or (CUDA_CONFIGS if args.sweep else [CUDA_CONFIGS[0], dict(variant=1)])
         for cfg in configs:
             out.append(("cuda", cfg, lambda x, qw, cfg=cfg: cuda_ffi.scalar_matvec(
                 x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size, **cfg)))
@@ -406,6 +408,9 @@ def main(argv=None):
     p.add_argument("--reference", action="store_true", help="also time the codebook formats' jnp reference")
     p.add_argument("--vq-cases", nargs="+", default=["kernel", "linear-cuda"],
                    help="any of kernel (CUDA, x already rotated), linear-cuda, linear-pallas (full linear, RHT included)")
+    p.add_argument("--scalar-configs", type=json.loads, default=None,
+                   help='scalar CUDA launch configurations as a JSON list instead of the default two (or --sweep\'s), '
+                        'e.g. \'[{"variant": 1}, {"variant": 1, "rows_per_warp": 2, "ksplit": 2}]\'')
     p.add_argument("--vq-configs", type=json.loads, default=[{}],
                    help='E8P/RVQ4 kernel launch configurations as a JSON list, e.g. '
                         '\'[{}, {"rows_per_warp": 4, "units_per_step": 1}]\' ({}: the default)')

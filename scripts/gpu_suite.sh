@@ -4,7 +4,7 @@
 #   kernels-tests  issue 10: scalar and Hadamard gpu kernel tests
 #   kernels   issue 10: scalar decode-matvec and Hadamard vs copy bandwidth
 #   hadamard-k issue 10: the fused K * 2^p Hadamard kernel (gpu tests, then its rows beside kernel + einsum,
-#             64 MB per call and 1 / 64 / 128 rows: rht_fast takes it from 128)
+#             64 MB per call and 1 to 128 rows: rht_fast takes it from 32)
 #   kernels-vq-tests  issue 10: E8P / RVQ4 / QTIP gpu tests
 #   kernels-vq  issue 10: E8P / RVQ4 / QTIP decode-matvec and their full linear (RHT included)
 #   e8p-sweep issue 10: E8P / RVQ4 launch configurations and the x-stationary variant (with their gpu tests)
@@ -48,7 +48,7 @@ case $part in
     JAX_PLATFORMS=cuda timeout 300 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider \
       -k "hadamard_k or rht_fast" --durations 5 > "$out/kernel_tests_hadamard_k.log" 2>&1; tail -8 "$out/kernel_tests_hadamard_k.log"
     timeout 200 python3 scripts/bench_kernels.py --backends cuda --no-matvec --json "$out/bench_hadamard_k.json" \
-      --hadamard-n 28672 14336 5120 3072 8192 --hadamard-rows 1 64 128 ;;
+      --hadamard-n 28672 14336 5120 3072 8192 --hadamard-rows 1 8 16 32 64 128 ;;
   kernels-vq-tests)  # issue 10, part 2: E8P / RVQ4 / QTIP gpu tests (their matrix needs most of a call)
     build_cuda
     JAX_PLATFORMS=cuda timeout 450 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_pallas_vq.py -p no:cacheprovider \

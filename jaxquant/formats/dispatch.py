@@ -97,8 +97,9 @@ def scalar_matmul(qw: Any, x: jax.Array, backend: str = "auto") -> jax.Array:
 
         if not on_gpu():
             raise cuda_ffi.CudaFFIUnavailable("backend 'cuda' needs a GPU; use 'reference' or 'auto' here")
-        # variant 1, the half2 decode (2 bits, batch 1): 1.03-1.41x faster on an H100 with relative
-        # error 5e-3 against 1.7e-3, below bf16's rounding but not fp16's; other cases ignore it
+        # variant 1, the half2 decode (2 and 4 bits, batch 1): on an H100 1.03-1.41x faster at 2 bits
+        # (relative error 5e-3 against 1.7e-3), 1.07-1.59x at 4 bits (2.8e-3 against 1.7e-3), below
+        # bf16's rounding but not fp16's; other cases ignore it
         half2 = int(jnp.dtype(x.dtype) == jnp.bfloat16)
         return cuda_ffi.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size,
                                       variant=half2)
@@ -144,10 +145,11 @@ def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto", 
     return "cuda"
 
 
-# The fused K * 2^p kernel runs one block per row, so a decode batch leaves most SMs idle: on an
-# H100 one row of 28672 took 19 us against 6 us for the 2^p kernel (K blocks) plus the einsum,
-# while 1170 rows took 188 against 483 us (results/bench_hadamard_k_h100_session7.json).
-HADAMARD_K_MIN_ROWS = 128
+# The fused K * 2^p kernel transforms a row in one block (one SM), so a decode batch leaves most
+# SMs idle: on an H100 (results/bench_kernels_h100_session8.json) one row of 28672 takes 15.5 us
+# against 8.4 for the 2^p kernel (K blocks) plus the einsum, 16 rows 13.3 against 9.6; from 32
+# rows it ties or wins (64 rows: 11.0 against 29.6 us; 1170 rows: 86 against 488 us).
+HADAMARD_K_MIN_ROWS = 32
 
 
 def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = False,
