@@ -17,6 +17,20 @@ def random_hessian(rng, n, samples=None, scale_spread=1.0):
     return X.T @ X / m
 
 
+def float32_factorable_hessian(rng, n):
+    """A random_hessian whose float32 factorization needs no extra damping, and that factor: a
+    damped U quantizes against another H than the float64 reference (random H reach cond 1e10;
+    about 1 draw in 200 needs the damping, and then most codes differ)."""
+    while True:
+        H = random_hessian(rng, n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            try:
+                return H, core.inverse_cholesky_upper(jnp.asarray(H, jnp.float32))
+            except RuntimeWarning:
+                continue
+
+
 def numpy_gptq(W, H, quantize, block_size):
     """float64 reference: plain (non-lazy) recursion with U from numpy's inverse and Cholesky."""
     W = np.array(W, np.float64)
@@ -83,19 +97,20 @@ def test_ldlq_matches_numpy_recursion(block_size, lazy_batch):
 
 @pytest.mark.parametrize("block_size", [1, 4])
 def test_ldlq_rounding_quantizer_and_loss_decomposition(block_size):
-    """With a rounding grid the float32 run agrees with float64 on (nearly) every code, and the
+    """With a rounding grid the float32 run agrees with float64 on (nearly) every row, and the
     proxy loss equals Σ_B ‖(X_B − Q_B) U_BB⁻¹‖² (the LDL identity the feedback is built on)."""
     rng = np.random.default_rng()
     out, n = 16, 48
-    H = random_hessian(rng, n)
+    H, U = float32_factorable_hessian(rng, n)
     W = rng.standard_normal((out, n))
     grid = lambda x: np.round(x * 2) / 2  # noqa: E731
     Q_ref = numpy_gptq(W, H, grid, block_size)
-    U = core.inverse_cholesky_upper(jnp.asarray(H, jnp.float32))
     W_hat, X = core.ldlq(jnp.asarray(W, jnp.float32), U, lambda x, k: (jnp.round(x * 2) / 2, x),
                          block_size=block_size, lazy_batch=16)
     W_hat = np.asarray(W_hat, np.float64)
-    assert np.mean(W_hat != Q_ref) < 0.02  # fp32 may flip a rare tie; errors then propagate
+    # fp32 may flip a rare tie, and the feedback carries the difference along that row (one flip cost
+    # 20 of 768 codes in a CI run); rows are independent, so all but one or two match exactly
+    assert np.mean(np.any(W_hat != Q_ref, axis=1)) <= 2 / out
     # X: [blocks, out, b] values at quantization time.
     A = np.asarray(core.block_metric_factor(U, block_size), np.float64)
     E = np.asarray(X, np.float64) - np.moveaxis(W_hat.reshape(out, -1, block_size), 1, 0)
