@@ -84,10 +84,9 @@ def test_inverse_cholesky_upper_matches_float64():
 def test_ldlq_matches_numpy_recursion(block_size, lazy_batch):
     rng = np.random.default_rng()
     out, n = 12, 48
-    H = random_hessian(rng, n)
+    H, U = float32_factorable_hessian(rng, n)
     W = rng.standard_normal((out, n))
     Q_ref = numpy_gptq(W, H, smooth_quantizer, block_size)
-    U = core.inverse_cholesky_upper(jnp.asarray(H, jnp.float32))
     W_hat, ks = jax.jit(lambda W, U: core.ldlq(
         W, U, lambda x, k: (smooth_quantizer(x), k), block_size=block_size,
         lazy_batch=lazy_batch))(jnp.asarray(W, jnp.float32), U)
