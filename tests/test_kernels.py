@@ -1131,6 +1131,19 @@ def test_rht_fast_takes_the_fused_kernel_only_for_many_rows(monkeypatch):
         assert ("jaxquant_hadamard_k(" in text) == fused and ("jaxquant_hadamard(" in text) != fused, rows
 
 
+def test_scalar_half2_decode_only_for_large_bf16_matrices(monkeypatch):
+    """The half2 decode lost to the fp32 decode at 4096 x 4096 on an H100: bf16 calls take it from
+    HALF2_MIN_WEIGHTS weights, other dtypes never."""
+    monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
+    monkeypatch.setattr(dispatch, "HALF2_MIN_WEIGHTS", 64 * 256)
+    variants = []
+    monkeypatch.setattr(cuda_ffi, "scalar_matvec", lambda x, *a, variant, **k: variants.append(variant) or x)
+    for out, dtype, half2 in ((64, jnp.bfloat16, True), (63, jnp.bfloat16, False), (64, jnp.float16, False)):
+        qw = random_scalar(jax.random.key(out), out, 256, 4, 128)
+        dispatch.scalar_matmul(qw, jnp.ones((1, 256), dtype), backend="cuda")
+        assert variants.pop() == int(half2), (out, dtype)
+
+
 def test_vq_dispatch_on_cpu():
     qw = random_quip(jax.random.key(3), 32, 128, 2)
     qt = random_qtip(jax.random.key(4), 32, 128, "hyb", 2)

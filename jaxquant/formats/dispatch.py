@@ -26,6 +26,8 @@ from jaxquant.formats import tuning
 
 BACKENDS = ("auto", "reference", "pallas", "cuda")
 MAX_KERNEL_BATCH = 16
+# the scalar half2 decode's smallest weight matrix (11008x4096 and larger measured faster on an H100)
+HALF2_MIN_WEIGHTS = 32 * 1024 * 1024
 KERNEL_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 
 def on_gpu() -> bool:
@@ -98,10 +100,11 @@ def scalar_matmul(qw: Any, x: jax.Array, backend: str = "auto") -> jax.Array:
         if not on_gpu():
             raise cuda_ffi.CudaFFIUnavailable("backend 'cuda' needs a GPU; use 'reference' or 'auto' here")
         # variant 1, the half2 decode (2 and 4 bits, batch 1): on an H100 1.03-1.41x faster at 2 bits
-        # (relative error 5e-3 against 1.7e-3), 1.09-1.48x at 4 bits (2.8e-3 against 1.7e-3; but
-        # 0.64x at 4096x4096, results/bench_kernels_h100_session8.json), below bf16's rounding but
-        # not fp16's; other cases ignore it
-        half2 = int(jnp.dtype(x.dtype) == jnp.bfloat16)
+        # (relative error 5e-3 against 1.7e-3), 1.09-1.48x at 4 bits (2.8e-3 against 1.7e-3), below
+        # bf16's rounding but not fp16's; other cases ignore it. Below HALF2_MIN_WEIGHTS it lost
+        # (4096x4096: 0.64x at 4 bits, 0.78x at 2 bits, results/bench_kernels_h100_session8.json).
+        out_features, in_features = qw.shape
+        half2 = int(jnp.dtype(x.dtype) == jnp.bfloat16 and out_features * in_features >= HALF2_MIN_WEIGHTS)
         return cuda_ffi.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size,
                                       variant=half2)
     import pallas_kernels
