@@ -2078,191 +2078,14 @@ struct HadKCfg {
   static constexpr int kN = K * kM;
   static constexpr int kHi = LOGM - 5;  // bits of the strided pass
   // 1024 threads with pair combinations (64 registers) were 2-3% slower at n = 28672 (session 8)
-  // 16 K threads: phases 2 and 3 take two rounds each (512 threads took 1.75)
-  static constexpr int kThreads = kM >= 512 ? 16 * K : (kM >= 256 ? 256 : 128);
-  static constexpr int kWarps = kThreads / 32;
-  // 16-bit rows: staged in shared memory, and the K-point factor on tensor cores (one row's partial
-  // sums, parts > 1, take the scalar factor: their fp32 sums are not exact in 16 bits)
-  static constexpr bool kStage = sizeof(T) == 2;  // fp32 rows would not fit next to the work row
-  static constexpr bool kMma = kStage;
-  // rounds of 16-column mma tiles; every warp makes all of them (idle ones on zeros: the host
-  // emulation syncs the block in each)
-  static constexpr int kTileRounds = (kM / 16 + kWarps - 1) / kWarps;
-  // Floats per K-row of the work row: one pad word per 32, then up to 4 mod 32, so that the mma
-  // tile's stores (rows 2t * stride + g) hit 32 banks. Phase 3 walks chunk u of 32 at
-  // (u / (M/32)) * stride + 33 * (u % (M/32)).
-  static constexpr int kRowStride = kM + kM / 32 + ((4 - (kM + kM / 32) % 32) + 32) % 32;
+  static constexpr int kThreads = kM >= 512 ? 512 : (kM >= 256 ? 256 : 128);
+  static constexpr int kRowStride = kM + kM / 32;  // padded floats per K-row of the work row
   static constexpr int kWorkFloats = K * kRowStride;
   static constexpr int kSignWords = kM > kN / 32 ? kM : kN / 32;
-  // a staged K-row holds M elements and 8 of padding, so that ldmatrix's 8 rows hit 8 bank groups
-  static constexpr int kStageStride = kM + 8;
-  static constexpr size_t kSmemBytes = sizeof(float) * kWorkFloats + sizeof(uint32_t) * (kSignWords + K) +
-                                       (kStage ? sizeof(T) * (K * kStageStride + 8) : 0);
+  static constexpr bool kStage = sizeof(T) == 2;  // fp32 rows would not fit next to the work row
+  static constexpr size_t kSmemBytes = sizeof(float) * kWorkFloats + sizeof(uint32_t) * kSignWords +
+                                       (kStage ? sizeof(T) * kN : 0);
 };
-
-// Position of input a's forward sign bit in its column's word: even a at bit a / 2, odd a at
-// 16 + a / 2, so that an mma fragment's pair (a, a + 1) of 16-bit values takes its sign mask with
-// one shift and one AND (hadk_pair_sign).
-__host__ __device__ constexpr int hadk_sign_pos(int a) { return (a & 1) * 16 + (a >> 1); }
-
-// The tensor-core K-point factor. mma.m16n8k16 with A = the row's 16 columns x 16 inputs (ldmatrix
-// .trans of the staged K-rows), B = H_K's 16 inputs x 8 outputs (constant, in registers), fp32 D:
-// exact products of 16-bit inputs and +-1, fp32 sums. On the host (the tests' harness, one
-// std::thread per CUDA thread) both go through a table and two barriers per call, which needs
-// every thread of the block to call them equally often.
-#ifndef __CUDA_ARCH__
-static const void* h_ldsm_rows[1024];
-static uint32_t h_mma_frags[1024][6];
-#endif
-
-// Lane l (g = l / 4, t = l % 4) receives matrix i's stored rows 2t and 2t + 1 at column g in r[i],
-// row r of matrix i being the 16 bytes at lane 8i + r's `row`.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
-#ifdef __CUDA_ARCH__
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#else
-  h_ldsm_rows[threadIdx.x] = row;
-  __syncthreads();
-  const int lane = threadIdx.x & 31, warp0 = threadIdx.x - lane, g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) {
-    uint16_t lo, hi;
-    memcpy(&lo, static_cast<const char*>(h_ldsm_rows[warp0 + 8 * i + 2 * t]) + 2 * g, 2);
-    memcpy(&hi, static_cast<const char*>(h_ldsm_rows[warp0 + 8 * i + 2 * t + 1]) + 2 * g, 2);
-    r[i] = lo | uint32_t{hi} << 16;
-  }
-  __syncthreads();
-#endif
-}
-
-// d += A B for one m16n8k16 tile of T = __half or __nv_bfloat16 (row-major A, column-major B).
-template <class T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#ifdef __CUDA_ARCH__
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-#else
-  for (int i = 0; i < 4; ++i) h_mma_frags[threadIdx.x][i] = a[i];
-  for (int i = 0; i < 2; ++i) h_mma_frags[threadIdx.x][4 + i] = b[i];
-  __syncthreads();
-  const int lane = threadIdx.x & 31, warp0 = threadIdx.x - lane, g = lane >> 2, t = lane & 3;
-  const auto half = [](uint32_t w, int hi) {
-    const uint16_t h = static_cast<uint16_t>(w >> (16 * hi));
-    T v;
-    memcpy(&v, &h, 2);
-    return to_float(v);
-  };
-  for (int q = 0; q < 4; ++q) {  // d[q] = D[g + 8 (q / 2)][2t + q % 2]
-    const int m = g + 8 * (q >> 1), n = 2 * t + (q & 1);
-    for (int k = 0; k < 16; ++k) {  // A[m][k] at lane 4 (m % 8) + (k % 8) / 2, register (m / 8) + 2 (k / 8)
-      const float av = half(h_mma_frags[warp0 + 4 * (m & 7) + ((k & 7) >> 1)][(m >> 3) + 2 * (k >> 3)], k & 1);
-      const float bv = half(h_mma_frags[warp0 + 4 * n + ((k & 7) >> 1)][4 + (k >> 3)], k & 1);
-      d[q] += av * bv;
-    }
-  }
-  __syncthreads();
-#endif
-}
-
-// The XOR mask flipping the signs of the 16-bit pair (a, a + 1), a = 2 q, from a column's sign word
-// pre-shifted right by the lane's t (hadk_sign_pos; bits q - t and 16 + q - t): bits 15 and 31.
-template <int SHIFT>
-__device__ __forceinline__ uint32_t hadk_pair_sign(uint32_t w) {
-  return (w << (15 - SHIFT)) & 0x80008000u;
-}
-
-// One +-1 (or 0 outside H_K) 16-bit value of B[a][k] (the factor's input a, output k), as bits.
-template <class T, int K, bool INV>
-__device__ __forceinline__ uint32_t hadk_b_half(const uint32_t* neg, int a, int k) {
-  if (a >= K || k >= K) return 0u;
-  const uint32_t one = std::is_same_v<T, __half> ? 0x3c00u : 0x3f80u;
-  const uint32_t minus = INV ? (neg[k] >> a) & 1u : (neg[a] >> k) & 1u;
-  return one | minus << 15;
-}
-
-// Phase 1 on tensor cores: warp w takes tiles of 16 columns j0 = 16 (w + warps i); per tile the A
-// fragments of each 16 inputs come from one ldmatrix.x4.trans (inputs >= K read a zero row), the
-// forward signs are XOR masks on them, one mma per 16 inputs x 8 outputs, and D[j][k] goes to
-// work[k * stride + j + j / 32]. `next`: the block's next row, or null.
-template <class T, int K, int LOGM, bool INV>
-__device__ __forceinline__ void hadk_factor_mma(T* stage, const T* zero16, const uint32_t* sbits,
-                                                const uint32_t* neg, float* work, const T* next) {
-  using C = HadKCfg<T, K, LOGM>;
-  constexpr int KT = (K + 15) / 16, NT = (K + 7) / 8;  // 16-input and 8-output tiles
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  uint32_t b[KT][NT][2];
-  static_for<KT>([&](auto kt) {
-    static_for<NT>([&](auto nt) {
-      static_for<2>([&](auto h) {
-        const int a0 = 16 * decltype(kt){} + 8 * decltype(h){} + 2 * t, k = 8 * decltype(nt){} + g;
-        b[kt][nt][h] = hadk_b_half<T, K, INV>(neg, a0, k) | hadk_b_half<T, K, INV>(neg, a0 + 1, k) << 16;
-      });
-    });
-  });
-  // this lane's ldmatrix row: matrix i = lane / 8 (columns + 8 (i % 2), inputs + 8 (i / 2)), row lane % 8
-  const int mi = lane >> 3, mr = lane & 7;
-  const T* rows[KT];
-  static_for<KT>([&](auto kt) {
-    const int a = 16 * decltype(kt){} + 8 * (mi >> 1) + mr;
-    rows[kt] = a < K ? stage + a * C::kStageStride + 8 * (mi & 1) : nullptr;
-  });
-  for (int round = 0; round < C::kTileRounds; ++round) {
-    const int tile = static_cast<int>(threadIdx.x >> 5) + round * C::kWarps;
-    const bool live = tile < C::kM / 16;
-    const int j0 = live ? 16 * tile : 0;
-    uint32_t w[2] = {0u, 0u};  // sign words of columns j0 + g and j0 + g + 8, shifted by t
-    if (!INV && live) {
-      w[0] = sbits[j0 + g] >> t;
-      w[1] = sbits[j0 + g + 8] >> t;
-    }
-    float d[NT][4] = {};
-    static_for<KT>([&](auto kk) {
-      constexpr int kt = decltype(kk){};
-      uint32_t x[4];
-      ldmatrix_x4_trans(x, live && rows[kt] ? static_cast<const void*>(rows[kt] + j0) : zero16);
-      if constexpr (!INV) {  // x[i] holds inputs a = 16 kt + 8 (i / 2) + 2t, + 1 of column j0 + g + 8 (i % 2)
-        x[0] ^= hadk_pair_sign<8 * kt>(w[0]);
-        x[1] ^= hadk_pair_sign<8 * kt>(w[1]);
-        x[2] ^= hadk_pair_sign<8 * kt + 4>(w[0]);
-        x[3] ^= hadk_pair_sign<8 * kt + 4>(w[1]);
-      }
-      static_for<NT>([&](auto nt) { mma_16816<T>(d[decltype(nt){}], x, b[kt][decltype(nt){}]); });
-    });
-    if (!live) continue;
-    // the tile's part of the stage is read: its warp copies in the next row's, which so has a row's
-    // time to arrive (a whole-row copy after the pass had the last two passes' time: 13% of the
-    // time went to waiting for it at n = 28672)
-    if (next) {
-      for (int c = lane; c < 2 * K; c += 32) {
-        const int col = j0 + 8 * (c & 1);
-        copy16_async(stage + (c >> 1) * C::kStageStride + col, next + (c >> 1) * C::kM + col);
-      }
-      copy_async_commit();
-    }
-    // d[nt][q] = D[column j0 + g + 8 (q / 2)][output 8 nt + 2t + q % 2]
-    float* out = work + 2 * t * C::kRowStride + j0 + g + (j0 >> 5);
-    static_for<NT>([&](auto nn) {
-      constexpr int nt = decltype(nn){};
-      if (8 * nt + 2 * t < K) {  // K % 4 == 0: the pair 2t, 2t + 1 is in or out together
-        static_for<4>([&](auto qq) {
-          constexpr int q = decltype(qq){};
-          out[(8 * nt + (q & 1)) * C::kRowStride + 8 * (q >> 1)] = d[nt][q];
-        });
-      }
-    });
-  }
-}
 
 // Sign of H_K in output k, input a: forward y[k] = sum_a H[a][k] z[a]; inverse sum_a H[k][a] z[a].
 template <int K, bool INV>
@@ -2304,9 +2127,7 @@ __global__ void __launch_bounds__(HadKCfg<T, K, LOGM>::kThreads, 1) hadamard_k_k
   extern __shared__ __align__(16) float hkbuf[];
   float* work = hkbuf;
   uint32_t* sbits = reinterpret_cast<uint32_t*>(hkbuf + C::kWorkFloats);
-  uint32_t* neg = sbits + C::kSignWords;  // HadK<K>::neg, for the mma's B fragments
-  T* stage = reinterpret_cast<T*>(neg + K);
-  T* zero16 = stage + K * C::kStageStride;  // 8 zeros: the inputs past K of the last mma tile
+  T* stage = reinterpret_cast<T*>(sbits + C::kSignWords);
   if constexpr (INV) {
     for (int w = threadIdx.x; w < C::kN / 32; w += C::kThreads) {
       uint32_t m = 0;
@@ -2321,26 +2142,16 @@ __global__ void __launch_bounds__(HadKCfg<T, K, LOGM>::kThreads, 1) hadamard_k_k
   } else {
     for (int j = threadIdx.x; j < C::kM; j += C::kThreads) {
       uint32_t m = 0;
-      if (a.signs) {
-        static_for<K>([&](auto aa) {
-          constexpr int ai = decltype(aa){};
-          m |= sign_bit(a.signs[ai * C::kM + j]) << hadk_sign_pos(ai);
-        });
-      }
+      if (a.signs) static_for<K>([&](auto aa) { m |= sign_bit(a.signs[decltype(aa){} * C::kM + j]) << decltype(aa){}; });
       sbits[j] = m;
     }
   }
-  if (threadIdx.x == 0) {
-    static_for<K>([&](auto aa) { neg[decltype(aa){}] = HadK<K>::neg[decltype(aa){}]; });
-    if constexpr (C::kStage) static_for<8>([&](auto e) { zero16[decltype(e){}] = from_float<T>(0.0f); });
-  }
-  const auto prefetch = [&](int64_t row) {  // 16-byte pieces never straddle a K-row (M >= 64)
+  const auto prefetch = [&](int64_t row) {
     if constexpr (C::kStage) {
       const char* src = reinterpret_cast<const char*>(a.x + row * C::kN);
-      for (int c = threadIdx.x; c < C::kN * static_cast<int>(sizeof(T)) / 16; c += C::kThreads) {
-        const int e = c * (16 / static_cast<int>(sizeof(T)));
-        copy16_async(stage + (e >> LOGM) * C::kStageStride + (e & (C::kM - 1)), src + 16 * c);
-      }
+      char* dst = reinterpret_cast<char*>(stage);
+      for (int c = threadIdx.x; c < C::kN * static_cast<int>(sizeof(T)) / 16; c += C::kThreads)
+        copy16_async(dst + 16 * c, src + 16 * c);
       copy_async_commit();
     }
   };
@@ -2349,34 +2160,23 @@ __global__ void __launch_bounds__(HadKCfg<T, K, LOGM>::kThreads, 1) hadamard_k_k
     copy_async_wait_all();
     __syncthreads();  // the staged row, the sign bits and the previous row's last reads of work
     const T* __restrict__ xr = a.x + row * C::kN;
-    const bool mma = C::kMma && a.parts == 1;
-    if (mma) {
-      hadk_factor_mma<T, K, LOGM, INV>(stage, zero16, sbits, neg, work,
-                                       row + gridDim.x < a.rows ? xr + gridDim.x * C::kN : nullptr);
-    } else {
-      for (int j = threadIdx.x; j < C::kM; j += C::kThreads) {
-        const uint32_t sg = INV ? 0u : sbits[j];
-        float z[K];
-        static_for<K>([&](auto aa) {
-          constexpr int ai = decltype(aa){};
-          if constexpr (C::kStage) z[ai] = to_float(stage[ai * C::kStageStride + j]);
-          else z[ai] = to_float(xr[ai * C::kM + j]);
-        });
+    for (int j = threadIdx.x; j < C::kM; j += C::kThreads) {
+      const uint32_t neg = INV ? 0u : sbits[j];
+      float z[K];
+      static_for<K>([&](auto aa) {
+        constexpr int ai = decltype(aa){};
+        if constexpr (C::kStage) z[ai] = to_float(stage[ai * C::kM + j]);
+        else z[ai] = to_float(xr[ai * C::kM + j]);
+      });
 #pragma unroll 1
-        for (int q = 1; q < a.parts; ++q) {  // partial sums of a matvec, added in order (kept rolled: code size)
-          static_for<K>([&](auto aa) { z[decltype(aa){}] += to_float(xr[q * a.rows * C::kN + decltype(aa){} * C::kM + j]); });
-        }
-        if constexpr (!INV) {
-          static_for<K>([&](auto aa) {
-            constexpr int ai = decltype(aa){};
-            z[ai] = flip_sign(z[ai], (sg >> hadk_sign_pos(ai)) & 1u);
-          });
-        }
-        hadk_factor<K, INV, C::kRowStride>(z, work + j + (j >> 5));
+      for (int q = 1; q < a.parts; ++q) {  // partial sums of a matvec, added in order (kept rolled: code size)
+        static_for<K>([&](auto aa) { z[decltype(aa){}] += to_float(xr[q * a.rows * C::kN + decltype(aa){} * C::kM + j]); });
       }
+      if constexpr (!INV) static_for<K>([&](auto aa) { z[decltype(aa){}] = flip_sign(z[decltype(aa){}], (neg >> decltype(aa){}) & 1u); });
+      hadk_factor<K, INV, C::kRowStride>(z, work + j + (j >> 5));
     }
     __syncthreads();  // work holds the factor's output; the stage is free
-    if (!mma && row + gridDim.x < a.rows) prefetch(row + gridDim.x);
+    if (row + gridDim.x < a.rows) prefetch(row + gridDim.x);
     for (int u = threadIdx.x; u < K * 32; u += C::kThreads) {  // bits [5, p): lane on bits 0-4
       float* base = work + (u >> 5) * C::kRowStride + (u & 31);
       float v[1 << C::kHi];
@@ -2387,13 +2187,12 @@ __global__ void __launch_bounds__(HadKCfg<T, K, LOGM>::kThreads, 1) hadamard_k_k
     __syncthreads();
     T* __restrict__ yr = a.y + row * C::kN;
     for (int u = threadIdx.x; u < C::kN / 32; u += C::kThreads) {  // bits [0, 5): 32 contiguous
-      const float* src = work + (u >> C::kHi) * C::kRowStride + 33 * (u & ((1 << C::kHi) - 1));
       float v[32];
-      static_for<32>([&](auto e) { v[decltype(e){}] = src[decltype(e){}]; });
-      const uint32_t sg = INV ? sbits[u] : 0u;
+      static_for<32>([&](auto e) { v[decltype(e){}] = work[33 * u + decltype(e){}]; });
+      const uint32_t neg = INV ? sbits[u] : 0u;
       butterflies<5>(v);
 #pragma unroll
-      for (int e = 0; e < 32; ++e) v[e] = flip_sign(v[e] * a.scale, (sg >> e) & 1u);
+      for (int e = 0; e < 32; ++e) v[e] = flip_sign(v[e] * a.scale, (neg >> e) & 1u);
       store32(yr + 32 * u, v);
     }
   }
