@@ -101,8 +101,9 @@ def scalar_matmul(qw: Any, x: jax.Array, backend: str = "auto") -> jax.Array:
             raise cuda_ffi.CudaFFIUnavailable("backend 'cuda' needs a GPU; use 'reference' or 'auto' here")
         # variant 1, the half2 decode (2 and 4 bits, batch 1): on an H100 1.03-1.41x faster at 2 bits
         # (relative error 5e-3 against 1.7e-3), 1.09-1.48x at 4 bits (2.8e-3 against 1.7e-3), below
-        # bf16's rounding but not fp16's; other cases ignore it. Below HALF2_MIN_WEIGHTS it lost
-        # (4096x4096: 0.64x at 4 bits, 0.78x at 2 bits, results/bench_kernels_h100_session8.json).
+        # bf16's rounding but not fp16's; other cases ignore it. Below HALF2_MIN_WEIGHTS it is not
+        # faster (4096x4096 at 4 bits: 0.64x in session 8's run, 20-35% of copy against the fp32
+        # decode's 35% in session 9's), so the more accurate fp32 decode takes those.
         out_features, in_features = qw.shape
         half2 = int(jnp.dtype(x.dtype) == jnp.bfloat16 and out_features * in_features >= HALF2_MIN_WEIGHTS)
         return cuda_ffi.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size,
