@@ -678,7 +678,12 @@ cudaError_t launch_matvec_half(cudaStream_t stream, MatvecArgs a, int nwarps, in
   const bool whole = static_cast<size_t>(need) * kBytesPerChunk + 16 * R * 4 <= kWholeSmemLimit;
   const int tkc = whole ? need : 512;
   a.tkc = tkc;
-  if (nwarps <= 0) nwarps = (whole && static_cast<size_t>(tkc) * kBytesPerChunk > 100 * 1024) ? 16 : 8;
+  // 16 warps where x is large (staged once per block) or, at 4 bits, wider than the output: fewer
+  // blocks stage it (8192x28672: 82% of copy against 75% with 8 warps and 4 rows, 4096x11008: 60
+  // against 55, two runs each, results/bench_scalar4_warps_run*_h100_session9.json)
+  if (nwarps <= 0) {
+    nwarps = (whole && static_cast<size_t>(tkc) * kBytesPerChunk > 100 * 1024) || (B == 4 && a.k_in > a.out) ? 16 : 8;
+  }
   if (ksplit <= 0) {
     ksplit = 1;
     const int tasks = (a.out + R - 1) / R;
@@ -699,11 +704,11 @@ cudaError_t launch_matvec_half(cudaStream_t stream, MatvecArgs a, int nwarps, in
   return cudaSuccess;
 }
 
-// Rows per warp of the half2 kernel. 4 bits (H100 sweeps, session 8, results/
-// bench_scalar_half2_sweep_h100_session8.json): 2 rows at 28672x8192 (80-83% of copy against 73-77
-// with 4), 4 rows at 8192x28672 (71-75% against 61-65 with 2); 2 bits as the fp32 kernel.
+// Rows per warp of the half2 kernel. 4 bits: 2 (H100 sweeps, sessions 8 and 9: at 28672x8192 80-85%
+// of copy against 73-77 with 4; at 8192x28672, with 16 warps, 82% against 75% for 4 rows and 8
+// warps); 2 bits as the fp32 kernel.
 int auto_rows_half(int out, int k_in, int bits) {
-  if (bits == 4) return out < 16384 && k_in >= 16384 ? 4 : 2;
+  if (bits == 4) return 2;
   return auto_rows(out, bits);
 }
 

@@ -1291,6 +1291,34 @@ def test_cuda_scalar_matvec_llama_shapes_gpu():
             del w
 
 
+def test_ncu_sass_summary_splits_at_barriers():
+    """scripts/ncu_sass_summary.py on a made-up SASS page: one stretch per BAR.SYNC-terminated run of
+    instructions, each with its own samples, instruction count and stall reasons."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "scripts" / "ncu_sass_summary.py"
+    spec = importlib.util.spec_from_file_location("ncu_sass_summary", path)
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    rng = np.random.default_rng()
+    n = int(rng.integers(20, 60))
+    bars = sorted(rng.choice(np.arange(1, n - 1), size=3, replace=False))
+    header = ["Address", "Source", summary.SAMPLES, "Instructions Executed", "stall_barrier", "stall_long_sb",
+              "stall_long_sb (Not Issued)"]
+    rows, want = [], [[0, 0, 0]]
+    for i in range(n):
+        s, ins, lsb = (int(v) for v in rng.integers(0, 50, 3))
+        src = "BAR.SYNC.DEFER_BLOCKING 0x0" if i in bars else "FADD R1, R2, R3"
+        rows.append([f"0x{16 * i:x}", src, str(s + lsb), str(ins), str(s), str(lsb), "7"])
+        want[-1] = [want[-1][0] + s + lsb, want[-1][1] + ins, want[-1][2] + lsb]
+        if i in bars:
+            want.append([0, 0, 0])
+    _, _, stalls, parts = summary.stretches([["Kernel Name", "k"], header, *rows])
+    assert stalls == ["stall_barrier", "stall_long_sb"]
+    assert [[p["samples"], p["inst"], p["stalls"]["long_sb"]] for p in parts] == want
+
+
 def test_sass_stats_finds_the_widest_loop():
     """scripts/sass_stats.py on a made-up listing: a nested loop, a wider one and a forward branch
     at random places; the widest backward branch's span is the loop, predicated opcodes counted."""
