@@ -2077,25 +2077,19 @@ __device__ __forceinline__ void store32(T* __restrict__ dst, const float (&v)[32
   });
 }
 
-// SPLIT blocks share a row: block part q computes outputs [q K/SPLIT, (q + 1) K/SPLIT) of the
-// K-point factor (each reads the whole row) and their M-point transforms.
-template <class T, int K, int LOGM, int SPLIT>
+template <class T, int K, int LOGM>
 struct HadKCfg {
   static constexpr int kM = 1 << LOGM;
   static constexpr int kN = K * kM;
-  static constexpr int kKO = K / SPLIT;  // K-rows of output per block
   static constexpr int kHi = LOGM - 5;  // bits of the strided pass
-  // 1024 threads with pair combinations (64 registers) were 2-3% slower at n = 28672 (session 8);
-  // split rows: 256, so that 3 blocks fit an SM
-  static constexpr int kThreads = SPLIT > 1 ? 256 : (kM >= 512 ? 512 : (kM >= 256 ? 256 : 128));
+  // 1024 threads with pair combinations (64 registers) were 2-3% slower at n = 28672 (session 8)
+  static constexpr int kThreads = kM >= 512 ? 512 : (kM >= 256 ? 256 : 128);
   static constexpr int kRowStride = kM + kM / 32;  // padded floats per K-row of the work row
-  static constexpr int kWorkFloats = kKO * kRowStride;
+  static constexpr int kWorkFloats = K * kRowStride;
   static constexpr int kSignWords = kM > kN / 32 ? kM : kN / 32;
-  // fp32 rows would not fit next to the work row; split rows are read twice, from L2
-  static constexpr bool kStage = sizeof(T) == 2 && SPLIT == 1;
+  static constexpr bool kStage = sizeof(T) == 2;  // fp32 rows would not fit next to the work row
   static constexpr size_t kSmemBytes = sizeof(float) * kWorkFloats + sizeof(uint32_t) * kSignWords +
                                        (kStage ? sizeof(T) * kN : 0);
-  static_assert(K % SPLIT == 0, "as many outputs per block");
 };
 
 // Sign of H_K in output k, input a: forward y[k] = sum_a H[a][k] z[a]; inverse sum_a H[k][a] z[a].
@@ -2104,8 +2098,8 @@ __host__ __device__ constexpr uint32_t hadk_neg(int k, int a) {
   return INV ? (HadK<K>::neg[k] >> a) & 1u : (HadK<K>::neg[a] >> k) & 1u;
 }
 
-// out[(k - K0) * STRIDE] = the K-point factor's output k for inputs z, k in [K0, K0 + KO).
-template <int K, bool INV, int STRIDE, int K0 = 0, int KO = K>
+// out[k * STRIDE] = the K-point factor's output k for inputs z.
+template <int K, bool INV, int STRIDE>
 __device__ __forceinline__ void hadk_factor(const float (&z)[K], float* out) {
   static_assert(K % 4 == 0, "K-point factors come in groups of 4 inputs");
   float c[K / 4][8];  // c[g][4 r1 + 2 r2 + r3] = z0 + (-1)^r1 z1 + (-1)^r2 z2 + (-1)^r3 z3 of group g
@@ -2116,8 +2110,8 @@ __device__ __forceinline__ void hadk_factor(const float (&z)[K], float* out) {
     c[g][0] = s1 + s2, c[g][1] = s1 + d2, c[g][2] = s1 - d2, c[g][3] = s1 - s2;
     c[g][4] = d1 + s2, c[g][5] = d1 + d2, c[g][6] = d1 - d2, c[g][7] = d1 - s2;
   });
-  static_for<KO>([&](auto kk) {
-    constexpr int k = K0 + decltype(kk){};
+  static_for<K>([&](auto kk) {
+    constexpr int k = decltype(kk){};
     float acc = 0.0f;
     static_for<K / 4>([&](auto gg) {
       constexpr int g = decltype(gg){};
@@ -2128,13 +2122,13 @@ __device__ __forceinline__ void hadk_factor(const float (&z)[K], float* out) {
       else if constexpr (n0) acc -= c[g][r];
       else acc += c[g][r];
     });
-    out[(k - K0) * STRIDE] = acc;
+    out[k * STRIDE] = acc;
   });
 }
 
-template <class T, int K, int LOGM, bool INV, int SPLIT>
-__global__ void __launch_bounds__(HadKCfg<T, K, LOGM, SPLIT>::kThreads, 1) hadamard_k_kernel(HadamardArgs<T> a) {
-  using C = HadKCfg<T, K, LOGM, SPLIT>;
+template <class T, int K, int LOGM, bool INV>
+__global__ void __launch_bounds__(HadKCfg<T, K, LOGM>::kThreads, 1) hadamard_k_kernel(HadamardArgs<T> a) {
+  using C = HadKCfg<T, K, LOGM>;
   extern __shared__ __align__(16) float hkbuf[];
   float* work = hkbuf;
   uint32_t* sbits = reinterpret_cast<uint32_t*>(hkbuf + C::kWorkFloats);
@@ -2166,10 +2160,8 @@ __global__ void __launch_bounds__(HadKCfg<T, K, LOGM, SPLIT>::kThreads, 1) hadam
       copy_async_commit();
     }
   };
-  if (blockIdx.x < a.rows) prefetch(blockIdx.x);  // staged rows are not split: task = row
-  for (int64_t task = blockIdx.x; task < a.rows * SPLIT; task += gridDim.x) {
-    const int64_t row = task / SPLIT;
-    const int part = static_cast<int>(task % SPLIT);
+  if (blockIdx.x < a.rows) prefetch(blockIdx.x);
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     copy_async_wait_all();
     __syncthreads();  // the staged row, the sign bits and the previous row's last reads of work
     const T* __restrict__ xr = a.x + row * C::kN;
@@ -2186,19 +2178,11 @@ __global__ void __launch_bounds__(HadKCfg<T, K, LOGM, SPLIT>::kThreads, 1) hadam
         static_for<K>([&](auto aa) { z[decltype(aa){}] += to_float(xr[q * a.rows * C::kN + decltype(aa){} * C::kM + j]); });
       }
       if constexpr (!INV) static_for<K>([&](auto aa) { z[decltype(aa){}] = flip_sign(z[decltype(aa){}], (neg >> decltype(aa){}) & 1u); });
-      float* out = work + j + (j >> 5);
-      if constexpr (SPLIT == 1) {
-        hadk_factor<K, INV, C::kRowStride>(z, out);
-      } else {
-        static_for<SPLIT>([&](auto qq) {
-          constexpr int q = decltype(qq){};
-          if (part == q) hadk_factor<K, INV, C::kRowStride, q * C::kKO, C::kKO>(z, out);
-        });
-      }
+      hadk_factor<K, INV, C::kRowStride>(z, work + j + (j >> 5));
     }
     __syncthreads();  // work holds the factor's output; the stage is free
     if (row + gridDim.x < a.rows) prefetch(row + gridDim.x);
-    for (int u = threadIdx.x; u < C::kKO * 32; u += C::kThreads) {  // bits [5, p): lane on bits 0-4
+    for (int u = threadIdx.x; u < K * 32; u += C::kThreads) {  // bits [5, p): lane on bits 0-4
       float* base = work + (u >> 5) * C::kRowStride + (u & 31);
       float v[1 << C::kHi];
       static_for<(1 << C::kHi)>([&](auto e) { v[decltype(e){}] = base[33 * decltype(e){}]; });
@@ -2206,12 +2190,11 @@ __global__ void __launch_bounds__(HadKCfg<T, K, LOGM, SPLIT>::kThreads, 1) hadam
       static_for<(1 << C::kHi)>([&](auto e) { base[33 * decltype(e){}] = v[decltype(e){}]; });
     }
     __syncthreads();
-    const int out0 = part * C::kKO * C::kM / 32;  // this block's first chunk of 32 outputs
-    T* __restrict__ yr = a.y + row * C::kN + 32 * out0;
-    for (int u = threadIdx.x; u < C::kKO * C::kM / 32; u += C::kThreads) {  // bits [0, 5): 32 contiguous
+    T* __restrict__ yr = a.y + row * C::kN;
+    for (int u = threadIdx.x; u < C::kN / 32; u += C::kThreads) {  // bits [0, 5): 32 contiguous
       float v[32];
       static_for<32>([&](auto e) { v[decltype(e){}] = work[33 * u + decltype(e){}]; });
-      const uint32_t neg = INV ? sbits[out0 + u] : 0u;
+      const uint32_t neg = INV ? sbits[u] : 0u;
       butterflies<5>(v);
 #pragma unroll
       for (int e = 0; e < 32; ++e) v[e] = flip_sign(v[e] * a.scale, (neg >> e) & 1u);
@@ -2220,32 +2203,16 @@ __global__ void __launch_bounds__(HadKCfg<T, K, LOGM, SPLIT>::kThreads, 1) hadam
   }
 }
 
-bool hadamard_k_split() {
-  static const bool split = [] {
-    const char* e = std::getenv("JAXQUANT_HADAMARD_K_SPLIT");
-    return e != nullptr && std::string(e) == "1";
-  }();
-  return split;
-}
-
-template <class T, int K, int LOGM, int SPLIT>
-cudaError_t launch_hadamard_k_split(cudaStream_t stream, const HadamardArgs<T>& a) {
-  using C = HadKCfg<T, K, LOGM, SPLIT>;
-  auto kernel = a.signs_after ? hadamard_k_kernel<T, K, LOGM, true, SPLIT> : hadamard_k_kernel<T, K, LOGM, false, SPLIT>;
+template <class T, int K, int LOGM>
+cudaError_t launch_hadamard_k(cudaStream_t stream, const HadamardArgs<T>& a) {
+  using C = HadKCfg<T, K, LOGM>;
+  auto kernel = a.signs_after ? hadamard_k_kernel<T, K, LOGM, true> : hadamard_k_kernel<T, K, LOGM, false>;
   cudaError_t err = allow_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t resident = int64_t{multiprocessors()} * blocks_per_sm(kernel, C::kThreads, C::kSmemBytes);
-  const int64_t blocks = a.rows * SPLIT < resident ? a.rows * SPLIT : resident;
+  const int64_t blocks = a.rows < resident ? a.rows : resident;
   if (blocks > 0) kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(a);
   return cudaSuccess;
-}
-
-template <class T, int K, int LOGM>
-cudaError_t launch_hadamard_k(cudaStream_t stream, const HadamardArgs<T>& a) {
-  if constexpr (LOGM >= 9) {
-    if (hadamard_k_split()) return launch_hadamard_k_split<T, K, LOGM, 2>(stream, a);
-  }
-  return launch_hadamard_k_split<T, K, LOGM, 1>(stream, a);
 }
 
 template <class T, int K, int... Ls>

@@ -594,24 +594,22 @@ _HADK_HOST_CASES = [
 def _hadk_host_harness(cases) -> str:
     """The harness for hadamard_k_kernel, its dispatch limited to the (dtype, K, M) of ``cases``."""
     types = ("float", "__half", "__nv_bfloat16")
-    dispatch = "".join(f"  if constexpr (std::is_same_v<T, {types[dt]}>) if (k == {k} && logm == {m}) "
-                       f"split == 2 ? run<T, {k}, {m}, 2>(a) : run<T, {k}, {m}, 1>(a);\n"
+    dispatch = "".join(f"  if constexpr (std::is_same_v<T, {types[dt]}>) if (k == {k} && logm == {m}) run<T, {k}, {m}>(a);\n"
                        for dt, k, m in sorted({c[:3] for c in cases}))
     return _HAD_HOST_PRELUDE + r"""
-template <class T, int K, int LOGM, int SPLIT>
+template <class T, int K, int LOGM>
 void run(const HadamardArgs<T>& a) {
-  // three blocks at most, so that a block walks several rows (parts of rows) as on a GPU with few SMs
-  run_blocks(a.rows * SPLIT < 3 ? a.rows * SPLIT : 3, HadKCfg<T, K, LOGM, SPLIT>::kThreads, [&a] {
-    if (a.signs_after) hadamard_k_kernel<T, K, LOGM, true, SPLIT>(a);
-    else hadamard_k_kernel<T, K, LOGM, false, SPLIT>(a);
+  // two blocks at most, so that a block walks several rows as on a GPU with few SMs
+  run_blocks(a.rows < 2 ? a.rows : 2, HadKCfg<T, K, LOGM>::kThreads, [&a] {
+    if (a.signs_after) hadamard_k_kernel<T, K, LOGM, true>(a);
+    else hadamard_k_kernel<T, K, LOGM, false>(a);
   });
 }
 
-// argv: dtype k logm rows has_signs inverse parts split in out
+// argv: dtype k logm rows has_signs inverse parts in out
 template <class T>
 int go(char** argv, FILE* in, FILE* out) {
   const int k = atoi(argv[2]), logm = atoi(argv[3]), hs = atoi(argv[5]), inv = atoi(argv[6]), parts = atoi(argv[7]);
-  const int split = atoi(argv[8]);
   const int64_t rows = atoll(argv[4]), n = int64_t{k} << logm;
   HostRows<T> h;
   if (!h.read(in, parts, rows, n)) return 2;
@@ -620,7 +618,7 @@ int go(char** argv, FILE* in, FILE* out) {
 """ + dispatch + r"""  return h.write(out) ? 0 : 4;
 }
 
-HOST_MAIN(11)
+HOST_MAIN(10)
 """
 
 
@@ -630,7 +628,7 @@ _HADK_HOST_CUTS = [
     ("template <class T>\nstruct HadamardArgs {",
      "template <class T, int NBITS>\n__device__ __forceinline__ void hadamard_pass"),
     ("template <class T, int W>\nstruct alignas", "template <class T, int LOGN>\nstruct HadCfg"),
-    ("template <int K>\nstruct HadK;", "bool hadamard_k_split() {"),
+    ("template <int K>\nstruct HadK;", "template <class T, int K, int LOGM>\ncudaError_t launch_hadamard_k"),
 ]
 
 
@@ -663,13 +661,13 @@ def test_hadamard_k_kernel_source_on_cpu(tmp_path):
     exe = _host_harness(tmp_path, _HADK_HOST_CUTS, _hadk_host_harness(_HADK_HOST_CASES))
     dtypes = _host_dtypes()
     rng = np.random.default_rng()
-    for case, split in [(c, 1) for c in _HADK_HOST_CASES] + [(c, 2) for c in _HADK_HOST_CASES if c[2] >= 9]:
+    for case in _HADK_HOST_CASES:
         dt, k, logm, rows, hs, inv, parts = case
         n = k << logm
-        x, s, y = _run_hadamard_harness(exe, tmp_path, rng, (*case, split), parts, rows, n)
+        x, s, y = _run_hadamard_harness(exe, tmp_path, rng, case, parts, rows, n)
         ref = _rht_k_np(x.astype(dtypes[dt][0]).astype(np.float64).sum(0), s if hs else np.ones(n), k, inv)
-        assert np.isfinite(y).all(), (case, split)
-        assert rel_err(y, ref) < dtypes[dt][1], (case, split)
+        assert np.isfinite(y).all(), case
+        assert rel_err(y, ref) < dtypes[dt][1], case
     # the float64 reference is jaxquant.hadamard.rht's transform (and rht_inverse's)
     x = rng.standard_normal((2, 28 * 64)).astype(np.float32)
     s = rng.choice(np.array([-1.0, 1.0], np.float32), 28 * 64)
