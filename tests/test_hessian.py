@@ -69,7 +69,10 @@ def _check_large_mean_accuracy(dtype, chunk_tokens=hz.DEFAULT_CHUNK_TOKENS, boun
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_compensated_sum_of_1m_tokens_with_large_mean_matches_fp64(dtype):
-    _check_large_mean_accuracy(dtype)
+    # bf16: each 4096-token partial is an fp32 sum of exact 16-bit products, 4.6e-7 to 6.6e-7 over 8
+    # seeds on the CPU and 1.2e-6 in one CI run; fp32 inputs 3e-8 to 5e-8. Across partials the
+    # compensated sum adds nothing (partial_bound, with 64-token partials).
+    _check_large_mean_accuracy(dtype, bound=1e-6 if dtype == jnp.float32 else 2e-6)
 
 
 @pytest.mark.gpu
