@@ -1291,16 +1291,21 @@ def test_cuda_scalar_matvec_llama_shapes_gpu():
             del w
 
 
-def test_ncu_sass_summary_splits_at_barriers():
-    """scripts/ncu_sass_summary.py on a made-up SASS page: one stretch per BAR.SYNC-terminated run of
-    instructions, each with its own samples, instruction count and stall reasons."""
+def _script(name: str):
+    """scripts/NAME.py as a module (scripts/ is not a package)."""
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "scripts" / "ncu_sass_summary.py"
-    spec = importlib.util.spec_from_file_location("ncu_sass_summary", path)
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ncu_sass_summary_splits_at_barriers():
+    """scripts/ncu_sass_summary.py on a made-up SASS page: one stretch per BAR.SYNC-terminated run of
+    instructions, each with its own samples, instruction count and stall reasons."""
+    summary = _script("ncu_sass_summary")
     rng = np.random.default_rng()
     n = int(rng.integers(20, 60))
     bars = sorted(rng.choice(np.arange(1, n - 1), size=3, replace=False))
@@ -1322,13 +1327,7 @@ def test_ncu_sass_summary_splits_at_barriers():
 def test_sass_stats_finds_the_widest_loop():
     """scripts/sass_stats.py on a made-up listing: a nested loop, a wider one and a forward branch
     at random places; the widest backward branch's span is the loop, predicated opcodes counted."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parents[1] / "scripts" / "sass_stats.py"
-    spec = importlib.util.spec_from_file_location("sass_stats", path)
-    sass_stats = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sass_stats)
+    sass_stats = _script("sass_stats")
     rng = np.random.default_rng()
     n = int(rng.integers(40, 80))
     a = int(rng.integers(5, n - 15))
