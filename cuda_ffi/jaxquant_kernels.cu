@@ -707,14 +707,14 @@ cudaError_t launch_matvec_half(cudaStream_t stream, MatvecArgs a, int nwarps, in
 // Rows per warp of the half2 kernel. 4 bits: 2 (H100 sweeps, sessions 8 and 9: at 28672x8192 80-85%
 // of copy against 73-77 with 4; at 8192x28672, with 16 warps, 82% against 75% for 4 rows and 8
 // warps); 2 bits as the fp32 kernel.
-int auto_rows_half(int out, int k_in, int bits) {
+int auto_rows_half(int out, int bits) {
   if (bits == 4) return 2;
   return auto_rows(out, bits);
 }
 
 template <int B>
 cudaError_t dispatch_matvec_half(cudaStream_t stream, const MatvecArgs& a, int nwarps, int rows, int ksplit) {
-  if (rows <= 0) rows = auto_rows_half(a.out, a.k_in, B);
+  if (rows <= 0) rows = auto_rows_half(a.out, B);
   if (rows >= 4) return launch_matvec_half<B, 4>(stream, a, nwarps, ksplit);
   if (rows == 2) return launch_matvec_half<B, 2>(stream, a, nwarps, ksplit);
   return launch_matvec_half<B, 1>(stream, a, nwarps, ksplit);
