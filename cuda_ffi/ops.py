@@ -12,12 +12,17 @@ import numpy as np
 from cuda_ffi import build
 
 FLOAT_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
-MAX_BATCH = 16
 
 
 def _check_float(x: jax.Array, what: str) -> None:
     if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in FLOAT_DTYPES]:
         raise TypeError(f"{what}: dtype must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+# The scalar kernel stages x in fp32 shared memory; beyond ~200 KB (4 rows of 8192 inputs) each block
+# re-stages it tile by tile from L2, and on an H100 one call of 16 rows took 7-14x one of 4 rows
+# (results/README.md, session 9): four calls of 4 rows are 1.5-3.5x faster.
+SCALAR_ROWS_PER_CALL = 4
 
 
 def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, *,
@@ -28,8 +33,9 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
     codes: int32 ``[out, ceil(in_padded / 32) * bits]`` (``jaxquant.formats.packing``);
     scale, zero: ``out * in_padded / group_size`` values (any shape, row-major ``[out, groups]``),
     stored as float16 (others are cast); ``in_padded`` = ``in`` rounded up to whole groups.
-    Needs ``bits`` in {2, 3, 4, 8} and ``group_size`` a multiple of 32. Leading dims of x with more
-    than 16 rows in all are split into calls of 16 (each reads the weights again).
+    Needs ``bits`` in {2, 3, 4, 8} and ``group_size`` a multiple of 32. More than
+    ``SCALAR_ROWS_PER_CALL`` rows of x in all are split into calls of that many (each reads the
+    weights again).
     ``rows_per_warp`` (1, 2, 4; batch 1 only), ``warps`` (1-16 per block) and ``ksplit`` (warps
     sharing a row set, each a slice of K) tune the launch; 0 = auto. ``variant=1`` takes the half2
     decode for 2 and 4 bits at batch 1 with float16/bfloat16 x (fp16 products: error ~1e-3
@@ -58,7 +64,7 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
     n = x2.shape[0]
     if n == 0:
         return jnp.zeros((*lead, out), x.dtype)
-    parts = [one(x2[i:i + MAX_BATCH]) for i in range(0, n, MAX_BATCH)]
+    parts = [one(x2[i:i + SCALAR_ROWS_PER_CALL]) for i in range(0, n, SCALAR_ROWS_PER_CALL)]
     y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
     return y.reshape(*lead, out)
 

@@ -16,6 +16,7 @@ of 3 trials. Rows are written to the JSON file as they come.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -40,6 +41,9 @@ CUDA_CONFIGS = [dict(), dict(rows_per_warp=1), dict(rows_per_warp=2), dict(rows_
 PALLAS_CONFIGS = [dict(block_rows=16, block_words=32, num_warps=4, num_stages=3),
                   dict(block_rows=32, block_words=32, num_warps=4, num_stages=3),
                   dict(block_rows=64, block_words=32, num_warps=8, num_stages=4)]
+PALLAS_TC_CONFIGS = [dict(tc=True, block_rows=r, block_words=w, num_warps=nw, num_stages=st)
+                     for r, w, nw, st in ((64, 16, 4, 3), (128, 16, 4, 3), (128, 16, 8, 4), (64, 32, 4, 4),
+                                          (32, 16, 4, 4), (128, 32, 8, 3))]
 ROTATE_BYTES = 128 << 20  # weight sets per timing pass: at least this many bytes in all (L2 is 50 MB)
 MAX_SETS = 32
 UNROLL = 8  # calls per executable
@@ -132,11 +136,23 @@ def backends(args):
             out.append(("cuda", cfg, lambda x, qw, cfg=cfg: cuda_ffi.scalar_matvec(
                 x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size, **cfg)))
     if "pallas" in args.backends:
-        configs = PALLAS_CONFIGS if args.sweep else PALLAS_CONFIGS[1:2]
+        # {}: what backend="pallas" runs (the tensor-core kernel for 2-16 rows of 16-bit x)
+        configs = args.pallas_configs or ([{}, *PALLAS_CONFIGS, *PALLAS_TC_CONFIGS] if args.sweep else [{}])
         for cfg in configs:
-            out.append(("pallas", cfg, lambda x, qw, cfg=cfg: pallas_kernels.scalar_matvec(
-                x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size, **cfg)))
+            out.append(("pallas", cfg, functools.partial(_pallas_scalar, cfg)))
     return out
+
+
+def _pallas_scalar(cfg, x, qw):
+    """The Pallas backend as dispatch calls it (``cfg`` empty), the decode-matvec at launch
+    configuration ``cfg`` or, with ``cfg["tc"]``, the tensor-core kernel at the rest of ``cfg``."""
+    import pallas_kernels
+
+    if not cfg:
+        return qw.matmul(x, backend="pallas")
+    cfg = dict(cfg)
+    kernel = pallas_kernels.scalar_matmul if cfg.pop("tc", False) else pallas_kernels.scalar_matvec
+    return kernel(x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size, **cfg)
 
 
 def layer_shapes(args):
@@ -184,6 +200,8 @@ def bench_matvec(args, copy_bw, rows):
                     if name == "pallas" and bits not in pallas_kernels.SUPPORTED_BITS:
                         continue
                     if cfg.get("variant") and (bits not in (2, 4) or batch != 1):  # the half2 decode's only cases
+                        continue
+                    if cfg.get("tc") and dtype == jnp.float32:  # the dots take 16-bit x
                         continue
                     row = dict(kind="matvec", model=model, out=out, inp=inp, bits=bits, batch=batch,
                                backend=name, config=cfg, group_size=args.group_size, bytes=nbytes)
@@ -411,6 +429,10 @@ def main(argv=None):
     p.add_argument("--scalar-configs", type=json.loads, default=None,
                    help='scalar CUDA launch configurations as a JSON list instead of the default two (or --sweep\'s), '
                         'e.g. \'[{"variant": 1}, {"variant": 1, "rows_per_warp": 2, "ksplit": 2}]\'')
+    p.add_argument("--pallas-configs", type=json.loads, default=None,
+                   help='scalar Pallas configurations as a JSON list instead of the default (what backend="pallas" '
+                        'runs) or --sweep\'s; "tc": true takes the tensor-core kernel, e.g. '
+                        '\'[{}, {"tc": true, "block_rows": 128, "splits": 2}]\'')
     p.add_argument("--vq-configs", type=json.loads, default=[{}],
                    help='E8P/RVQ4 kernel launch configurations as a JSON list, e.g. '
                         '\'[{}, {"rows_per_warp": 4, "units_per_step": 1}]\' ({}: the default)')

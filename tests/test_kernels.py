@@ -75,6 +75,53 @@ def test_pallas_plan_blocks_are_powers_of_two():
         pallas_kernels.plan(64, 96, 3, 128)
 
 
+# unit roundoff of x's dtype: the tensor-core kernel's only rounding is its output's (and, for groups
+# under 16 words, the weights', as the reference dequantizes them)
+UNIT_ROUNDOFF = {jnp.float16: 2.0**-11, jnp.bfloat16: 2.0**-8}
+
+
+@pytest.mark.parametrize("bits,out,inp,group,batch,dtype,splits", [
+    (4, 64, 512, 128, 5, jnp.bfloat16, None),  # scale and zero applied to the dots' sums
+    (4, 64, 512, 128, 16, jnp.float16, 2),     # the input axis split over two programs
+    (8, 32, 256, 64, 2, jnp.bfloat16, None),
+    (2, 32, 1024, 64, 9, jnp.float16, None),   # 4-word groups: weights decoded before the dots
+    (4, 48, 500, 32, 3, jnp.bfloat16, None),   # 4-word groups; x padded to the rows' whole groups
+])
+def test_pallas_scalar_matmul_interpret(bits, out, inp, group, batch, dtype, splits):
+    qw = random_scalar(jax.random.key(bits * 1000 + out + batch), out, inp, bits, group)
+    x = jax.random.normal(jax.random.key(7 + batch), (batch, inp), jnp.float32).astype(dtype)
+    y = pallas_kernels.scalar_matmul(x, qw.codes, qw.scale, qw.zero, bits=bits, group_size=group,
+                                     block_rows=16, splits=splits, interpret=True)
+    assert y.shape == (batch, out) and y.dtype == x.dtype
+    assert rel_err(y, reference(qw, x)) < UNIT_ROUNDOFF[dtype]
+
+
+def test_pallas_scalar_matmul_plan_and_errors():
+    # 4 bits, groups of 128: 16-word steps inside a group; groups of 64 (8 words) decode weights
+    assert pallas_kernels.plan_tc(4096, 1024, 4, 128) == (64, 16, True)
+    assert pallas_kernels.plan_tc(4096, 1024, 4, 64) == (64, 16, False)
+    with pytest.raises(ValueError, match="16-aligned"):
+        pallas_kernels.plan_tc(32, 40, 2, 64)  # 40 words per row: no 16-word step
+    qw = random_scalar(jax.random.key(5), 64, 512, 4, 128)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        pallas_kernels.scalar_matmul(jnp.ones((2, 512)), qw.codes, qw.scale, qw.zero, bits=4, group_size=128)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        pallas_kernels.scalar_matmul(jnp.ones((17, 512), jnp.bfloat16), qw.codes, qw.scale, qw.zero, bits=4,
+                                     group_size=128)
+    with pytest.raises(ValueError, match="splits"):
+        pallas_kernels.scalar_matmul(jnp.ones((2, 512), jnp.bfloat16), qw.codes, qw.scale, qw.zero, bits=4,
+                                     group_size=128, splits=3)
+
+
+def test_pallas_backend_takes_tensor_cores_for_2_to_16_rows_of_16_bit_x():
+    qw = random_scalar(jax.random.key(6), 64, 512, 4, 128)
+    for rows, dtype, expected in ((1, jnp.bfloat16, False), (2, jnp.bfloat16, True), (16, jnp.float16, True),
+                                  (17, jnp.bfloat16, False), (8, jnp.float32, False)):
+        assert dispatch.pallas_tensor_cores(qw, jnp.ones((rows, 512), dtype)) == expected, (rows, dtype)
+    narrow = random_scalar(jax.random.key(7), 8, 512, 4, 128)  # 8 output rows: below the dot's N
+    assert not dispatch.pallas_tensor_cores(narrow, jnp.ones((4, 512), jnp.bfloat16))
+
+
 # ------------------------------------------------------------------ CPU: lowering for CUDA
 
 def _lower_for_cuda(fn, *args) -> str:
@@ -88,6 +135,9 @@ def test_pallas_lowers_to_triton_for_cuda(bits):
     text = _lower_for_cuda(lambda x: pallas_kernels.scalar_matvec(
         x, qw.codes, qw.scale, qw.zero, bits=bits, group_size=128), x)
     assert "triton" in text
+    text = _lower_for_cuda(lambda x: pallas_kernels.scalar_matmul(
+        x, qw.codes, qw.scale, qw.zero, bits=bits, group_size=128), jnp.ones((8, 1024), jnp.bfloat16))
+    assert "triton" in text
 
 
 def test_cuda_ffi_calls_lower_for_cuda():
@@ -96,6 +146,9 @@ def test_cuda_ffi_calls_lower_for_cuda():
     text = _lower_for_cuda(lambda x: cuda_ops.scalar_matvec(
         x, qw.codes, qw.scale, qw.zero, bits=3, group_size=128, register=False), x)
     assert "jaxquant_scalar_matvec" in text
+    text = _lower_for_cuda(lambda x: cuda_ops.scalar_matvec(  # 9 rows: calls of 4, 4 and 1
+        x, qw.codes, qw.scale, qw.zero, bits=3, group_size=128, register=False), jnp.ones((9, 512), jnp.float16))
+    assert text.count("custom_call @jaxquant_scalar_matvec(") == 3
     signs = jnp.ones((1024,), jnp.float32)
     text = _lower_for_cuda(lambda x: cuda_ops.hadamard(x, signs, register=False), jnp.ones((4, 1024), jnp.bfloat16))
     assert "jaxquant_hadamard" in text
@@ -173,6 +226,21 @@ def test_pallas_scalar_matvec_gpu(bits):
             x = jax.random.normal(jax.random.fold_in(key, 1), (batch, inp), jnp.bfloat16)
             y = jax.jit(lambda x, qw: qw.matmul(x, backend="pallas"))(x, qw)
             assert rel_err(y, reference(qw, x)) < TOL[jnp.bfloat16], (out, inp, group, batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pallas_scalar_matmul_gpu(bits):
+    """The tensor-core kernel at the small shapes and Llama shapes, 2 to 16 rows, both 16-bit types."""
+    shapes = [(s[0], s[1], 128) for s in VQ_SHAPES] + [(256, 1024, 64), (1024, 4096, 32)]
+    for i, (out, inp, group) in enumerate(shapes):
+        for batch, dtype in ((2, jnp.bfloat16), (8, jnp.float16), (16, jnp.bfloat16)):
+            key = jax.random.key(20_000 + 100 * bits + 10 * i + batch)
+            qw = random_scalar(key, out, inp, bits, group)
+            x = jax.random.normal(jax.random.fold_in(key, 1), (batch, inp), jnp.float32).astype(dtype)
+            y = jax.jit(lambda x, qw: qw.matmul(x, backend="pallas"))(x, qw)
+            assert dispatch.pallas_tensor_cores(qw, x)
+            assert rel_err(y, reference(qw, x)) < UNIT_ROUNDOFF[dtype], (out, inp, group, batch, dtype)
 
 
 @pytest.mark.gpu

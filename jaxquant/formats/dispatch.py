@@ -2,7 +2,8 @@
 
 - ``reference``: ``dequantize`` then an XLA matmul; every format, shape and device.
 - ``pallas``: the Pallas kernel (``pallas_kernels``), Triton lowering on a GPU; on other backends it
-  runs in interpret mode (slow; for tests). ``auto`` never picks it for the codebook formats
+  runs in interpret mode (slow; for tests). Scalar weights with 2-16 rows of 16-bit x take its
+  tensor-core decode-matmul (``pallas_tensor_cores``). ``auto`` never picks it for the codebook formats
   (E8P, QTIP, GPTVQ; none timed against the alternatives yet): ask for it explicitly.
 - ``cuda``: the CUDA FFI kernel (``cuda_ffi``), built with nvcc on first use; GPU only. GPTVQ's
   (2-D vectors) is explicit only, like its Pallas one, until timed.
@@ -110,8 +111,25 @@ def scalar_matmul(qw: Any, x: jax.Array, backend: str = "auto") -> jax.Array:
                                       variant=half2)
     import pallas_kernels
 
+    if pallas_tensor_cores(qw, x):
+        return pallas_kernels.scalar_matmul(x, qw.codes, qw.scale, qw.zero, bits=qw.bits,
+                                            group_size=qw.group_size, interpret=not on_gpu())
     return pallas_kernels.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=qw.bits,
                                         group_size=qw.group_size, interpret=not on_gpu())
+
+
+def pallas_tensor_cores(qw: Any, x: jax.Array) -> bool:
+    """Whether the Pallas backend takes its tensor-core decode-matmul (2 to 16 rows of 16-bit x, tiles
+    of at least 16 x 16) rather than the decode-matvec, which does one FMA per weight and row."""
+    import pallas_kernels
+
+    if not 2 <= _batch_rows(x) <= MAX_KERNEL_BATCH or jnp.dtype(x.dtype) == jnp.float32:
+        return False
+    try:
+        pallas_kernels.plan_tc(qw.shape[0], qw.codes.shape[1], qw.bits, qw.group_size)
+    except ValueError:
+        return False
+    return True
 
 
 def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto", *, tuned: str | None = None,
