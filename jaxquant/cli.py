@@ -369,13 +369,16 @@ def cmd_bench_codebook(args):
 def cmd_bench_tune(args):
     from jaxquant.formats import tuning
 
-    try:
-        table = tuning.from_bench(json.loads(pathlib.Path(args.source).read_text()))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read {args.source}: {e}")
+    runs = {}
+    for source in args.source:
+        try:
+            runs[str(source)] = json.loads(pathlib.Path(source).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read {source}: {e}")
+    table = tuning.from_bench({"runs": runs})
     if not table["choices"]:
-        raise SystemExit(f"error: {args.source} has no successful kernel rows to choose from")
-    table["source"] = str(args.source)
+        raise SystemExit(f"error: {' '.join(args.source)}: no successful kernel rows to choose from")
+    table["source"] = " + ".join(runs)
     path = tuning.write(table, args.out or tuning.TABLE)
     for key, backend in table["choices"].items():
         print(f"{key:<20} {backend}")
@@ -561,7 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_bench_decode)
 
     q = bench.add_parser("tune", help="refresh the kernel choice of backend='auto' from a scripts/bench_kernels.py run")
-    q.add_argument("--from", dest="source", required=True, help="results JSON of scripts/bench_kernels.py")
+    q.add_argument("--from", dest="source", nargs="+", required=True,
+                   help="results JSON files of scripts/bench_kernels.py (several: each backend's best time per "
+                        "shape over all of them)")
     q.add_argument("--out", help="table to write (default: the one stored with the package)")
     q.set_defaults(fn=cmd_bench_tune)
 

@@ -80,26 +80,28 @@ def test_pallas_plan_blocks_are_powers_of_two():
 UNIT_ROUNDOFF = {jnp.float16: 2.0**-11, jnp.bfloat16: 2.0**-8}
 
 
-@pytest.mark.parametrize("bits,out,inp,group,batch,dtype,splits", [
-    (4, 64, 512, 128, 5, jnp.bfloat16, None),  # scale and zero applied to the dots' sums
-    (4, 64, 512, 128, 16, jnp.float16, 2),     # the input axis split over two programs
-    (8, 32, 256, 64, 2, jnp.bfloat16, None),
-    (2, 32, 1024, 64, 9, jnp.float16, None),   # 4-word groups: weights decoded before the dots
-    (4, 48, 500, 32, 3, jnp.bfloat16, None),   # 4-word groups; x padded to the rows' whole groups
+@pytest.mark.parametrize("bits,out,inp,group,batch,dtype,splits,offset", [
+    (4, 64, 512, 128, 5, jnp.bfloat16, None, None),  # scale and zero applied to the dots' sums; 128 + q
+    (4, 64, 512, 128, 16, jnp.float16, 2, False),     # the input axis split over two programs; q converted
+    (4, 32, 768, 128, 4, jnp.bfloat16, 4, None),      # 6 steps over 4 splits: 2 repeated steps weighted 0
+    (8, 32, 256, 64, 2, jnp.bfloat16, None, None),    # 8-bit codes do not fit bf16's offset: converted
+    (8, 32, 256, 64, 3, jnp.float16, None, True),     # 1024 + q
+    (2, 32, 1024, 64, 9, jnp.float16, None, None),    # 4-word groups: weights decoded before the dots
+    (4, 48, 500, 32, 3, jnp.bfloat16, 3, None),       # 4-word groups; x padded to the rows' whole groups
 ])
-def test_pallas_scalar_matmul_interpret(bits, out, inp, group, batch, dtype, splits):
+def test_pallas_scalar_matmul_interpret(bits, out, inp, group, batch, dtype, splits, offset):
     qw = random_scalar(jax.random.key(bits * 1000 + out + batch), out, inp, bits, group)
     x = jax.random.normal(jax.random.key(7 + batch), (batch, inp), jnp.float32).astype(dtype)
     y = pallas_kernels.scalar_matmul(x, qw.codes, qw.scale, qw.zero, bits=bits, group_size=group,
-                                     block_rows=16, splits=splits, interpret=True)
+                                     block_rows=16, splits=splits, offset=offset, interpret=True)
     assert y.shape == (batch, out) and y.dtype == x.dtype
     assert rel_err(y, reference(qw, x)) < UNIT_ROUNDOFF[dtype]
 
 
 def test_pallas_scalar_matmul_plan_and_errors():
     # 4 bits, groups of 128: 16-word steps inside a group; groups of 64 (8 words) decode weights
-    assert pallas_kernels.plan_tc(4096, 1024, 4, 128) == (64, 16, True)
-    assert pallas_kernels.plan_tc(4096, 1024, 4, 64) == (64, 16, False)
+    assert pallas_kernels.plan_tc(4096, 1024, 4, 128) == (128, 16, True)
+    assert pallas_kernels.plan_tc(4096, 1024, 4, 64) == (128, 16, False)
     with pytest.raises(ValueError, match="16-aligned"):
         pallas_kernels.plan_tc(32, 40, 2, 64)  # 40 words per row: no 16-word step
     qw = random_scalar(jax.random.key(5), 64, 512, 4, 128)
@@ -108,9 +110,13 @@ def test_pallas_scalar_matmul_plan_and_errors():
     with pytest.raises(ValueError, match="1 to 16 rows"):
         pallas_kernels.scalar_matmul(jnp.ones((17, 512), jnp.bfloat16), qw.codes, qw.scale, qw.zero, bits=4,
                                      group_size=128)
-    with pytest.raises(ValueError, match="splits"):
+    with pytest.raises(ValueError, match="offset decode"):  # 8-bit codes beyond bf16's 8 significant bits
+        q8 = random_scalar(jax.random.key(6), 32, 256, 8, 64)
+        pallas_kernels.scalar_matmul(jnp.ones((2, 256), jnp.bfloat16), q8.codes, q8.scale, q8.zero, bits=8,
+                                     group_size=64, offset=True)
+    with pytest.raises(ValueError, match="splits"):  # 64 words: 4 steps of 16
         pallas_kernels.scalar_matmul(jnp.ones((2, 512), jnp.bfloat16), qw.codes, qw.scale, qw.zero, bits=4,
-                                     group_size=128, splits=3)
+                                     group_size=128, splits=5)
 
 
 def test_pallas_backend_takes_tensor_cores_for_2_to_16_rows_of_16_bit_x():
@@ -135,9 +141,10 @@ def test_pallas_lowers_to_triton_for_cuda(bits):
     text = _lower_for_cuda(lambda x: pallas_kernels.scalar_matvec(
         x, qw.codes, qw.scale, qw.zero, bits=bits, group_size=128), x)
     assert "triton" in text
-    text = _lower_for_cuda(lambda x: pallas_kernels.scalar_matmul(
-        x, qw.codes, qw.scale, qw.zero, bits=bits, group_size=128), jnp.ones((8, 1024), jnp.bfloat16))
-    assert "triton" in text
+    for dtype in (jnp.bfloat16, jnp.float16):
+        text = _lower_for_cuda(lambda x: pallas_kernels.scalar_matmul(
+            x, qw.codes, qw.scale, qw.zero, bits=bits, group_size=128), jnp.ones((8, 1024), dtype))
+        assert "triton" in text
 
 
 def test_cuda_ffi_calls_lower_for_cuda():
@@ -229,18 +236,21 @@ def test_pallas_scalar_matvec_gpu(bits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_pallas_scalar_matmul_gpu(bits):
-    """The tensor-core kernel at the small shapes and Llama shapes, 2 to 16 rows, both 16-bit types."""
-    shapes = [(s[0], s[1], 128) for s in VQ_SHAPES] + [(256, 1024, 64), (1024, 4096, 32)]
-    for i, (out, inp, group) in enumerate(shapes):
-        for batch, dtype in ((2, jnp.bfloat16), (8, jnp.float16), (16, jnp.bfloat16)):
-            key = jax.random.key(20_000 + 100 * bits + 10 * i + batch)
-            qw = random_scalar(key, out, inp, bits, group)
-            x = jax.random.normal(jax.random.fold_in(key, 1), (batch, inp), jnp.float32).astype(dtype)
-            y = jax.jit(lambda x, qw: qw.matmul(x, backend="pallas"))(x, qw)
-            assert dispatch.pallas_tensor_cores(qw, x)
-            assert rel_err(y, reference(qw, x)) < UNIT_ROUNDOFF[dtype], (out, inp, group, batch, dtype)
+def test_pallas_scalar_matmul_gpu():
+    """The tensor-core kernel at Llama and small shapes: each decode (128 + q, 1024 + q, converted,
+    weights decoded for small groups), 2 to 16 rows, both 16-bit types."""
+    cases = [(4, 4096, 4096, 128, 8, jnp.float16), (4, 8192, 28672, 128, 16, jnp.bfloat16),
+             (4, 4096, 11008, 128, 2, jnp.bfloat16), (2, 11008, 4096, 128, 16, jnp.bfloat16),
+             (2, 4096, 4096, 256, 4, jnp.float16), (8, 4096, 4096, 128, 8, jnp.bfloat16),
+             (8, 1024, 4096, 64, 5, jnp.float16), (4, 1024, 4096, 32, 3, jnp.bfloat16),
+             (4, 256, 1024, 64, 16, jnp.float16)]
+    for i, (bits, out, inp, group, batch, dtype) in enumerate(cases):
+        key = jax.random.key(20_000 + i)
+        qw = random_scalar(key, out, inp, bits, group)
+        x = jax.random.normal(jax.random.fold_in(key, 1), (batch, inp), jnp.float32).astype(dtype)
+        y = jax.jit(lambda x, qw: qw.matmul(x, backend="pallas"))(x, qw)
+        assert dispatch.pallas_tensor_cores(qw, x)
+        assert rel_err(y, reference(qw, x)) < UNIT_ROUNDOFF[dtype], (bits, out, inp, group, batch, dtype)
 
 
 @pytest.mark.gpu

@@ -72,5 +72,10 @@ def test_bench_tune_command(tmp_path, capsys):
     src.write_text(json.dumps(_bench(np.random.default_rng(), {"cuda": 1.0, "pallas": 3.0})))
     cli.main(["bench", "tune", "--from", str(src), "--out", str(tmp_path / "table.json")])
     assert json.loads((tmp_path / "table.json").read_text())["choices"]["scalar/4/1"] == "cuda"
+    faster = tmp_path / "run2.json"  # a second run where the Pallas kernel is 100x faster: its times count
+    faster.write_text(json.dumps(_bench(np.random.default_rng(), {"pallas": 0.01})))
+    cli.main(["bench", "tune", "--from", str(src), str(faster), "--out", str(tmp_path / "table.json")])
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["choices"]["scalar/4/1"] == "pallas" and table["source"] == f"{src} + {faster}"
     with pytest.raises(SystemExit, match="cannot read"):
         cli.main(["bench", "tune", "--from", str(tmp_path / "missing.json"), "--out", str(tmp_path / "t2.json")])
