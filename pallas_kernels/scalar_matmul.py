@@ -6,16 +6,17 @@ once into 16-bit integers and multiplies it with all rows of x in ``m = 32 / bit
 
 Format as in ``scalar_matvec``: int32 ``codes [out, words]``, code ``t`` of word ``w`` is input
 ``w * m + t``; ``W = (q - zero) * scale`` per group of ``group_size`` inputs. A step covers ``bw``
-words of one group, so with ``q`` kept as integers (exact in fp16/bf16 up to 256)
+words of one group, so with ``q`` kept as integers (decoded as ``OFFSET + q``, exact in 16 bits; the
+zero absorbs ``OFFSET``)
 
     y[b, r] += scale[r] * (sum_t x_t[b] . q_t[r] - zero[r] * sum_k x[b, k])
 
-where ``x_t`` are the inputs ``w * m + t`` of the step's words. Groups under 16 words (4 bits: under
-128 inputs) are decoded to weights in x's dtype first, as the reference rounds them. The wrapper lays x out as
-``[m, 16, words]`` (16 rows, zero-padded) so that each ``x_t`` tile is one contiguous load. The
-input axis is split over ``splits`` programs per row block when there are too few row blocks to
-fill the GPU (the last split repeats its final step with weight 0 where they do not divide the steps);
-their fp32 partial sums are added outside.
+where ``x_t`` are the inputs ``w * m + t`` of the step's words: the wrapper lays x out as
+``[m, 16, words]`` (zero-padded to 16 rows) so that each ``x_t`` tile is one contiguous load. Groups
+under 16 words (4 bits: under 128 inputs) are decoded to weights in x's dtype first, as the reference
+rounds them. The input axis is split over ``splits`` programs per row block when there are too few row
+blocks to fill the GPU (the last split repeats its final step with weight 0 where they do not divide
+the steps); their fp32 partial sums are added outside.
 """
 from __future__ import annotations
 
@@ -146,7 +147,10 @@ def scalar_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
     elif offset and not can_offset:
         raise ValueError(f"pallas scalar_matmul: the offset decode needs groups of >= {MIN_DOT_K} words and "
                          f"{bits}-bit codes below {x.dtype}'s {jnp.finfo(x.dtype).nmant + 1} significant bits")
-    # [m, 16, words]: x_t of a step is one [16, bw] tile
+    # [m, 16, words]: x_t of a step is one [16, bw] tile. The barrier keeps XLA from fusing this
+    # transpose into x's producer: in a decode step (SwiGLU of the previous kernel's partial sums) that
+    # fusion took 0.76 ms on an H100; loading x strided instead slowed the kernel by a third.
+    x2 = jax.lax.optimization_barrier(x2)
     xt = jnp.pad(x2, ((0, ROWS - n), (0, k_pad - k_in))).reshape(ROWS, words, m).transpose(2, 0, 1)
     kernel = functools.partial(_kernel, bits=bits, bn=bn, bw=bw, groups=groups, group_words=group_size // m,
                                steps=steps, split_steps=-(-steps // splits), factored=factored, offset=offset)

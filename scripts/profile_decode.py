@@ -60,6 +60,8 @@ def main(argv=None):
     p.add_argument("--bits", default="2")
     p.add_argument("--fuse", action="store_true")
     p.add_argument("--dense", action="store_true", help="profile the fp16 model instead")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--group-size", type=int, default=None, help="the method's group size (default: its own)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)
@@ -70,11 +72,12 @@ def main(argv=None):
         dense = fuse_linears(dense)
     model = dense
     if not args.dense:
-        qargs = build_parser().parse_args(["bench", "decode", "--method", args.method, "--bits", args.bits])
+        extra = ["--group-size", str(args.group_size)] if args.group_size else []
+        qargs = build_parser().parse_args(["bench", "decode", "--method", args.method, "--bits", args.bits, *extra])
         model = db.quantize_shared(model_from_params(dense.config, named_params(dense)), config_from_args(qargs))
-    step, state, cache = db.greedy_step(model, batch=1, cache_len=256)
+    step, state, cache = db.greedy_step(model, batch=args.batch, cache_len=256)
 
-    token = jnp.zeros((1, 1), jnp.int32)
+    token = jnp.zeros((args.batch, 1), jnp.int32)
     for i in range(3):  # compile, warm up
         token, cache = step(state, token, cache, jnp.int32(100 + i))
     token.block_until_ready()
@@ -89,7 +92,8 @@ def main(argv=None):
     by_name = collections.defaultdict(list)
     for e in events:
         by_name[e["name"]].append(e["dur"])
-    print(f"{args.shape} {args.layers} layers, {'fp16' if args.dense else args.method + ' ' + args.bits + '-bit'}"
+    print(f"{args.shape} {args.layers} layers, batch {args.batch}, "
+          f"{'fp16' if args.dense else args.method + ' ' + args.bits + '-bit'}"
           f"{' fused' if args.fuse else ''}: wall {wall:.0f} us/step (profiled), device busy "
           f"{busy_time(events) / args.steps:.0f} us/step, kernel sum {sum(e['dur'] for e in events) / args.steps:.0f}"
           f" us/step, {len(events) / args.steps:.0f} device events/step")
