@@ -15,7 +15,8 @@ Blocking: one program owns ``block_rows`` output rows and walks the input axis
 ``[block_rows, block_cols]`` weight block at once: per weight, its code bytes and its table
 entry are gathered (loads with index arrays from ``codes`` and the 8 KiB table), the sign and
 shift applied elementwise. Products and sums are float32, one accumulator per row of x (1-16);
-rows of x beyond 16 are processed 16 at a time.
+rows of x beyond 16 are processed 16 at a time. ``e8p_matmul`` (2-16 rows) decodes the same blocks
+and multiplies them with x in float16 on tensor cores.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from pallas_kernels.common import over_row_groups, pow2_divisor, triton_params
 
 
 SUPPORTED_BITS = (2, 4)
+TC_ROWS = 16  # e8p_matmul pads x to the 16 rows of a dot
 
 
 def e8p_table(source_set: np.ndarray) -> np.ndarray:
@@ -80,6 +82,70 @@ def _kernel(x_ref, codes_ref, table_ref, o_ref, *, n, bits, groups, bn, bc, step
         o_ref[b, pl.ds(r0, bn)] = acc[b]
 
 
+def _tc_kernel(x_ref, codes_ref, table_ref, o_ref, *, bits, groups, bn, bc, steps, inv_resid):
+    """As ``_kernel`` with the products on tensor cores: the decoded block, rounded to float16 (E8P
+    values are multiples of 1/4: exact; RVQ4's sums round), times the 16 rows of x in one dot per step."""
+    r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
+    rr = jax.lax.broadcasted_iota(jnp.int32, (bn, bc), 0)
+    cc = jax.lax.broadcasted_iota(jnp.int32, (bn, bc), 1)
+    d = cc % 8
+
+    def code16(base, byte):
+        lo = codes_ref[base + byte].astype(jnp.uint32)
+        return lo | (codes_ref[base + byte + 1].astype(jnp.uint32) << 8)
+
+    def body(step, acc):
+        base = ((r0 + rr) * groups + step * (bc // 8) + cc // 8) * bits
+        vals = _decode(code16(base, 0), d, table_ref)
+        if bits == 4:
+            vals = vals + _decode(code16(base, 2), d, table_ref) * jnp.float32(inv_resid)
+        xt = x_ref[:, pl.ds(pl.multiple_of(step * bc, bc), bc)]
+        return acc + jax.lax.dot_general(xt, vals.astype(xt.dtype), (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    o_ref[:, pl.ds(r0, bn)] = jax.lax.fori_loop(0, steps, body, jnp.zeros((TC_ROWS, bn), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "resid_scale", "block_rows", "block_cols", "num_warps",
+                                             "num_stages", "interpret"))
+def e8p_matmul(x: jax.Array, codes: jax.Array, table: jax.Array, *, bits: int, resid_scale: float = 1.0,
+               block_rows: int = 64, block_cols: int = 64, num_warps: int = 4, num_stages: int = 3,
+               interpret: bool = False) -> jax.Array:
+    """``e8p_matvec`` for 1-16 rows of x on tensor cores: x is rounded to float16 (as the CUDA kernel
+    does; values beyond float16's range are an error of the caller's scaling), the output is float32."""
+    _check(x, codes, table, bits)
+    out, groups, _ = codes.shape
+    k_in = x.shape[-1]
+    bn, bc = pow2_divisor(out, block_rows), pow2_divisor(k_in, block_cols)
+    if bn < 16 or bc < 16:
+        raise ValueError(f"pallas e8p_matmul: {out} x {k_in} needs 16-aligned tiles (got {bn} x {bc})")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k_in)
+    n = x2.shape[0]
+    if not 0 < n <= TC_ROWS:
+        raise ValueError(f"pallas e8p_matmul: x must have 1 to {TC_ROWS} rows, got {n}")
+    xh = jnp.pad(x2.astype(jnp.float16), ((0, TC_ROWS - n), (0, 0)))
+    kernel = functools.partial(_tc_kernel, bits=bits, groups=groups, bn=bn, bc=bc, steps=k_in // bc,
+                               inv_resid=1.0 / resid_scale)
+    params = triton_params(interpret, "e8p_matmul", num_warps=num_warps, num_stages=num_stages)
+    y = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((TC_ROWS, out), jnp.float32), grid=(out // bn,),
+                       compiler_params=params, interpret=interpret, name=f"e8p_matmul_{bits}bit")(
+        xh, codes.astype(jnp.uint8).reshape(-1), jnp.asarray(table, jnp.float32).reshape(-1))
+    return y[:n].reshape(*lead, out)
+
+
+def _check(x, codes, table, bits):
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"pallas e8p_matvec: bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if codes.ndim != 3 or codes.shape[2] != bits or codes.shape[1] * 8 != x.shape[-1]:
+        raise ValueError(f"pallas e8p_matvec: codes {codes.shape} do not fit x {x.shape} at {bits} bits "
+                         f"(need [out, in/8, {bits}])")
+    if table.shape != (256, 8):
+        raise ValueError(f"pallas e8p_matvec: table must be [256, 8], got {table.shape}")
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        raise TypeError(f"pallas e8p_matvec: x must be float32, float16 or bfloat16, got {x.dtype}")
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "resid_scale", "block_rows", "block_cols", "num_warps",
                                              "num_stages", "interpret"))
 def e8p_matvec(x: jax.Array, codes: jax.Array, table: jax.Array, *, bits: int, resid_scale: float = 1.0,
@@ -91,15 +157,7 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, table: jax.Array, *, bits: int, r
     resid_scale: RVQ4's residual divisor (ignored at 2 bits). ``interpret=True`` runs on any
     backend (CPU tests).
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"pallas e8p_matvec: bits must be one of {SUPPORTED_BITS}, got {bits}")
-    if codes.ndim != 3 or codes.shape[2] != bits or codes.shape[1] * 8 != x.shape[-1]:
-        raise ValueError(f"pallas e8p_matvec: codes {codes.shape} do not fit x {x.shape} at {bits} bits "
-                         f"(need [out, in/8, {bits}])")
-    if table.shape != (256, 8):
-        raise ValueError(f"pallas e8p_matvec: table must be [256, 8], got {table.shape}")
-    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
-        raise TypeError(f"pallas e8p_matvec: x must be float32, float16 or bfloat16, got {x.dtype}")
+    _check(x, codes, table, bits)
     out, groups, _ = codes.shape
     k_in = x.shape[-1]
     bn, bc = pow2_divisor(out, block_rows), pow2_divisor(k_in, block_cols)

@@ -266,6 +266,16 @@ def vq_kernel_fn(fmt, cfg):
                                               k=qw.bits, **cfg)
 
 
+def _pallas_e8p(x, qw):
+    """The Pallas E8P / RVQ4 decode as the Pallas linear calls it (tensor cores for 2-16 rows)."""
+    import pallas_kernels
+    from jaxquant.codebooks import e8p as jq_e8p
+
+    table = pallas_kernels.e8p_table(jq_e8p.e8p_source_set())
+    decode = pallas_kernels.e8p_matmul if x.shape[0] >= 2 else pallas_kernels.e8p_matvec
+    return decode(x, qw.codes, table, bits=qw.bits, resid_scale=jq_e8p.get_codebook(qw.bits).resid_scale or 1.0)
+
+
 def bench_vq(args, copy_bw, rows):
     """E8P / RVQ4 / QTIP: the decode-matvec kernel alone (x already rotated), and the full linear
     (RHT of x, kernel, inverse RHT of y) through ``matmul(backend=...)``; bytes are the codes plus
@@ -289,6 +299,8 @@ def bench_vq(args, copy_bw, rows):
                 configs = args.vq_configs if fmt in ("e8p", "rvq4") else [{}]
                 cases = [("kernel", (lambda cfg: lambda x, qw: vq_kernel_fn(fmt, cfg)(x, qw))(cfg), ref_kernel, cfg)
                          for cfg in configs]
+                if fmt in ("e8p", "rvq4"):
+                    cases.append(("kernel-pallas", _pallas_e8p, ref_kernel, {}))
                 cases += [("linear-cuda", lambda x, qw: qw.matmul(x, backend="cuda"),
                           np.asarray(sets[0].matmul(xf, backend="reference"), np.float64), {})]
                 ref_linear = cases[-1][2]
@@ -425,7 +437,8 @@ def main(argv=None):
     p.add_argument("--vq", nargs="*", default=[], help="codebook formats: e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 gptvq-d2-k2 ...")
     p.add_argument("--reference", action="store_true", help="also time the codebook formats' jnp reference")
     p.add_argument("--vq-cases", nargs="+", default=["kernel", "linear-cuda"],
-                   help="any of kernel (CUDA, x already rotated), linear-cuda, linear-pallas (full linear, RHT included)")
+                   help="any of kernel (CUDA, x already rotated), kernel-pallas (E8P/RVQ4), linear-cuda, linear-pallas "
+                        "(full linear, RHT included)")
     p.add_argument("--scalar-configs", type=json.loads, default=None,
                    help='scalar CUDA launch configurations as a JSON list instead of the default two (or --sweep\'s), '
                         'e.g. \'[{"variant": 1}, {"variant": 1, "rows_per_warp": 2, "ksplit": 2}]\'')

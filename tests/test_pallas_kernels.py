@@ -178,6 +178,22 @@ def test_e8p_matvec_matches_decode(bits, batch):
     assert rel_err(y, jnp.matmul(x, qw.rotated().T, precision=HIGHEST)) < 1e-5
 
 
+@pytest.mark.parametrize("bits,batch", [(2, 5), (4, 16)])
+def test_e8p_matmul_matches_decode(bits, batch):
+    """Tensor-core version: x rounded to fp16 (relative 2^-11 per element), RVQ4's decoded sums too."""
+    qw = random_quip(40 + bits, 48, 256, bits)
+    x = normal(batch, (batch, 256))
+    table = pallas_kernels.e8p_table(jq_e8p.e8p_source_set())
+    y = pallas_kernels.e8p_matmul(x, qw.codes, table, bits=bits, block_rows=16,
+                                  resid_scale=jq_e8p.get_codebook(bits).resid_scale or 1.0, interpret=INTERPRET)
+    assert y.shape == (batch, 48) and y.dtype == jnp.float32
+    assert rel_err(y, jnp.matmul(x, qw.rotated().T, precision=HIGHEST)) < 2.0**-11
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        pallas_kernels.e8p_matmul(normal(1, (17, 256)), qw.codes, table, bits=bits, interpret=True)
+    with pytest.raises(ValueError, match="16-aligned"):
+        pallas_kernels.e8p_matmul(x, qw.codes[:8], table, bits=bits, interpret=True)
+
+
 def test_e8p_table_decodes_every_code():
     """The kernel's decode rule (table + sign bits + shift) on all 2^16 codes, as one matvec per
     coordinate: x = e_d picks coordinate d of every codeword."""
@@ -197,7 +213,8 @@ def test_quip_matmul_backend_pallas():
     qw = random_quip(44, 32, 384, 4)
     x = normal(41, (2, 384))
     ref = jnp.matmul(x, qw.dequantize().T, precision=HIGHEST)
-    assert rel_err(qw.matmul(x, backend="pallas"), ref) < 1e-5
+    assert rel_err(qw.matmul(x[:1], backend="pallas"), ref[:1]) < 1e-5
+    assert rel_err(qw.matmul(x, backend="pallas"), ref) < 2.0**-11  # 2 rows: tensor cores, x in fp16
 
 
 def test_e8p_matvec_errors():
@@ -231,19 +248,28 @@ def test_kernels_lower_to_triton_for_cuda():
     table = pallas_kernels.e8p_table(jq_e8p.e8p_source_set())
     assert "triton" in lower_for_cuda(lambda x: pallas_kernels.e8p_matvec(x, qw.codes, table, bits=4,
                                                                            resid_scale=3.45), x)
+    assert "triton" in lower_for_cuda(lambda x: pallas_kernels.e8p_matmul(x, qw.codes, table, bits=4,
+                                                                           resid_scale=3.45), x)
     for n in (8, 64, 4096, 32768):
         s = jnp.ones((n,), jnp.float32)
         assert "triton" in lower_for_cuda(lambda x, s=s: pallas_kernels.hadamard(x, s, signs_after=True),
                                           jnp.ones((3, n), jnp.bfloat16)), n
 
 
-def test_auto_never_picks_pallas(monkeypatch):
+def test_auto_picks_pallas_only_where_measured(monkeypatch):
     x = jnp.ones((2, 256), jnp.float32)
     assert dispatch.vq_choice("qtip", None, x, "auto") == "reference" or dispatch.on_gpu()
     monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
     monkeypatch.setattr(dispatch, "_cuda_ready", lambda: False)
     assert dispatch.vq_choice("qtip", None, x, "auto") == "reference"
     assert dispatch.vq_choice("quip#", None, x, "pallas") == "pallas"
+    from jaxquant.formats import tuning  # where the table measured the Pallas linear fastest, if it serves
+
+    monkeypatch.setattr(tuning, "load", lambda path=None: {"choices": {"e8p/2/1": "reference", "e8p/2/8": "pallas"}})
+    assert dispatch.vq_choice("quip#", None, x, "auto", tuned="e8p", bits=2, pallas_issue=None) == "reference"
+    x8 = jnp.ones((8, 256), jnp.float32)
+    assert dispatch.vq_choice("quip#", None, x8, "auto", tuned="e8p", bits=2, pallas_issue=None) == "pallas"
+    assert dispatch.vq_choice("quip#", None, x8, "auto", tuned="e8p", bits=2) == "reference"  # not measured
     with pytest.raises(ValueError, match="backend 'pallas': x dtype int32"):
         dispatch.vq_choice("quip#", None, x.astype(jnp.int32), "pallas")
 
@@ -273,6 +299,20 @@ def test_e8p_matvec_gpu(bits):
         y = pallas_kernels.e8p_matvec(x, qw.codes, table, bits=bits,
                                       resid_scale=jq_e8p.get_codebook(bits).resid_scale or 1.0)
         assert rel_err(y, jnp.matmul(x, qw.rotated().T, precision=HIGHEST)) < 1e-5, batch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4])
+def test_e8p_matmul_gpu(bits):
+    table = pallas_kernels.e8p_table(jq_e8p.e8p_source_set())
+    for out, inp in ((4096, 4096), (11008, 4096), (8192, 28672)):
+        qw = random_quip(300 + bits + out, out, inp, bits)
+        q = qw.rotated()
+        for batch in (2, 8, 16):
+            x = normal(batch, (batch, inp))
+            y = pallas_kernels.e8p_matmul(x, qw.codes, table, bits=bits,
+                                          resid_scale=jq_e8p.get_codebook(bits).resid_scale or 1.0)
+            assert rel_err(y, jnp.matmul(x, q.T, precision=HIGHEST)) < 2.0**-11, (out, inp, batch)
 
 
 @pytest.mark.gpu

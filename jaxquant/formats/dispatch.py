@@ -3,8 +3,8 @@
 - ``reference``: ``dequantize`` then an XLA matmul; every format, shape and device.
 - ``pallas``: the Pallas kernel (``pallas_kernels``), Triton lowering on a GPU; on other backends it
   runs in interpret mode (slow; for tests). Scalar weights with 2-16 rows of 16-bit x take its
-  tensor-core decode-matmul (``pallas_tensor_cores``). ``auto`` never picks it for the codebook formats
-  (E8P, QTIP, GPTVQ; none timed against the alternatives yet): ask for it explicitly.
+  tensor-core decode-matmul (``pallas_tensor_cores``), as do E8P / RVQ4. ``auto`` picks it for a
+  codebook format only where the tuning table measured it fastest (QTIP, GPTVQ: never measured).
 - ``cuda``: the CUDA FFI kernel (``cuda_ffi``), built with nvcc on first use; GPU only. GPTVQ's
   (2-D vectors) is explicit only, like its Pallas one, until timed.
 - ``auto``: the reference on CPU and for more than ``MAX_KERNEL_BATCH`` rows of x (a GEMM beats a
@@ -133,15 +133,16 @@ def pallas_tensor_cores(qw: Any, x: jax.Array) -> bool:
 
 
 def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto", *, tuned: str | None = None,
-              bits: int = 0) -> str:
+              bits: int = 0, pallas_issue: str | None = "no Pallas kernel measured for this format") -> str:
     """``reference``, ``cuda`` or ``pallas`` for a codebook format (E8P, QTIP).
 
     ``issue`` says why the kernel of ``backend`` (the CUDA one for ``auto``) cannot serve this
     weight (None when it can). An explicit ``cuda`` or ``pallas`` raises on an issue (``cuda``
     also off the GPU; ``pallas`` runs in interpret mode there); ``auto`` takes the CUDA kernel on
     a GPU for 1 to ``MAX_KERNEL_BATCH`` rows of x when it serves and builds and the tuning table
-    (entry ``tuned``/``bits``) does not measure the reference faster, else the reference; it
-    never picks ``pallas`` (no measurements of it yet).
+    (entry ``tuned``/``bits``) does not measure the reference faster, else the reference; it picks
+    ``pallas`` only where the table measured it fastest and ``pallas_issue`` (why the Pallas kernel
+    cannot serve; by default every format is unmeasured) is None.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -149,6 +150,7 @@ def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto", 
         return backend
     if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in KERNEL_DTYPES]:
         issue = issue or f"x dtype {x.dtype} is not float32, float16 or bfloat16"
+        pallas_issue = issue
     if backend == "pallas":
         if issue:
             raise ValueError(f"{fmt} format, backend 'pallas': {issue}")
@@ -161,9 +163,12 @@ def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto", 
         if not on_gpu():
             raise cuda_ffi.CudaFFIUnavailable("backend 'cuda' needs a GPU; use 'reference' or 'auto' here")
         return "cuda"
-    if issue or not on_gpu() or not 0 < _batch_rows(x) <= MAX_KERNEL_BATCH or not _cuda_ready():
+    if not on_gpu() or not 0 < _batch_rows(x) <= MAX_KERNEL_BATCH:
         return "reference"
-    if tuned and tuning.preferred(tuned, bits, _batch_rows(x)) == "reference":
+    preferred = tuning.preferred(tuned, bits, _batch_rows(x)) if tuned else None
+    if preferred == "pallas" and pallas_issue is None:
+        return "pallas"
+    if issue or not _cuda_ready() or preferred == "reference":
         return "reference"
     return "cuda"
 

@@ -18,6 +18,7 @@ factor per part (the common Wscale times that part's RMS), applied after the inv
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,8 @@ class QuIPSharpQuantized(QuantizedWeight):
         from jaxquant.formats import dispatch
 
         choice = dispatch.vq_choice(self.format_name, kernel_issue(self, x, backend), x, backend,
-                                    tuned=self.codebook.replace("e8p-", ""), bits=self.bits)
+                                    tuned=self.codebook.replace("e8p-", ""), bits=self.bits,
+                                    pallas_issue=kernel_issue(self, x, "pallas"))
         if choice == "cuda":
             return _matmul_kernel(x, self, "cuda")
         if choice == "pallas":
@@ -119,8 +121,9 @@ def _matmul_kernel(x, qw: QuIPSharpQuantized, kernel: str):
     if kernel == "pallas":
         import pallas_kernels
 
-        y = pallas_kernels.e8p_matvec(xr, qw.codes, _pallas_table(), bits=qw.bits, resid_scale=resid,
-                                      interpret=not dispatch.on_gpu())
+        rows = math.prod(x.shape[:-1])  # 2-16 rows: the tensor-core version
+        decode = pallas_kernels.e8p_matmul if 2 <= rows <= pallas_kernels.E8P_TC_ROWS else pallas_kernels.e8p_matvec
+        y = decode(xr, qw.codes, _pallas_table(), bits=qw.bits, resid_scale=resid, interpret=not dispatch.on_gpu())
     else:
         import cuda_ffi
 

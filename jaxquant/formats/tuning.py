@@ -7,7 +7,8 @@
     python scripts/bench_kernels.py --json run.json && jaxquant bench tune --from run.json
 
 Formats: ``scalar`` (backends ``cuda``, ``pallas``, ``reference``) and the codebook formats of the
-benchmark (``e8p``, ``rvq4``, ``qtip-hyb-k2`` ...; ``cuda`` or ``reference``, from the full-linear rows).
+benchmark (``e8p``, ``rvq4``, ``qtip-hyb-k2`` ...; ``cuda``, ``pallas`` or ``reference``, from the
+full-linear rows: the transforms around the kernel included).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any
 
 TABLE = pathlib.Path(__file__).with_name("tuning.json")
 SCALAR_BACKENDS = ("cuda", "pallas", "reference")
-LINEAR_BACKENDS = {"linear-cuda": "cuda", "linear-reference": "reference"}  # codebook formats' rows
+LINEAR_BACKENDS = {"linear-cuda": "cuda", "linear-pallas": "pallas", "linear-reference": "reference"}
 
 
 def _rows(results: dict[str, Any]) -> list[dict[str, Any]]:
