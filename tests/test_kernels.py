@@ -86,9 +86,8 @@ UNIT_ROUNDOFF = {jnp.float16: 2.0**-11, jnp.bfloat16: 2.0**-8}
     (4, 32, 768, 128, 4, jnp.bfloat16, 4, None),      # 6 steps over 4 splits: 2 repeated steps weighted 0
     (8, 32, 256, 64, 2, jnp.bfloat16, None, None),    # 8-bit codes do not fit bf16's offset: converted
     (8, 32, 256, 64, 3, jnp.float16, None, True),     # 1024 + q
-    (2, 32, 1024, 64, 9, jnp.float16, None, None),    # 4-word groups: 4 per step, one dot each
+    (2, 32, 1024, 64, 9, jnp.float16, None, None),    # 4-word groups: weights decoded before the dots
     (4, 48, 500, 32, 3, jnp.bfloat16, 3, None),       # 4-word groups; x padded to the rows' whole groups
-    (2, 32, 1024, 128, 6, jnp.bfloat16, 2, False),    # 8-word groups (2-bit g128), codes converted
 ])
 def test_pallas_scalar_matmul_interpret(bits, out, inp, group, batch, dtype, splits, offset):
     qw = random_scalar(jax.random.key(bits * 1000 + out + batch), out, inp, bits, group)
@@ -100,11 +99,9 @@ def test_pallas_scalar_matmul_interpret(bits, out, inp, group, batch, dtype, spl
 
 
 def test_pallas_scalar_matmul_plan_and_errors():
-    # 4 bits, groups of 128: 16-word steps inside a group; groups of 64 (8 words): two per step
-    assert pallas_kernels.plan_tc(4096, 1024, 4, 128) == (128, 16, 1)
-    assert pallas_kernels.plan_tc(4096, 1024, 4, 64) == (128, 16, 2)
-    with pytest.raises(ValueError, match="16-aligned"):
-        pallas_kernels.plan_tc(4096, 1536, 4, 96)  # 12-word groups straddle 16-word steps
+    # 4 bits, groups of 128: 16-word steps inside a group; groups of 64 (8 words) decode weights
+    assert pallas_kernels.plan_tc(4096, 1024, 4, 128) == (128, 16, True)
+    assert pallas_kernels.plan_tc(4096, 1024, 4, 64) == (128, 16, False)
     with pytest.raises(ValueError, match="16-aligned"):
         pallas_kernels.plan_tc(32, 40, 2, 64)  # 40 words per row: no 16-word step
     qw = random_scalar(jax.random.key(5), 64, 512, 4, 128)
@@ -241,7 +238,7 @@ def test_pallas_scalar_matvec_gpu(bits):
 @pytest.mark.gpu
 def test_pallas_scalar_matmul_gpu():
     """The tensor-core kernel at Llama and small shapes: each decode (128 + q, 1024 + q, converted,
-    several groups per step), 2 to 16 rows, both 16-bit types."""
+    weights decoded for small groups), 2 to 16 rows, both 16-bit types."""
     cases = [(4, 4096, 4096, 128, 8, jnp.float16), (4, 8192, 28672, 128, 16, jnp.bfloat16),
              (4, 4096, 11008, 128, 2, jnp.bfloat16), (2, 11008, 4096, 128, 16, jnp.bfloat16),
              (2, 4096, 4096, 256, 4, jnp.float16), (8, 4096, 4096, 128, 8, jnp.bfloat16),
