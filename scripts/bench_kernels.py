@@ -127,7 +127,6 @@ def rel_err(y, ref) -> float:
 
 def backends(args):
     import cuda_ffi
-    import pallas_kernels
 
     out = [("reference", {}, lambda x, qw: qw.matmul(x, backend="reference"))]
     if "cuda" in args.backends:
