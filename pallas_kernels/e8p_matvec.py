@@ -58,7 +58,8 @@ def _decode(c: jax.Array, d: jax.Array, table_ref) -> jax.Array:
     return jnp.where(neg, -a, a) + shift
 
 
-def _kernel(x_ref, codes_ref, table_ref, o_ref, *, n, bits, groups, bn, bc, steps, inv_resid):
+def _block_decoder(codes_ref, table_ref, *, bits, groups, bn, bc, inv_resid):
+    """``decode(step)``: the float32 values of this program's ``[bn, bc]`` weight block at ``step``."""
     r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
     rr = jax.lax.broadcasted_iota(jnp.int32, (bn, bc), 0)
     cc = jax.lax.broadcasted_iota(jnp.int32, (bn, bc), 1)
@@ -68,41 +69,42 @@ def _kernel(x_ref, codes_ref, table_ref, o_ref, *, n, bits, groups, bn, bc, step
         lo = codes_ref[base + byte].astype(jnp.uint32)
         return lo | (codes_ref[base + byte + 1].astype(jnp.uint32) << 8)
 
-    def body(step, acc):
+    def decode(step):
         base = ((r0 + rr) * groups + step * (bc // 8) + cc // 8) * bits  # first byte of the weight's code
         vals = _decode(code16(base, 0), d, table_ref)
         if bits == 4:
             vals = vals + _decode(code16(base, 2), d, table_ref) * jnp.float32(inv_resid)
+        return vals
+
+    return decode
+
+
+def _kernel(x_ref, codes_ref, table_ref, o_ref, *, n, bn, bc, steps, **block):
+    decode = _block_decoder(codes_ref, table_ref, bn=bn, bc=bc, **block)
+
+    def body(step, acc):
+        vals = decode(step)
         c0 = pl.multiple_of(step * bc, bc)
         return tuple(acc[b] + jnp.sum(vals * x_ref[b, pl.ds(c0, bc)].astype(jnp.float32)[None, :], axis=1)
                      for b in range(n))
 
     acc = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(n)))
+    r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
     for b in range(n):
         o_ref[b, pl.ds(r0, bn)] = acc[b]
 
 
-def _tc_kernel(x_ref, codes_ref, table_ref, o_ref, *, bits, groups, bn, bc, steps, inv_resid):
+def _tc_kernel(x_ref, codes_ref, table_ref, o_ref, *, bn, bc, steps, **block):
     """As ``_kernel`` with the products on tensor cores: the decoded block, rounded to float16 (E8P
     values are multiples of 1/4: exact; RVQ4's sums round), times the 16 rows of x in one dot per step."""
-    r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
-    rr = jax.lax.broadcasted_iota(jnp.int32, (bn, bc), 0)
-    cc = jax.lax.broadcasted_iota(jnp.int32, (bn, bc), 1)
-    d = cc % 8
-
-    def code16(base, byte):
-        lo = codes_ref[base + byte].astype(jnp.uint32)
-        return lo | (codes_ref[base + byte + 1].astype(jnp.uint32) << 8)
+    decode = _block_decoder(codes_ref, table_ref, bn=bn, bc=bc, **block)
 
     def body(step, acc):
-        base = ((r0 + rr) * groups + step * (bc // 8) + cc // 8) * bits
-        vals = _decode(code16(base, 0), d, table_ref)
-        if bits == 4:
-            vals = vals + _decode(code16(base, 2), d, table_ref) * jnp.float32(inv_resid)
         xt = x_ref[:, pl.ds(pl.multiple_of(step * bc, bc), bc)]
-        return acc + jax.lax.dot_general(xt, vals.astype(xt.dtype), (((1,), (1,)), ((), ())),
+        return acc + jax.lax.dot_general(xt, decode(step).astype(xt.dtype), (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 
+    r0 = pl.multiple_of(pl.program_id(0) * bn, bn)
     o_ref[:, pl.ds(r0, bn)] = jax.lax.fori_loop(0, steps, body, jnp.zeros((TC_ROWS, bn), jnp.float32))
 
 
