@@ -563,9 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_args(q)
     q.set_defaults(fn=cmd_bench_decode)
 
-    q = bench.add_parser("tune", help="refresh the kernel choice of backend='auto' from a scripts/bench_kernels.py run")
+    bench.add_parser("kernels", add_help=False,
+                     help="decode-matvec and Hadamard kernels at Llama layer shapes against the fp16 matvec and a "
+                          "device copy (jaxquant bench kernels --help: its options)")
+
+    q = bench.add_parser("tune", help="refresh the kernel choice of backend='auto' from `jaxquant bench kernels` runs")
     q.add_argument("--from", dest="source", nargs="+", required=True,
-                   help="results JSON files of scripts/bench_kernels.py (several: each backend's best time per "
+                   help="results JSON files of `jaxquant bench kernels --json` (several: each backend's best time per "
                         "shape over all of them)")
     q.add_argument("--out", help="table to write (default: the one stored with the package)")
     q.set_defaults(fn=cmd_bench_tune)
@@ -591,6 +595,11 @@ DEMO_DEFAULTS = {"bits": 4, "group_size": 64}  # applied where the chosen method
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "kernels"]:  # its own parser (jaxquant/kernel_bench.py) takes the rest
+        from jaxquant import kernel_bench
+
+        return kernel_bench.main(argv[2:])
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from jaxquant.methods import METHODS

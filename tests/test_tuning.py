@@ -79,3 +79,17 @@ def test_bench_tune_command(tmp_path, capsys):
     assert table["choices"]["scalar/4/1"] == "pallas" and table["source"] == f"{src} + {faster}"
     with pytest.raises(SystemExit, match="cannot read"):
         cli.main(["bench", "tune", "--from", str(tmp_path / "missing.json"), "--out", str(tmp_path / "t2.json")])
+
+
+def test_bench_kernels_command_feeds_bench_tune(tmp_path):
+    """`jaxquant bench kernels` (its own parser behind the CLI) writes rows that `bench tune` reads."""
+    from jaxquant import cli
+
+    run = tmp_path / "run.json"
+    cli.main(["bench", "kernels", "--shapes", "32x256", "--bits", "4", "--batch", "2", "--backends", "pallas",
+              "--hadamard-n", "--copy-mib", "1", "--json", str(run)])
+    rows = json.loads(run.read_text())["results"]
+    assert {r["backend"] for r in rows} >= {"fp16-xla", "reference", "pallas"}
+    assert all(np.isfinite(r["us"]) and r["rel_err"] < 1e-2 for r in rows)
+    cli.main(["bench", "tune", "--from", str(run), "--out", str(tmp_path / "table.json")])
+    assert json.loads((tmp_path / "table.json").read_text())["choices"]["scalar/4/2"] in ("pallas", "reference")

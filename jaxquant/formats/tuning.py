@@ -1,10 +1,10 @@
 """The measured kernel choice per format, bits and batch, which ``backend="auto"`` follows on a GPU.
 
-``tuning.json`` beside this file is derived from a ``scripts/bench_kernels.py`` results file: for each
+``tuning.json`` beside this file is derived from ``jaxquant bench kernels`` results files: for each
 (format, bits, batch) the backend with the lowest geometric-mean time over the shapes measured
 (successful rows at the kernels' automatic launch configuration). Refresh it on the device with
 
-    python scripts/bench_kernels.py --json run.json && jaxquant bench tune --from run.json
+    jaxquant bench kernels --json run.json && jaxquant bench tune --from run.json
 
 Formats: ``scalar`` (backends ``cuda``, ``pallas``, ``reference``) and the codebook formats of the
 benchmark (``e8p``, ``rvq4``, ``qtip-hyb-k2`` ...; ``cuda``, ``pallas`` or ``reference``, from the
