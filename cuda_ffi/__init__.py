@@ -5,7 +5,7 @@ the FFI targets for the CUDA platform; ``CudaFFIUnavailable`` says why they cann
 """
 from cuda_ffi.build import CudaFFIUnavailable, available, compile_library, load
 from cuda_ffi.ops import (e8p_abs_table, e8p_matvec, hadamard, hadamard_k, hadamard_k_factor, qtip_matvec,
-                          scalar_matvec, vq2_matvec)
+                          scalar_matvec, scalar_mma, vq2_matvec)
 
 __all__ = ["CudaFFIUnavailable", "available", "compile_library", "e8p_abs_table", "e8p_matvec", "hadamard",
-           "hadamard_k", "hadamard_k_factor", "load", "qtip_matvec", "scalar_matvec", "vq2_matvec"]
+           "hadamard_k", "hadamard_k_factor", "load", "qtip_matvec", "scalar_matvec", "scalar_mma", "vq2_matvec"]

@@ -28,6 +28,7 @@ LIBRARY_STEM = "libjaxquant_cuda_ffi"
 # FFI target name -> exported handler symbol.
 TARGETS = {
     "jaxquant_scalar_matvec": "JaxquantScalarMatvec",
+    "jaxquant_scalar_mma": "JaxquantScalarMma",
     "jaxquant_hadamard": "JaxquantHadamard",
     "jaxquant_hadamard_k": "JaxquantHadamardK",
     "jaxquant_e8p_matvec": "JaxquantE8pMatvec",

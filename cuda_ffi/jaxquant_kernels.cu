@@ -789,6 +789,186 @@ ffi::Error ScalarMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<f
 }
 
 // ------------------------------------------------------------------------------------------
+// Scalar 4-bit decode-matmul on tensor cores (2-16 rows of 16-bit x; built, not yet run on a GPU)
+// ------------------------------------------------------------------------------------------
+// mma.m16n8k16: A = 16 weight rows x 16 inputs, B = 16 inputs x 8 rows of x (two n-tiles for 9-16),
+// fp32 accumulators. The input axis is permuted the same way in A and B so that every code word is
+// read by one lane only: per step of 128 inputs (16 words of a row), lane (g = lane / 4, q = lane % 4)
+// loads words 4q .. 4q + 3 of rows g and g + 8 as one 16-byte load each. Word j's nibbles t = 0..7
+// (inputs 32q + 8j + t of the step) fill two k-tiles: (t0, t4) and (t1, t5) the slots {2q, 2q + 1}
+// and {2q + 8, 2q + 9} of the first, (t2, t6) and (t3, t7) those of the second; one shift and one
+// LOP3 make each pair, as the fp16 (bf16) bits of OFFSET + q with OFFSET = 1024 (128). B takes x's
+// same 8 inputs of row g (one 16-byte load, regrouped by byte permutes). Per group (128 inputs or a
+// multiple) the products start from zero and fold into the output as s * (d - (z + OFFSET) * sum x).
+// Output: fp32 partial sums [splits, 8 * NT, out] over contiguous whole groups; the caller adds them.
+
+constexpr int kMmaWarps = 4;   // warps per block
+constexpr int kMmaTiles = 4;   // 16-row tiles per warp: 256 rows per block
+
+struct MmaArgs {
+  const uint4* x;          // [8 * NT, kpad] 16-bit x (zero-padded rows and inputs), as uint4
+  const float* xsum;       // [8 * NT, groups]: x summed over each group
+  const uint32_t* codes;   // [out, words], words = kpad / 8
+  const __half* scale;     // [out, groups]
+  const __half* zero;      // [out, groups]
+  float* parts;            // [splits, 8 * NT, out]
+  int out, words, groups, steps, steps_per_group, steps_per_split;
+};
+
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#endif
+}
+
+__device__ __forceinline__ uint32_t uint4_at(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+template <class T, int NT>
+__global__ void __launch_bounds__(32 * kMmaWarps) scalar_mma4_kernel(MmaArgs a) {
+  constexpr uint32_t kOffsetBits = std::is_same_v<T, __half> ? 0x64006400u : 0x43004300u;
+  constexpr float kOffset = std::is_same_v<T, __half> ? 1024.f : 128.f;
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int row0 = (blockIdx.x * kMmaWarps + (threadIdx.x >> 5)) * 16 * kMmaTiles;
+  if (row0 >= a.out) return;  // no barriers below: idle warps may leave
+  const int s0 = blockIdx.y * a.steps_per_split, s1 = min(a.steps, s0 + a.steps_per_split);
+  const int kpad_u4 = a.words;  // a row of x: kpad 16-bit values = words * 8 = words uint4
+  const uint4* rowp[kMmaTiles][2];
+  int rows[kMmaTiles][2];
+  static_for<kMmaTiles>([&](auto t) {
+    static_for<2>([&](auto h) {
+      rows[t][h] = row0 + 16 * t + g + 8 * h;
+      const int row = min(rows[t][h], a.out - 1);  // past the end: the last row, never stored
+      rowp[t][h] = reinterpret_cast<const uint4*>(a.codes + static_cast<size_t>(row) * a.words) + q;
+    });
+  });
+  float acc[kMmaTiles][NT][4] = {};
+  float d[kMmaTiles][NT][4] = {};
+  for (int s = s0; s < s1; ++s) {
+    uint4 w[kMmaTiles][2];
+    static_for<kMmaTiles>([&](auto t) {
+      static_for<2>([&](auto h) { w[t][h] = __ldcs(rowp[t][h] + 4 * static_cast<size_t>(s)); });
+    });
+    uint32_t b[NT][8][2];
+    static_for<NT>([&](auto nt) {
+      const uint4* xp = a.x + static_cast<size_t>(g + 8 * nt) * kpad_u4 + 16 * static_cast<size_t>(s) + 4 * q;
+      static_for<4>([&](auto j) {
+        const uint4 v = xp[j];  // inputs 32q + 8j + 0..7 of the step
+        b[nt][2 * j][0] = __byte_perm(v.x, v.z, 0x5410);
+        b[nt][2 * j][1] = __byte_perm(v.x, v.z, 0x7632);
+        b[nt][2 * j + 1][0] = __byte_perm(v.y, v.w, 0x5410);
+        b[nt][2 * j + 1][1] = __byte_perm(v.y, v.w, 0x7632);
+      });
+    });
+    static_for<kMmaTiles>([&](auto t) {
+      static_for<4>([&](auto j) {
+        const uint32_t lo = uint4_at(w[t][0], j), hi = uint4_at(w[t][1], j);  // rows g, g + 8
+        const uint32_t a0[4] = {(lo & 0x000F000Fu) | kOffsetBits, (hi & 0x000F000Fu) | kOffsetBits,
+                                ((lo >> 4) & 0x000F000Fu) | kOffsetBits, ((hi >> 4) & 0x000F000Fu) | kOffsetBits};
+        const uint32_t a1[4] = {((lo >> 8) & 0x000F000Fu) | kOffsetBits, ((hi >> 8) & 0x000F000Fu) | kOffsetBits,
+                                ((lo >> 12) & 0x000F000Fu) | kOffsetBits, ((hi >> 12) & 0x000F000Fu) | kOffsetBits};
+        static_for<NT>([&](auto nt) {
+          mma_16816<T>(d[t][nt], a0, b[nt][2 * j][0], b[nt][2 * j][1]);
+          mma_16816<T>(d[t][nt], a1, b[nt][2 * j + 1][0], b[nt][2 * j + 1][1]);
+        });
+      });
+    });
+    if ((s + 1) % a.steps_per_group == 0 || s + 1 == s1) {  // the group ends: fold and restart
+      const int grp = s / a.steps_per_group;
+      static_for<kMmaTiles>([&](auto t) {
+        float sc[2], zo[2];
+        static_for<2>([&](auto h) {
+          const size_t i = static_cast<size_t>(min(rows[t][h], a.out - 1)) * a.groups + grp;
+          sc[h] = __half2float(a.scale[i]);
+          zo[h] = __half2float(a.zero[i]) + kOffset;
+        });
+        static_for<NT>([&](auto nt) {
+          const float xs0 = a.xsum[static_cast<size_t>(8 * nt + 2 * q) * a.groups + grp];
+          const float xs1 = a.xsum[static_cast<size_t>(8 * nt + 2 * q + 1) * a.groups + grp];
+          acc[t][nt][0] += sc[0] * (d[t][nt][0] - zo[0] * xs0);
+          acc[t][nt][1] += sc[0] * (d[t][nt][1] - zo[0] * xs1);
+          acc[t][nt][2] += sc[1] * (d[t][nt][2] - zo[1] * xs0);
+          acc[t][nt][3] += sc[1] * (d[t][nt][3] - zo[1] * xs1);
+          static_for<4>([&](auto e) { d[t][nt][e] = 0.f; });
+        });
+      });
+    }
+  }
+  float* out = a.parts + static_cast<size_t>(blockIdx.y) * 8 * NT * a.out;
+  static_for<kMmaTiles>([&](auto t) {
+    static_for<NT>([&](auto nt) {
+      static_for<4>([&](auto e) {
+        const int row = rows[t][e / 2], xrow = 8 * nt + 2 * q + (e & 1);
+        if (row < a.out) out[static_cast<size_t>(xrow) * a.out + row] = acc[t][nt][e];
+      });
+    });
+  });
+}
+
+ffi::Error ScalarMmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> xsum,
+                         ffi::Buffer<ffi::S32> codes, ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> zero,
+                         ffi::Result<ffi::Buffer<ffi::F32>> parts, int64_t group_size) {
+  int dt = 0;
+  if (!dtype_code(x.element_type(), &dt) || dt == kF32) {
+    return ffi::Error::InvalidArgument("scalar_mma: x must be float16 or bfloat16");
+  }
+  auto xd = x.dimensions();
+  auto cd = codes.dimensions();
+  auto pd = parts->dimensions();
+  if (xd.size() != 2 || cd.size() != 2 || pd.size() != 3 || xsum.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("scalar_mma: x [8 NT, kpad], xsum [8 NT, groups], codes [out, words], "
+                                       "parts [splits, 8 NT, out]");
+  }
+  MmaArgs a{};
+  a.out = static_cast<int>(cd[0]);
+  a.words = static_cast<int>(cd[1]);
+  const int nrows = static_cast<int>(xd[0]), splits = static_cast<int>(pd[0]);
+  if ((nrows != 8 && nrows != 16) || xd[1] != static_cast<int64_t>(a.words) * 8 || a.words % 16 ||
+      group_size % 128 || pd[1] != nrows || pd[2] != cd[0] || splits < 1) {
+    return ffi::Error::InvalidArgument("scalar_mma: 8 or 16 rows of x, 8 inputs per code word, words a "
+                                       "multiple of 16, groups a multiple of 128, parts [splits, rows, out]");
+  }
+  a.groups = static_cast<int>(scale.element_count() / a.out);
+  a.steps = a.words / 16;
+  a.steps_per_group = static_cast<int>(group_size / 128);
+  if (static_cast<int64_t>(a.groups) * a.out != static_cast<int64_t>(scale.element_count()) ||
+      zero.element_count() != scale.element_count() || a.groups * a.steps_per_group < a.steps ||
+      xsum.dimensions()[0] != nrows || xsum.dimensions()[1] != a.groups) {
+    return ffi::Error::InvalidArgument("scalar_mma: scale/zero [out, groups] and xsum [rows, groups] disagree");
+  }
+  const int ngroups = (a.steps + a.steps_per_group - 1) / a.steps_per_group;
+  a.steps_per_split = ((ngroups + splits - 1) / splits) * a.steps_per_group;  // whole groups per split
+  a.x = reinterpret_cast<const uint4*>(x.untyped_data());
+  a.xsum = xsum.typed_data();
+  a.codes = reinterpret_cast<const uint32_t*>(codes.typed_data());
+  a.scale = reinterpret_cast<const __half*>(scale.typed_data());
+  a.zero = reinterpret_cast<const __half*>(zero.typed_data());
+  a.parts = parts->typed_data();
+  // splits left without steps (more splits than groups) write zeros
+  cudaError_t err = cudaMemsetAsync(a.parts, 0, parts->size_bytes(), stream);
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("scalar_mma: ") + cudaGetErrorString(err));
+  const dim3 grid((a.out + 16 * kMmaTiles * kMmaWarps - 1) / (16 * kMmaTiles * kMmaWarps), splits);
+  const bool f16 = dt == kF16, two = nrows == 16;
+  if (f16 && two) scalar_mma4_kernel<__half, 2><<<grid, 32 * kMmaWarps, 0, stream>>>(a);
+  else if (f16) scalar_mma4_kernel<__half, 1><<<grid, 32 * kMmaWarps, 0, stream>>>(a);
+  else if (two) scalar_mma4_kernel<__nv_bfloat16, 2><<<grid, 32 * kMmaWarps, 0, stream>>>(a);
+  else scalar_mma4_kernel<__nv_bfloat16, 1><<<grid, 32 * kMmaWarps, 0, stream>>>(a);
+  return launch_error("scalar_mma launch");
+}
+
+// ------------------------------------------------------------------------------------------
 // E8P (QuIP#) decode-matvec: y_r = Q @ xr in the rotated domain (the RHT stays outside)
 // ------------------------------------------------------------------------------------------
 // Codes (jaxquant/formats/quip_sharp.py): per 8 weights `bits` bytes; the E8P12 16-bit code is
@@ -2340,6 +2520,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantScalarMatvec, ScalarMatvecImpl,
                                   .Attr<int64_t>("warps")
                                   .Attr<int64_t>("ksplit")
                                   .Attr<int64_t>("variant"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantScalarMma, ScalarMmaImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("group_size"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantHadamard, HadamardImpl,

@@ -69,6 +69,44 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
     return y.reshape(*lead, out)
 
 
+def scalar_mma(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, *, group_size: int,
+               splits: int = 0, register: bool = True) -> jax.Array:
+    """4-bit ``scalar_matvec`` for 1-16 rows of float16/bfloat16 x on tensor cores (``mma.sync``).
+
+    Built and compiled, not yet run on a GPU (cuda_ffi/NOTES.md, session 10): opt-in only, no
+    backend picks it. Needs groups of a multiple of 128 inputs and rows padded to whole groups (as
+    ``jaxquant.formats.packing`` stores them). ``splits``: programs along the input axis, each whole
+    groups (0: about two per SM of an H100); their fp32 partial sums are added here.
+    """
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"scalar_mma: x must be float16 or bfloat16, got {x.dtype}")
+    if group_size <= 0 or group_size % 128:
+        raise ValueError(f"scalar_mma: group_size must be a multiple of 128, got {group_size}")
+    out, words = codes.shape
+    kpad = words * 8
+    lead, k_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k_in)
+    n = x2.shape[0]
+    if not 0 < n <= 16 or k_in > kpad or kpad % group_size:
+        raise ValueError(f"scalar_mma: x {x.shape} does not fit 1-16 rows of codes [{out}, {words}] (4 bits) "
+                         f"in whole groups of {group_size}")
+    if register:
+        build.load()
+    rows = 8 if n <= 8 else 16
+    x2 = jax.lax.optimization_barrier(x2)  # keep the padding out of x's producer (see pallas_kernels.scalar_matmul)
+    xp = jnp.pad(x2, ((0, rows - n), (0, kpad - k_in)))
+    scale = scale.reshape(out, -1).astype(jnp.float16)
+    zero = zero.reshape(out, -1).astype(jnp.float16)
+    groups = scale.shape[1]
+    xsum = xp.astype(jnp.float32).reshape(rows, kpad // group_size, group_size).sum(-1)
+    xsum = jnp.pad(xsum, ((0, 0), (0, groups - kpad // group_size)))
+    blocks = -(-out // 256)
+    splits = splits or max(1, min(kpad // group_size, 264 // blocks))
+    parts = jax.ffi.ffi_call("jaxquant_scalar_mma", jax.ShapeDtypeStruct((splits, rows, out), jnp.float32),
+                             vmap_method="sequential")(xp, xsum, codes, scale, zero, group_size=np.int64(group_size))
+    return parts.sum(0)[:n].astype(x.dtype).reshape(*lead, out)
+
+
 def hadamard(x: jax.Array, signs: jax.Array | None = None, *, normalize: bool = True,
              signs_after: bool = False, sum_parts: bool = False, register: bool = True) -> jax.Array:
     """Walsh-Hadamard transform (Sylvester order) of the last axis, n = 2^p <= 32768.

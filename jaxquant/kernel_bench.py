@@ -126,20 +126,28 @@ def rel_err(y, ref) -> float:
 
 
 def backends(args):
-    import cuda_ffi
-
     out = [("reference", {}, lambda x, qw: qw.matmul(x, backend="reference"))]
     if "cuda" in args.backends:
         configs = args.scalar_configs or (CUDA_CONFIGS if args.sweep else [CUDA_CONFIGS[0], dict(variant=1)])
         for cfg in configs:
-            out.append(("cuda", cfg, lambda x, qw, cfg=cfg: cuda_ffi.scalar_matvec(
-                x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size, **cfg)))
+            out.append(("cuda", cfg, functools.partial(_cuda_scalar, cfg)))
     if "pallas" in args.backends:
         # {}: what backend="pallas" runs (the tensor-core kernel for 2-16 rows of 16-bit x)
         configs = args.pallas_configs or ([{}, *PALLAS_CONFIGS, *PALLAS_TC_CONFIGS] if args.sweep else [{}])
         for cfg in configs:
             out.append(("pallas", cfg, functools.partial(_pallas_scalar, cfg)))
     return out
+
+
+def _cuda_scalar(cfg, x, qw):
+    """The CUDA scalar kernel at launch configuration ``cfg``, or with ``cfg["mma"]`` the 4-bit
+    tensor-core one (``cuda_ffi.scalar_mma``) at the rest of ``cfg``."""
+    import cuda_ffi
+
+    cfg = dict(cfg)
+    if cfg.pop("mma", False):
+        return cuda_ffi.scalar_mma(x, qw.codes, qw.scale, qw.zero, group_size=qw.group_size, **cfg)
+    return cuda_ffi.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size, **cfg)
 
 
 def _pallas_scalar(cfg, x, qw):
@@ -200,7 +208,9 @@ def bench_matvec(args, copy_bw, rows):
                         continue
                     if cfg.get("variant") and (bits not in (2, 4) or batch != 1):  # the half2 decode's only cases
                         continue
-                    if cfg.get("tc") and dtype == jnp.float32:  # the dots take 16-bit x
+                    if (cfg.get("tc") or cfg.get("mma")) and dtype == jnp.float32:  # the dots take 16-bit x
+                        continue
+                    if cfg.get("mma") and (bits != 4 or args.group_size % 128):
                         continue
                     row = dict(kind="matvec", model=model, out=out, inp=inp, bits=bits, batch=batch,
                                backend=name, config=cfg, group_size=args.group_size, bytes=nbytes)
@@ -440,7 +450,8 @@ def main(argv=None):
                         "(full linear, RHT included)")
     p.add_argument("--scalar-configs", type=json.loads, default=None,
                    help='scalar CUDA launch configurations as a JSON list instead of the default two (or --sweep\'s), '
-                        'e.g. \'[{"variant": 1}, {"variant": 1, "rows_per_warp": 2, "ksplit": 2}]\'')
+                        'e.g. \'[{"variant": 1}, {"variant": 1, "rows_per_warp": 2, "ksplit": 2}]\'; "mma": true takes '
+                        'the 4-bit tensor-core kernel (cuda_ffi.scalar_mma; "splits" its option)')
     p.add_argument("--pallas-configs", type=json.loads, default=None,
                    help='scalar Pallas configurations as a JSON list instead of the default (what backend="pallas" '
                         'runs) or --sweep\'s; "tc": true takes the tensor-core kernel, e.g. '

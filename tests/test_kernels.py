@@ -156,6 +156,15 @@ def test_cuda_ffi_calls_lower_for_cuda():
     text = _lower_for_cuda(lambda x: cuda_ops.scalar_matvec(  # 9 rows: calls of 4, 4 and 1
         x, qw.codes, qw.scale, qw.zero, bits=3, group_size=128, register=False), jnp.ones((9, 512), jnp.float16))
     assert text.count("custom_call @jaxquant_scalar_matvec(") == 3
+    qw4 = random_scalar(jax.random.key(4), 256, 1024, 4, 128)
+    text = _lower_for_cuda(lambda x: cuda_ops.scalar_mma(x, qw4.codes, qw4.scale, qw4.zero, group_size=128,
+                                                         register=False), jnp.ones((5, 1024), jnp.bfloat16))
+    assert "jaxquant_scalar_mma" in text
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        cuda_ops.scalar_mma(jnp.ones((2, 1024)), qw4.codes, qw4.scale, qw4.zero, group_size=128, register=False)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        cuda_ops.scalar_mma(jnp.ones((2, 1024), jnp.float16), qw4.codes, qw4.scale, qw4.zero, group_size=64,
+                            register=False)
     signs = jnp.ones((1024,), jnp.float32)
     text = _lower_for_cuda(lambda x: cuda_ops.hadamard(x, signs, register=False), jnp.ones((4, 1024), jnp.bfloat16))
     assert "jaxquant_hadamard" in text
@@ -251,6 +260,22 @@ def test_pallas_scalar_matmul_gpu():
         y = jax.jit(lambda x, qw: qw.matmul(x, backend="pallas"))(x, qw)
         assert dispatch.pallas_tensor_cores(qw, x)
         assert rel_err(y, reference(qw, x)) < UNIT_ROUNDOFF[dtype], (bits, out, inp, group, batch, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_scalar_mma_gpu():
+    """The 4-bit tensor-core CUDA kernel (built in session 10, first run on a GPU by this test): Llama
+    and small shapes, groups of 128 and 256, 1-16 rows, both 16-bit types, default and forced splits."""
+    cases = [(4096, 4096, 128), (11008, 4096, 128), (4096, 11008, 128), (8192, 28672, 128), (300, 1024, 256)]
+    for i, (out, inp, group) in enumerate(cases):
+        qw = random_scalar(jax.random.key(30_000 + i), out, inp, 4, group)
+        for batch, dtype, splits in ((1, jnp.bfloat16, 0), (5, jnp.float16, 0), (8, jnp.bfloat16, 3),
+                                     (16, jnp.float16, 0), (13, jnp.bfloat16, 1)):
+            x = jax.random.normal(jax.random.key(31_000 + batch), (batch, inp), jnp.float32).astype(dtype)
+            y = jax.jit(lambda x, qw: cuda_ffi.scalar_mma(x, qw.codes, qw.scale, qw.zero, group_size=group,
+                                                          splits=splits))(x, qw)
+            assert y.shape == (batch, out) and y.dtype == dtype
+            assert rel_err(y, reference(qw, x)) < UNIT_ROUNDOFF[dtype], (out, inp, group, batch, dtype, splits)
 
 
 @pytest.mark.gpu
