@@ -128,6 +128,66 @@ def test_pallas_backend_takes_tensor_cores_for_2_to_16_rows_of_16_bit_x():
     assert not dispatch.pallas_tensor_cores(narrow, jnp.ones((4, 512), jnp.bfloat16))
 
 
+def _byte_perm(x: int, y: int, sel: int) -> int:
+    """CUDA's __byte_perm for selectors 0-7 (bytes 0-3 of x, 4-7 of y)."""
+    b = (x | (y << 32)).to_bytes(8, "little")
+    return int.from_bytes(bytes(b[(sel >> (4 * i)) & 7] for i in range(4)), "little")
+
+
+def _halves(u: int, dtype) -> tuple[float, float]:
+    return tuple(float(v) for v in np.array([u & 0xFFFF, u >> 16], np.uint16).view(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+def test_scalar_mma_fragment_mapping_emulated(dtype):
+    """scalar_mma4_kernel's per-lane work, step by step in Python, for one 16-row tile, 8 rows of x and
+    one 128-input group: its A registers from the lane's code words (OFFSET + q by shift and mask), its
+    B registers from 8 inputs of x by byte permutes, mma.m16n8k16 placed by the PTX fragment layout,
+    the fold with scale, zero and the group's sum of x -- against (q - z) * s @ x."""
+    import ml_dtypes
+
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    offset_bits, offset = (0x64006400, 1024.0) if dt == np.float16 else (0x43004300, 128.0)
+    rng = np.random.default_rng()
+    q = rng.integers(0, 16, (16, 128))
+    codes = np.asarray(packing.pack(jnp.asarray(q, jnp.uint32), 4)).astype(np.uint32)  # [16, 16 words]
+    x = rng.standard_normal((8, 128)).astype(dt)
+    xbits = x.view(np.uint16).astype(np.uint64)
+    scale, zero = rng.uniform(0.5, 1.5, 16), rng.uniform(0, 15, 16)
+    a_mat, d = np.zeros((16, 16)), np.zeros((32, 4))
+    for j in range(4):  # word j of each lane: two k-tiles
+        for half in range(2):  # k-tile 2j + half
+            a_mat = np.full((16, 16), np.nan)
+            b_mat = np.full((16, 8), np.nan)
+            for lane in range(32):
+                g, qq = lane // 4, lane % 4
+                lo, hi = int(codes[g, 4 * qq + j]), int(codes[g + 8, 4 * qq + j])
+                sh = 8 * half
+                regs = [((w >> s) & 0x000F000F) | offset_bits for w, s in ((lo, sh), (hi, sh), (lo, sh + 4), (hi, sh + 4))]
+                for r, (row, col) in enumerate(((g, 2 * qq), (g + 8, 2 * qq), (g, 2 * qq + 8), (g + 8, 2 * qq + 8))):
+                    a_mat[row, col:col + 2] = _halves(regs[r], dt)
+                v = [int(xbits[g, 32 * qq + 8 * j + 2 * e]) | int(xbits[g, 32 * qq + 8 * j + 2 * e + 1]) << 16
+                     for e in range(4)]  # the uint4 of inputs 32q + 8j + 0..7
+                pair = (v[0], v[2]) if half == 0 else (v[1], v[3])
+                b0, b1 = _byte_perm(*pair, 0x5410), _byte_perm(*pair, 0x7632)
+                b_mat[2 * qq:2 * qq + 2, g] = _halves(b0, dt)
+                b_mat[2 * qq + 8:2 * qq + 10, g] = _halves(b1, dt)
+            assert not np.isnan(a_mat).any() and not np.isnan(b_mat).any()  # every fragment slot written
+            dd = a_mat @ b_mat
+            for lane in range(32):
+                g, qq = lane // 4, lane % 4
+                d[lane] += [dd[g, 2 * qq], dd[g, 2 * qq + 1], dd[g + 8, 2 * qq], dd[g + 8, 2 * qq + 1]]
+    xsum = x.astype(np.float64).sum(1)
+    y = np.zeros((8, 16))
+    for lane in range(32):
+        g, qq = lane // 4, lane % 4
+        for e in range(4):
+            row, xrow = g + 8 * (e // 2), 2 * qq + (e & 1)
+            y[xrow, row] = scale[row] * (d[lane, e] - (zero[row] + offset) * xsum[xrow])
+    ref = x.astype(np.float64) @ ((q - zero[:, None]) * scale[:, None]).T
+    np.testing.assert_allclose(y, ref, rtol=1e-9, atol=1e-9)
+
+
 # ------------------------------------------------------------------ CPU: lowering for CUDA
 
 def _lower_for_cuda(fn, *args) -> str:
