@@ -1312,10 +1312,10 @@ def test_vq_dispatch_on_cpu():
     qw = random_quip(jax.random.key(3), 32, 128, 2)
     qt = random_qtip(jax.random.key(4), 32, 128, "hyb", 2)
     x = jax.random.normal(jax.random.key(5), (2, 128), jnp.float32)
-    for w in (qw, qt):
+    for w, pallas_tol in ((qw, 2.0**-11), (qt, 1e-4)):  # E8P at 2 rows: tensor cores, x rounded to fp16
         ref = np.asarray(x @ w.dequantize().T)
         assert rel_err(w.matmul(x), ref) < 1e-4
-        assert rel_err(w.matmul(x, backend="pallas"), ref) < 1e-4  # interpret mode off the GPU
+        assert rel_err(w.matmul(x, backend="pallas"), ref) < pallas_tol  # interpret mode off the GPU
         if jax.default_backend() == "cpu":
             with pytest.raises(cuda_ffi.CudaFFIUnavailable):
                 w.matmul(x, backend="cuda")
