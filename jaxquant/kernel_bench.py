@@ -281,8 +281,8 @@ def _pallas_e8p(x, qw):
     from jaxquant.codebooks import e8p as jq_e8p
 
     table = pallas_kernels.e8p_table(jq_e8p.e8p_source_set())
-    decode = pallas_kernels.e8p_matmul if x.shape[0] >= 2 else pallas_kernels.e8p_matvec
-    return decode(x, qw.codes, table, bits=qw.bits, resid_scale=jq_e8p.get_codebook(qw.bits).resid_scale or 1.0)
+    return pallas_kernels.e8p_product(x, qw.codes, table, bits=qw.bits,
+                                      resid_scale=jq_e8p.get_codebook(qw.bits).resid_scale or 1.0)
 
 
 def bench_vq(args, copy_bw, rows):

@@ -21,6 +21,7 @@ and multiplies them with x in float16 on tensor cores.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +135,13 @@ def e8p_matmul(x: jax.Array, codes: jax.Array, table: jax.Array, *, bits: int, r
                        compiler_params=params, interpret=interpret, name=f"e8p_matmul_{bits}bit")(
         xh, codes.astype(jnp.uint8).reshape(-1), jnp.asarray(table, jnp.float32).reshape(-1))
     return y[:n].reshape(*lead, out)
+
+
+def e8p_product(x: jax.Array, codes: jax.Array, table: jax.Array, **kwargs) -> jax.Array:
+    """What the Pallas QuIP# linear calls: ``e8p_matmul`` for 2 to ``TC_ROWS`` rows of x, else
+    ``e8p_matvec`` (same arguments)."""
+    rows = math.prod(x.shape[:-1])
+    return (e8p_matmul if 2 <= rows <= TC_ROWS else e8p_matvec)(x, codes, table, **kwargs)
 
 
 def _check(x, codes, table, bits):

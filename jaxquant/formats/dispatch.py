@@ -111,11 +111,8 @@ def scalar_matmul(qw: Any, x: jax.Array, backend: str = "auto") -> jax.Array:
                                       variant=half2)
     import pallas_kernels
 
-    if pallas_tensor_cores(qw, x):
-        return pallas_kernels.scalar_matmul(x, qw.codes, qw.scale, qw.zero, bits=qw.bits,
-                                            group_size=qw.group_size, interpret=not on_gpu())
-    return pallas_kernels.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=qw.bits,
-                                        group_size=qw.group_size, interpret=not on_gpu())
+    kernel = pallas_kernels.scalar_matmul if pallas_tensor_cores(qw, x) else pallas_kernels.scalar_matvec
+    return kernel(x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size, interpret=not on_gpu())
 
 
 def pallas_tensor_cores(qw: Any, x: jax.Array) -> bool:

@@ -18,7 +18,6 @@ factor per part (the common Wscale times that part's RMS), applied after the inv
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -121,9 +120,8 @@ def _matmul_kernel(x, qw: QuIPSharpQuantized, kernel: str):
     if kernel == "pallas":
         import pallas_kernels
 
-        rows = math.prod(x.shape[:-1])  # 2-16 rows: the tensor-core version
-        decode = pallas_kernels.e8p_matmul if 2 <= rows <= pallas_kernels.E8P_TC_ROWS else pallas_kernels.e8p_matvec
-        y = decode(xr, qw.codes, _pallas_table(), bits=qw.bits, resid_scale=resid, interpret=not dispatch.on_gpu())
+        y = pallas_kernels.e8p_product(xr, qw.codes, _pallas_table(), bits=qw.bits, resid_scale=resid,
+                                       interpret=not dispatch.on_gpu())
     else:
         import cuda_ffi
 
