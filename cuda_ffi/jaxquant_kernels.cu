@@ -803,7 +803,6 @@ ffi::Error ScalarMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<f
 // Output: fp32 partial sums [splits, 8 * NT, out] over contiguous whole groups; the caller adds them.
 
 constexpr int kMmaWarps = 4;   // warps per block
-constexpr int kMmaTiles = 4;   // 16-row tiles per warp: 256 rows per block
 
 struct MmaArgs {
   const uint4* x;          // [8 * NT, kpad] 16-bit x (zero-padded rows and inputs), as uint4
@@ -836,8 +835,11 @@ __device__ __forceinline__ uint32_t uint4_at(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 
-template <class T, int NT>
+// TILES: 16-row tiles per warp (2 or 4). PF: the next step's code words and x load while this step's
+// decode and mma run (double-buffered registers), so a warp always has loads in flight.
+template <class T, int NT, int TILES, bool PF>
 __global__ void __launch_bounds__(32 * kMmaWarps) scalar_mma4_kernel(MmaArgs a) {
+  constexpr int kMmaTiles = TILES;
   constexpr uint32_t kOffsetBits = std::is_same_v<T, __half> ? 0x64006400u : 0x43004300u;
   constexpr float kOffset = std::is_same_v<T, __half> ? 1024.f : 128.f;
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
@@ -856,16 +858,36 @@ __global__ void __launch_bounds__(32 * kMmaWarps) scalar_mma4_kernel(MmaArgs a) 
   });
   float acc[kMmaTiles][NT][4] = {};
   float d[kMmaTiles][NT][4] = {};
-  for (int s = s0; s < s1; ++s) {
-    uint4 w[kMmaTiles][2];
+  auto load_w = [&](uint4 (&w)[kMmaTiles][2], int s) {
     static_for<kMmaTiles>([&](auto t) {
       static_for<2>([&](auto h) { w[t][h] = __ldcs(rowp[t][h] + 4 * static_cast<size_t>(s)); });
     });
-    uint32_t b[NT][8][2];
+  };
+  auto load_x = [&](uint4 (&xv)[NT][4], int s) {
     static_for<NT>([&](auto nt) {
       const uint4* xp = a.x + static_cast<size_t>(g + 8 * nt) * kpad_u4 + 16 * static_cast<size_t>(s) + 4 * q;
+      static_for<4>([&](auto j) { xv[nt][j] = xp[j]; });  // inputs 32q + 8j + 0..7 of the step
+    });
+  };
+  uint4 wn[kMmaTiles][2], xn[NT][4];
+  if constexpr (PF) {
+    if (s0 < s1) { load_w(wn, s0); load_x(xn, s0); }
+  }
+#pragma unroll 2
+  for (int s = s0; s < s1; ++s) {
+    uint4 w[kMmaTiles][2], xv[NT][4];
+    if constexpr (PF) {
+      static_for<kMmaTiles>([&](auto t) { w[t][0] = wn[t][0]; w[t][1] = wn[t][1]; });
+      static_for<NT>([&](auto nt) { static_for<4>([&](auto j) { xv[nt][j] = xn[nt][j]; }); });
+      if (s + 1 < s1) { load_w(wn, s + 1); load_x(xn, s + 1); }
+    } else {
+      load_w(w, s);
+      load_x(xv, s);
+    }
+    uint32_t b[NT][8][2];
+    static_for<NT>([&](auto nt) {
       static_for<4>([&](auto j) {
-        const uint4 v = xp[j];  // inputs 32q + 8j + 0..7 of the step
+        const uint4 v = xv[nt][j];
         b[nt][2 * j][0] = __byte_perm(v.x, v.z, 0x5410);
         b[nt][2 * j][1] = __byte_perm(v.x, v.z, 0x7632);
         b[nt][2 * j + 1][0] = __byte_perm(v.y, v.w, 0x5410);
@@ -919,10 +941,14 @@ __global__ void __launch_bounds__(32 * kMmaWarps) scalar_mma4_kernel(MmaArgs a) 
 
 ffi::Error ScalarMmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> xsum,
                          ffi::Buffer<ffi::S32> codes, ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> zero,
-                         ffi::Result<ffi::Buffer<ffi::F32>> parts, int64_t group_size) {
+                         ffi::Result<ffi::Buffer<ffi::F32>> parts, int64_t group_size, int64_t tiles,
+                         int64_t prefetch) {
   int dt = 0;
   if (!dtype_code(x.element_type(), &dt) || dt == kF32) {
     return ffi::Error::InvalidArgument("scalar_mma: x must be float16 or bfloat16");
+  }
+  if (tiles != 2 && tiles != 4) {
+    return ffi::Error::InvalidArgument("scalar_mma: tiles must be 2 or 4");
   }
   auto xd = x.dimensions();
   auto cd = codes.dimensions();
@@ -959,12 +985,26 @@ ffi::Error ScalarMmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   // splits left without steps (more splits than groups) write zeros
   cudaError_t err = cudaMemsetAsync(a.parts, 0, parts->size_bytes(), stream);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("scalar_mma: ") + cudaGetErrorString(err));
-  const dim3 grid((a.out + 16 * kMmaTiles * kMmaWarps - 1) / (16 * kMmaTiles * kMmaWarps), splits);
-  const bool f16 = dt == kF16, two = nrows == 16;
-  if (f16 && two) scalar_mma4_kernel<__half, 2><<<grid, 32 * kMmaWarps, 0, stream>>>(a);
-  else if (f16) scalar_mma4_kernel<__half, 1><<<grid, 32 * kMmaWarps, 0, stream>>>(a);
-  else if (two) scalar_mma4_kernel<__nv_bfloat16, 2><<<grid, 32 * kMmaWarps, 0, stream>>>(a);
-  else scalar_mma4_kernel<__nv_bfloat16, 1><<<grid, 32 * kMmaWarps, 0, stream>>>(a);
+  const int rows_per_block = 16 * static_cast<int>(tiles) * kMmaWarps;
+  const dim3 grid((a.out + rows_per_block - 1) / rows_per_block, splits);
+  const bool f16 = dt == kF16, two = nrows == 16, four = tiles == 4, pf = prefetch != 0;
+  auto launch = [&](auto t_tag, auto nt, auto tl, auto p) {
+    scalar_mma4_kernel<decltype(t_tag), decltype(nt)::value, decltype(tl)::value, decltype(p)::value><<<grid, 32 * kMmaWarps, 0, stream>>>(a);
+  };
+  auto by_rows = [&](auto t_tag, auto tl, auto p) {
+    if (two) launch(t_tag, std::integral_constant<int, 2>{}, tl, p);
+    else launch(t_tag, std::integral_constant<int, 1>{}, tl, p);
+  };
+  auto by_tiles = [&](auto t_tag, auto p) {
+    if (four) by_rows(t_tag, std::integral_constant<int, 4>{}, p);
+    else by_rows(t_tag, std::integral_constant<int, 2>{}, p);
+  };
+  auto by_prefetch = [&](auto t_tag) {
+    if (pf) by_tiles(t_tag, std::integral_constant<bool, true>{});
+    else by_tiles(t_tag, std::integral_constant<bool, false>{});
+  };
+  if (f16) by_prefetch(__half{});
+  else by_prefetch(__nv_bfloat16{});
   return launch_error("scalar_mma launch");
 }
 
@@ -2531,7 +2571,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantScalarMma, ScalarMmaImpl,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("group_size"),
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("tiles")
+                                  .Attr<int64_t>("prefetch"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantHadamard, HadamardImpl,

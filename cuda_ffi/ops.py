@@ -70,18 +70,22 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
 
 
 def scalar_mma(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, *, group_size: int,
-               splits: int = 0, register: bool = True) -> jax.Array:
+               splits: int = 0, tiles: int = 4, prefetch: bool = True, register: bool = True) -> jax.Array:
     """4-bit ``scalar_matvec`` for 1-16 rows of float16/bfloat16 x on tensor cores (``mma.sync``).
 
-    Built and compiled, not yet run on a GPU (cuda_ffi/NOTES.md, session 10): opt-in only, no
-    backend picks it. Needs groups of a multiple of 128 inputs and rows padded to whole groups (as
-    ``jaxquant.formats.packing`` stores them). ``splits``: programs along the input axis, each whole
-    groups (0: about two per SM of an H100); their fp32 partial sums are added here.
+    What ``backend="cuda"`` runs for 2-16 rows (``formats.dispatch.cuda_tensor_cores``). Needs groups
+    of a multiple of 128 inputs and rows padded to whole groups (as ``jaxquant.formats.packing`` stores
+    them). ``splits``: programs along the input axis, each whole groups (0: about two per SM of an
+    H100); their fp32 partial sums are added here. ``tiles``: 16-row tiles per warp (2 or 4).
+    ``prefetch``: load the next step while this one computes (1.2-1.3x faster on an H100,
+    cuda_ffi/NOTES.md, session 11).
     """
     if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"scalar_mma: x must be float16 or bfloat16, got {x.dtype}")
     if group_size <= 0 or group_size % 128:
         raise ValueError(f"scalar_mma: group_size must be a multiple of 128, got {group_size}")
+    if tiles not in (2, 4):
+        raise ValueError(f"scalar_mma: tiles must be 2 or 4, got {tiles}")
     out, words = codes.shape
     kpad = words * 8
     lead, k_in = x.shape[:-1], x.shape[-1]
@@ -100,10 +104,11 @@ def scalar_mma(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array
     groups = scale.shape[1]
     xsum = xp.astype(jnp.float32).reshape(rows, kpad // group_size, group_size).sum(-1)
     xsum = jnp.pad(xsum, ((0, 0), (0, groups - kpad // group_size)))
-    blocks = -(-out // 256)
+    blocks = -(-out // (64 * tiles))
     splits = splits or max(1, min(kpad // group_size, 264 // blocks))
     parts = jax.ffi.ffi_call("jaxquant_scalar_mma", jax.ShapeDtypeStruct((splits, rows, out), jnp.float32),
-                             vmap_method="sequential")(xp, xsum, codes, scale, zero, group_size=np.int64(group_size))
+                             vmap_method="sequential")(xp, xsum, codes, scale, zero, group_size=np.int64(group_size),
+                                                       tiles=np.int64(tiles), prefetch=np.int64(prefetch))
     return parts.sum(0)[:n].astype(x.dtype).reshape(*lead, out)
 
 

@@ -140,10 +140,13 @@ def backends(args):
 
 
 def _cuda_scalar(cfg, x, qw):
-    """The CUDA scalar kernel at launch configuration ``cfg``, or with ``cfg["mma"]`` the 4-bit
-    tensor-core one (``cuda_ffi.scalar_mma``) at the rest of ``cfg``."""
+    """The CUDA backend as dispatch calls it (``cfg`` empty), the CUDA-core kernel at launch
+    configuration ``cfg`` or, with ``cfg["mma"]``, the 4-bit tensor-core one (``cuda_ffi.scalar_mma``)
+    at the rest of ``cfg``."""
     import cuda_ffi
 
+    if not cfg:
+        return qw.matmul(x, backend="cuda")
     cfg = dict(cfg)
     if cfg.pop("mma", False):
         return cuda_ffi.scalar_mma(x, qw.codes, qw.scale, qw.zero, group_size=qw.group_size, **cfg)

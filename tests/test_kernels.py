@@ -272,6 +272,22 @@ def test_dispatch_on_cpu():
     assert rel_err(pq.matmul(x), expected) < 1e-5
 
 
+def test_cuda_tensor_cores_choice():
+    """backend="cuda" takes scalar_mma only where it can run: 4 bits, 2-16 rows of 16-bit x, groups of
+    a multiple of 128 (rows are stored padded to whole groups)."""
+    qw = random_scalar(jax.random.key(15), 64, 1024, 4, 128)
+    rows = lambda n, dtype=jnp.bfloat16: jnp.zeros((n, 1024), dtype)  # noqa: E731
+    assert all(dispatch.cuda_tensor_cores(qw, rows(n)) for n in (2, 9, 16))
+    assert dispatch.cuda_tensor_cores(qw, jnp.zeros((2, 3, 1024), jnp.float16))
+    assert not any(dispatch.cuda_tensor_cores(qw, rows(n)) for n in (1, 17))
+    assert not dispatch.cuda_tensor_cores(qw, rows(4, jnp.float32))
+    for bits, group in ((2, 128), (8, 128), (4, 64)):
+        other = random_scalar(jax.random.key(16), 64, 1024, bits, group)
+        assert not dispatch.cuda_tensor_cores(other, rows(4)), (bits, group)
+    smol = random_scalar(jax.random.key(17), 64, 576, 4, 128)  # rows padded to whole groups (640)
+    assert dispatch.cuda_tensor_cores(smol, jnp.zeros((4, 576), jnp.bfloat16))
+
+
 # ------------------------------------------------------------------ GPU
 
 SHAPES = [(256, 1024, 128), (96, 576, 64), (4096, 4096, 128), (1000, 2048, 32)]
@@ -324,18 +340,24 @@ def test_pallas_scalar_matmul_gpu():
 
 @pytest.mark.gpu
 def test_cuda_scalar_mma_gpu():
-    """The 4-bit tensor-core CUDA kernel (built in session 10, first run on a GPU by this test): Llama
-    and small shapes, groups of 128 and 256, 1-16 rows, both 16-bit types, default and forced splits."""
+    """The 4-bit tensor-core CUDA kernel: Llama and small shapes, groups of 128 and 256, 1-16 rows, both
+    16-bit types, default and forced splits, 2 and 4 tiles per warp, with and without the prefetch;
+    and backend="cuda" taking it for 2-16 rows."""
     cases = [(4096, 4096, 128), (11008, 4096, 128), (4096, 11008, 128), (8192, 28672, 128), (300, 1024, 256)]
+    runs = ((1, jnp.bfloat16, 0, 4, True), (5, jnp.float16, 0, 2, True), (8, jnp.bfloat16, 3, 4, False),
+            (16, jnp.float16, 0, 4, True), (13, jnp.bfloat16, 1, 2, False))
     for i, (out, inp, group) in enumerate(cases):
         qw = random_scalar(jax.random.key(30_000 + i), out, inp, 4, group)
-        for batch, dtype, splits in ((1, jnp.bfloat16, 0), (5, jnp.float16, 0), (8, jnp.bfloat16, 3),
-                                     (16, jnp.float16, 0), (13, jnp.bfloat16, 1)):
+        for batch, dtype, splits, tiles, prefetch in runs:
             x = jax.random.normal(jax.random.key(31_000 + batch), (batch, inp), jnp.float32).astype(dtype)
             y = jax.jit(lambda x, qw: cuda_ffi.scalar_mma(x, qw.codes, qw.scale, qw.zero, group_size=group,
-                                                          splits=splits))(x, qw)
+                                                          splits=splits, tiles=tiles, prefetch=prefetch))(x, qw)
             assert y.shape == (batch, out) and y.dtype == dtype
             assert rel_err(y, reference(qw, x)) < UNIT_ROUNDOFF[dtype], (out, inp, group, batch, dtype, splits)
+        x = jax.random.normal(jax.random.key(32_000 + i), (2, 3, inp), jnp.bfloat16)
+        assert dispatch.cuda_tensor_cores(qw, x)
+        y = jax.jit(lambda x, qw: qw.matmul(x, backend="cuda"))(x, qw)
+        assert y.shape == (2, 3, out) and rel_err(y, reference(qw, x)) < UNIT_ROUNDOFF[jnp.bfloat16]
 
 
 @pytest.mark.gpu
