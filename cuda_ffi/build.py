@@ -29,6 +29,7 @@ LIBRARY_STEM = "libjaxquant_cuda_ffi"
 TARGETS = {
     "jaxquant_scalar_matvec": "JaxquantScalarMatvec",
     "jaxquant_scalar_mma": "JaxquantScalarMma",
+    "jaxquant_e8p_mma": "JaxquantE8pMma",
     "jaxquant_hadamard": "JaxquantHadamard",
     "jaxquant_hadamard_k": "JaxquantHadamardK",
     "jaxquant_e8p_matvec": "JaxquantE8pMatvec",

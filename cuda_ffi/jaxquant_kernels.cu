@@ -1372,6 +1372,179 @@ ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Bu
 }
 
 // ------------------------------------------------------------------------------------------
+// E8P / RVQ4 decode-matmul on tensor cores, 2-16 rows of x (mma.sync.m16n8k16, fp16, fp32 sums)
+// ------------------------------------------------------------------------------------------
+// The fragment mapping of scalar_mma4_kernel with the E8P decode: lane (g = lane / 4, q = lane % 4)
+// reads, per step, one 16-byte code unit of rows g and g + 8 of each 16-row tile (unit 4 s + q).
+// Code j of a unit (8 inputs, `base` = its first) fills two k-tiles: its half2 pairs (w0, w1),
+// (w2, w3) the slots {2q, 2q + 1}, {2q + 8, 2q + 9} of the first, (w4, w5), (w6, w7) those of the
+// second; B is then x's inputs base .. base + 7 of row g, one 16-byte load, as they are. The shift
+// (+-1/4 on all 8 coordinates) is added to the decoded weights (exact in fp16). RVQ4's second stage
+// sums into its own accumulators, scaled by 1 / resid_scale at the end.
+// Output: fp32 partial sums [splits, 8 * NT, out], splits along the input axis; the caller adds
+// them (or the inverse Hadamard does, sum_parts).
+
+struct E8pMmaArgs {
+  const uint4* x;      // [8 * NT, k] fp16, zero-padded rows
+  const uint4* codes;  // [out, units] 16-byte code units, units = k * bits / 128
+  const uint2* abs;    // [256] fp16 high bytes of the source vectors
+  float* parts;        // [splits, 8 * NT, out]
+  int out, units, steps, steps_per_split;
+  float resid;
+};
+
+// The signed, shifted source vector of the 16-bit code in bits 16 HI .. 16 HI + 15 of w, as 4 half2.
+template <int HI>
+__device__ __forceinline__ void e8_decode(uint32_t w, const char* tab, uint32_t copy, uint32_t (&h)[4]) {
+  constexpr uint32_t source_byte = 0x5504u | (2 * HI) << 4, sign_byte = 0x5504u | (2 * HI + 1) << 4;
+  const uint2 av = *reinterpret_cast<const uint2*>(tab + __byte_perm(w, copy, source_byte));
+  const uint2 sv = *reinterpret_cast<const uint2*>(tab + kE8Rep * sizeof(uint2) + __byte_perm(w, copy, sign_byte));
+  const uint32_t lo = av.x ^ sv.x, hi = av.y ^ sv.y;
+  // -1/4 in both halves (0xB400), the sign cleared when the shift bit (15 + 16 HI) is set
+  const uint32_t shift = 0xB400B400u ^ (((w >> (15 + 16 * HI)) & 1u) * 0x80008000u);
+  const __half2 sh = u2h2(shift);
+  h[0] = h22u(__hadd2(u2h2(__byte_perm(lo, 0u, 0x1404)), sh));
+  h[1] = h22u(__hadd2(u2h2(__byte_perm(lo, 0u, 0x3424)), sh));
+  h[2] = h22u(__hadd2(u2h2(__byte_perm(hi, 0u, 0x1404)), sh));
+  h[3] = h22u(__hadd2(u2h2(__byte_perm(hi, 0u, 0x3424)), sh));
+}
+
+constexpr int kE8MmaWarps = 8;
+
+// ST = 1: E8P (8 codes of 2 bytes per unit, 64 inputs); ST = 2: RVQ4 (4 two-stage codes, 32 inputs).
+// Warps walk 16 TILES-row chunks grid-strided (the table fill is paid once per block).
+template <int ST, int NT, int TILES>
+__global__ void __launch_bounds__(32 * kE8MmaWarps) e8p_mma_kernel(E8pMmaArgs a) {
+  extern __shared__ uint2 e8tab[];
+  e8_fill_tables(e8tab, a.abs);
+  constexpr int kCodes = 8 / ST;         // codes per unit
+  constexpr int kStepInputs = 256 / ST;  // inputs per step: 4 units of a row
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const char* tab = reinterpret_cast<const char*>(e8tab);
+  const uint32_t copy = (lane & 15) * sizeof(uint2);
+  const int s0 = blockIdx.y * a.steps_per_split, s1 = min(a.steps, s0 + a.steps_per_split);
+  const int kx = a.units * 8 / ST;  // a row of x in uint4 (8 fp16): k / 8
+  for (int row0 = (blockIdx.x * kE8MmaWarps + (threadIdx.x >> 5)) * 16 * TILES; row0 < a.out;
+       row0 += gridDim.x * kE8MmaWarps * 16 * TILES) {
+    const uint4* rowp[TILES][2];
+    int rows[TILES][2];
+    static_for<TILES>([&](auto t) {
+      static_for<2>([&](auto h) {
+        rows[t][h] = row0 + 16 * t + g + 8 * h;
+        const int row = min(rows[t][h], a.out - 1);  // past the end: the last row, never stored
+        rowp[t][h] = a.codes + static_cast<size_t>(row) * a.units + q;
+      });
+    });
+    auto load_w = [&](uint4 (&w)[TILES][2], int s) {
+      static_for<TILES>([&](auto t) {
+        static_for<2>([&](auto h) { w[t][h] = __ldcs(rowp[t][h] + 4 * static_cast<size_t>(s)); });
+      });
+    };
+    float d[TILES][NT][ST][4] = {};
+    uint4 wn[TILES][2];
+    if (s0 < s1) load_w(wn, s0);
+    for (int s = s0; s < s1; ++s) {
+      uint4 w[TILES][2];
+      static_for<TILES>([&](auto t) { w[t][0] = wn[t][0]; w[t][1] = wn[t][1]; });
+      if (s + 1 < s1) load_w(wn, s + 1);
+      // x of code j + 1 loads while code j decodes (an L1 hit, but its latency is on the chain)
+      auto load_x = [&](uint4 (&xv)[NT], int j) {
+        static_for<NT>([&](auto nt) {
+          xv[nt] = a.x[static_cast<size_t>(g + 8 * nt) * kx + (static_cast<size_t>(s) * kStepInputs + 64 / ST * q) / 8 + j];
+        });
+      };
+      uint4 xn[NT];
+      load_x(xn, 0);
+      static_for<kCodes>([&](auto j) {  // code j of the unit: inputs s * kStepInputs + 64 q / ST + 8 j
+        uint4 xv[NT];
+        static_for<NT>([&](auto nt) { xv[nt] = xn[nt]; });
+        if constexpr (int(decltype(j){}) + 1 < kCodes) load_x(xn, int(decltype(j){}) + 1);
+        static_for<TILES>([&](auto t) {
+          static_for<ST>([&](auto st) {
+            constexpr int jj = int(decltype(j){}), sti = int(decltype(st){});
+            constexpr int wi = ST == 1 ? jj / 2 : jj, hi = ST == 1 ? jj % 2 : sti;
+            uint32_t r0[4], r1[4];  // rows g, g + 8
+            e8_decode<hi>(uint4_at(w[t][0], wi), tab, copy, r0);
+            e8_decode<hi>(uint4_at(w[t][1], wi), tab, copy, r1);
+            const uint32_t ka[4] = {r0[0], r1[0], r0[1], r1[1]}, kb[4] = {r0[2], r1[2], r0[3], r1[3]};
+            static_for<NT>([&](auto nt) {
+              mma_16816<__half>(d[t][nt][st], ka, xv[nt].x, xv[nt].y);
+              mma_16816<__half>(d[t][nt][st], kb, xv[nt].z, xv[nt].w);
+            });
+          });
+        });
+      });
+    }
+    float* out = a.parts + static_cast<size_t>(blockIdx.y) * 8 * NT * a.out;
+    static_for<TILES>([&](auto t) {
+      static_for<NT>([&](auto nt) {
+        static_for<4>([&](auto e) {
+          const int row = rows[t][e / 2], xrow = 8 * nt + 2 * q + (e & 1);
+          const float v = ST == 1 ? d[t][nt][0][e] : fmaf(a.resid, d[t][nt][ST - 1][e], d[t][nt][0][e]);
+          if (row < a.out) out[static_cast<size_t>(xrow) * a.out + row] = v;
+        });
+      });
+    });
+  }
+}
+
+// x fp16 [8 NT, in]; codes uint8 [out, in / 8, bits]; parts [splits, 8 NT, out].
+ffi::Error E8pMmaImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buffer<ffi::U8> codes,
+                      ffi::Buffer<ffi::U32> abs, ffi::Result<ffi::Buffer<ffi::F32>> parts, int64_t bits,
+                      double resid_scale, int64_t tiles) {
+  auto xd = x.dimensions();
+  auto cd = codes.dimensions();
+  auto pd = parts->dimensions();
+  if (xd.size() != 2 || cd.size() != 3 || pd.size() != 3 || (bits != 2 && bits != 4) || cd[2] != bits ||
+      abs.element_count() != 512 || (tiles != 1 && tiles != 2 && tiles != 4)) {
+    return ffi::Error::InvalidArgument("e8p_mma: x [8 NT, in], codes [out, in/8, bits] with bits 2 or 4, "
+                                       "abs [256, 2] words, tiles 1, 2 or 4");
+  }
+  const int st = static_cast<int>(bits / 2), nrows = static_cast<int>(xd[0]);
+  const int64_t k = xd[1];
+  if ((nrows != 8 && nrows != 16) || cd[1] * 8 != k || k % (256 / st) || pd[1] != nrows || pd[2] != cd[0] ||
+      pd[0] < 1) {
+    return ffi::Error::InvalidArgument("e8p_mma: 8 or 16 rows of x, in a multiple of 256 (2-bit) or 128 "
+                                       "(4-bit), parts [splits, rows, out]");
+  }
+  E8pMmaArgs a{};
+  a.out = static_cast<int>(cd[0]);
+  a.units = static_cast<int>(k * bits / 128);
+  a.steps = a.units / 4;
+  const int splits = static_cast<int>(pd[0]);
+  a.steps_per_split = (a.steps + splits - 1) / splits;
+  a.x = reinterpret_cast<const uint4*>(x.typed_data());
+  a.codes = reinterpret_cast<const uint4*>(codes.typed_data());
+  a.abs = reinterpret_cast<const uint2*>(abs.typed_data());
+  a.parts = parts->typed_data();
+  a.resid = static_cast<float>(1.0 / resid_scale);
+  // splits left without steps (more splits than steps) write zeros
+  cudaError_t err = cudaMemsetAsync(a.parts, 0, parts->size_bytes(), stream);
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_mma: ") + cudaGetErrorString(err));
+  auto launch = [&](auto stc, auto ntc, auto tc) -> cudaError_t {
+    constexpr int ST = decltype(stc)::value, NT = decltype(ntc)::value, TILES = decltype(tc)::value;
+    auto kernel = e8p_mma_kernel<ST, NT, TILES>;
+    cudaError_t e = allow_smem(kernel, kE8SmemBytes);
+    if (e != cudaSuccess) return e;
+    const int rows_per_block = 16 * TILES * kE8MmaWarps;
+    const int wanted = (a.out + rows_per_block - 1) / rows_per_block;
+    const int cap = max(1, multiprocessors() * blocks_per_sm(kernel, 32 * kE8MmaWarps, kE8SmemBytes) / splits);
+    kernel<<<dim3(min(wanted, cap), splits), 32 * kE8MmaWarps, kE8SmemBytes, stream>>>(a);
+    return cudaSuccess;
+  };
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I4 = std::integral_constant<int, 4>;
+  auto by_tiles = [&](auto stc, auto ntc) {
+    return tiles == 4 ? launch(stc, ntc, I4{}) : tiles == 2 ? launch(stc, ntc, I2{}) : launch(stc, ntc, I1{});
+  };
+  auto by_rows = [&](auto stc) { return nrows == 16 ? by_tiles(stc, I2{}) : by_tiles(stc, I1{}); };
+  err = st == 1 ? by_rows(I1{}) : by_rows(I2{});
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_mma: ") + cudaGetErrorString(err));
+  return launch_error("e8p_mma launch");
+}
+
+// ------------------------------------------------------------------------------------------
 // GPTVQ 2-D decode-matvec, batch 1 (jaxquant/formats/vq.py, D = 2): y = x @ W.T
 // ------------------------------------------------------------------------------------------
 // Codes: per row, runs of 32 vector indices of B bits, each run B little-endian words (index t at
@@ -2627,6 +2800,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvecXs, E8pMatvecXsImpl,
                                   .Attr<int64_t>("rows_per_warp")
                                   .Attr<int64_t>("warps")
                                   .Attr<int64_t>("prefetch"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMma, E8pMmaImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<double>("resid_scale")
+                                  .Attr<int64_t>("tiles"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantVq2Matvec, Vq2MatvecImpl,

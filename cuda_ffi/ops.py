@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,7 +222,7 @@ def e8p_x_layout(x2: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
 def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: int,
                resid_scale: float = 1.0, rows_per_warp: int = 0, warps: int = 0,
                units_per_step: int = 0, variant: int = 0, prefetch: int = 0, keep_parts: bool = False,
-               register: bool = True) -> jax.Array:
+               tensor_cores: bool = True, register: bool = True) -> jax.Array:
     """``y[..., out] = x[..., in] @ Q.T`` (float32) for E8P (bits=2) or E8P-RVQ4 (bits=4) codes.
 
     codes: uint8 ``[out, in / 8, bits]`` (``jaxquant.formats.quip_sharp``); abs_table: uint32
@@ -233,6 +235,7 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     natural order) and returning per-chunk partials, summed here; its ``prefetch`` (1, 2; 0: 1) is
     the number of row groups whose codes load while one decodes. ``keep_parts`` returns the partials
     unsummed, ``[P, ..., out]`` (P = 1 for the other kernels), for ``hadamard(..., sum_parts=True)``.
+    ``tensor_cores``: 2-16 rows take ``e8p_mma`` where it fits (False: the CUDA-core kernel).
     """
     if bits not in (2, 4):
         raise ValueError(f"e8p_matvec: bits must be 2 or 4, got {bits}")
@@ -242,6 +245,9 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     if register:
         build.load()
     lead, k_in = x.shape[:-1], x.shape[-1]
+    if tensor_cores and 2 <= math.prod(lead) and e8p_mma_fits(math.prod(lead), k_in, bits):
+        return e8p_mma(x, codes, abs_table, bits=bits, resid_scale=resid_scale, keep_parts=keep_parts,
+                       register=register)
     x2 = x.reshape(-1, k_in).astype(jnp.float32)
     if x2.shape[0] == 0:
         return jnp.zeros((1, *lead, out) if keep_parts else (*lead, out), jnp.float32)
@@ -267,6 +273,41 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     parts = [one((xh[i:i + VQ_MAX_BATCH], xq[i:i + VQ_MAX_BATCH])) for i in range(0, n, VQ_MAX_BATCH)]
     y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
     return y.reshape(1, *lead, out) if keep_parts else y.reshape(*lead, out)
+
+
+def e8p_mma_fits(rows: int, k_in: int, bits: int) -> bool:
+    """Whether ``e8p_mma`` takes ``rows`` rows of x against E8P (2) / RVQ4 (4) codes of ``k_in`` inputs."""
+    return 1 <= rows <= 16 and k_in % (256 if bits == 2 else 128) == 0
+
+
+def e8p_mma(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: int, resid_scale: float = 1.0,
+            splits: int = 0, tiles: int = 0, keep_parts: bool = False, register: bool = True) -> jax.Array:
+    """``e8p_matvec`` for 1-16 rows of x on tensor cores (``mma.sync``, x in fp16, fp32 sums): what
+    ``e8p_matvec`` runs for 2-16 rows where ``e8p_mma_fits``. ``splits``: programs along the input
+    axis (0: enough for about two blocks per SM); ``tiles``: 16-row tiles per warp (1, 2, 4; 0: by
+    size). ``keep_parts``: the splits' partial sums ``[P, ..., out]`` unsummed."""
+    if bits not in (2, 4):
+        raise ValueError(f"e8p_mma: bits must be 2 or 4, got {bits}")
+    out, groups, nbytes = codes.shape
+    lead, k_in = x.shape[:-1], x.shape[-1]
+    n = math.prod(lead)
+    if nbytes != bits or groups * 8 != k_in or not e8p_mma_fits(n, k_in, bits):
+        raise ValueError(f"e8p_mma: codes {codes.shape} and x {x.shape} do not fit 1-16 rows at {bits} bits "
+                         f"(in a multiple of {256 if bits == 2 else 128})")
+    if register:
+        build.load()
+    rows = 8 if n <= 8 else 16
+    tiles = tiles or (4 if out * k_in >= 1 << 25 else 2)
+    steps = k_in * bits // 512
+    blocks = -(-out // (128 * tiles))
+    splits = splits or max(1, min(steps, -(-264 // blocks)))
+    xp = jnp.pad(x.reshape(n, k_in).astype(jnp.float16), ((0, rows - n), (0, 0)))
+    table = jnp.asarray(abs_table, jnp.uint32).reshape(512)
+    parts = jax.ffi.ffi_call("jaxquant_e8p_mma", jax.ShapeDtypeStruct((splits, rows, out), jnp.float32),
+                             vmap_method="sequential")(xp, codes, table, bits=np.int64(bits),
+                                                       resid_scale=np.float64(resid_scale), tiles=np.int64(tiles))
+    parts = parts[:, :n].reshape(splits, *lead, out)
+    return parts if keep_parts else parts.sum(0)
 
 
 QTIP_CODES = {"hyb": 0, "1mad": 1, "3inst": 2}

@@ -270,10 +270,12 @@ def vq_kernel_fn(fmt, cfg):
 
     if fmt.startswith("gptvq"):  # no transform around it: the kernel is the whole product
         return lambda x, qw: qw.matmul(x, backend="pallas")
-    if fmt in ("e8p", "rvq4"):
+    if fmt in ("e8p", "rvq4"):  # cfg["mma"]: the tensor-core kernel (cuda_ffi.e8p_mma) at the rest of cfg
         table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
-        return lambda x, qw: cuda_ffi.e8p_matvec(x, qw.codes, table, bits=qw.bits,
-                                                 resid_scale=jq_e8p.get_codebook(qw.bits).resid_scale or 1.0, **cfg)
+        cfg = dict(cfg)
+        kernel = cuda_ffi.e8p_mma if cfg.pop("mma", False) else cuda_ffi.e8p_matvec
+        return lambda x, qw: kernel(x, qw.codes, table, bits=qw.bits,
+                                    resid_scale=jq_e8p.get_codebook(qw.bits).resid_scale or 1.0, **cfg)
     return lambda x, qw: cuda_ffi.qtip_matvec(x, qw.codes, qw.table if qw.code == "hyb" else None, code=qw.code,
                                               k=qw.bits, **cfg)
 

@@ -37,6 +37,19 @@ def test_table_picks_the_fastest_backend_on_the_shapes_measured(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_backend_sharing_no_shape_is_left_out_not_the_batch():
+    """Files measured at different shapes: the backend with the fewest shapes and none in common
+    with the others drops out, and the batch still gets a choice."""
+    rng = np.random.default_rng()
+    fast, slow = rng.permutation(["linear-cuda", "linear-pallas"])
+    rows = [dict(kind="vq", out=out, inp=4096, bits=2, batch=8, format="e8p", backend=backend,
+                 us=factor * rng.uniform(10, 11))
+            for out in (4096, 11008) for backend, factor in ((fast, 1.0), (slow, 3.0))]
+    rows.append(dict(kind="vq", out=28672, inp=8192, bits=2, batch=8, format="e8p", backend="linear-reference",
+                     us=1.0))  # the fastest, but only where nothing else was timed
+    assert tuning.from_bench({"results": rows})["choices"] == {"e8p/2/8": tuning.LINEAR_BACKENDS[fast]}
+
+
 def test_preferred_uses_the_nearest_measured_batch_below(monkeypatch):
     table = {"choices": {"scalar/4/1": "cuda", "scalar/4/8": "pallas", "scalar/4/16": "reference"}}
     monkeypatch.setattr(tuning, "load", lambda path=None: table)

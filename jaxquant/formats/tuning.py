@@ -46,7 +46,8 @@ def _candidate(row: dict[str, Any]) -> tuple[str, int, int, str] | None:
 def from_bench(results: dict[str, Any]) -> dict[str, Any]:
     """The table of a ``bench_kernels`` results file: ``{"device", "choices": {"fmt/bits/batch": backend}}``.
 
-    Backends are compared on the shapes where all of them were measured, by geometric-mean time."""
+    Backends are compared on the shapes where all of them were measured, by geometric-mean time; while
+    no shape is common to all, the backend measured on the fewest shapes is left out."""
     times: dict[tuple[str, int, int], dict[str, dict[tuple[int, int], float]]] = {}
     device = None
     for row in _rows(results):
@@ -63,8 +64,9 @@ def from_bench(results: dict[str, Any]) -> dict[str, Any]:
     choices = {}
     for (fmt, bits, batch), by_backend in sorted(times.items()):
         common = set.intersection(*(set(s) for s in by_backend.values()))
-        if not common:
-            continue
+        while not common and len(by_backend) > 1:
+            by_backend = dict(sorted(by_backend.items(), key=lambda kv: len(kv[1]))[1:])
+            common = set.intersection(*(set(s) for s in by_backend.values()))
         score = {b: sum(math.log(s[shape]) for shape in common) / len(common) for b, s in by_backend.items()}
         choices[f"{fmt}/{bits}/{batch}"] = min(score, key=score.get)
     return {"device": device, "choices": choices}
