@@ -275,6 +275,14 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     return y.reshape(1, *lead, out) if keep_parts else y.reshape(*lead, out)
 
 
+def _multiprocessors() -> int:
+    """SMs of the first GPU (an H100's 132 where none is visible, e.g. lowering on a CPU)."""
+    try:
+        return int(jax.devices("gpu")[0].core_count)
+    except (RuntimeError, AttributeError, IndexError):
+        return 132
+
+
 def e8p_mma_fits(rows: int, k_in: int, bits: int) -> bool:
     """Whether ``e8p_mma`` takes ``rows`` rows of x against E8P (2) / RVQ4 (4) codes of ``k_in`` inputs."""
     return 1 <= rows <= 16 and k_in % (256 if bits == 2 else 128) == 0
@@ -284,7 +292,7 @@ def e8p_mma(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: int, 
             splits: int = 0, tiles: int = 0, keep_parts: bool = False, register: bool = True) -> jax.Array:
     """``e8p_matvec`` for 1-16 rows of x on tensor cores (``mma.sync``, x in fp16, fp32 sums): what
     ``e8p_matvec`` runs for 2-16 rows where ``e8p_mma_fits``. ``splits``: programs along the input
-    axis (0: enough for about two blocks per SM); ``tiles``: 16-row tiles per warp (1, 2, 4; 0: by
+    axis (0: as many as fill one wave of one block per SM); ``tiles``: 16-row tiles per warp (1, 2, 4; 0: by
     size). ``keep_parts``: the splits' partial sums ``[P, ..., out]`` unsummed."""
     if bits not in (2, 4):
         raise ValueError(f"e8p_mma: bits must be 2 or 4, got {bits}")
@@ -299,8 +307,10 @@ def e8p_mma(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: int, 
     rows = 8 if n <= 8 else 16
     tiles = tiles or (4 if out * k_in >= 1 << 25 else 2)
     steps = k_in * bits // 512
-    blocks = -(-out // (128 * tiles))
-    splits = splits or max(1, min(steps, -(-264 // blocks)))
+    chunks = -(-out // (128 * tiles))  # row chunks of a block (8 warps)
+    # one wave of one block per SM: at 70B shapes on an H100 a ragged second wave cost 1.3x
+    # (28672 x 8192 E8P, batch 8: 2 splits 59.9 us, 5 splits 79.2; cuda_ffi/NOTES.md, session 11)
+    splits = splits or max(1, min(steps, _multiprocessors() // chunks))
     xp = jnp.pad(x.reshape(n, k_in).astype(jnp.float16), ((0, rows - n), (0, 0)))
     table = jnp.asarray(abs_table, jnp.uint32).reshape(512)
     parts = jax.ffi.ffi_call("jaxquant_e8p_mma", jax.ShapeDtypeStruct((splits, rows, out), jnp.float32),
