@@ -1086,6 +1086,203 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
         assert rel_err(y.sum(0, keepdims=True), ref) < 4e-3, cases[i]
 
 
+_MMA_HOST_EMULATION = r"""
+// mma.sync.m16n8k16 (row.col, fp32 accumulators) as a warp collective on the host: every lane posts
+// its fragments, then computes its 4 outputs from the whole A (16 x 16) and B (16 x 8) by the PTX
+// layout (A: a0 (g, 2q..), a1 (g + 8, 2q..), a2 (g, 2q + 8..), a3 (g + 8, 2q + 8..); B: b0 (2q.., g),
+// b1 (2q + 8.., g); D: (g, 2q), (g, 2q + 1), (g + 8, 2q), (g + 8, 2q + 1)), products and sums in double.
+static uint32_t h_mma_a[8][32][4], h_mma_b[8][32][2];
+template <class T> static double h_half(uint32_t reg, int hi) {
+  const uint16_t bits = static_cast<uint16_t>(reg >> (16 * hi));
+  if constexpr (std::is_same_v<T, __half>) { __half_raw r; r.x = bits; return double(__half2float(__half(r))); }
+  else return double(__uint_as_float(uint32_t{bits} << 16));
+}
+template <class T>
+static void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32, g = l / 4, q = l % 4;
+  for (int i = 0; i < 4; ++i) h_mma_a[w][l][i] = a[i];
+  h_mma_b[w][l][0] = b0;
+  h_mma_b[w][l][1] = b1;
+  h_warp_bar[w]->arrive_and_wait();
+  float r[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * q + (e & 1);
+    double s = d[e];
+    for (int k = 0; k < 16; ++k) {
+      const int al = (row % 8) * 4 + (k % 8) / 2, ar = (row >= 8) + 2 * (k >= 8);
+      const int bl = col * 4 + (k % 8) / 2, br = k >= 8;
+      s += h_half<T>(h_mma_a[w][al][ar], k % 2) * h_half<T>(h_mma_b[w][bl][br], k % 2);
+    }
+    r[e] = static_cast<float>(s);
+  }
+  h_warp_bar[w]->arrive_and_wait();
+  for (int e = 0; e < 4; ++e) d[e] = r[e];
+}
+"""
+
+_MMA_HOST_MAIN = r"""
+// argv: kind (0 scalar 4-bit, 1 E8P/RVQ4) dtype_or_bits out k nt tiles prefetch splits blocks group resid in out
+// in (scalar): x [8 nt, k] 16-bit, xsum f32 [8 nt, groups], codes i32 [out, k / 8], scale, zero f16 [out, groups]
+// in (E8P): x f16 [8 nt, k], codes u8 [out, k / 8, bits], abs u32 [512]; out: parts f32 [splits, 8 nt, out]
+template <class K>
+void run2d(K kernel, int bx, int by, int warps) {
+  h_gridDim = dim3(bx, by, 1);
+  h_blockDim = dim3(warps * 32, 1, 1);
+  for (int y = 0; y < by; ++y)
+    for (int b = 0; b < bx; ++b) {
+      memset(e8tab, 0xFF, sizeof(e8tab));
+      std::barrier<> bar(warps * 32);
+      h_bar = &bar;
+      h_warp_bar.clear();
+      for (int w = 0; w < warps; ++w) h_warp_bar.emplace_back(new std::barrier<>(32));
+      std::vector<std::thread> ts;
+      for (int t = 0; t < warps * 32; ++t)
+        ts.emplace_back([&kernel, t, b, y] {
+          h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
+          h_blockIdx = uint3{static_cast<unsigned>(b), static_cast<unsigned>(y), 0};
+          kernel();
+        });
+      for (auto& th : ts) th.join();
+    }
+}
+
+int main(int argc, char** argv) {
+  if (argc != 14) return 1;
+  const int kind = atoi(argv[1]), sub = atoi(argv[2]), out = atoi(argv[3]), k = atoi(argv[4]), nt = atoi(argv[5]);
+  const int tiles = atoi(argv[6]), pf = atoi(argv[7]), splits = atoi(argv[8]), blocks = atoi(argv[9]);
+  const int group = atoi(argv[10]);
+  const double resid_scale = atof(argv[11]);
+  FILE* in = fopen(argv[12], "rb");
+  FILE* fo = fopen(argv[13], "wb");
+  if (!in || !fo) return 3;
+  const int rows = 8 * nt;
+  std::vector<uint16_t> x;
+  std::vector<float> parts(size_t(splits) * rows * out, NAN);
+  if (!read(in, x, size_t(rows) * k)) return 2;
+  auto by_tiles = [&](auto t_tag, auto e8, auto go) {  // go(NT, TILES, PF) for the kernel's templates
+    using I1 = std::integral_constant<int, 1>; using I2 = std::integral_constant<int, 2>;
+    using I4 = std::integral_constant<int, 4>;
+    auto with_nt = [&](auto ntc) {
+      if (tiles == 4) go(ntc, I4{}); else if (tiles == 2) go(ntc, I2{}); else go(ntc, I1{});
+    };
+    if (nt == 2) with_nt(I2{}); else with_nt(I1{});
+  };
+  if (kind == 0) {
+    const int words = k / 8, groups = k / group;
+    std::vector<float> xsum;
+    std::vector<uint32_t> codes;
+    std::vector<__half> scale, zero;
+    if (!read(in, xsum, size_t(rows) * groups) || !read(in, codes, size_t(out) * words) ||
+        !read(in, scale, size_t(out) * groups) || !read(in, zero, size_t(out) * groups)) return 2;
+    MmaArgs a{};
+    a.x = reinterpret_cast<const uint4*>(x.data());
+    a.xsum = xsum.data(); a.codes = codes.data(); a.scale = scale.data(); a.zero = zero.data();
+    a.parts = parts.data();
+    a.out = out; a.words = words; a.groups = groups; a.steps = words / 16; a.steps_per_group = group / 128;
+    const int ngroups = (a.steps + a.steps_per_group - 1) / a.steps_per_group;
+    a.steps_per_split = ((ngroups + splits - 1) / splits) * a.steps_per_group;
+    std::fill(parts.begin(), parts.end(), 0.f);
+    auto go = [&](auto t_tag, auto ntc, auto tc) {
+      const int bx = (out + 16 * tc.operator int() * kMmaWarps - 1) / (16 * tc.operator int() * kMmaWarps);
+      if (pf) run2d([&] { scalar_mma4_kernel<decltype(t_tag), int(decltype(ntc){}), int(decltype(tc){}), true>(a); }, bx, splits, kMmaWarps);
+      else run2d([&] { scalar_mma4_kernel<decltype(t_tag), int(decltype(ntc){}), int(decltype(tc){}), false>(a); }, bx, splits, kMmaWarps);
+    };
+    if (sub == 0) by_tiles(__half{}, 0, [&](auto ntc, auto tc) { go(__half{}, ntc, tc); });
+    else by_tiles(__nv_bfloat16{}, 0, [&](auto ntc, auto tc) { go(__nv_bfloat16{}, ntc, tc); });
+  } else {
+    const int bits = sub;
+    std::vector<uint8_t> codes;
+    std::vector<uint32_t> abs;
+    if (!read(in, codes, size_t(out) * k / 8 * bits) || !read(in, abs, 512)) return 2;
+    E8pMmaArgs a{};
+    a.x = reinterpret_cast<const uint4*>(x.data());
+    a.codes = reinterpret_cast<const uint4*>(codes.data());
+    a.abs = reinterpret_cast<const uint2*>(abs.data());
+    a.parts = parts.data();
+    a.out = out; a.units = k * bits / 128; a.steps = a.units / 4;
+    a.steps_per_split = (a.steps + splits - 1) / splits;
+    a.resid = static_cast<float>(1.0 / resid_scale);
+    std::fill(parts.begin(), parts.end(), 0.f);
+    auto go = [&](auto ntc, auto tc) {
+      if (bits == 2) run2d([&] { e8p_mma_kernel<1, int(decltype(ntc){}), int(decltype(tc){})>(a); }, blocks, splits, kE8MmaWarps);
+      else run2d([&] { e8p_mma_kernel<2, int(decltype(ntc){}), int(decltype(tc){})>(a); }, blocks, splits, kE8MmaWarps);
+    };
+    by_tiles(0, 0, go);
+  }
+  const bool ok = fwrite(parts.data(), 4, parts.size(), fo) == parts.size();
+  fclose(in);
+  fclose(fo);
+  return ok ? 0 : 4;
+}
+"""
+
+_MMA_HOST_CUTS = [
+    ("template <int I>\nstruct Idx", "enum DType"),
+    ("__device__ __forceinline__ __half2 u2h2", "__device__ __forceinline__ float load_elem"),
+    ("__device__ __forceinline__ float warp_sum", "// Four consecutive x values"),
+    ("constexpr int kMmaWarps = 4;", "template <class T>\n__device__ __forceinline__ void mma_16816"),
+    ("__device__ __forceinline__ uint32_t uint4_at", "ffi::Error ScalarMmaImpl("),
+    ("constexpr int kE8Rep = 16;", "template <int R, int ST, int D>\ncudaError_t launch_e8p_xs"),
+    ("struct E8pMmaArgs", "// x fp16 [8 NT, in]; codes uint8"),
+]
+
+
+def test_mma_kernels_source_on_cpu(tmp_path):
+    """scalar_mma4_kernel and e8p_mma_kernel, their own source compiled for the host with mma.sync
+    emulated as a warp collective by the PTX fragment layout, against float64 products: fp16 and bf16,
+    8 and 16 rows of x, 1/2/4 tiles per warp, with and without the prefetch, splits (uneven, and more
+    than steps), output rows past a tile's end, E8P and RVQ4 with fewer blocks than row chunks."""
+    import subprocess
+
+    prelude = _HOST_PRELUDE.replace('#include "kernel_part.inc"', _MMA_HOST_EMULATION + '#include "kernel_part.inc"')
+    exe = _host_harness(tmp_path, _MMA_HOST_CUTS, "#include <algorithm>\n#include <type_traits>\n#include <cuda_bf16.h>\n" + prelude
+                        + _MMA_HOST_MAIN)
+    rng = np.random.default_rng()
+    import ml_dtypes
+
+    def run(args, payload, rows, out):
+        (tmp_path / "in.bin").write_bytes(payload)
+        proc = subprocess.run([str(exe), *map(str, args), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
+        assert proc.returncode == 0, args
+        parts = np.fromfile(tmp_path / "out.bin", np.float32).reshape(-1, rows, out)
+        assert np.isfinite(parts).all(), args
+        return parts.sum(0)
+
+    # scalar 4-bit: (dtype, out, k, nt, tiles, prefetch, splits, group)
+    for dtype, out, k, nt, tiles, pf, splits, group in [
+            ("f16", 70, 512, 1, 4, 1, 3, 128), ("bf16", 70, 512, 2, 2, 0, 1, 256), ("bf16", 33, 1024, 1, 2, 1, 8, 128),
+            ("f16", 130, 256, 2, 4, 0, 2, 128)]:
+        dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bf16" else np.dtype(np.float16)
+        rows, groups = 8 * nt, k // group
+        q = rng.integers(0, 16, (out, k))
+        codes = np.asarray(packing.pack(jnp.asarray(q, jnp.uint32), 4)).view(np.uint32)
+        scale = rng.uniform(0.5, 1.5, (out, groups)).astype(np.float16) / 16
+        zero = rng.uniform(0, 15, (out, groups)).astype(np.float16)
+        x = np.zeros((rows, k), dt)
+        n = rows - 3
+        x[:n] = rng.standard_normal((n, k)).astype(dt)
+        xsum = x.astype(np.float32).reshape(rows, groups, group).sum(-1)
+        y = run((0, int(dtype == "bf16"), out, k, nt, tiles, pf, splits, 0, group, 1.0),
+                x.tobytes() + xsum.tobytes() + codes.tobytes() + scale.tobytes() + zero.tobytes(), rows, out)
+        w = (q - np.repeat(zero.astype(np.float64), group, 1)) * np.repeat(scale.astype(np.float64), group, 1)
+        ref = x.astype(np.float64) @ w.T
+        # fp32 sums of (OFFSET + q) x minus (z + OFFSET) sum(x): the offset's cancellation costs ~1e-5
+        assert rel_err(y[:n], ref[:n]) < 1e-4 and not y[n:].any(), (dtype, out, k, nt, tiles, pf, splits)
+
+    # E8P / RVQ4: (bits, out, k, nt, tiles, splits, blocks)
+    table = np.asarray(cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set()))
+    for i, (bits, out, k, nt, tiles, splits, blocks) in enumerate([
+            (2, 70, 512, 1, 1, 1, 2), (2, 37, 1024, 2, 2, 3, 1), (4, 70, 256, 1, 4, 5, 1), (4, 40, 512, 2, 1, 2, 1)]):
+        resid = jq_e8p.get_codebook(bits).resid_scale or 1.0
+        qw = random_quip(jax.random.key(960 + i), out, k, bits)
+        rows = 8 * nt
+        x = rng.standard_normal((rows, k)).astype(np.float16)
+        y = run((1, bits, out, k, nt, tiles, 0, splits, blocks, 0, resid),
+                x.tobytes() + np.asarray(qw.codes).tobytes() + table.tobytes(), rows, out)
+        ref = x.astype(np.float64) @ np.asarray(qw.rotated(), np.float64).T
+        assert rel_err(y, ref) < 1e-6, (bits, out, k, nt, tiles, splits, blocks)
+
+
 _VQ2_HOST_MAIN = r"""
 // argv: index_bits out in group_rows group_cols blocks_per_set warps in out
 // in: x f32 [in], codes i32 [out, words], cb u32 [tr, tc, 2^bits]; out: part f32 [chunks, out]
