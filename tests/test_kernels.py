@@ -128,12 +128,6 @@ def test_pallas_backend_takes_tensor_cores_for_2_to_16_rows_of_16_bit_x():
     assert not dispatch.pallas_tensor_cores(narrow, jnp.ones((4, 512), jnp.bfloat16))
 
 
-def _byte_perm(x: int, y: int, sel: int) -> int:
-    """CUDA's __byte_perm for selectors 0-7 (bytes 0-3 of x, 4-7 of y)."""
-    b = (x | (y << 32)).to_bytes(8, "little")
-    return int.from_bytes(bytes(b[(sel >> (4 * i)) & 7] for i in range(4)), "little")
-
-
 def _halves(u: int, dtype) -> tuple[float, float]:
     return tuple(float(v) for v in np.array([u & 0xFFFF, u >> 16], np.uint16).view(dtype))
 
