@@ -463,7 +463,9 @@ def main(argv=None):
                         '\'[{}, {"tc": true, "block_rows": 128, "splits": 2}]\'')
     p.add_argument("--vq-configs", type=json.loads, default=[{}],
                    help='E8P/RVQ4 kernel launch configurations as a JSON list, e.g. '
-                        '\'[{}, {"rows_per_warp": 4, "units_per_step": 1}]\' ({}: the default)')
+                        '\'[{}, {"rows_per_warp": 4, "units_per_step": 1}]\' ({}: the default; '
+                        '"tensor_cores": false keeps 2-16 rows on the CUDA-core kernel; "mma": true takes '
+                        'cuda_ffi.e8p_mma with its "tiles" and "splits")')
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy that sets the bandwidth")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true")
