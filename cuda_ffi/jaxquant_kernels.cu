@@ -789,7 +789,7 @@ ffi::Error ScalarMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<f
 }
 
 // ------------------------------------------------------------------------------------------
-// Scalar 4-bit decode-matmul on tensor cores (2-16 rows of 16-bit x; built, not yet run on a GPU)
+// Scalar 4- and 2-bit decode-matmul on tensor cores (2-16 rows of 16-bit x; 2-bit not yet run on a GPU)
 // ------------------------------------------------------------------------------------------
 // mma.m16n8k16: A = 16 weight rows x 16 inputs, B = 16 inputs x 8 rows of x (two n-tiles for 9-16),
 // fp32 accumulators. The input axis is permuted the same way in A and B so that every code word is
@@ -834,48 +834,59 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 __device__ __forceinline__ uint32_t uint4_at(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
+__device__ __forceinline__ uint32_t word_at(const uint4& v, int j) { return uint4_at(v, j); }
+__device__ __forceinline__ uint32_t word_at(const uint2& v, int j) { return j == 0 ? v.x : v.y; }
 
 // TILES: 16-row tiles per warp (2 or 4). PF: the next step's code words and x load while this step's
 // decode and mma run (double-buffered registers), so a warp always has loads in flight.
-template <class T, int NT, int TILES, bool PF>
-__global__ void __launch_bounds__(32 * kMmaWarps) scalar_mma4_kernel(MmaArgs a) {
+// BITS = 2 (built and emulated on the CPU, not yet run on a GPU): a lane reads 2 words (32 inputs) of a
+// row per step; word j's codes t = 0..15 (inputs 32q + 16j + t) pair as (t_i, t_i+8) from one shift and
+// LOP3 each; pairs 2m and 2m + 1 fill k-tile 4j + m, and B pairs x's inputs the same way (two 16-byte x
+// loads per word, one byte permute per register).
+template <class T, int NT, int TILES, bool PF, int BITS>
+__global__ void __launch_bounds__(32 * kMmaWarps) scalar_mma_kernel(MmaArgs a) {
+  static_assert(BITS == 2 || BITS == 4, "4- or 2-bit codes");
+  using W = std::conditional_t<BITS == 4, uint4, uint2>;  // a lane's code words of a row per step
   constexpr int kMmaTiles = TILES;
   constexpr uint32_t kOffsetBits = std::is_same_v<T, __half> ? 0x64006400u : 0x43004300u;
+  constexpr uint32_t kMask = BITS == 4 ? 0x000F000Fu : 0x00030003u;
   constexpr float kOffset = std::is_same_v<T, __half> ? 1024.f : 128.f;
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int row0 = (blockIdx.x * kMmaWarps + (threadIdx.x >> 5)) * 16 * kMmaTiles;
   if (row0 >= a.out) return;  // no barriers below: idle warps may leave
   const int s0 = blockIdx.y * a.steps_per_split, s1 = min(a.steps, s0 + a.steps_per_split);
-  const int kpad_u4 = a.words;  // a row of x: kpad 16-bit values = words * 8 = words uint4
-  const uint4* rowp[kMmaTiles][2];
+  const int kpad_u4 = a.steps * 16;  // a row of x: kpad = 128 steps 16-bit values, as uint4
+  const W* rowp[kMmaTiles][2];
   int rows[kMmaTiles][2];
   static_for<kMmaTiles>([&](auto t) {
     static_for<2>([&](auto h) {
       rows[t][h] = row0 + 16 * t + g + 8 * h;
       const int row = min(rows[t][h], a.out - 1);  // past the end: the last row, never stored
-      rowp[t][h] = reinterpret_cast<const uint4*>(a.codes + static_cast<size_t>(row) * a.words) + q;
+      rowp[t][h] = reinterpret_cast<const W*>(a.codes + static_cast<size_t>(row) * a.words) + q;
     });
   });
   float acc[kMmaTiles][NT][4] = {};
   float d[kMmaTiles][NT][4] = {};
-  auto load_w = [&](uint4 (&w)[kMmaTiles][2], int s) {
+  auto load_w = [&](W (&w)[kMmaTiles][2], int s) {
     static_for<kMmaTiles>([&](auto t) {
       static_for<2>([&](auto h) { w[t][h] = __ldcs(rowp[t][h] + 4 * static_cast<size_t>(s)); });
     });
   };
-  auto load_x = [&](uint4 (&xv)[NT][4], int s) {
+  auto load_x = [&](uint4 (&xv)[NT][4], int s) {  // inputs 32q .. 32q + 31 of the step, row g (+ 8)
     static_for<NT>([&](auto nt) {
       const uint4* xp = a.x + static_cast<size_t>(g + 8 * nt) * kpad_u4 + 16 * static_cast<size_t>(s) + 4 * q;
-      static_for<4>([&](auto j) { xv[nt][j] = xp[j]; });  // inputs 32q + 8j + 0..7 of the step
+      static_for<4>([&](auto j) { xv[nt][j] = xp[j]; });
     });
   };
-  uint4 wn[kMmaTiles][2], xn[NT][4];
+  W wn[kMmaTiles][2];
+  uint4 xn[NT][4];
   if constexpr (PF) {
     if (s0 < s1) { load_w(wn, s0); load_x(xn, s0); }
   }
 #pragma unroll 2
   for (int s = s0; s < s1; ++s) {
-    uint4 w[kMmaTiles][2], xv[NT][4];
+    W w[kMmaTiles][2];
+    uint4 xv[NT][4];
     if constexpr (PF) {
       static_for<kMmaTiles>([&](auto t) { w[t][0] = wn[t][0]; w[t][1] = wn[t][1]; });
       static_for<NT>([&](auto nt) { static_for<4>([&](auto j) { xv[nt][j] = xn[nt][j]; }); });
@@ -884,27 +895,29 @@ __global__ void __launch_bounds__(32 * kMmaWarps) scalar_mma4_kernel(MmaArgs a) 
       load_w(w, s);
       load_x(xv, s);
     }
-    uint32_t b[NT][8][2];
-    static_for<NT>([&](auto nt) {
-      static_for<4>([&](auto j) {
-        const uint4 v = xv[nt][j];
-        b[nt][2 * j][0] = __byte_perm(v.x, v.z, 0x5410);
-        b[nt][2 * j][1] = __byte_perm(v.x, v.z, 0x7632);
-        b[nt][2 * j + 1][0] = __byte_perm(v.y, v.w, 0x5410);
-        b[nt][2 * j + 1][1] = __byte_perm(v.y, v.w, 0x7632);
+    static_for<8>([&](auto c) {  // the step's 8 k-tiles
+      constexpr int ci = int(decltype(c){});
+      constexpr int word = BITS == 4 ? ci / 2 : ci / 4;                    // the lane's word holding them
+      constexpr int sh = BITS == 4 ? 8 * (ci % 2) : 4 * (ci % 4);          // slots 2q, 2q + 1
+      constexpr int sh2 = sh + BITS;                                       // slots 2q + 8, 2q + 9
+      uint32_t b[NT][2];
+      static_for<NT>([&](auto nt) {
+        if constexpr (BITS == 4) {  // word j's inputs 8j + t pair as (t, t + 4)
+          const uint4 v = xv[nt][word];
+          const uint32_t lo = ci % 2 ? v.y : v.x, hi = ci % 2 ? v.w : v.z;
+          b[nt][0] = __byte_perm(lo, hi, 0x5410);
+          b[nt][1] = __byte_perm(lo, hi, 0x7632);
+        } else {  // word j's inputs 16j + t pair as (t, t + 8)
+          const uint32_t lo = uint4_at(xv[nt][2 * word], ci % 4), hi = uint4_at(xv[nt][2 * word + 1], ci % 4);
+          b[nt][0] = __byte_perm(lo, hi, 0x5410);
+          b[nt][1] = __byte_perm(lo, hi, 0x7632);
+        }
       });
-    });
-    static_for<kMmaTiles>([&](auto t) {
-      static_for<4>([&](auto j) {
-        const uint32_t lo = uint4_at(w[t][0], j), hi = uint4_at(w[t][1], j);  // rows g, g + 8
-        const uint32_t a0[4] = {(lo & 0x000F000Fu) | kOffsetBits, (hi & 0x000F000Fu) | kOffsetBits,
-                                ((lo >> 4) & 0x000F000Fu) | kOffsetBits, ((hi >> 4) & 0x000F000Fu) | kOffsetBits};
-        const uint32_t a1[4] = {((lo >> 8) & 0x000F000Fu) | kOffsetBits, ((hi >> 8) & 0x000F000Fu) | kOffsetBits,
-                                ((lo >> 12) & 0x000F000Fu) | kOffsetBits, ((hi >> 12) & 0x000F000Fu) | kOffsetBits};
-        static_for<NT>([&](auto nt) {
-          mma_16816<T>(d[t][nt], a0, b[nt][2 * j][0], b[nt][2 * j][1]);
-          mma_16816<T>(d[t][nt], a1, b[nt][2 * j + 1][0], b[nt][2 * j + 1][1]);
-        });
+      static_for<kMmaTiles>([&](auto t) {
+        const uint32_t lo = word_at(w[t][0], word), hi = word_at(w[t][1], word);  // rows g, g + 8
+        const uint32_t ar[4] = {((lo >> sh) & kMask) | kOffsetBits, ((hi >> sh) & kMask) | kOffsetBits,
+                                ((lo >> sh2) & kMask) | kOffsetBits, ((hi >> sh2) & kMask) | kOffsetBits};
+        static_for<NT>([&](auto nt) { mma_16816<T>(d[t][nt], ar, b[nt][0], b[nt][1]); });
       });
     });
     if ((s + 1) % a.steps_per_group == 0 || s + 1 == s1) {  // the group ends: fold and restart
@@ -942,13 +955,16 @@ __global__ void __launch_bounds__(32 * kMmaWarps) scalar_mma4_kernel(MmaArgs a) 
 ffi::Error ScalarMmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> xsum,
                          ffi::Buffer<ffi::S32> codes, ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> zero,
                          ffi::Result<ffi::Buffer<ffi::F32>> parts, int64_t group_size, int64_t tiles,
-                         int64_t prefetch) {
+                         int64_t prefetch, int64_t bits) {
   int dt = 0;
   if (!dtype_code(x.element_type(), &dt) || dt == kF32) {
     return ffi::Error::InvalidArgument("scalar_mma: x must be float16 or bfloat16");
   }
   if (tiles != 2 && tiles != 4) {
     return ffi::Error::InvalidArgument("scalar_mma: tiles must be 2 or 4");
+  }
+  if (bits != 2 && bits != 4) {
+    return ffi::Error::InvalidArgument("scalar_mma: bits must be 2 or 4");
   }
   auto xd = x.dimensions();
   auto cd = codes.dimensions();
@@ -961,13 +977,13 @@ ffi::Error ScalarMmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   a.out = static_cast<int>(cd[0]);
   a.words = static_cast<int>(cd[1]);
   const int nrows = static_cast<int>(xd[0]), splits = static_cast<int>(pd[0]);
-  if ((nrows != 8 && nrows != 16) || xd[1] != static_cast<int64_t>(a.words) * 8 || a.words % 16 ||
+  if ((nrows != 8 && nrows != 16) || xd[1] != static_cast<int64_t>(a.words) * 32 / bits || a.words % (4 * bits) ||
       group_size % 128 || pd[1] != nrows || pd[2] != cd[0] || splits < 1) {
-    return ffi::Error::InvalidArgument("scalar_mma: 8 or 16 rows of x, 8 inputs per code word, words a "
-                                       "multiple of 16, groups a multiple of 128, parts [splits, rows, out]");
+    return ffi::Error::InvalidArgument("scalar_mma: 8 or 16 rows of x, 32 / bits inputs per code word, inputs "
+                                       "a multiple of 128, groups a multiple of 128, parts [splits, rows, out]");
   }
   a.groups = static_cast<int>(scale.element_count() / a.out);
-  a.steps = a.words / 16;
+  a.steps = a.words / (4 * static_cast<int>(bits));  // 128 inputs per step
   a.steps_per_group = static_cast<int>(group_size / 128);
   if (static_cast<int64_t>(a.groups) * a.out != static_cast<int64_t>(scale.element_count()) ||
       zero.element_count() != scale.element_count() || a.groups * a.steps_per_group < a.steps ||
@@ -987,9 +1003,12 @@ ffi::Error ScalarMmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("scalar_mma: ") + cudaGetErrorString(err));
   const int rows_per_block = 16 * static_cast<int>(tiles) * kMmaWarps;
   const dim3 grid((a.out + rows_per_block - 1) / rows_per_block, splits);
-  const bool f16 = dt == kF16, two = nrows == 16, four = tiles == 4, pf = prefetch != 0;
+  const bool f16 = dt == kF16, two = nrows == 16, four = tiles == 4, pf = prefetch != 0 || bits == 2;
   auto launch = [&](auto t_tag, auto nt, auto tl, auto p) {
-    scalar_mma4_kernel<decltype(t_tag), decltype(nt)::value, decltype(tl)::value, decltype(p)::value><<<grid, 32 * kMmaWarps, 0, stream>>>(a);
+    constexpr int NT = decltype(nt)::value, TL = decltype(tl)::value;
+    constexpr bool P = decltype(p)::value;
+    if (bits == 4) scalar_mma_kernel<decltype(t_tag), NT, TL, P, 4><<<grid, 32 * kMmaWarps, 0, stream>>>(a);
+    else if constexpr (P) scalar_mma_kernel<decltype(t_tag), NT, TL, true, 2><<<grid, 32 * kMmaWarps, 0, stream>>>(a);
   };
   auto by_rows = [&](auto t_tag, auto tl, auto p) {
     if (two) launch(t_tag, std::integral_constant<int, 2>{}, tl, p);
@@ -999,7 +1018,7 @@ ffi::Error ScalarMmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
     if (four) by_rows(t_tag, std::integral_constant<int, 4>{}, p);
     else by_rows(t_tag, std::integral_constant<int, 2>{}, p);
   };
-  auto by_prefetch = [&](auto t_tag) {
+  auto by_prefetch = [&](auto t_tag) {  // 2-bit codes: always prefetched
     if (pf) by_tiles(t_tag, std::integral_constant<bool, true>{});
     else by_tiles(t_tag, std::integral_constant<bool, false>{});
   };
@@ -1374,7 +1393,7 @@ ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Bu
 // ------------------------------------------------------------------------------------------
 // E8P / RVQ4 decode-matmul on tensor cores, 2-16 rows of x (mma.sync.m16n8k16, fp16, fp32 sums)
 // ------------------------------------------------------------------------------------------
-// The fragment mapping of scalar_mma4_kernel with the E8P decode: lane (g = lane / 4, q = lane % 4)
+// The fragment mapping of scalar_mma_kernel with the E8P decode: lane (g = lane / 4, q = lane % 4)
 // reads, per step, one 16-byte code unit of rows g and g + 8 of each 16-row tile (unit 4 s + q).
 // Code j of a unit (8 inputs, `base` = its first) fills two k-tiles: its half2 pairs (w0, w1),
 // (w2, w3) the slots {2q, 2q + 1}, {2q + 8, 2q + 9} of the first, (w4, w5), (w6, w7) those of the
@@ -2746,7 +2765,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantScalarMma, ScalarMmaImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("tiles")
-                                  .Attr<int64_t>("prefetch"),
+                                  .Attr<int64_t>("prefetch")
+                                  .Attr<int64_t>("bits"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantHadamard, HadamardImpl,

@@ -72,29 +72,33 @@ def scalar_matvec(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
 
 
 def scalar_mma(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, *, group_size: int,
-               splits: int = 0, tiles: int = 4, prefetch: bool = True, register: bool = True) -> jax.Array:
-    """4-bit ``scalar_matvec`` for 1-16 rows of float16/bfloat16 x on tensor cores (``mma.sync``).
+               bits: int = 4, splits: int = 0, tiles: int = 4, prefetch: bool = True,
+               register: bool = True) -> jax.Array:
+    """4- or 2-bit ``scalar_matvec`` for 1-16 rows of float16/bfloat16 x on tensor cores (``mma.sync``).
 
     What ``backend="cuda"`` runs for 2-16 rows (``formats.dispatch.cuda_tensor_cores``). Needs groups
     of a multiple of 128 inputs and rows padded to whole groups (as ``jaxquant.formats.packing`` stores
     them). ``splits``: programs along the input axis, each whole groups (0: about two per SM of an
     H100); their fp32 partial sums are added here. ``tiles``: 16-row tiles per warp (2 or 4).
     ``prefetch``: load the next step while this one computes (1.2-1.3x faster on an H100,
-    cuda_ffi/NOTES.md, session 11).
+    cuda_ffi/NOTES.md, session 11; 2-bit codes are always prefetched). ``bits=2``: built and emulated
+    on the CPU, not yet run on a GPU (opt-in; no backend picks it).
     """
     if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"scalar_mma: x must be float16 or bfloat16, got {x.dtype}")
+    if bits not in (2, 4):
+        raise ValueError(f"scalar_mma: bits must be 2 or 4, got {bits}")
     if group_size <= 0 or group_size % 128:
         raise ValueError(f"scalar_mma: group_size must be a multiple of 128, got {group_size}")
     if tiles not in (2, 4):
         raise ValueError(f"scalar_mma: tiles must be 2 or 4, got {tiles}")
     out, words = codes.shape
-    kpad = words * 8
+    kpad = words * 32 // bits
     lead, k_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k_in)
     n = x2.shape[0]
     if not 0 < n <= 16 or k_in > kpad or kpad % group_size:
-        raise ValueError(f"scalar_mma: x {x.shape} does not fit 1-16 rows of codes [{out}, {words}] (4 bits) "
+        raise ValueError(f"scalar_mma: x {x.shape} does not fit 1-16 rows of codes [{out}, {words}] ({bits} bits) "
                          f"in whole groups of {group_size}")
     if register:
         build.load()
@@ -110,7 +114,8 @@ def scalar_mma(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array
     splits = splits or max(1, min(kpad // group_size, 264 // blocks))
     parts = jax.ffi.ffi_call("jaxquant_scalar_mma", jax.ShapeDtypeStruct((splits, rows, out), jnp.float32),
                              vmap_method="sequential")(xp, xsum, codes, scale, zero, group_size=np.int64(group_size),
-                                                       tiles=np.int64(tiles), prefetch=np.int64(prefetch))
+                                                       tiles=np.int64(tiles), prefetch=np.int64(prefetch),
+                                                       bits=np.int64(bits))
     return parts.sum(0)[:n].astype(x.dtype).reshape(*lead, out)
 
 

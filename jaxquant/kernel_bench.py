@@ -149,7 +149,7 @@ def _cuda_scalar(cfg, x, qw):
         return qw.matmul(x, backend="cuda")
     cfg = dict(cfg)
     if cfg.pop("mma", False):
-        return cuda_ffi.scalar_mma(x, qw.codes, qw.scale, qw.zero, group_size=qw.group_size, **cfg)
+        return cuda_ffi.scalar_mma(x, qw.codes, qw.scale, qw.zero, group_size=qw.group_size, bits=qw.bits, **cfg)
     return cuda_ffi.scalar_matvec(x, qw.codes, qw.scale, qw.zero, bits=qw.bits, group_size=qw.group_size, **cfg)
 
 
@@ -213,7 +213,7 @@ def bench_matvec(args, copy_bw, rows):
                         continue
                     if (cfg.get("tc") or cfg.get("mma")) and dtype == jnp.float32:  # the dots take 16-bit x
                         continue
-                    if cfg.get("mma") and (bits != 4 or args.group_size % 128):
+                    if cfg.get("mma") and (bits not in (2, 4) or args.group_size % 128):
                         continue
                     row = dict(kind="matvec", model=model, out=out, inp=inp, bits=bits, batch=batch,
                                backend=name, config=cfg, group_size=args.group_size, bytes=nbytes)
@@ -456,7 +456,7 @@ def main(argv=None):
     p.add_argument("--scalar-configs", type=json.loads, default=None,
                    help='scalar CUDA launch configurations as a JSON list instead of the default two (or --sweep\'s), '
                         'e.g. \'[{"variant": 1}, {"variant": 1, "rows_per_warp": 2, "ksplit": 2}]\'; "mma": true takes '
-                        'the 4-bit tensor-core kernel (cuda_ffi.scalar_mma; "splits" its option)')
+                        'the 4- or 2-bit tensor-core kernel (cuda_ffi.scalar_mma; "splits" its option)')
     p.add_argument("--pallas-configs", type=json.loads, default=None,
                    help='scalar Pallas configurations as a JSON list instead of the default (what backend="pallas" '
                         'runs) or --sweep\'s; "tc": true takes the tensor-core kernel, e.g. '

@@ -219,6 +219,14 @@ def test_cuda_ffi_calls_lower_for_cuda():
     with pytest.raises(ValueError, match="multiple of 128"):
         cuda_ops.scalar_mma(jnp.ones((2, 1024), jnp.float16), qw4.codes, qw4.scale, qw4.zero, group_size=64,
                             register=False)
+    qw2 = random_scalar(jax.random.key(5), 256, 1024, 2, 128)  # 2-bit: 64 words hold the 1024 inputs
+    text = _lower_for_cuda(lambda x: cuda_ops.scalar_mma(x, qw2.codes, qw2.scale, qw2.zero, group_size=128, bits=2,
+                                                         register=False), jnp.ones((5, 1024), jnp.float16))
+    call = [line for line in text.splitlines() if "jaxquant_scalar_mma" in line]
+    assert call and "tensor<8x1024xf16>" in call[0] and "bits = 2" in call[0]
+    with pytest.raises(ValueError, match="bits must be 2 or 4"):
+        cuda_ops.scalar_mma(jnp.ones((2, 1024), jnp.float16), qw2.codes, qw2.scale, qw2.zero, group_size=128, bits=3,
+                            register=False)
     signs = jnp.ones((1024,), jnp.float32)
     text = _lower_for_cuda(lambda x: cuda_ops.hadamard(x, signs, register=False), jnp.ones((4, 1024), jnp.bfloat16))
     assert "jaxquant_hadamard" in text
@@ -334,9 +342,10 @@ def test_pallas_scalar_matmul_gpu():
 
 @pytest.mark.gpu
 def test_cuda_scalar_mma_gpu():
-    """The 4-bit tensor-core CUDA kernel: Llama and small shapes, groups of 128 and 256, 1-16 rows, both
-    16-bit types, default and forced splits, 2 and 4 tiles per warp, with and without the prefetch;
-    and backend="cuda" taking it for 2-16 rows."""
+    """The tensor-core CUDA kernel: Llama and small shapes, groups of 128 and 256, 1-16 rows, both 16-bit
+    types, default and forced splits, 2 and 4 tiles per warp, with and without the prefetch, 4-bit and
+    (built in session 11, first run on a GPU by this test) 2-bit codes; and backend="cuda" taking it for
+    2-16 rows of 4-bit codes."""
     cases = [(4096, 4096, 128), (11008, 4096, 128), (4096, 11008, 128), (8192, 28672, 128), (300, 1024, 256)]
     runs = ((1, jnp.bfloat16, 0, 4, True), (5, jnp.float16, 0, 2, True), (8, jnp.bfloat16, 3, 4, False),
             (16, jnp.float16, 0, 4, True), (13, jnp.bfloat16, 1, 2, False))
@@ -348,6 +357,12 @@ def test_cuda_scalar_mma_gpu():
                                                           splits=splits, tiles=tiles, prefetch=prefetch))(x, qw)
             assert y.shape == (batch, out) and y.dtype == dtype
             assert rel_err(y, reference(qw, x)) < UNIT_ROUNDOFF[dtype], (out, inp, group, batch, dtype, splits)
+        q2 = random_scalar(jax.random.key(33_000 + i), out, inp, 2, group)  # 2-bit codes: opt-in, not dispatched
+        for batch, dtype, splits, tiles, _ in runs:
+            x = jax.random.normal(jax.random.key(34_000 + batch), (batch, inp), jnp.float32).astype(dtype)
+            y = jax.jit(lambda x, qw: cuda_ffi.scalar_mma(x, qw.codes, qw.scale, qw.zero, group_size=group, bits=2,
+                                                          splits=splits, tiles=tiles))(x, q2)
+            assert rel_err(y, reference(q2, x)) < UNIT_ROUNDOFF[dtype], (out, inp, group, batch, dtype, splits, 2)
         x = jax.random.normal(jax.random.key(32_000 + i), (2, 3, inp), jnp.bfloat16)
         assert dispatch.cuda_tensor_cores(qw, x)
         y = jax.jit(lambda x, qw: qw.matmul(x, backend="cuda"))(x, qw)
@@ -1115,8 +1130,8 @@ static void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 """
 
 _MMA_HOST_MAIN = r"""
-// argv: kind (0 scalar 4-bit, 1 E8P/RVQ4) dtype_or_bits out k nt tiles prefetch splits blocks group resid in out
-// in (scalar): x [8 nt, k] 16-bit, xsum f32 [8 nt, groups], codes i32 [out, k / 8], scale, zero f16 [out, groups]
+// argv: kind (0 scalar, 1 E8P/RVQ4) dtype_or_bits out k nt tiles prefetch splits blocks_or_bits group resid in out
+// in (scalar): x [8 nt, k] 16-bit, xsum f32 [8 nt, groups], codes i32 [out, k bits / 32], scale, zero f16 [out, groups]
 // in (E8P): x f16 [8 nt, k], codes u8 [out, k / 8, bits], abs u32 [512]; out: parts f32 [splits, 8 nt, out]
 template <class K>
 void run2d(K kernel, int bx, int by, int warps) {
@@ -1162,7 +1177,7 @@ int main(int argc, char** argv) {
     if (nt == 2) with_nt(I2{}); else with_nt(I1{});
   };
   if (kind == 0) {
-    const int words = k / 8, groups = k / group;
+    const int bits = blocks, words = k * bits / 32, groups = k / group;
     std::vector<float> xsum;
     std::vector<uint32_t> codes;
     std::vector<__half> scale, zero;
@@ -1172,14 +1187,16 @@ int main(int argc, char** argv) {
     a.x = reinterpret_cast<const uint4*>(x.data());
     a.xsum = xsum.data(); a.codes = codes.data(); a.scale = scale.data(); a.zero = zero.data();
     a.parts = parts.data();
-    a.out = out; a.words = words; a.groups = groups; a.steps = words / 16; a.steps_per_group = group / 128;
+    a.out = out; a.words = words; a.groups = groups; a.steps = k / 128; a.steps_per_group = group / 128;
     const int ngroups = (a.steps + a.steps_per_group - 1) / a.steps_per_group;
     a.steps_per_split = ((ngroups + splits - 1) / splits) * a.steps_per_group;
     std::fill(parts.begin(), parts.end(), 0.f);
     auto go = [&](auto t_tag, auto ntc, auto tc) {
       const int bx = (out + 16 * tc.operator int() * kMmaWarps - 1) / (16 * tc.operator int() * kMmaWarps);
-      if (pf) run2d([&] { scalar_mma4_kernel<decltype(t_tag), int(decltype(ntc){}), int(decltype(tc){}), true>(a); }, bx, splits, kMmaWarps);
-      else run2d([&] { scalar_mma4_kernel<decltype(t_tag), int(decltype(ntc){}), int(decltype(tc){}), false>(a); }, bx, splits, kMmaWarps);
+      constexpr int NT = int(decltype(ntc){}), TL = int(decltype(tc){});
+      if (bits == 2) run2d([&] { scalar_mma_kernel<decltype(t_tag), NT, TL, true, 2>(a); }, bx, splits, kMmaWarps);
+      else if (pf) run2d([&] { scalar_mma_kernel<decltype(t_tag), NT, TL, true, 4>(a); }, bx, splits, kMmaWarps);
+      else run2d([&] { scalar_mma_kernel<decltype(t_tag), NT, TL, false, 4>(a); }, bx, splits, kMmaWarps);
     };
     if (sub == 0) by_tiles(__half{}, 0, [&](auto ntc, auto tc) { go(__half{}, ntc, tc); });
     else by_tiles(__nv_bfloat16{}, 0, [&](auto ntc, auto tc) { go(__nv_bfloat16{}, ntc, tc); });
@@ -1222,10 +1239,10 @@ _MMA_HOST_CUTS = [
 
 
 def test_mma_kernels_source_on_cpu(tmp_path):
-    """scalar_mma4_kernel and e8p_mma_kernel, their own source compiled for the host with mma.sync
-    emulated as a warp collective by the PTX fragment layout, against float64 products: fp16 and bf16,
-    8 and 16 rows of x, 1/2/4 tiles per warp, with and without the prefetch, splits (uneven, and more
-    than steps), output rows past a tile's end, E8P and RVQ4 with fewer blocks than row chunks."""
+    """scalar_mma_kernel (4 and 2 bits) and e8p_mma_kernel, their own source compiled for the host with
+    mma.sync emulated as a warp collective by the PTX fragment layout, against float64 products: fp16
+    and bf16, 8 and 16 rows of x, 1/2/4 tiles per warp, with and without the prefetch, splits (uneven,
+    and more than steps), output rows past a tile's end, E8P and RVQ4 with fewer blocks than row chunks."""
     import subprocess
 
     prelude = _HOST_PRELUDE.replace('#include "kernel_part.inc"', _MMA_HOST_EMULATION + '#include "kernel_part.inc"')
@@ -1242,26 +1259,27 @@ def test_mma_kernels_source_on_cpu(tmp_path):
         assert np.isfinite(parts).all(), args
         return parts.sum(0)
 
-    # scalar 4-bit: (dtype, out, k, nt, tiles, prefetch, splits, group)
-    for dtype, out, k, nt, tiles, pf, splits, group in [
-            ("f16", 70, 512, 1, 4, 1, 3, 128), ("bf16", 70, 512, 2, 2, 0, 1, 256), ("bf16", 33, 1024, 1, 2, 1, 8, 128),
-            ("f16", 130, 256, 2, 4, 0, 2, 128)]:
+    # scalar: (bits, dtype, out, k, nt, tiles, prefetch, splits, group)
+    for bits, dtype, out, k, nt, tiles, pf, splits, group in [
+            (4, "f16", 70, 512, 1, 4, 1, 3, 128), (4, "bf16", 70, 512, 2, 2, 0, 1, 256),
+            (4, "bf16", 33, 1024, 1, 2, 1, 8, 128), (4, "f16", 130, 256, 2, 4, 0, 2, 128),
+            (2, "f16", 70, 512, 1, 4, 1, 3, 128), (2, "bf16", 70, 512, 2, 2, 1, 1, 256), (2, "bf16", 33, 1024, 2, 4, 1, 8, 128)]:
         dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bf16" else np.dtype(np.float16)
         rows, groups = 8 * nt, k // group
-        q = rng.integers(0, 16, (out, k))
-        codes = np.asarray(packing.pack(jnp.asarray(q, jnp.uint32), 4)).view(np.uint32)
+        q = rng.integers(0, 2**bits, (out, k))
+        codes = np.asarray(packing.pack(jnp.asarray(q, jnp.uint32), bits)).view(np.uint32)
         scale = rng.uniform(0.5, 1.5, (out, groups)).astype(np.float16) / 16
-        zero = rng.uniform(0, 15, (out, groups)).astype(np.float16)
+        zero = rng.uniform(0, 2**bits - 1, (out, groups)).astype(np.float16)
         x = np.zeros((rows, k), dt)
         n = rows - 3
         x[:n] = rng.standard_normal((n, k)).astype(dt)
         xsum = x.astype(np.float32).reshape(rows, groups, group).sum(-1)
-        y = run((0, int(dtype == "bf16"), out, k, nt, tiles, pf, splits, 0, group, 1.0),
+        y = run((0, int(dtype == "bf16"), out, k, nt, tiles, pf, splits, bits, group, 1.0),
                 x.tobytes() + xsum.tobytes() + codes.tobytes() + scale.tobytes() + zero.tobytes(), rows, out)
         w = (q - np.repeat(zero.astype(np.float64), group, 1)) * np.repeat(scale.astype(np.float64), group, 1)
         ref = x.astype(np.float64) @ w.T
         # fp32 sums of (OFFSET + q) x minus (z + OFFSET) sum(x): the offset's cancellation costs ~1e-5
-        assert rel_err(y[:n], ref[:n]) < 1e-4 and not y[n:].any(), (dtype, out, k, nt, tiles, pf, splits)
+        assert rel_err(y[:n], ref[:n]) < 1e-4 and not y[n:].any(), (bits, dtype, out, k, nt, tiles, pf, splits)
 
     # E8P / RVQ4: (bits, out, k, nt, tiles, splits, blocks)
     table = np.asarray(cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set()))
