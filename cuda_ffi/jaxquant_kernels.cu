@@ -855,7 +855,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) scalar_mma_kernel(MmaArgs a) {
   const int row0 = (blockIdx.x * kMmaWarps + (threadIdx.x >> 5)) * 16 * kMmaTiles;
   if (row0 >= a.out) return;  // no barriers below: idle warps may leave
   const int s0 = blockIdx.y * a.steps_per_split, s1 = min(a.steps, s0 + a.steps_per_split);
-  const int kpad_u4 = a.steps * 16;  // a row of x: kpad = 128 steps 16-bit values, as uint4
+  const int kpad_u4 = a.words * (4 / BITS);  // a row of x: kpad = 32 words / BITS 16-bit values, as uint4
   const W* rowp[kMmaTiles][2];
   int rows[kMmaTiles][2];
   static_for<kMmaTiles>([&](auto t) {
@@ -895,29 +895,41 @@ __global__ void __launch_bounds__(32 * kMmaWarps) scalar_mma_kernel(MmaArgs a) {
       load_w(w, s);
       load_x(xv, s);
     }
-    static_for<8>([&](auto c) {  // the step's 8 k-tiles
-      constexpr int ci = int(decltype(c){});
-      constexpr int word = BITS == 4 ? ci / 2 : ci / 4;                    // the lane's word holding them
-      constexpr int sh = BITS == 4 ? 8 * (ci % 2) : 4 * (ci % 4);          // slots 2q, 2q + 1
-      constexpr int sh2 = sh + BITS;                                       // slots 2q + 8, 2q + 9
-      uint32_t b[NT][2];
-      static_for<NT>([&](auto nt) {
-        if constexpr (BITS == 4) {  // word j's inputs 8j + t pair as (t, t + 4)
-          const uint4 v = xv[nt][word];
-          const uint32_t lo = ci % 2 ? v.y : v.x, hi = ci % 2 ? v.w : v.z;
-          b[nt][0] = __byte_perm(lo, hi, 0x5410);
-          b[nt][1] = __byte_perm(lo, hi, 0x7632);
-        } else {  // word j's inputs 16j + t pair as (t, t + 8)
-          const uint32_t lo = uint4_at(xv[nt][2 * word], ci % 4), hi = uint4_at(xv[nt][2 * word + 1], ci % 4);
-          b[nt][0] = __byte_perm(lo, hi, 0x5410);
-          b[nt][1] = __byte_perm(lo, hi, 0x7632);
+    uint32_t b[NT][8][2];  // B of the step's 8 k-tiles
+    static_for<NT>([&](auto nt) {
+      static_for<4>([&](auto j) {
+        if constexpr (BITS == 4) {  // word j: inputs 8j + t pair as (t, t + 4)
+          const uint4 v = xv[nt][j];
+          b[nt][2 * j][0] = __byte_perm(v.x, v.z, 0x5410);
+          b[nt][2 * j][1] = __byte_perm(v.x, v.z, 0x7632);
+          b[nt][2 * j + 1][0] = __byte_perm(v.y, v.w, 0x5410);
+          b[nt][2 * j + 1][1] = __byte_perm(v.y, v.w, 0x7632);
+        } else {  // word j / 2, pairs m = 2 (j % 2), + 1: inputs 16 (j / 2) + t pair as (t, t + 8)
+          constexpr int jj = int(decltype(j){}), wd = jj / 2;
+          static_for<2>([&](auto h) {
+            constexpr int m = 2 * (jj % 2) + int(decltype(h){});
+            const uint32_t lo = uint4_at(xv[nt][2 * wd], m), hi = uint4_at(xv[nt][2 * wd + 1], m);
+            b[nt][4 * wd + m][0] = __byte_perm(lo, hi, 0x5410);
+            b[nt][4 * wd + m][1] = __byte_perm(lo, hi, 0x7632);
+          });
         }
       });
-      static_for<kMmaTiles>([&](auto t) {
+    });
+    static_for<kMmaTiles>([&](auto t) {
+      static_for<4>([&](auto j) {  // 4-bit: word j, k-tiles 2j, 2j + 1; 2-bit: word j / 2, k-tiles 2j, 2j + 1
+        constexpr int jj = int(decltype(j){}), word = BITS == 4 ? jj : jj / 2;
+        constexpr int sh = BITS == 4 ? 0 : 8 * (jj % 2);  // k-tile 2j's slots 2q, 2q + 1 (2q + 8: + BITS)
+        constexpr int step = BITS == 4 ? 8 : 4;           // k-tile 2j + 1: further along the word
         const uint32_t lo = word_at(w[t][0], word), hi = word_at(w[t][1], word);  // rows g, g + 8
-        const uint32_t ar[4] = {((lo >> sh) & kMask) | kOffsetBits, ((hi >> sh) & kMask) | kOffsetBits,
-                                ((lo >> sh2) & kMask) | kOffsetBits, ((hi >> sh2) & kMask) | kOffsetBits};
-        static_for<NT>([&](auto nt) { mma_16816<T>(d[t][nt], ar, b[nt][0], b[nt][1]); });
+        const uint32_t a0[4] = {((lo >> sh) & kMask) | kOffsetBits, ((hi >> sh) & kMask) | kOffsetBits,
+                                ((lo >> (sh + BITS)) & kMask) | kOffsetBits, ((hi >> (sh + BITS)) & kMask) | kOffsetBits};
+        const uint32_t a1[4] = {((lo >> (sh + step)) & kMask) | kOffsetBits, ((hi >> (sh + step)) & kMask) | kOffsetBits,
+                                ((lo >> (sh + step + BITS)) & kMask) | kOffsetBits,
+                                ((hi >> (sh + step + BITS)) & kMask) | kOffsetBits};
+        static_for<NT>([&](auto nt) {
+          mma_16816<T>(d[t][nt], a0, b[nt][2 * jj][0], b[nt][2 * jj][1]);
+          mma_16816<T>(d[t][nt], a1, b[nt][2 * jj + 1][0], b[nt][2 * jj + 1][1]);
+        });
       });
     });
     if ((s + 1) % a.steps_per_group == 0 || s + 1 == s1) {  // the group ends: fold and restart

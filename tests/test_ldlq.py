@@ -31,10 +31,11 @@ def float32_factorable_hessian(rng, n):
                 continue
 
 
-def numpy_gptq(W, H, quantize, block_size):
-    """float64 reference: plain (non-lazy) recursion with U from numpy's inverse and Cholesky."""
+def numpy_gptq(W, H, quantize, block_size, U=None):
+    """float64 reference: plain (non-lazy) recursion with U from numpy's inverse and Cholesky (or the
+    given factor)."""
     W = np.array(W, np.float64)
-    U = np.linalg.cholesky(np.linalg.inv(H)).T
+    U = np.linalg.cholesky(np.linalg.inv(H)).T if U is None else np.asarray(U, np.float64)
     Q = np.zeros_like(W)
     n = W.shape[1]
     for s in range(0, n, block_size):
@@ -86,12 +87,15 @@ def test_ldlq_matches_numpy_recursion(block_size, lazy_batch):
     out, n = 12, 48
     H, U = float32_factorable_hessian(rng, n)
     W = rng.standard_normal((out, n))
-    Q_ref = numpy_gptq(W, H, smooth_quantizer, block_size)
+    # the float32 factor drives the float64 recursion too: the lazy batches are what is compared
+    # (numpy's own factor differs by up to ~3e-3 of max |Q| at the H's condition numbers drawn here;
+    # one CI run in many crossed 2e-3), leaving ~2e-6 of float32 rounding
+    Q_ref = numpy_gptq(W, H, smooth_quantizer, block_size, U=U)
     W_hat, ks = jax.jit(lambda W, U: core.ldlq(
         W, U, lambda x, k: (smooth_quantizer(x), k), block_size=block_size,
         lazy_batch=lazy_batch))(jnp.asarray(W, jnp.float32), U)
     np.testing.assert_array_equal(np.asarray(ks), np.arange(n // block_size))
-    np.testing.assert_allclose(np.asarray(W_hat), Q_ref, atol=2e-3 * np.abs(Q_ref).max())
+    np.testing.assert_allclose(np.asarray(W_hat), Q_ref, atol=1e-4 * np.abs(Q_ref).max())
 
 
 @pytest.mark.parametrize("block_size", [1, 4])
