@@ -1168,7 +1168,7 @@ int main(int argc, char** argv) {
   std::vector<uint16_t> x;
   std::vector<float> parts(size_t(splits) * rows * out, NAN);
   if (!read(in, x, size_t(rows) * k)) return 2;
-  auto by_tiles = [&](auto t_tag, auto e8, auto go) {  // go(NT, TILES, PF) for the kernel's templates
+  auto by_tiles = [&](auto go) {  // go(NT, TILES) with both as compile-time constants
     using I1 = std::integral_constant<int, 1>; using I2 = std::integral_constant<int, 2>;
     using I4 = std::integral_constant<int, 4>;
     auto with_nt = [&](auto ntc) {
@@ -1192,14 +1192,14 @@ int main(int argc, char** argv) {
     a.steps_per_split = ((ngroups + splits - 1) / splits) * a.steps_per_group;
     std::fill(parts.begin(), parts.end(), 0.f);
     auto go = [&](auto t_tag, auto ntc, auto tc) {
-      const int bx = (out + 16 * tc.operator int() * kMmaWarps - 1) / (16 * tc.operator int() * kMmaWarps);
       constexpr int NT = int(decltype(ntc){}), TL = int(decltype(tc){});
+      const int bx = (out + 16 * TL * kMmaWarps - 1) / (16 * TL * kMmaWarps);
       if (bits == 2) run2d([&] { scalar_mma_kernel<decltype(t_tag), NT, TL, true, 2>(a); }, bx, splits, kMmaWarps);
       else if (pf) run2d([&] { scalar_mma_kernel<decltype(t_tag), NT, TL, true, 4>(a); }, bx, splits, kMmaWarps);
       else run2d([&] { scalar_mma_kernel<decltype(t_tag), NT, TL, false, 4>(a); }, bx, splits, kMmaWarps);
     };
-    if (sub == 0) by_tiles(__half{}, 0, [&](auto ntc, auto tc) { go(__half{}, ntc, tc); });
-    else by_tiles(__nv_bfloat16{}, 0, [&](auto ntc, auto tc) { go(__nv_bfloat16{}, ntc, tc); });
+    if (sub == 0) by_tiles([&](auto ntc, auto tc) { go(__half{}, ntc, tc); });
+    else by_tiles([&](auto ntc, auto tc) { go(__nv_bfloat16{}, ntc, tc); });
   } else {
     const int bits = sub;
     std::vector<uint8_t> codes;
@@ -1218,7 +1218,7 @@ int main(int argc, char** argv) {
       if (bits == 2) run2d([&] { e8p_mma_kernel<1, int(decltype(ntc){}), int(decltype(tc){})>(a); }, blocks, splits, kE8MmaWarps);
       else run2d([&] { e8p_mma_kernel<2, int(decltype(ntc){}), int(decltype(tc){})>(a); }, blocks, splits, kE8MmaWarps);
     };
-    by_tiles(0, 0, go);
+    by_tiles(go);
   }
   const bool ok = fwrite(parts.data(), 4, parts.size(), fo) == parts.size();
   fclose(in);
@@ -1227,13 +1227,11 @@ int main(int argc, char** argv) {
 }
 """
 
-_MMA_HOST_CUTS = [
-    ("template <int I>\nstruct Idx", "enum DType"),
-    ("__device__ __forceinline__ __half2 u2h2", "__device__ __forceinline__ float load_elem"),
-    ("__device__ __forceinline__ float warp_sum", "// Four consecutive x values"),
+_MMA_HOST_CUTS = [  # the E8P harness's helpers and tables, the scalar mma kernel without its mma_16816
+    *_E8P_HOST_CUTS[:3],
     ("constexpr int kMmaWarps = 4;", "template <class T>\n__device__ __forceinline__ void mma_16816"),
     ("__device__ __forceinline__ uint32_t uint4_at", "ffi::Error ScalarMmaImpl("),
-    ("constexpr int kE8Rep = 16;", "template <int R, int ST, int D>\ncudaError_t launch_e8p_xs"),
+    _E8P_HOST_CUTS[3],
     ("struct E8pMmaArgs", "// x fp16 [8 NT, in]; codes uint8"),
 ]
 
