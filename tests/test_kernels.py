@@ -978,25 +978,26 @@ static float __shfl_xor_sync(unsigned, float v, int m) {
 #include "kernel_part.inc"
 
 template <class K>
-void run(K kernel, int blocks, int warps) {
-  h_gridDim = dim3(blocks, 1, 1);
+void run(K kernel, int blocks, int warps, int blocks_y = 1) {  // blocks_y: a grid's second axis
+  h_gridDim = dim3(blocks, blocks_y, 1);
   h_blockDim = dim3(warps * 32, 1, 1);
-  for (int b = 0; b < blocks; ++b) {
-    memset(e8tab, 0xFF, sizeof(e8tab));
-    memset(vqcb, 0xFF, sizeof(vqcb));
-    std::barrier<> bar(warps * 32);
-    h_bar = &bar;
-    h_warp_bar.clear();
-    for (int w = 0; w < warps; ++w) h_warp_bar.emplace_back(new std::barrier<>(32));
-    std::vector<std::thread> ts;
-    for (int t = 0; t < warps * 32; ++t)
-      ts.emplace_back([&kernel, t, b] {
-        h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
-        h_blockIdx = uint3{static_cast<unsigned>(b), 0, 0};
-        kernel();
-      });
-    for (auto& th : ts) th.join();
-  }
+  for (int y = 0; y < blocks_y; ++y)
+    for (int b = 0; b < blocks; ++b) {
+      memset(e8tab, 0xFF, sizeof(e8tab));
+      memset(vqcb, 0xFF, sizeof(vqcb));
+      std::barrier<> bar(warps * 32);
+      h_bar = &bar;
+      h_warp_bar.clear();
+      for (int w = 0; w < warps; ++w) h_warp_bar.emplace_back(new std::barrier<>(32));
+      std::vector<std::thread> ts;
+      for (int t = 0; t < warps * 32; ++t)
+        ts.emplace_back([&kernel, t, b, y] {
+          h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
+          h_blockIdx = uint3{static_cast<unsigned>(b), static_cast<unsigned>(y), 0};
+          kernel();
+        });
+      for (auto& th : ts) th.join();
+    }
 }
 
 template <class T>
@@ -1133,28 +1134,6 @@ _MMA_HOST_MAIN = r"""
 // argv: kind (0 scalar, 1 E8P/RVQ4) dtype_or_bits out k nt tiles prefetch splits blocks_or_bits group resid in out
 // in (scalar): x [8 nt, k] 16-bit, xsum f32 [8 nt, groups], codes i32 [out, k bits / 32], scale, zero f16 [out, groups]
 // in (E8P): x f16 [8 nt, k], codes u8 [out, k / 8, bits], abs u32 [512]; out: parts f32 [splits, 8 nt, out]
-template <class K>
-void run2d(K kernel, int bx, int by, int warps) {
-  h_gridDim = dim3(bx, by, 1);
-  h_blockDim = dim3(warps * 32, 1, 1);
-  for (int y = 0; y < by; ++y)
-    for (int b = 0; b < bx; ++b) {
-      memset(e8tab, 0xFF, sizeof(e8tab));
-      std::barrier<> bar(warps * 32);
-      h_bar = &bar;
-      h_warp_bar.clear();
-      for (int w = 0; w < warps; ++w) h_warp_bar.emplace_back(new std::barrier<>(32));
-      std::vector<std::thread> ts;
-      for (int t = 0; t < warps * 32; ++t)
-        ts.emplace_back([&kernel, t, b, y] {
-          h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
-          h_blockIdx = uint3{static_cast<unsigned>(b), static_cast<unsigned>(y), 0};
-          kernel();
-        });
-      for (auto& th : ts) th.join();
-    }
-}
-
 int main(int argc, char** argv) {
   if (argc != 14) return 1;
   const int kind = atoi(argv[1]), sub = atoi(argv[2]), out = atoi(argv[3]), k = atoi(argv[4]), nt = atoi(argv[5]);
@@ -1194,9 +1173,9 @@ int main(int argc, char** argv) {
     auto go = [&](auto t_tag, auto ntc, auto tc) {
       constexpr int NT = int(decltype(ntc){}), TL = int(decltype(tc){});
       const int bx = (out + 16 * TL * kMmaWarps - 1) / (16 * TL * kMmaWarps);
-      if (bits == 2) run2d([&] { scalar_mma_kernel<decltype(t_tag), NT, TL, true, 2>(a); }, bx, splits, kMmaWarps);
-      else if (pf) run2d([&] { scalar_mma_kernel<decltype(t_tag), NT, TL, true, 4>(a); }, bx, splits, kMmaWarps);
-      else run2d([&] { scalar_mma_kernel<decltype(t_tag), NT, TL, false, 4>(a); }, bx, splits, kMmaWarps);
+      if (bits == 2) run([&] { scalar_mma_kernel<decltype(t_tag), NT, TL, true, 2>(a); }, bx, kMmaWarps, splits);
+      else if (pf) run([&] { scalar_mma_kernel<decltype(t_tag), NT, TL, true, 4>(a); }, bx, kMmaWarps, splits);
+      else run([&] { scalar_mma_kernel<decltype(t_tag), NT, TL, false, 4>(a); }, bx, kMmaWarps, splits);
     };
     if (sub == 0) by_tiles([&](auto ntc, auto tc) { go(__half{}, ntc, tc); });
     else by_tiles([&](auto ntc, auto tc) { go(__nv_bfloat16{}, ntc, tc); });
@@ -1215,8 +1194,8 @@ int main(int argc, char** argv) {
     a.resid = static_cast<float>(1.0 / resid_scale);
     std::fill(parts.begin(), parts.end(), 0.f);
     auto go = [&](auto ntc, auto tc) {
-      if (bits == 2) run2d([&] { e8p_mma_kernel<1, int(decltype(ntc){}), int(decltype(tc){})>(a); }, blocks, splits, kE8MmaWarps);
-      else run2d([&] { e8p_mma_kernel<2, int(decltype(ntc){}), int(decltype(tc){})>(a); }, blocks, splits, kE8MmaWarps);
+      if (bits == 2) run([&] { e8p_mma_kernel<1, int(decltype(ntc){}), int(decltype(tc){})>(a); }, blocks, kE8MmaWarps, splits);
+      else run([&] { e8p_mma_kernel<2, int(decltype(ntc){}), int(decltype(tc){})>(a); }, blocks, kE8MmaWarps, splits);
     };
     by_tiles(go);
   }
