@@ -362,7 +362,7 @@ def bench_hadamard(args, copy_bw, rows):
             else:
                 cuda_fns["cuda+einsum"] = lambda s, x: _rht_einsum(x.astype(jnp.float32), s).astype(x.dtype)
                 if cuda_ffi.hadamard_k_factor(n):
-                    cuda_fns["cuda-k"] = lambda s, x: cuda_ffi.hadamard_k(x, s)
+                    cuda_fns["cuda-k"] = lambda s, x: cuda_ffi.hadamard_k(x, s, unit_signs=True)
             for name, fn in cuda_fns.items():
                 row = dict(kind="hadamard", case=case, n=n, rows=nrows, backend=name, bytes=nbytes)
                 row = measure(args, row, fn, signs, xs, ref, copy_bw)  # fn(signs, x): x rotates

@@ -1,4 +1,4 @@
-"""A target for Nsight Compute: each decode-matvec and Hadamard kernel at batch 1, a few calls each.
+"""A target for Nsight Compute: each decode-matvec and Hadamard kernel, a few calls each.
 
     ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
         -k regex:"e8p|qtip|scalar|hadamard" python3 scripts/ncu_kernels.py --shape 4096x4096
@@ -17,11 +17,10 @@ import sys
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import bench_kernels as bk  # noqa: E402
 import cuda_ffi  # noqa: E402
+from jaxquant import kernel_bench as bk  # noqa: E402
 from jaxquant import hadamard as jq_hadamard  # noqa: E402
 
 
@@ -33,10 +32,12 @@ def main(argv=None):
                    help='launch configuration of the codebook kernels (JSON), e.g. \'{"variant": 1}\' for the '
                         "x-stationary E8P kernel")
     p.add_argument("--scalar-bits", type=int, nargs="*", default=[2, 4])
+    p.add_argument("--batch", type=int, default=1, help="rows of x (2-16: the tensor-core kernels)")
+    p.add_argument("--no-hadamard", action="store_true", help="leave the Hadamard kernel out")
     args = p.parse_args(argv)
     out, inp = (int(v) for v in args.shape.split("x"))
     key = jax.random.key(0)
-    x = jax.random.normal(key, (1, inp), jnp.float32).astype(jnp.bfloat16)
+    x = jax.random.normal(key, (args.batch, inp), jnp.float32).astype(jnp.bfloat16)
     calls = []
     for fmt in args.vq:
         qw = bk.vq_sets(fmt, key, out, inp, 1)[0]
@@ -45,10 +46,12 @@ def main(argv=None):
         qw = bk.random_sets(key, out, inp, bits, 128, 1)[0]
         calls.append((f"scalar {bits}-bit", jax.jit(lambda x, qw: qw.matmul(x, backend="cuda")), qw))
     signs = jq_hadamard.random_signs(key, inp)
-    if inp & (inp - 1) == 0:
+    if args.no_hadamard:
+        pass
+    elif inp & (inp - 1) == 0:
         calls.append((f"hadamard n={inp}", jax.jit(lambda x, s: cuda_ffi.hadamard(x, s)), signs))
     elif cuda_ffi.hadamard_k_factor(inp):
-        calls.append((f"hadamard_k n={inp}", jax.jit(lambda x, s: cuda_ffi.hadamard_k(x, s)), signs))
+        calls.append((f"hadamard_k n={inp}", jax.jit(lambda x, s: cuda_ffi.hadamard_k(x, s, unit_signs=True)), signs))
     for name, fn, arg in calls:
         for _ in range(3):
             jax.block_until_ready(fn(x, arg))

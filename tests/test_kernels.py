@@ -233,7 +233,10 @@ def test_cuda_ffi_calls_lower_for_cuda():
     signs = jnp.ones((28672,), jnp.float32)
     text = _lower_for_cuda(lambda x: cuda_ops.hadamard_k(x, signs, inverse=True, register=False),
                            jnp.ones((2, 28672), jnp.float32))
-    assert "jaxquant_hadamard_k" in text
+    assert "jaxquant_hadamard_k" in text and "stablehlo.abs" in text  # the kernel flips; magnitudes in XLA
+    text = _lower_for_cuda(lambda x: cuda_ops.hadamard_k(x, signs, unit_signs=True, register=False),
+                           jnp.ones((2, 28672), jnp.float32))
+    assert "jaxquant_hadamard_k" in text and "stablehlo.abs" not in text
     with pytest.raises(ValueError, match="K \\* 2\\^p"):
         cuda_ops.hadamard_k(jnp.ones((1, 11008)), register=False)  # K = 172: the einsum path's
 
@@ -275,19 +278,21 @@ def test_dispatch_on_cpu():
 
 
 def test_cuda_tensor_cores_choice():
-    """backend="cuda" takes scalar_mma only where it can run: 4 bits, 2-16 rows of 16-bit x, groups of
-    a multiple of 128 (rows are stored padded to whole groups)."""
-    qw = random_scalar(jax.random.key(15), 64, 1024, 4, 128)
+    """backend="cuda" takes scalar_mma only where it can run: 2 or 4 bits, 2-16 rows of 16-bit x, groups
+    of a multiple of 128 (rows are stored padded to whole groups)."""
     rows = lambda n, dtype=jnp.bfloat16: jnp.zeros((n, 1024), dtype)  # noqa: E731
-    assert all(dispatch.cuda_tensor_cores(qw, rows(n)) for n in (2, 9, 16))
-    assert dispatch.cuda_tensor_cores(qw, jnp.zeros((2, 3, 1024), jnp.float16))
-    assert not any(dispatch.cuda_tensor_cores(qw, rows(n)) for n in (1, 17))
-    assert not dispatch.cuda_tensor_cores(qw, rows(4, jnp.float32))
-    for bits, group in ((2, 128), (8, 128), (4, 64)):
+    for bits in (2, 4):
+        qw = random_scalar(jax.random.key(15), 64, 1024, bits, 128)
+        assert all(dispatch.cuda_tensor_cores(qw, rows(n)) for n in (2, 9, 16))
+        assert dispatch.cuda_tensor_cores(qw, jnp.zeros((2, 3, 1024), jnp.float16))
+        assert not any(dispatch.cuda_tensor_cores(qw, rows(n)) for n in (1, 17))
+        assert not dispatch.cuda_tensor_cores(qw, rows(4, jnp.float32))
+    for bits, group in ((3, 128), (8, 128), (4, 64), (2, 32)):
         other = random_scalar(jax.random.key(16), 64, 1024, bits, group)
         assert not dispatch.cuda_tensor_cores(other, rows(4)), (bits, group)
-    smol = random_scalar(jax.random.key(17), 64, 576, 4, 128)  # rows padded to whole groups (640)
-    assert dispatch.cuda_tensor_cores(smol, jnp.zeros((4, 576), jnp.bfloat16))
+    for bits in (2, 4):
+        smol = random_scalar(jax.random.key(17), 64, 576, bits, 128)  # rows padded to whole groups (640)
+        assert dispatch.cuda_tensor_cores(smol, jnp.zeros((4, 576), jnp.bfloat16)), bits
 
 
 # ------------------------------------------------------------------ GPU
@@ -344,8 +349,7 @@ def test_pallas_scalar_matmul_gpu():
 def test_cuda_scalar_mma_gpu():
     """The tensor-core CUDA kernel: Llama and small shapes, groups of 128 and 256, 1-16 rows, both 16-bit
     types, default and forced splits, 2 and 4 tiles per warp, with and without the prefetch, 4-bit and
-    (built in session 11, first run on a GPU by this test) 2-bit codes; and backend="cuda" taking it for
-    2-16 rows of 4-bit codes."""
+    2-bit codes; and backend="cuda" taking it for 2-16 rows of 2- and 4-bit codes."""
     cases = [(4096, 4096, 128), (11008, 4096, 128), (4096, 11008, 128), (8192, 28672, 128), (300, 1024, 256)]
     runs = ((1, jnp.bfloat16, 0, 4, True), (5, jnp.float16, 0, 2, True), (8, jnp.bfloat16, 3, 4, False),
             (16, jnp.float16, 0, 4, True), (13, jnp.bfloat16, 1, 2, False))
@@ -357,16 +361,17 @@ def test_cuda_scalar_mma_gpu():
                                                           splits=splits, tiles=tiles, prefetch=prefetch))(x, qw)
             assert y.shape == (batch, out) and y.dtype == dtype
             assert rel_err(y, reference(qw, x)) < UNIT_ROUNDOFF[dtype], (out, inp, group, batch, dtype, splits)
-        q2 = random_scalar(jax.random.key(33_000 + i), out, inp, 2, group)  # 2-bit codes: opt-in, not dispatched
+        q2 = random_scalar(jax.random.key(33_000 + i), out, inp, 2, group)
         for batch, dtype, splits, tiles, _ in runs:
             x = jax.random.normal(jax.random.key(34_000 + batch), (batch, inp), jnp.float32).astype(dtype)
             y = jax.jit(lambda x, qw: cuda_ffi.scalar_mma(x, qw.codes, qw.scale, qw.zero, group_size=group, bits=2,
                                                           splits=splits, tiles=tiles))(x, q2)
             assert rel_err(y, reference(q2, x)) < UNIT_ROUNDOFF[dtype], (out, inp, group, batch, dtype, splits, 2)
         x = jax.random.normal(jax.random.key(32_000 + i), (2, 3, inp), jnp.bfloat16)
-        assert dispatch.cuda_tensor_cores(qw, x)
-        y = jax.jit(lambda x, qw: qw.matmul(x, backend="cuda"))(x, qw)
-        assert y.shape == (2, 3, out) and rel_err(y, reference(qw, x)) < UNIT_ROUNDOFF[jnp.bfloat16]
+        for w in (qw, q2):
+            assert dispatch.cuda_tensor_cores(w, x)
+            y = jax.jit(lambda x, w: w.matmul(x, backend="cuda"))(x, w)
+            assert y.shape == (2, 3, out) and rel_err(y, reference(w, x)) < UNIT_ROUNDOFF[jnp.bfloat16], w.bits
 
 
 @pytest.mark.gpu
@@ -1664,6 +1669,10 @@ def test_cuda_hadamard_k_gpu(dtype):
             summed = jq_hadamard.rht_inverse(xf[:6].reshape(3, 2, n).sum(0), s)
             assert rel_err(cuda_ffi.hadamard_k(x[:6].reshape(3, 2, n), s, inverse=True, sum_parts=True),
                            summed) < TOL[dtype], n
+            # real-valued sign vectors (fine-tuned QuIP# / QTIP): the magnitudes count too
+            r = s * jax.random.uniform(jax.random.fold_in(key, 2), (n,), jnp.float32, 0.5, 1.5)
+            for inverse, ref in ((False, jq_hadamard.rht(xf[:3], r)), (True, jq_hadamard.rht_inverse(xf[:3], r))):
+                assert rel_err(cuda_ffi.hadamard_k(x[:3], r, inverse=inverse), ref) < TOL[dtype], (n, inverse)
 
 
 @pytest.mark.gpu
@@ -1677,6 +1686,9 @@ def test_rht_fast_gpu():
         parts = jax.random.normal(jax.random.key(n + 2), (5, rows, n), jnp.float32)
         assert rel_err(dispatch.rht_fast(parts, s, inverse=True, sum_parts=True),
                        jq_hadamard.rht_inverse(parts.sum(0), s)) < 1e-5, (n, rows)
+        r = s * jax.random.uniform(jax.random.key(n + 3), (n,), jnp.float32, 0.5, 1.5)  # fine-tuned signs
+        assert rel_err(dispatch.rht_fast(x, r), jq_hadamard.rht(x, r)) < 1e-5, (n, rows)
+        assert rel_err(dispatch.rht_fast(x, r, inverse=True), jq_hadamard.rht_inverse(x, r)) < 1e-5, (n, rows)
 
 
 @pytest.mark.gpu

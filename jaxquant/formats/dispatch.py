@@ -101,7 +101,7 @@ def scalar_matmul(qw: Any, x: jax.Array, backend: str = "auto") -> jax.Array:
         if not on_gpu():
             raise cuda_ffi.CudaFFIUnavailable("backend 'cuda' needs a GPU; use 'reference' or 'auto' here")
         if cuda_tensor_cores(qw, x):
-            return cuda_ffi.scalar_mma(x, qw.codes, qw.scale, qw.zero, group_size=qw.group_size, prefetch=True)
+            return cuda_ffi.scalar_mma(x, qw.codes, qw.scale, qw.zero, group_size=qw.group_size, bits=qw.bits)
         # variant 1, the half2 decode (2 and 4 bits, batch 1): on an H100 1.03-1.41x faster at 2 bits
         # (relative error 5e-3 against 1.7e-3), 1.09-1.48x at 4 bits (2.8e-3 against 1.7e-3), below
         # bf16's rounding but not fp16's; other cases ignore it. Below HALF2_MIN_WEIGHTS it is not
@@ -118,12 +118,14 @@ def scalar_matmul(qw: Any, x: jax.Array, backend: str = "auto") -> jax.Array:
 
 
 def cuda_tensor_cores(qw: Any, x: jax.Array) -> bool:
-    """Whether the CUDA backend takes its tensor-core decode-matmul (``cuda_ffi.scalar_mma``: 4-bit
+    """Whether the CUDA backend takes its tensor-core decode-matmul (``cuda_ffi.scalar_mma``: 2- or 4-bit
     codes, 2 to 16 rows of 16-bit x, groups of a multiple of 128, whole 128-input steps). On an H100
-    it reads 55-60% of copy bandwidth at 70B shapes for 2-16 rows, where the CUDA-core kernel's time
-    grows with the rows; one row stays on the half2 decode (81-82% against 58-60%)."""
-    return (qw.bits == 4 and 2 <= _batch_rows(x) <= MAX_KERNEL_BATCH and jnp.dtype(x.dtype) != jnp.float32
-            and qw.group_size % 128 == 0 and qw.codes.shape[1] * 8 % qw.group_size == 0)
+    it reads 55-60% of copy bandwidth at 70B shapes for 2-16 rows at 4 bits and 33-41% at 2 bits (2.3-2.9x
+    fp16, the Pallas kernel 13%), where the CUDA-core kernel's time grows with the rows; one row stays on
+    the half2 decode (at 4 bits 81-82% against 58-60%)."""
+    kpad = qw.codes.shape[1] * 32 // qw.bits if qw.bits in (2, 4) else 0  # inputs the codes hold
+    return (kpad > 0 and 2 <= _batch_rows(x) <= MAX_KERNEL_BATCH and jnp.dtype(x.dtype) != jnp.float32
+            and qw.group_size % 128 == 0 and kpad % qw.group_size == 0)
 
 
 def pallas_tensor_cores(qw: Any, x: jax.Array) -> bool:
