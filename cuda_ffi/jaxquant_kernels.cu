@@ -1724,18 +1724,22 @@ ffi::Error Vq2MatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
 // 2*step + l / 16 of its slice, so the 16 lanes of a half-warp read one tile (8k words, 16k*2
 // bytes contiguous) and one 16-value x segment (a broadcast). A lane's output row never changes:
 // it accumulates across tiles in a register; the two halves and the S K-slices (the warps of a
-// block) are summed at the end.
+// block) are summed at the end. The next U tiles' words load while the current ones decode, and S
+// is chosen so that the persistent grid's rounds leave the fewest blocks idle.
 //   HYB (L=16, Q=9, V=2): h = s(s+1); the fp16 pair table[(h >> 6) & 511] with the sign of its
-//     first coordinate flipped by bit 15 of h; HFMA2 with the x pair. The table is replicated 32
-//     times in shared memory (copy = lane), so lookups never conflict.
+//     first coordinate flipped by bit 15 of h; HFMA2 with the x pair. Shared memory holds both signs
+//     of every entry (1024 entries: entry (h >> 6) & 1023), 16 copies each, so a state costs one
+//     shift (bits of s above 15 may hold garbage: they do not reach bits 0-15 of h), one IMAD, one
+//     LOP3 for the byte address, the lookup and the HFMA2.
 //   3INST (V=1): r = ((a s + b) & mask) ^ xor holds two fp16 whose sum is the value; HFMA2 with
 //     x duplicated in both halves (the caller passes x repeated twice), both halves summed.
 //   1MAD (V=1): y = sum of the bytes of a s + b (one dp4a); f = 1 + y/1024 as float bits, FFMA
 //     with x in fp32. The caller maps sum x f to the values: MAD1_SCALE (1024 sum x f - 1534 sum x).
 
 enum QtipCode : int { kHyb = 0, kMad1 = 1, kInst3 = 2 };
-constexpr int kHybRep = 16;  // 32 KB: lanes l and l+16 share a copy (at most 2-way conflicts), L1 keeps room for x
-constexpr int kHybEntries = 512;
+constexpr int kHybRep = 16;  // lanes l and l+16 share a copy (at most 2-way conflicts), L1 keeps room for x
+constexpr int kHybEntries = 512;  // the format's table; shared memory holds it twice (both first-coordinate signs)
+constexpr int kHybSmemWords = 2 * kHybEntries * kHybRep;  // 64 KB
 
 struct QtipArgs {
   const void* x;         // hyb: fp16 [n, k]; 3inst: fp16 [n, 2k]; 1mad: fp32 [n, k]
@@ -1755,12 +1759,13 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
   extern __shared__ uint32_t qsm[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   uint32_t* tab = qsm;
-  float* red = reinterpret_cast<float*>(qsm + (CODE == kHyb ? kHybEntries * kHybRep : 0));  // [nwarps][NB][16]
+  float* red = reinterpret_cast<float*>(qsm + (CODE == kHyb ? kHybSmemWords : 0));  // [nwarps][NB][16]
   if constexpr (CODE == kHyb) {
-    // One load per entry, its 16 copies (64 B) as 4 16-byte stores rotated against bank conflicts.
+    // Entry i (of 1024): table[i % 512] with its first coordinate's sign flipped when i >= 512; its
+    // 16 copies (64 B) as 4 16-byte stores rotated against bank conflicts.
     static_assert(kHybRep == 16, "the fill writes 16 copies as 4 quads");
-    for (int i = threadIdx.x; i < kHybEntries; i += blockDim.x) {
-      const uint32_t v = __ldg(a.table + i);
+    for (int i = threadIdx.x; i < 2 * kHybEntries; i += blockDim.x) {
+      const uint32_t v = __ldg(a.table + (i & (kHybEntries - 1))) ^ (static_cast<uint32_t>(i >= kHybEntries) << 15);
       uint4* dst = reinterpret_cast<uint4*>(tab + i * kHybRep);
 #pragma unroll
       for (int j = 0; j < kHybRep / 4; ++j) dst[(j + i) & (kHybRep / 4 - 1)] = make_uint4(v, v, v, v);
@@ -1773,6 +1778,7 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
   const int jlo = slice * per, jhi = min(a.tc, jlo + per);
   const int wbase = (K * r) >> 1;            // first word of this lane's tile row
   const int sub = (16 * K * r) & 31;          // its bit offset in that word (16 for odd rows at k = 3)
+  const uint32_t copy4 = static_cast<uint32_t>(lane & 15) << 2;  // hyb: byte offset of this lane's table copy
   const int ngroups = (a.tr + tsets - 1) / tsets;
 
   for (int grp = blockIdx.x; grp < ngroups; grp += gridDim.x) {
@@ -1782,15 +1788,27 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
     static_for<NB>([&](auto b) { acc[b] = 0.f; });
     if (valid) {
       const uint32_t* trow = a.codes + static_cast<size_t>(ti) * a.tc * W;
+      // The next U tiles' words load while these decode (a warp's only loads in flight otherwise).
+      uint32_t wn[U][NW];
+      auto load_words = [&](int j0n) {
+        static_for<U>([&](auto u) {
+          const int j = j0n + 2 * static_cast<int>(u);
+          if (j < jhi) {
+            const uint32_t* tp = trow + static_cast<size_t>(j) * W;
+            static_for<NW>([&](auto m) { wn[u][m] = __ldcs(tp + (wbase + static_cast<int>(m)) % W); });
+          }
+        });
+      };
+      if (jlo + half < jhi) load_words(jlo + half);
       for (int j0 = jlo + half; j0 < jhi; j0 += 2 * U) {
         uint32_t w[U][NW];
+        static_for<U>([&](auto u) { static_for<NW>([&](auto m) { w[u][m] = wn[u][m]; }); });
+        if (j0 + 2 * U < jhi) load_words(j0 + 2 * U);
         constexpr bool kPrefetchX = CODE == kHyb && NB == 1;  // x with the codes: 8 registers per tile
         uint4 xpre[U][2];
         static_for<U>([&](auto u) {
           const int j = j0 + 2 * static_cast<int>(u);
           if (j < jhi) {
-            const uint32_t* tp = trow + static_cast<size_t>(j) * W;
-            static_for<NW>([&](auto m) { w[u][m] = __ldcs(tp + (wbase + static_cast<int>(m)) % W); });
             if constexpr (kPrefetchX) {
               const uint4* xp = static_cast<const uint4*>(a.x) + static_cast<size_t>(2) * j;
               xpre[u][0] = __ldg(xp);
@@ -1812,14 +1830,19 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
             uint32_t dec[NS];  // hyb / 3inst: half2 bit patterns; 1mad: float bits of 1 + y/1024
             static_for<NS>([&](auto i) {
               constexpr int o = int(decltype(i){}) * KV;
-              const uint32_t s = __funnelshift_l(aw[o / 32 + 1 < NW ? o / 32 + 1 : NW - 1], aw[o / 32], o % 32) >> (32 - a.L);
               if constexpr (CODE == kHyb) {
-                const uint32_t h = s * s + s;
-                const uint32_t v = tab[((h >> 2) & 0x1FF0u) | static_cast<uint32_t>(lane & 15)];  // [(h >> 6) & 511][lane % 16]
-                dec[i] = v ^ (h & 0x8000u);
+                // stream bits [o, o + 16) at the bottom of s, earlier bits above (L = 16)
+                constexpr int w0 = o / 32, b0 = o % 32;
+                uint32_t s;
+                if constexpr (b0 <= 16) s = aw[w0] >> (16 - b0);
+                else s = __funnelshift_r(aw[w0 + 1 < NW ? w0 + 1 : NW - 1], aw[w0], 48 - b0);
+                const uint32_t h = s * s + s;  // bits 0-15 depend on bits 0-15 of s only
+                dec[i] = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(tab) + ((h & 0xFFC0u) | copy4));
               } else if constexpr (CODE == kInst3) {
+                const uint32_t s = __funnelshift_l(aw[o / 32 + 1 < NW ? o / 32 + 1 : NW - 1], aw[o / 32], o % 32) >> (32 - a.L);
                 dec[i] = ((s * 89226354u + 64248484u) & 0x8FFF8FFFu) ^ 0x3B603B60u;
               } else {
+                const uint32_t s = __funnelshift_l(aw[o / 32 + 1 < NW ? o / 32 + 1 : NW - 1], aw[o / 32], o % 32) >> (32 - a.L);
                 const uint32_t y = __dp4a(s * 34038481u + 76625530u, 0x01010101u, 0u);
                 dec[i] = y * 8192u + 0x3F800000u;
               }
@@ -1887,21 +1910,29 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
 template <int CODE, int K, int NB>
 cudaError_t launch_qtip(cudaStream_t stream, QtipArgs a, int nwarps, int ksplit) {
   constexpr int U = 4;
-  const int sms = multiprocessors();
+  const size_t smem = (CODE == kHyb ? kHybSmemWords * 4 : 0) + static_cast<size_t>(nwarps) * NB * 16 * 4;
+  auto kernel = qtip_matvec_kernel<CODE, K, NB, U>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const int resident = multiprocessors() * blocks_per_sm(kernel, nwarps * 32, smem);
   if (ksplit <= 0) {
-    ksplit = 1;
-    while (ksplit * 2 <= nwarps && a.tr * ksplit < 24 * sms && a.tc >= 2 * ksplit * 2 * U) ksplit *= 2;
+    // K-slices per tile row: the fewest that minimize the slowest block's work, rounds of the
+    // persistent grid times tile columns per slice (28672 x 8192 at k = 2 on an H100: 2 slices leave
+    // 448 row groups for 396 resident blocks, two rounds where 8 slices take 5 rounds of a quarter)
+    long best = -1;
+    for (int s = 1; s <= nwarps; s *= 2) {
+      if (nwarps % s || (s > 1 && a.tc < 2 * s * 2 * U)) continue;
+      const long groups = (a.tr + nwarps / s - 1) / (nwarps / s);
+      const long cost = (groups + resident - 1) / resident * ((a.tc + s - 1) / s);
+      if (best < 0 || cost < best) best = cost, ksplit = s;
+    }
   }
   if (ksplit > nwarps) ksplit = nwarps;
   while (nwarps % ksplit) --ksplit;
   a.ksplit = ksplit;
-  const size_t smem = (CODE == kHyb ? kHybEntries * kHybRep * 4 : 0) + static_cast<size_t>(nwarps) * NB * 16 * 4;
-  auto kernel = qtip_matvec_kernel<CODE, K, NB, U>;
-  cudaError_t err = allow_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
   const int tsets = nwarps / ksplit;
   const int groups = (a.tr + tsets - 1) / tsets;
-  const int blocks = min(groups, sms * blocks_per_sm(kernel, nwarps * 32, smem));
+  const int blocks = min(groups, resident);
   kernel<<<blocks, nwarps * 32, smem, stream>>>(a);
   return cudaSuccess;
 }

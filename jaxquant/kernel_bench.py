@@ -310,7 +310,8 @@ def bench_vq(args, copy_bw, rows):
                 if fmt.startswith("qtip"):  # the kernel returns code values; the format scales after
                     q = q / sets[0].scale[0]
                 ref_kernel = np.asarray(jnp.matmul(xf, q.T, precision=jax.lax.Precision.HIGHEST))
-                configs = args.vq_configs if fmt in ("e8p", "rvq4") else [{}]
+                configs = (args.vq_configs if fmt in ("e8p", "rvq4") else args.qtip_configs if fmt.startswith("qtip")
+                           else [{}])
                 cases = [("kernel", (lambda cfg: lambda x, qw: vq_kernel_fn(fmt, cfg)(x, qw))(cfg), ref_kernel, cfg)
                          for cfg in configs]
                 if fmt in ("e8p", "rvq4"):
@@ -466,6 +467,9 @@ def main(argv=None):
                         '\'[{}, {"rows_per_warp": 4, "units_per_step": 1}]\' ({}: the default; '
                         '"tensor_cores": false keeps 2-16 rows on the CUDA-core kernel; "mma": true takes '
                         'cuda_ffi.e8p_mma with its "tiles" and "splits")')
+    p.add_argument("--qtip-configs", type=json.loads, default=[{}],
+                   help='QTIP kernel launch configurations as a JSON list, e.g. \'[{}, {"ksplit": 8}]\' ({}: the '
+                        'default; "ksplit": K-slices per tile row, "warps": warps per block)')
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy that sets the bandwidth")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true")

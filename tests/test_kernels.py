@@ -1410,6 +1410,38 @@ def _qtip_lane_states(words: np.ndarray, k: int, V: int, L: int) -> np.ndarray:
     return np.array(out, np.uint32)
 
 
+def _qtip_hyb_lane_states(words: np.ndarray, k: int) -> np.ndarray:
+    """HYB states as the kernel extracts them (L = 16, V = 2): the state's 16 stream bits at the bottom
+    of a word, earlier stream bits above them, ``[8k]`` uint32 words -> ``[128]``."""
+    W, kv, nw = 8 * k, 2 * k, 2 if k == 2 else 3
+    out = []
+    for r in range(16):
+        w = [int(words[(((k * r) >> 1) + m) % W]) for m in range(nw)]
+        sub = (16 * k * r) & 31
+        a = [((w[m] << sub) | (w[m + 1] >> (32 - sub) if sub else 0)) & 0xFFFFFFFF for m in range(nw - 1)]
+        a.append((w[-1] << sub) & 0xFFFFFFFF)
+        for i in range(8):
+            w0, b0 = divmod(i * kv, 32)
+            if b0 <= 16:
+                out.append(a[w0] >> (16 - b0))
+            else:
+                out.append((((a[w0] << 32) | a[min(w0 + 1, nw - 1)]) >> (48 - b0)) & 0xFFFFFFFF)
+    return np.array(out, np.uint32)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_qtip_kernel_hyb_states_emulated(k):
+    """The HYB path's states keep earlier stream bits above their own 16: the bottom 16 bits are the
+    format's states (and h = s(s+1) reads no others)."""
+    words = np.asarray(jax.random.randint(jax.random.key(70 + k), (3, 8 * k), jnp.iinfo(jnp.int32).min,
+                                          jnp.iinfo(jnp.int32).max, jnp.int32))
+    ref = np.asarray(jq_qtip.unpack_states(jnp.asarray(words), L=16, kV=2 * k, n=128))
+    for t in range(3):
+        got = _qtip_hyb_lane_states(words[t].view(np.uint32), k)
+        np.testing.assert_array_equal(got & 0xFFFF, ref[t])
+        assert (got >> 16).any()  # garbage is really there: the mask is what the kernel skips
+
+
 @pytest.mark.parametrize("k,V", [(2, 2), (3, 2), (4, 2), (2, 1), (3, 1), (4, 1)])
 def test_qtip_kernel_states_emulated(k, V):
     L = 16
@@ -1425,11 +1457,14 @@ def test_qtip_kernel_decoders_emulated():
     (with the wrapper's affine correction), 3inst's two-half sum."""
     s = np.arange(1 << 16, dtype=np.uint32)
     table = np.asarray(jq_trellis.hyb_table(9, 0))
-    h = s * s + s
+    garbage = np.asarray(jax.random.randint(jax.random.key(3), s.shape, 0, 1 << 16, jnp.int32)).astype(np.uint32)
+    sg = s | garbage << 16  # the kernel's state: stream bits above the 16 it decodes
+    h = sg * sg + sg
     lane = s % 32
-    slot = ((h >> 2) & 0x1FF0) | (lane & 15)  # the replicated table: entry (h >> 6) & 511, copy lane % 16
-    rep = np.repeat(table.view(np.uint32).reshape(-1), 16)
-    v = rep[slot] ^ (h & 0x8000)
+    words = table.view(np.uint32).reshape(-1)
+    both = np.concatenate([words, words ^ np.uint32(0x8000)])  # entry i: the sign of coordinate 0 flipped from 512
+    smem = np.repeat(both, 16)  # 16 copies per entry, as words
+    v = smem[((h & 0xFFC0) | (lane & 15) << 2) >> 2]  # the byte address (h & 0xFFC0) | copy * 4
     got = v.view(np.float16).reshape(-1, 2).astype(np.float32)
     np.testing.assert_array_equal(got, np.asarray(jq_trellis.decode_hyb(jnp.asarray(s), jnp.asarray(table))))
     m = s * np.uint32(34038481) + np.uint32(76625530)
