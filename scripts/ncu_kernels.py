@@ -29,7 +29,7 @@ def main(argv=None):
     p.add_argument("--shape", default="4096x4096", help="OUTxIN of the matvecs; IN is the Hadamard width")
     p.add_argument("--vq", nargs="*", default=["e8p", "rvq4", "qtip-hyb-k2", "qtip-1mad-k2"])
     p.add_argument("--vq-config", type=json.loads, default={},
-                   help='launch configuration of the codebook kernels (JSON), e.g. \'{"variant": 1}\' for the '
+                   help='launch configuration of the E8P / RVQ4 kernels (JSON), e.g. \'{"variant": 1}\' for the '
                         "x-stationary E8P kernel")
     p.add_argument("--scalar-bits", type=int, nargs="*", default=[2, 4])
     p.add_argument("--batch", type=int, default=1, help="rows of x (2-16: the tensor-core kernels)")
@@ -41,7 +41,7 @@ def main(argv=None):
     calls = []
     for fmt in args.vq:
         qw = bk.vq_sets(fmt, key, out, inp, 1)[0]
-        calls.append((fmt, jax.jit(bk.vq_kernel_fn(fmt, args.vq_config)), qw))
+        calls.append((fmt, jax.jit(bk.vq_kernel_fn(fmt, args.vq_config if fmt in ("e8p", "rvq4") else {})), qw))
     for bits in args.scalar_bits:
         qw = bk.random_sets(key, out, inp, bits, 128, 1)[0]
         calls.append((f"scalar {bits}-bit", jax.jit(lambda x, qw: qw.matmul(x, backend="cuda")), qw))
