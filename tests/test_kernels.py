@@ -937,6 +937,7 @@ static std::vector<std::unique_ptr<std::barrier<>>> h_warp_bar;
 static float h_shfl[8][32];
 uint2 e8tab[256 * 2 * 16];  // kE8SmemBytes
 uint32_t vqcb[1 << 17];
+uint32_t qsm[2 * 512 * 16 + 8 * 8 * 16];  // the QTIP HYB table and the slices' partial sums
 #undef __global__
 #define __global__
 #undef __shared__
@@ -970,6 +971,13 @@ static __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
 static unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned sh) {
   return static_cast<unsigned>(((uint64_t{hi} << 32) | lo) >> (sh & 31));
 }
+static unsigned __funnelshift_l(unsigned lo, unsigned hi, unsigned sh) {
+  return static_cast<unsigned>((((uint64_t{hi} << 32) | lo) << (sh & 31)) >> 32);
+}
+static unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
+  for (int k = 0; k < 4; ++k) c += ((a >> (8 * k)) & 0xFF) * ((b >> (8 * k)) & 0xFF);
+  return c;
+}
 static void __syncwarp() { h_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
 static float __shfl_xor_sync(unsigned, float v, int m) {
   const int w = threadIdx.x / 32, l = threadIdx.x % 32;
@@ -990,6 +998,7 @@ void run(K kernel, int blocks, int warps, int blocks_y = 1) {  // blocks_y: a gr
     for (int b = 0; b < blocks; ++b) {
       memset(e8tab, 0xFF, sizeof(e8tab));
       memset(vqcb, 0xFF, sizeof(vqcb));
+      memset(qsm, 0xFF, sizeof(qsm));
       std::barrier<> bar(warps * 32);
       h_bar = &bar;
       h_warp_bar.clear();
@@ -1427,6 +1436,74 @@ def _qtip_hyb_lane_states(words: np.ndarray, k: int) -> np.ndarray:
             else:
                 out.append((((a[w0] << 32) | a[min(w0 + 1, nw - 1)]) >> (48 - b0)) & 0xFFFFFFFF)
     return np.array(out, np.uint32)
+
+
+_QTIP_HOST_MAIN = r"""
+// argv: code kbits n k_in out ksplit blocks warps in out
+// in: x (hyb: f16 [n, k_in]; 3inst: f16 [n, 2 k_in]; 1mad: f32 [n, k_in]), codes i32 [out/16, k_in/16, 8 kbits],
+// table u32 [512]; out: y f32 [n, out] (1mad: sum x (1 + y/1024), as the kernel returns it)
+int main(int argc, char** argv) {
+  if (argc != 11) return 1;
+  const int code = atoi(argv[1]), kb = atoi(argv[2]), n = atoi(argv[3]), k = atoi(argv[4]), out = atoi(argv[5]);
+  const int ksplit = atoi(argv[6]), blocks = atoi(argv[7]), warps = atoi(argv[8]);
+  FILE* in = fopen(argv[9], "rb");
+  FILE* fo = fopen(argv[10], "wb");
+  if (!in || !fo) return 3;
+  std::vector<uint8_t> x;
+  std::vector<uint32_t> codes, table;
+  const size_t xbytes = size_t(n) * k * (code == kMad1 ? 4 : code == kInst3 ? 4 : 2);
+  if (!read(in, x, xbytes) || !read(in, codes, size_t(out / 16) * (k / 16) * 8 * kb) || !read(in, table, 512)) return 2;
+  std::vector<float> y(size_t(n) * out, NAN);
+  QtipArgs a{x.data(), codes.data(), table.data(), y.data(), n, k, out / 16, k / 16, ksplit, 16};
+  auto go = [&](auto ck, auto kk) {
+    constexpr int C = decltype(ck)::value, K = decltype(kk)::value;
+    if (n <= 1) run([&] { qtip_matvec_kernel<C, K, 1, 4>(a); }, blocks, warps);
+    else run([&] { qtip_matvec_kernel<C, K, 4, 4>(a); }, blocks, warps);
+  };
+  auto by_k = [&](auto ck) {
+    if (kb == 2) go(ck, std::integral_constant<int, 2>{});
+    else if (kb == 3) go(ck, std::integral_constant<int, 3>{});
+    else go(ck, std::integral_constant<int, 4>{});
+  };
+  if (code == kHyb) by_k(std::integral_constant<int, kHyb>{});
+  else if (code == kMad1) by_k(std::integral_constant<int, kMad1>{});
+  else by_k(std::integral_constant<int, kInst3>{});
+  const bool ok = fwrite(y.data(), 4, y.size(), fo) == y.size();
+  fclose(in);
+  fclose(fo);
+  return ok ? 0 : 4;
+}
+"""
+
+
+def test_qtip_kernel_source_on_cpu(tmp_path):
+    """qtip_matvec_kernel's own source, compiled for the host, against float64 x @ Wc.T: HYB, 1MAD and 3INST at
+    k = 2, 3, 4; one and three rows of x; 1, 2 and 4 K-slices, some with a tile column left over; a grid that
+    walks several row groups; the next tiles' words in flight across a slice's end."""
+    import subprocess
+
+    cuts = _E8P_HOST_CUTS[:3] + [("enum QtipCode : int", "template <int CODE, int K, int NB>\ncudaError_t launch_qtip")]
+    exe = _host_harness(tmp_path, cuts, _HOST_PRELUDE + _QTIP_HOST_MAIN)
+    cases = [  # (code, k, rows of x, out, in, K-slices, blocks, warps)
+        ("hyb", 2, 1, 64, 512, 1, 2, 2), ("hyb", 2, 3, 48, 400, 2, 1, 4), ("hyb", 3, 1, 32, 272, 4, 1, 4),
+        ("hyb", 4, 1, 48, 528, 2, 3, 2), ("1mad", 2, 1, 32, 400, 2, 1, 2), ("1mad", 3, 3, 48, 256, 1, 2, 2),
+        ("3inst", 4, 1, 32, 272, 2, 2, 2), ("3inst", 2, 3, 32, 512, 4, 1, 4)]
+    for i, (code, k, n, out, inp, ksplit, blocks, warps) in enumerate(cases):
+        qt = random_qtip(jax.random.key(700 + i), out, inp, code, k)
+        x = np.asarray(jax.random.normal(jax.random.key(750 + i), (n, inp), jnp.float32))
+        xk = {"hyb": x.astype(np.float16), "1mad": x, "3inst": np.repeat(x.astype(np.float16), 2, axis=-1)}[code]
+        table = (np.asarray(qt.table, np.float16).reshape(512, 2).view(np.uint32).reshape(-1) if code == "hyb"
+                 else np.zeros(512, np.uint32))
+        (tmp_path / "in.bin").write_bytes(xk.tobytes() + np.asarray(qt.codes).tobytes() + table.tobytes())
+        args = (cuda_ops.QTIP_CODES[code], k, n, inp, out, ksplit, blocks, warps)
+        proc = subprocess.run([str(exe), *map(str, args), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
+        assert proc.returncode == 0, cases[i]
+        y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(n, out).astype(np.float64)
+        assert np.isfinite(y).all(), cases[i]
+        if code == "1mad":
+            y = cuda_ops.MAD1_SCALE * (1024.0 * y - 1534.0 * x.sum(-1, keepdims=True))
+        vals = np.asarray(jq_qtip.decode_tiles(qt.codes, qt.table, code=qt.trellis, k=k, tile=qt.tile), np.float64)
+        assert rel_err(y, x.astype(np.float64) @ vals.T) < 4e-3, cases[i]
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
