@@ -141,7 +141,7 @@ def backends(args):
 
 def _cuda_scalar(cfg, x, qw):
     """The CUDA backend as dispatch calls it (``cfg`` empty), the CUDA-core kernel at launch
-    configuration ``cfg`` or, with ``cfg["mma"]``, the 4-bit tensor-core one (``cuda_ffi.scalar_mma``)
+    configuration ``cfg`` or, with ``cfg["mma"]``, the 2- or 4-bit tensor-core one (``cuda_ffi.scalar_mma``)
     at the rest of ``cfg``."""
     import cuda_ffi
 
