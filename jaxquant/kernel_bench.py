@@ -33,6 +33,7 @@ SHAPES = {
     "llama2-70b": [(8192, 8192), (28672, 8192), (8192, 28672)],
     "llama3-8b": [(14336, 4096)],
 }
+QUIP_BITS = {"e8p": 2, "rvq3": 3, "rvq4": 4}  # QuIP# formats of --vq
 CUDA_CONFIGS = [dict(), dict(rows_per_warp=1), dict(rows_per_warp=2), dict(rows_per_warp=4),
                 dict(rows_per_warp=1, ksplit=2), dict(rows_per_warp=2, ksplit=2), dict(rows_per_warp=1, ksplit=4),
                 dict(variant=1), dict(variant=1, rows_per_warp=2), dict(variant=1, rows_per_warp=4),
@@ -223,7 +224,7 @@ def bench_matvec(args, copy_bw, rows):
 
 
 def vq_sets(fmt, key, out, inp, count):
-    """Random weights of a codebook format: ``e8p``/``rvq4`` (QuIP#), ``qtip-<code>-k<k>`` or
+    """Random weights of a codebook format: ``e8p``/``rvq3``/``rvq4`` (QuIP#), ``qtip-<code>-k<k>`` or
     ``gptvq-d<D>-k<bits per weight>`` (GPTVQ's default tiles: 8 rows x 256 columns per codebook)."""
     from jaxquant.codebooks import e8p as jq_e8p
     from jaxquant.codebooks import trellis
@@ -245,8 +246,8 @@ def vq_sets(fmt, key, out, inp, count):
             continue
         su = jnp.where(jax.random.bernoulli(k2, 0.5, (inp,)), 1.0, -1.0).astype(jnp.float16)
         sv = jnp.where(jax.random.bernoulli(k3, 0.5, (out,)), 1.0, -1.0).astype(jnp.float16)
-        if fmt in ("e8p", "rvq4"):
-            bits = 2 if fmt == "e8p" else 4
+        if fmt in QUIP_BITS:
+            bits = QUIP_BITS[fmt]
             codes = jax.random.randint(k1, (out, inp // 8, bits), 0, 256, jnp.int32).astype(jnp.uint8)
             sets.append(QuIPSharpQuantized(codes, su, sv, jnp.array([0.03], jnp.float32), (out, inp), bits,
                                            jq_e8p.CODEBOOK_FOR_BITS[bits]))
@@ -302,7 +303,7 @@ def bench_vq(args, copy_bw, rows):
             x = jax.random.normal(jax.random.fold_in(key, batch), (batch, inp), jnp.float32).astype(dtype)
             t16 = per_call_seconds(lambda x, w: x.astype(jnp.float16) @ w.T, x, w16)
             for fmt in args.vq:
-                bits = {"e8p": 2, "rvq4": 4}.get(fmt) or int(fmt.split("-k")[1])
+                bits = QUIP_BITS.get(fmt) or int(fmt.split("-k")[1])
                 sets = vq_sets(fmt, jax.random.fold_in(key, out + inp), out, inp, _set_count(out * inp * bits // 8))
                 nbytes = sets[0].codes.nbytes + batch * (inp + out) * dtype.itemsize
                 xf = x.astype(jnp.float32)
@@ -313,7 +314,7 @@ def bench_vq(args, copy_bw, rows):
                 configs = (args.vq_configs if fmt in ("e8p", "rvq4") else args.qtip_configs if fmt.startswith("qtip")
                            else [{}])
                 cases = [("kernel", (lambda cfg: lambda x, qw: vq_kernel_fn(fmt, cfg)(x, qw))(cfg), ref_kernel, cfg)
-                         for cfg in configs]
+                         for cfg in configs] if fmt != "rvq3" else []  # 3-bit QuIP#: the Pallas linear only
                 if fmt in ("e8p", "rvq4"):
                     cases.append(("kernel-pallas", _pallas_e8p, ref_kernel, {}))
                 cases += [("linear-cuda", lambda x, qw: qw.matmul(x, backend="cuda"),
@@ -449,7 +450,7 @@ def main(argv=None):
     p.add_argument("--hadamard-rows", type=int, nargs="*", default=[1],
                    help="row counts of the Hadamard latency rows (decode batch sizes)")
     p.add_argument("--no-matvec", action="store_true", help="skip the scalar-format rows")
-    p.add_argument("--vq", nargs="*", default=[], help="codebook formats: e8p rvq4 qtip-hyb-k2 qtip-1mad-k2 gptvq-d2-k2 ...")
+    p.add_argument("--vq", nargs="*", default=[], help="codebook formats: e8p rvq3 rvq4 qtip-hyb-k2 qtip-1mad-k2 gptvq-d2-k2 ... (rvq3: Pallas only)")
     p.add_argument("--reference", action="store_true", help="also time the codebook formats' jnp reference")
     p.add_argument("--vq-cases", nargs="+", default=["kernel", "linear-cuda"],
                    help="any of kernel (CUDA, x already rotated), kernel-pallas (E8P/RVQ4), linear-cuda, linear-pallas "

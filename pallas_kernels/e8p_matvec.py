@@ -1,14 +1,16 @@
-"""E8P (QuIP# 2-bit) and E8P-RVQ4 (4-bit) decode-matvec in Pallas (Triton lowering).
+"""E8P (QuIP# 2-bit), E8P-RVQ3 (3-bit) and E8P-RVQ4 (4-bit) decode-matvec in Pallas (Triton lowering).
 
 Format (``jaxquant/formats/quip_sharp.py``, ``jaxquant/codebooks/e8p.py``): uint8
 ``codes [out, in/8, bits]``, per 8 consecutive weights of a row one 16-bit E8P code per stage
 (little-endian bytes; RVQ4's residual stage in bytes 2-3). Code ``c``: bits 0-7 index the
 256-entry source set S of absolute values, bits 8-14 are the signs of coordinates 0-6, coordinate
 7's sign makes the number of negative signs ≡ sum(S[c & 0xFF]) (mod 2), bit 15 picks the
-shift ``+1/4`` (set) or ``-1/4``. RVQ4: ``Q = E8P(c1) + E8P(c2) / resid_scale``.
+shift ``+1/4`` (set) or ``-1/4``. RVQ4: ``Q = E8P(c1) + E8P(c2) / resid_scale``; RVQ3: byte 2 indexes
+the 256-point E8 "1-bit" set R, ``Q = E8P(c1) + R[b2] / resid_scale``.
 
 The kernel reads ``table [256, 8]`` float32: S with coordinate 7 negated where the source
-vector's sum is odd, so coordinate 7's value is ``table[i, 7] · (-1)^popcount(c bits 8-14)``.
+vector's sum is odd, so coordinate 7's value is ``table[i, 7] · (-1)^popcount(c bits 8-14)``; at 3
+bits R follows it in the same flat table (``resid_table``, rows 256-511).
 
 Blocking: one program owns ``block_rows`` output rows and walks the input axis
 ``block_cols`` weights (``block_cols/8`` codes per row) at a time. Each step decodes its
@@ -31,7 +33,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import over_row_groups, pow2_divisor, triton_params
 
 
-SUPPORTED_BITS = (2, 4)
+SUPPORTED_BITS = (2, 3, 4)
 TC_ROWS = 16  # e8p_matmul pads x to the 16 rows of a dot
 
 
@@ -75,6 +77,8 @@ def _block_decoder(codes_ref, table_ref, *, bits, groups, bn, bc, inv_resid):
         vals = _decode(code16(base, 0), d, table_ref)
         if bits == 4:
             vals = vals + _decode(code16(base, 2), d, table_ref) * jnp.float32(inv_resid)
+        elif bits == 3:  # R[b2] from rows 256-511 of the flat table
+            vals = vals + table_ref[(256 + codes_ref[base + 2].astype(jnp.int32)) * 8 + d] * jnp.float32(inv_resid)
         return vals
 
     return decode
@@ -112,11 +116,11 @@ def _tc_kernel(x_ref, codes_ref, table_ref, o_ref, *, bn, bc, steps, **block):
 @functools.partial(jax.jit, static_argnames=("bits", "resid_scale", "block_rows", "block_cols", "num_warps",
                                              "num_stages", "interpret"))
 def e8p_matmul(x: jax.Array, codes: jax.Array, table: jax.Array, *, bits: int, resid_scale: float = 1.0,
-               block_rows: int = 64, block_cols: int = 64, num_warps: int = 4, num_stages: int = 3,
-               interpret: bool = False) -> jax.Array:
+               resid_table: jax.Array | None = None, block_rows: int = 64, block_cols: int = 64, num_warps: int = 4,
+               num_stages: int = 3, interpret: bool = False) -> jax.Array:
     """``e8p_matvec`` for 1-16 rows of x on tensor cores: x is rounded to float16 (as the CUDA kernel
     does; values beyond float16's range are an error of the caller's scaling), the output is float32."""
-    _check(x, codes, table, bits)
+    tab = _flat_table(x, codes, table, bits, resid_table)
     out, groups, _ = codes.shape
     k_in = x.shape[-1]
     bn, bc = pow2_divisor(out, block_rows), pow2_divisor(k_in, block_cols)
@@ -133,7 +137,7 @@ def e8p_matmul(x: jax.Array, codes: jax.Array, table: jax.Array, *, bits: int, r
     params = triton_params(interpret, "e8p_matmul", num_warps=num_warps, num_stages=num_stages)
     y = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((TC_ROWS, out), jnp.float32), grid=(out // bn,),
                        compiler_params=params, interpret=interpret, name=f"e8p_matmul_{bits}bit")(
-        xh, codes.astype(jnp.uint8).reshape(-1), jnp.asarray(table, jnp.float32).reshape(-1))
+        xh, codes.astype(jnp.uint8).reshape(-1), tab)
     return y[:n].reshape(*lead, out)
 
 
@@ -144,7 +148,8 @@ def e8p_product(x: jax.Array, codes: jax.Array, table: jax.Array, **kwargs) -> j
     return (e8p_matmul if 2 <= rows <= TC_ROWS else e8p_matvec)(x, codes, table, **kwargs)
 
 
-def _check(x, codes, table, bits):
+def _flat_table(x, codes, table, bits, resid_table) -> jax.Array:
+    """Check the arguments; the kernel's flat float32 table (E8P's, then at 3 bits the residual set's)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"pallas e8p_matvec: bits must be one of {SUPPORTED_BITS}, got {bits}")
     if codes.ndim != 3 or codes.shape[2] != bits or codes.shape[1] * 8 != x.shape[-1]:
@@ -152,29 +157,34 @@ def _check(x, codes, table, bits):
                          f"(need [out, in/8, {bits}])")
     if table.shape != (256, 8):
         raise ValueError(f"pallas e8p_matvec: table must be [256, 8], got {table.shape}")
+    if bits == 3 and (resid_table is None or resid_table.shape != (256, 8)):
+        raise ValueError("pallas e8p_matvec: 3 bits need resid_table, the [256, 8] E8 1-bit set, got "
+                         f"{None if resid_table is None else resid_table.shape}")
     if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
         raise TypeError(f"pallas e8p_matvec: x must be float32, float16 or bfloat16, got {x.dtype}")
+    tables = [table] + ([resid_table] if bits == 3 else [])
+    return jnp.concatenate([jnp.asarray(t, jnp.float32).reshape(-1) for t in tables])
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "resid_scale", "block_rows", "block_cols", "num_warps",
                                              "num_stages", "interpret"))
 def e8p_matvec(x: jax.Array, codes: jax.Array, table: jax.Array, *, bits: int, resid_scale: float = 1.0,
-               block_rows: int = 32, block_cols: int = 64, num_warps: int = 4, num_stages: int = 2,
-               interpret: bool = False) -> jax.Array:
-    """``y[..., out] = x[..., in] @ Q.T`` (float32) for E8P (bits=2) or E8P-RVQ4 (bits=4) codes.
+               resid_table: jax.Array | None = None, block_rows: int = 32, block_cols: int = 64, num_warps: int = 4,
+               num_stages: int = 2, interpret: bool = False) -> jax.Array:
+    """``y[..., out] = x[..., in] @ Q.T`` (float32) for E8P (bits=2), E8P-RVQ3 (3) or E8P-RVQ4 (4) codes.
 
     codes: uint8 ``[out, in / 8, bits]``; table: float32 ``[256, 8]`` from ``e8p_table``;
-    resid_scale: RVQ4's residual divisor (ignored at 2 bits). ``interpret=True`` runs on any
-    backend (CPU tests).
+    resid_scale: the residual stage's divisor (ignored at 2 bits); resid_table: at 3 bits the
+    residual codebook, the E8 1-bit set ``[256, 8]`` (``jaxquant.codebooks.e8p.e8_onebit_codebook``).
+    ``interpret=True`` runs on any backend (CPU tests).
     """
-    _check(x, codes, table, bits)
+    tab = _flat_table(x, codes, table, bits, resid_table)
     out, groups, _ = codes.shape
     k_in = x.shape[-1]
     bn, bc = pow2_divisor(out, block_rows), pow2_divisor(k_in, block_cols)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k_in)
     flat = codes.astype(jnp.uint8).reshape(-1)
-    tab = jnp.asarray(table, jnp.float32).reshape(-1)
     params = triton_params(interpret, "e8p_matvec", num_warps=num_warps, num_stages=num_stages)
 
     def call(xb):

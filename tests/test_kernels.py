@@ -1653,8 +1653,9 @@ def test_vq_dispatch_on_cpu():
             with pytest.raises(cuda_ffi.CudaFFIUnavailable):
                 w.matmul(x, backend="cuda")
     rvq3 = random_quip(jax.random.key(6), 32, 128, 3)
-    with pytest.raises(ValueError, match="no kernel"):
+    with pytest.raises(ValueError, match="no CUDA kernel"):
         rvq3.matmul(x, backend="cuda")
+    assert rel_err(rvq3.matmul(x, backend="pallas"), np.asarray(x @ rvq3.dequantize().T)) < 2.0**-11
 
 
 VQ_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672), (14336, 4096)]

@@ -168,30 +168,36 @@ def test_qtip_matvec_errors():
 # ------------------------------------------------------------------ E8P
 
 
-@pytest.mark.parametrize("bits,batch", [(2, 1), (4, 4)])
+def resid_table(bits: int):
+    """The residual codebook the 3-bit kernel takes (None at 2 and 4 bits)."""
+    return jnp.asarray(jq_e8p.e8_onebit_codebook()) if bits == 3 else None
+
+
+@pytest.mark.parametrize("bits,batch", [(2, 1), (3, 1), (3, 3), (4, 4)])
 def test_e8p_matvec_matches_decode(bits, batch):
     qw = random_quip(30 + bits, 32, 128, bits)
     x = normal(batch, (batch, 128))
     table = pallas_kernels.e8p_table(jq_e8p.e8p_source_set())
-    y = pallas_kernels.e8p_matvec(x, qw.codes, table, bits=bits,
+    y = pallas_kernels.e8p_matvec(x, qw.codes, table, bits=bits, resid_table=resid_table(bits),
                                   resid_scale=jq_e8p.get_codebook(bits).resid_scale or 1.0, interpret=INTERPRET)
     assert rel_err(y, jnp.matmul(x, qw.rotated().T, precision=HIGHEST)) < 1e-5
 
 
-@pytest.mark.parametrize("bits,batch", [(2, 5), (4, 16)])
+@pytest.mark.parametrize("bits,batch", [(2, 5), (3, 8), (4, 16)])
 def test_e8p_matmul_matches_decode(bits, batch):
-    """Tensor-core version: x rounded to fp16 (relative 2^-11 per element), RVQ4's decoded sums too."""
+    """Tensor-core version: x rounded to fp16 (relative 2^-11 per element), RVQ's decoded sums too."""
     qw = random_quip(40 + bits, 48, 256, bits)
     x = normal(batch, (batch, 256))
     table = pallas_kernels.e8p_table(jq_e8p.e8p_source_set())
-    y = pallas_kernels.e8p_matmul(x, qw.codes, table, bits=bits, block_rows=16,
+    y = pallas_kernels.e8p_matmul(x, qw.codes, table, bits=bits, block_rows=16, resid_table=resid_table(bits),
                                   resid_scale=jq_e8p.get_codebook(bits).resid_scale or 1.0, interpret=INTERPRET)
     assert y.shape == (batch, 48) and y.dtype == jnp.float32
     assert rel_err(y, jnp.matmul(x, qw.rotated().T, precision=HIGHEST)) < 2.0**-11
     with pytest.raises(ValueError, match="1 to 16 rows"):
-        pallas_kernels.e8p_matmul(normal(1, (17, 256)), qw.codes, table, bits=bits, interpret=True)
+        pallas_kernels.e8p_matmul(normal(1, (17, 256)), qw.codes, table, bits=bits, resid_table=resid_table(bits),
+                                  interpret=True)
     with pytest.raises(ValueError, match="16-aligned"):
-        pallas_kernels.e8p_matmul(x, qw.codes[:8], table, bits=bits, interpret=True)
+        pallas_kernels.e8p_matmul(x, qw.codes[:8], table, bits=bits, resid_table=resid_table(bits), interpret=True)
 
 
 def test_e8p_table_decodes_every_code():
@@ -208,9 +214,10 @@ def test_e8p_table_decodes_every_code():
         np.testing.assert_array_equal(np.asarray(y[0]), cw[:, d::8].sum(1))
 
 
-def test_quip_matmul_backend_pallas():
-    """The whole product (RVQ4): 384 = 3 · 128 inputs take the Pallas FWHT plus the 3 x 3 factor."""
-    qw = random_quip(44, 32, 384, 4)
+@pytest.mark.parametrize("bits", [3, 4])
+def test_quip_matmul_backend_pallas(bits):
+    """The whole product (RVQ3, RVQ4): 384 = 3 · 128 inputs take the Pallas FWHT plus the 3 x 3 factor."""
+    qw = random_quip(44, 32, 384, bits)
     x = normal(41, (2, 384))
     ref = jnp.matmul(x, qw.dequantize().T, precision=HIGHEST)
     assert rel_err(qw.matmul(x[:1], backend="pallas"), ref[:1]) < 1e-5
@@ -222,7 +229,9 @@ def test_e8p_matvec_errors():
     table = pallas_kernels.e8p_table(jq_e8p.e8p_source_set())
     x = jnp.ones((1, 64), jnp.float32)
     with pytest.raises(ValueError, match="bits must be one of"):
-        pallas_kernels.e8p_matvec(x, qw.codes, table, bits=3, interpret=True)
+        pallas_kernels.e8p_matvec(x, qw.codes, table, bits=5, interpret=True)
+    with pytest.raises(ValueError, match="3 bits need resid_table"):
+        pallas_kernels.e8p_matvec(x, random_quip(3, 32, 64, 3).codes, table, bits=3, interpret=True)
     with pytest.raises(ValueError, match="do not fit x"):
         pallas_kernels.e8p_matvec(jnp.ones((1, 128)), qw.codes, table, bits=2, interpret=True)
     with pytest.raises(ValueError, match="table must be"):
@@ -230,8 +239,8 @@ def test_e8p_matvec_errors():
     with pytest.raises(ValueError, match=r"source set must be \[256, 8\]"):
         pallas_kernels.e8p_table(np.zeros((128, 8)))
     rvq3 = random_quip(2, 32, 64, 3)
-    with pytest.raises(ValueError, match="backend 'pallas': codebook e8p-rvq3 has no kernel"):
-        rvq3.matmul(x, backend="pallas")
+    with pytest.raises(ValueError, match="backend 'cuda': codebook e8p-rvq3 has no CUDA kernel"):
+        rvq3.matmul(x, backend="cuda")
 
 
 # ------------------------------------------------------------------ lowering and dispatch
@@ -250,6 +259,10 @@ def test_kernels_lower_to_triton_for_cuda():
                                                                            resid_scale=3.45), x)
     assert "triton" in lower_for_cuda(lambda x: pallas_kernels.e8p_matmul(x, qw.codes, table, bits=4,
                                                                            resid_scale=3.45), x)
+    rvq3 = random_quip(2, 64, 256, 3)
+    for kernel in (pallas_kernels.e8p_matvec, pallas_kernels.e8p_matmul):
+        assert "triton" in lower_for_cuda(lambda x, kernel=kernel: kernel(
+            x, rvq3.codes, table, bits=3, resid_scale=2.04, resid_table=resid_table(3)), x)
     for n in (8, 64, 4096, 32768):
         s = jnp.ones((n,), jnp.float32)
         assert "triton" in lower_for_cuda(lambda x, s=s: pallas_kernels.hadamard(x, s, signs_after=True),

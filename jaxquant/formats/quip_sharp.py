@@ -69,8 +69,9 @@ class QuIPSharpQuantized(QuantizedWeight):
 
     def matmul(self, x: jax.Array, backend: str = "auto") -> jax.Array:
         """``x @ W.T`` through ``reference`` (jnp), ``cuda`` (the E8P / RVQ4 decode-matvec between
-        the two Hadamard transforms), ``pallas`` (its Pallas version, interpret mode off the GPU)
-        or ``auto`` (the CUDA kernel on a GPU for 1-16 rows of x)."""
+        the two Hadamard transforms), ``pallas`` (its Pallas version, which also serves 3-bit RVQ3;
+        interpret mode off the GPU) or ``auto`` (the CUDA kernel on a GPU for 1-16 rows of x; 3-bit
+        codes take the reference until the tuning table measures the Pallas kernel faster)."""
         from jaxquant.formats import dispatch
 
         choice = dispatch.vq_choice(self.format_name, kernel_issue(self, x, backend), x, backend,
@@ -85,9 +86,10 @@ class QuIPSharpQuantized(QuantizedWeight):
 
 def kernel_issue(qw: "QuIPSharpQuantized", x: jax.Array, backend: str = "cuda") -> str | None:
     """Why the CUDA (or, with ``backend="pallas"``, the Pallas) kernel cannot compute ``x @ qw.T``
-    (None when it can)."""
-    if qw.codebook not in ("e8p", "e8p-rvq4"):
-        return f"codebook {qw.codebook} has no kernel (e8p, e8p-rvq4 have)"
+    (None when it can). 3-bit codes (e8p-rvq3) have the Pallas kernel only."""
+    served = ("e8p", "e8p-rvq3", "e8p-rvq4") if backend == "pallas" else ("e8p", "e8p-rvq4")
+    if qw.codebook not in served:
+        return f"codebook {qw.codebook} has no {'Pallas' if backend == 'pallas' else 'CUDA'} kernel ({', '.join(served)} have)"
     unit = 8 if backend == "pallas" else 64 if qw.bits == 2 else 32
     if qw.shape[1] % unit:
         return f"in = {qw.shape[1]} is not a multiple of {unit}"
@@ -120,8 +122,9 @@ def _matmul_kernel(x, qw: QuIPSharpQuantized, kernel: str):
     if kernel == "pallas":
         import pallas_kernels
 
+        resid_table = jnp.asarray(e8p.e8_onebit_codebook()) if qw.bits == 3 else None
         y = pallas_kernels.e8p_product(xr, qw.codes, _pallas_table(), bits=qw.bits, resid_scale=resid,
-                                       interpret=not dispatch.on_gpu())
+                                       resid_table=resid_table, interpret=not dispatch.on_gpu())
     else:
         import cuda_ffi
 
