@@ -1804,7 +1804,7 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
         uint32_t w[U][NW];
         static_for<U>([&](auto u) { static_for<NW>([&](auto m) { w[u][m] = wn[u][m]; }); });
         if (j0 + 2 * U < jhi) load_words(j0 + 2 * U);
-        constexpr bool kPrefetchX = CODE == kHyb && NB == 1;  // x with the codes: 8 registers per tile
+        constexpr bool kPrefetchX = CODE == kHyb && NB == 1;  // these tiles' x first: 8 registers per tile
         uint4 xpre[U][2];
         static_for<U>([&](auto u) {
           const int j = j0 + 2 * static_cast<int>(u);
@@ -1924,7 +1924,10 @@ cudaError_t launch_qtip(cudaStream_t stream, QtipArgs a, int nwarps, int ksplit)
       if (nwarps % s || (s > 1 && a.tc < 2 * s * 2 * U)) continue;
       const long groups = (a.tr + nwarps / s - 1) / (nwarps / s);
       const long cost = (groups + resident - 1) / resident * ((a.tc + s - 1) / s);
-      if (best < 0 || cost < best) best = cost, ksplit = s;
+      if (best < 0 || cost < best) {
+        best = cost;
+        ksplit = s;
+      }
     }
   }
   if (ksplit > nwarps) ksplit = nwarps;
