@@ -81,7 +81,7 @@ def scalar_mma(x: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array
     them). ``splits``: programs along the input axis, each whole groups (0: about two per SM of an
     H100); their fp32 partial sums are added here. ``tiles``: 16-row tiles per warp (2 or 4).
     ``prefetch``: load the next step while this one computes (1.2-1.3x faster on an H100,
-    cuda_ffi/NOTES.md, session 11; 2-bit codes are always prefetched). 2-bit codes read 33-41% of copy
+    cuda_ffi/NOTES.md, session 11; 2-bit codes are always prefetched). 2-bit codes read 29-41% of copy
     at 70B shapes on an H100 (session 12), 2.3-2.9x the fp16 product and the Pallas kernel.
     """
     if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):

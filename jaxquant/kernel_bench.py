@@ -450,7 +450,8 @@ def main(argv=None):
     p.add_argument("--hadamard-rows", type=int, nargs="*", default=[1],
                    help="row counts of the Hadamard latency rows (decode batch sizes)")
     p.add_argument("--no-matvec", action="store_true", help="skip the scalar-format rows")
-    p.add_argument("--vq", nargs="*", default=[], help="codebook formats: e8p rvq3 rvq4 qtip-hyb-k2 qtip-1mad-k2 gptvq-d2-k2 ... (rvq3: Pallas only)")
+    p.add_argument("--vq", nargs="*", default=[],
+                   help="codebook formats: e8p rvq3 rvq4 qtip-hyb-k2 qtip-1mad-k2 gptvq-d2-k2 ... (rvq3: Pallas only)")
     p.add_argument("--reference", action="store_true", help="also time the codebook formats' jnp reference")
     p.add_argument("--vq-cases", nargs="+", default=["kernel", "linear-cuda"],
                    help="any of kernel (CUDA, x already rotated), kernel-pallas (E8P/RVQ4), linear-cuda, linear-pallas "

@@ -46,11 +46,9 @@ def main(argv=None):
         qw = bk.random_sets(key, out, inp, bits, 128, 1)[0]
         calls.append((f"scalar {bits}-bit", jax.jit(lambda x, qw: qw.matmul(x, backend="cuda")), qw))
     signs = jq_hadamard.random_signs(key, inp)
-    if args.no_hadamard:
-        pass
-    elif inp & (inp - 1) == 0:
+    if inp & (inp - 1) == 0 and not args.no_hadamard:
         calls.append((f"hadamard n={inp}", jax.jit(lambda x, s: cuda_ffi.hadamard(x, s)), signs))
-    elif cuda_ffi.hadamard_k_factor(inp):
+    elif cuda_ffi.hadamard_k_factor(inp) and not args.no_hadamard:
         calls.append((f"hadamard_k n={inp}", jax.jit(lambda x, s: cuda_ffi.hadamard_k(x, s, unit_signs=True)), signs))
     for name, fn, arg in calls:
         for _ in range(3):

@@ -120,7 +120,7 @@ def scalar_matmul(qw: Any, x: jax.Array, backend: str = "auto") -> jax.Array:
 def cuda_tensor_cores(qw: Any, x: jax.Array) -> bool:
     """Whether the CUDA backend takes its tensor-core decode-matmul (``cuda_ffi.scalar_mma``: 2- or 4-bit
     codes, 2 to 16 rows of 16-bit x, groups of a multiple of 128, whole 128-input steps). On an H100
-    it reads 55-60% of copy bandwidth at 70B shapes for 2-16 rows at 4 bits and 33-41% at 2 bits (2.3-2.9x
+    it reads 55-60% of copy bandwidth at 70B shapes for 2-16 rows at 4 bits and 29-41% at 2 bits (2.3-2.9x
     fp16, the Pallas kernel 13%), where the CUDA-core kernel's time grows with the rows; one row stays on
     the half2 decode (at 4 bits 81-82% against 58-60%)."""
     kpad = qw.codes.shape[1] * 32 // qw.bits if qw.bits in (2, 4) else 0  # inputs the codes hold

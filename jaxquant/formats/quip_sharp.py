@@ -89,7 +89,8 @@ def kernel_issue(qw: "QuIPSharpQuantized", x: jax.Array, backend: str = "cuda") 
     (None when it can). 3-bit codes (e8p-rvq3) have the Pallas kernel only."""
     served = ("e8p", "e8p-rvq3", "e8p-rvq4") if backend == "pallas" else ("e8p", "e8p-rvq4")
     if qw.codebook not in served:
-        return f"codebook {qw.codebook} has no {'Pallas' if backend == 'pallas' else 'CUDA'} kernel ({', '.join(served)} have)"
+        kind = "Pallas" if backend == "pallas" else "CUDA"
+        return f"codebook {qw.codebook} has no {kind} kernel ({', '.join(served)} have)"
     unit = 8 if backend == "pallas" else 64 if qw.bits == 2 else 32
     if qw.shape[1] % unit:
         return f"in = {qw.shape[1]} is not a multiple of {unit}"
