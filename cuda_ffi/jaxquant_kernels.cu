@@ -1009,10 +1009,7 @@ ffi::Error ScalarMmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   a.codes = reinterpret_cast<const uint32_t*>(codes.typed_data());
   a.scale = reinterpret_cast<const __half*>(scale.typed_data());
   a.zero = reinterpret_cast<const __half*>(zero.typed_data());
-  a.parts = parts->typed_data();
-  // splits left without steps (more splits than groups) write zeros
-  cudaError_t err = cudaMemsetAsync(a.parts, 0, parts->size_bytes(), stream);
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("scalar_mma: ") + cudaGetErrorString(err));
+  a.parts = parts->typed_data();  // every element is written: splits left without steps write zeros
   const int rows_per_block = 16 * static_cast<int>(tiles) * kMmaWarps;
   const dim3 grid((a.out + rows_per_block - 1) / rows_per_block, splits);
   const bool f16 = dt == kF16, two = nrows == 16, four = tiles == 4, pf = prefetch != 0 || bits == 2;
@@ -1547,11 +1544,8 @@ ffi::Error E8pMmaImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buffer<
   a.x = reinterpret_cast<const uint4*>(x.typed_data());
   a.codes = reinterpret_cast<const uint4*>(codes.typed_data());
   a.abs = reinterpret_cast<const uint2*>(abs.typed_data());
-  a.parts = parts->typed_data();
+  a.parts = parts->typed_data();  // every element is written: splits left without steps write zeros
   a.resid = static_cast<float>(1.0 / resid_scale);
-  // splits left without steps (more splits than steps) write zeros
-  cudaError_t err = cudaMemsetAsync(a.parts, 0, parts->size_bytes(), stream);
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_mma: ") + cudaGetErrorString(err));
   auto launch = [&](auto stc, auto ntc, auto tc) -> cudaError_t {
     constexpr int ST = decltype(stc)::value, NT = decltype(ntc)::value, TILES = decltype(tc)::value;
     auto kernel = e8p_mma_kernel<ST, NT, TILES>;
@@ -1570,7 +1564,7 @@ ffi::Error E8pMmaImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buffer<
     return tiles == 4 ? launch(stc, ntc, I4{}) : tiles == 2 ? launch(stc, ntc, I2{}) : launch(stc, ntc, I1{});
   };
   auto by_rows = [&](auto stc) { return nrows == 16 ? by_tiles(stc, I2{}) : by_tiles(stc, I1{}); };
-  err = st == 1 ? by_rows(I1{}) : by_rows(I2{});
+  const cudaError_t err = st == 1 ? by_rows(I1{}) : by_rows(I2{});
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_mma: ") + cudaGetErrorString(err));
   return launch_error("e8p_mma launch");
 }
