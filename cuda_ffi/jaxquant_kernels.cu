@@ -1832,13 +1832,14 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
                 else s = __funnelshift_r(aw[w0 + 1 < NW ? w0 + 1 : NW - 1], aw[w0], 48 - b0);
                 const uint32_t h = s * s + s;  // bits 0-15 depend on bits 0-15 of s only
                 dec[i] = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(tab) + ((h & 0xFFC0u) | copy4));
-              } else if constexpr (CODE == kInst3) {
+              } else {  // the exact L-bit state: its upper bits reach the value
                 const uint32_t s = __funnelshift_l(aw[o / 32 + 1 < NW ? o / 32 + 1 : NW - 1], aw[o / 32], o % 32) >> (32 - a.L);
-                dec[i] = ((s * 89226354u + 64248484u) & 0x8FFF8FFFu) ^ 0x3B603B60u;
-              } else {
-                const uint32_t s = __funnelshift_l(aw[o / 32 + 1 < NW ? o / 32 + 1 : NW - 1], aw[o / 32], o % 32) >> (32 - a.L);
-                const uint32_t y = __dp4a(s * 34038481u + 76625530u, 0x01010101u, 0u);
-                dec[i] = y * 8192u + 0x3F800000u;
+                if constexpr (CODE == kInst3) {
+                  dec[i] = ((s * 89226354u + 64248484u) & 0x8FFF8FFFu) ^ 0x3B603B60u;
+                } else {
+                  const uint32_t y = __dp4a(s * 34038481u + 76625530u, 0x01010101u, 0u);
+                  dec[i] = y * 8192u + 0x3F800000u;
+                }
               }
             });
             static_for<NB>([&](auto b) {

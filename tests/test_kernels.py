@@ -1396,19 +1396,21 @@ def test_e8p_x_layout(bits):
                 np.testing.assert_allclose(xq[b, g * units + u], -0.25 * want.sum(), rtol=1e-5, atol=1e-6)
 
 
+def _qtip_row_words(words: np.ndarray, k: int, r: int) -> list[int]:
+    """The words a lane reads for tile row r, realigned as the kernel does (odd rows at k = 3)."""
+    W, nw = 8 * k, 2 if k == 2 else 3
+    w = [int(words[(((k * r) >> 1) + m) % W]) for m in range(nw)]
+    sub = (16 * k * r) & 31
+    a = [((w[m] << sub) | (w[m + 1] >> (32 - sub) if sub else 0)) & 0xFFFFFFFF for m in range(nw - 1)]
+    return a + [(w[-1] << sub) & 0xFFFFFFFF]
+
+
 def _qtip_lane_states(words: np.ndarray, k: int, V: int, L: int) -> np.ndarray:
     """States of one tile as the kernel's lanes extract them: ``[8k]`` uint32 words -> ``[256/V]``."""
-    W, kv, ns = 8 * k, k * V, 16 // V
+    kv, ns, nw = k * V, 16 // V, 2 if k == 2 else 3
     out = []
     for r in range(16):
-        nw = 2 if k == 2 else 3
-        w = [int(words[(((k * r) >> 1) + m) % W]) for m in range(nw)]
-        sub = (16 * k * r) & 31
-        if k == 3:
-            a = [((w[0] << sub) | (w[1] >> (32 - sub) if sub else 0)) & 0xFFFFFFFF,
-                 ((w[1] << sub) | (w[2] >> (32 - sub) if sub else 0)) & 0xFFFFFFFF, (w[2] << sub) & 0xFFFFFFFF]
-        else:
-            a = w
+        a = _qtip_row_words(words, k, r)
         for i in range(ns):
             o = i * kv
             h, l_ = a[o // 32], a[min(o // 32 + 1, nw - 1)]
@@ -1421,13 +1423,10 @@ def _qtip_lane_states(words: np.ndarray, k: int, V: int, L: int) -> np.ndarray:
 def _qtip_hyb_lane_states(words: np.ndarray, k: int) -> np.ndarray:
     """HYB states as the kernel extracts them (L = 16, V = 2): the state's 16 stream bits at the bottom
     of a word, earlier stream bits above them, ``[8k]`` uint32 words -> ``[128]``."""
-    W, kv, nw = 8 * k, 2 * k, 2 if k == 2 else 3
+    kv, nw = 2 * k, 2 if k == 2 else 3
     out = []
     for r in range(16):
-        w = [int(words[(((k * r) >> 1) + m) % W]) for m in range(nw)]
-        sub = (16 * k * r) & 31
-        a = [((w[m] << sub) | (w[m + 1] >> (32 - sub) if sub else 0)) & 0xFFFFFFFF for m in range(nw - 1)]
-        a.append((w[-1] << sub) & 0xFFFFFFFF)
+        a = _qtip_row_words(words, k, r)
         for i in range(8):
             w0, b0 = divmod(i * kv, 32)
             if b0 <= 16:
