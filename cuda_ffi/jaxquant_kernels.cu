@@ -256,6 +256,24 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// i padded by one per 32: strided shared-memory accesses then spread over the banks.
+__host__ __device__ __forceinline__ int pad32(int i) { return i + (i >> 5); }
+
+template <int NBITS>
+__device__ __forceinline__ void butterflies(float (&v)[1 << NBITS]) {
+  static_for<NBITS>([&](auto s) {
+    constexpr int h = 1 << s;
+#pragma unroll
+    for (int i = 0; i < (1 << NBITS); ++i) {
+      if (!(i & h)) {
+        const float p = v[i], q = v[i + h];
+        v[i] = p + q;
+        v[i + h] = p - q;
+      }
+    }
+  });
+}
+
 
 // Four consecutive x values of batch row b from input k0 (zeros past k_in or past the batch).
 __device__ __forceinline__ void load_x4(const MatvecArgs& a, int b, int64_t k0, float (&v)[4]) {
@@ -1066,6 +1084,8 @@ struct E8pArgs {
   float* y;            // [n, out]
   int n, k, out, units;
   float resid;         // 1 / resid_scale (RVQ4's second stage)
+  const float* su;     // x-stationary kernel: signs [in] of x's RHT, done in the kernel (nullptr: x is rotated)
+  float rht_scale;     // 1 / sqrt(in) with su
 };
 
 
@@ -1202,46 +1222,90 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
   }
 }
 
-// Batch 1, x-stationary: warp w of the grid owns the K-chunk w % chunks (one code unit per lane:
-// 32 units, 2048 inputs at 2 bits) and keeps that chunk's x (fp16) and shift terms in registers,
-// made once from float32 x in natural order (no layout or sum ops before the call), then walks
-// every (grid warps / chunks)-th group of R rows. No x traffic through L1 in the loop (the default
-// kernel reads x again for every R rows, most of its L1 traffic); the next rows' codes load while
-// the current ones decode. Each row's partial over the chunk goes to part[chunk][row]; the caller
-// sums the chunks (deterministic, no atomics).
-// Registers (sm_90): 83 at R = 2, 112 at R = 4 (2 blocks of 256 per SM either way); asking for 3
-// blocks at R = 2 spills 44 bytes in the loop, and spills go through L1, which this kernel relieves.
+// Batch 1, x-stationary: the blocks are dealt to the K-chunks in turn (chunk = block % chunks; a
+// chunk is 32 code units: 2048 inputs at 2 bits, 1024 at 4). A block stages its chunk's x once in
+// shared memory (fp16, with the shift terms), each warp keeps it in registers (one code unit per
+// lane) and walks every (the chunk's warps)-th group of R rows. Staging per block rather than per
+// warp: at 7B shapes the per-warp copies of x (8 KB each, 16 warps per SM) were more L2 traffic
+// than the codes. The first row groups' codes are requested before the table fill and the staging,
+// so their DRAM latency overlaps both. With `su`, x comes unrotated and each block makes its
+// chunk of x's RHT itself (e8_xs_rht_chunk): one kernel, where the Hadamard kernel before it ran
+// on one SM for ~3.5 us at batch 1. Each row's partial over the chunk goes to part[chunk][row];
+// the caller sums the chunks (deterministic, no atomics). With fewer blocks than chunks a block
+// takes chunks in turn.
+// Registers (sm_90): 83 at R = 2, 112 at R = 4 (2 blocks of 256 per SM either way).
 // D: row groups whose codes are in flight while one decodes (1, or 2 to cover more of the DRAM
 // latency per warp: +4 R registers).
+constexpr int kE8XsStageBytes = 8 * 32 * (sizeof(uint4) + sizeof(float));  // x (fp16) and shift terms
+constexpr size_t kE8XsSmemBytes = kE8SmemBytes + kE8XsStageBytes;
+constexpr int kE8XsRhtMaxIn = 8192;  // widest x whose RHT the kernel makes (every block reads all of x)
+constexpr size_t kE8XsRhtSmemBytes = (2048 + 2048 / 32) * sizeof(float);  // a chunk of x in fp32, pad32
+
+// One pass of butterflies over index bits lo .. lo + NBITS - 1 of `total` floats in shared memory
+// (pad32 layout), each thread taking 2^NBITS elements that differ in those bits.
+template <int NBITS>
+__device__ __forceinline__ void smem_butterfly_pass(float* buf, int total, int lo) {
+  for (int g = threadIdx.x; g < (total >> NBITS); g += blockDim.x) {
+    const int base = ((g >> lo) << (lo + NBITS)) | (g & ((1 << lo) - 1));
+    float v[1 << NBITS];
+#pragma unroll
+    for (int i = 0; i < (1 << NBITS); ++i) v[i] = buf[pad32(base + (i << lo))];
+    butterflies<NBITS>(v);
+#pragma unroll
+    for (int i = 0; i < (1 << NBITS); ++i) buf[pad32(base + (i << lo))] = v[i];
+  }
+}
+
+// Chunk `chunk` (CK = 2^LOGCK inputs) of FWHT_n(su * x), n = parts * CK, unscaled, into buf (pad32).
+// In Sylvester order index = (c, j), so (H_n v)[chunk, j] = (H_CK z)[j] with
+// z = sum over c of (-1)^popc(chunk & c) v[c, :]: z on the way in, then the CK-point transform.
+template <int LOGCK>
+__device__ __forceinline__ void e8_xs_rht_chunk(const float* __restrict__ x, const float* __restrict__ su,
+                                                int parts, int chunk, float* buf) {
+  constexpr int CK = 1 << LOGCK;
+  for (int g = threadIdx.x; g < CK / 8; g += blockDim.x) {
+    float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int c = 0; c < parts; ++c) {
+      const float4* xp = reinterpret_cast<const float4*>(x + c * CK) + 2 * g;
+      const float4* sp = reinterpret_cast<const float4*>(su + c * CK) + 2 * g;
+      const float4 x0 = __ldg(xp), x1 = __ldg(xp + 1), s0 = __ldg(sp), s1 = __ldg(sp + 1);
+      const float m = __popc(chunk & c) & 1 ? -1.f : 1.f;
+      const float xs[8] = {x0.x * s0.x, x0.y * s0.y, x0.z * s0.z, x0.w * s0.w,
+                           x1.x * s1.x, x1.y * s1.y, x1.z * s1.z, x1.w * s1.w};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = fmaf(m, xs[e], v[e]);
+    }
+    butterflies<3>(v);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) buf[pad32(8 * g + e)] = v[e];
+  }
+  static_for<(LOGCK - 3 + 3) / 4>([&](auto pp) {
+    constexpr int lo = 3 + 4 * int(decltype(pp){}), nb = LOGCK - lo < 4 ? LOGCK - lo : 4;
+    __syncthreads();
+    smem_butterfly_pass<nb>(buf, CK, lo);
+  });
+  __syncthreads();
+}
+
 template <int R, int ST, int D = 1>
 __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunks, float* part) {
   extern __shared__ uint2 e8tab[];
-  e8_fill_tables(e8tab, a.abs);
-  constexpr int G = 8 / ST;
-  const int lane = threadIdx.x & 31;
+  constexpr int G = 8 / ST;  // 8-input groups per code unit
+  constexpr int CK = 32 * 8 * G;  // inputs per chunk
+  uint4* stage_x = reinterpret_cast<uint4*>(e8tab + 2 * 256 * kE8Rep);  // [G][32]: group g of unit l at g * 32 + l
+  float* stage_q = reinterpret_cast<float*>(stage_x + G * 32);
+  float* xrot = reinterpret_cast<float*>(reinterpret_cast<char*>(e8tab) + kE8XsSmemBytes);  // with su: the chunk's RHT
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const char* tab = reinterpret_cast<const char*>(e8tab);
   const uint32_t copy = (lane & 15) * sizeof(uint2);
-  const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int per_chunk = max(1, gridDim.x * (blockDim.x >> 5) / chunks);  // warps per chunk
-  if (gw >= per_chunk * chunks) return;
-  const int chunk = gw % chunks, uu = chunk * 32 + lane;
-  const bool live = uu < a.units;
-  uint4 xv[G];
-  float xq[G];
-  uint32_t hq[4];  // shift-term pairs of the 4 code words (e8_word)
-  static_for<G>([&](auto g) {  // group g of unit uu: inputs 8 (uu G + g) .. +8; zeros past the end
-    float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
-    if (live) {
-      const float4* p = reinterpret_cast<const float4*>(a.xf) + 2 * (static_cast<size_t>(uu) * G + g);
-      lo = __ldg(p);
-      hi = __ldg(p + 1);
-    }
-    xq[g] = -0.25f * (((lo.x + lo.y) + (lo.z + lo.w)) + ((hi.x + hi.y) + (hi.z + hi.w)));
-    xv[g] = make_uint4(h22u(__floats2half2_rn(lo.x, lo.y)), h22u(__floats2half2_rn(lo.z, lo.w)),
-                       h22u(__floats2half2_rn(hi.x, hi.y)), h22u(__floats2half2_rn(hi.z, hi.w)));
-  });
-  static_for<4>([&](auto wi) { hq[wi] = ST == 1 ? e8_shift_pair(xq[2 * wi], xq[2 * wi + 1]) : e8_shift_pair(xq[wi], xq[wi]); });
+  const int nblocks = gridDim.x;
+  const bool shared_chunks = nblocks >= chunks;  // else one block per chunk, chunks in turn
+  const int per_chunk = nwarps * (shared_chunks ? (nblocks - static_cast<int>(blockIdx.x) % chunks + chunks - 1) / chunks : 1);
+  const int first_grp = (shared_chunks ? static_cast<int>(blockIdx.x) / chunks : 0) * nwarps + warp;
   const int groups = (a.out + R - 1) / R;
+  int chunk = shared_chunks ? blockIdx.x % chunks : blockIdx.x;
+  int uu = chunk * 32 + lane;
+  bool live = uu < a.units;
   auto load = [&](int grp, uint4 (&cw)[R]) {
     static_for<R>([&](auto r) {
       const int row = min(grp * R + static_cast<int>(r), a.out - 1);
@@ -1249,40 +1313,75 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
     });
   };
   uint4 q[D + 1][R];  // q[0]: the group decoding now; q[1 .. D]: the next ones, loading
-  int grp = gw / chunks;
-  static_for<D>([&](auto d) {
-    if (grp + d * per_chunk < groups) load(grp + d * per_chunk, q[d]);
-  });
-  for (; grp < groups; grp += per_chunk) {
-    if (grp + D * per_chunk < groups) load(grp + D * per_chunk, q[D]);
-    uint4 (&cur)[R] = q[0];
-    float v[R];
-    static_for<R>([&](auto r) {
-      __half2 t = __float2half2_rn(0.f), h[ST];
-      static_for<ST>([&](auto q) { h[q] = t; });
-      static_for<4>([&](auto wi) {
-        constexpr int ga = ST == 1 ? 2 * wi : wi;
-        e8_word<ST, int(decltype(wi){})>(cur[r], xv[ga], xv[ST == 1 ? ga + 1 : ga], hq[wi], tab, copy, h, t);
+  auto prefetch = [&] {
+    static_for<D>([&](auto d) {
+      if (first_grp + d * per_chunk < groups) load(first_grp + d * per_chunk, q[d]);
+    });
+  };
+  if (chunk < chunks) prefetch();
+  e8_fill_tables(e8tab, a.abs);
+  for (bool first = true; chunk < chunks; chunk += min(nblocks, chunks), first = false) {
+    uu = chunk * 32 + lane;
+    live = uu < a.units;
+    if (!first) {
+      prefetch();
+      __syncthreads();  // the previous chunk's x is read
+    }
+    if (a.su) e8_xs_rht_chunk<ST == 1 ? 11 : 10>(a.xf, a.su, a.k / CK, chunk, xrot);
+    for (int t = threadIdx.x; t < G * 32; t += blockDim.x) {  // group g = t / 32 of unit l = t % 32
+      const int l = t % 32, g = t / 32, j = (l * G + g) * 8;  // its first input within the chunk
+      float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // zeros past the end
+      if (a.su) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] = xrot[pad32(j) + e] * a.rht_scale;  // j % 8 == 0: no pad inside
+      } else if (chunk * 32 + l < a.units) {
+        const float4* p = reinterpret_cast<const float4*>(a.xf + static_cast<size_t>(chunk) * CK + j);
+        const float4 lo = __ldg(p), hi = __ldg(p + 1);
+        f[0] = lo.x; f[1] = lo.y; f[2] = lo.z; f[3] = lo.w; f[4] = hi.x; f[5] = hi.y; f[6] = hi.z; f[7] = hi.w;
+      }
+      stage_q[t] = -0.25f * (((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7])));
+      stage_x[t] = make_uint4(h22u(__floats2half2_rn(f[0], f[1])), h22u(__floats2half2_rn(f[2], f[3])),
+                              h22u(__floats2half2_rn(f[4], f[5])), h22u(__floats2half2_rn(f[6], f[7])));
+    }
+    __syncthreads();
+    uint4 xv[G];
+    uint32_t hq[4];  // shift-term pairs of the 4 code words (e8_word)
+    static_for<G>([&](auto g) { xv[g] = stage_x[g * 32 + lane]; });
+    static_for<4>([&](auto wi) {
+      hq[wi] = ST == 1 ? e8_shift_pair(stage_q[2 * wi * 32 + lane], stage_q[(2 * wi + 1) * 32 + lane])
+                       : e8_shift_pair(stage_q[wi * 32 + lane], stage_q[wi * 32 + lane]);
+    });
+    for (int grp = first_grp; grp < groups; grp += per_chunk) {
+      if (grp + D * per_chunk < groups) load(grp + D * per_chunk, q[D]);
+      uint4 (&cur)[R] = q[0];
+      float v[R];
+      static_for<R>([&](auto r) {
+        __half2 t = __float2half2_rn(0.f), h[ST];
+        static_for<ST>([&](auto s) { h[s] = t; });
+        static_for<4>([&](auto wi) {
+          constexpr int ga = ST == 1 ? 2 * wi : wi;
+          e8_word<ST, int(decltype(wi){})>(cur[r], xv[ga], xv[ST == 1 ? ga + 1 : ga], hq[wi], tab, copy, h, t);
+        });
+        v[r] = warp_sum(e8_unit_total<ST>(h, t, a.resid));  // its shuffles overlap the next row's decode
       });
-      v[r] = warp_sum(e8_unit_total<ST>(h, t, a.resid));  // its shuffles overlap the next row's decode
-    });
-    static_for<R>([&](auto r) {
-      const int row = grp * R + static_cast<int>(r);
-      if (lane == 0 && row < a.out) part[static_cast<size_t>(chunk) * a.out + row] = v[r];
-      static_for<D>([&](auto d) { q[d][r] = q[d + 1][r]; });
-    });
+      static_for<R>([&](auto r) {
+        const int row = grp * R + static_cast<int>(r);
+        if (lane == 0 && row < a.out) part[static_cast<size_t>(chunk) * a.out + row] = v[r];
+        static_for<D>([&](auto d) { q[d][r] = q[d + 1][r]; });
+      });
+    }
   }
 }
 
 template <int R, int ST, int D>
 cudaError_t launch_e8p_xs(cudaStream_t stream, const E8pArgs& a, int nwarps, int chunks, float* part) {
   auto kernel = e8p_matvec_xs_kernel<R, ST, D>;
-  cudaError_t err = allow_smem(kernel, kE8SmemBytes);
+  const size_t smem = kE8XsSmemBytes + (a.su ? kE8XsRhtSmemBytes : 0);
+  cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  // Persistent: one wave, but at least one warp per chunk.
-  const int blocks = max(multiprocessors() * blocks_per_sm(kernel, nwarps * 32, kE8SmemBytes),
-                         (chunks + nwarps - 1) / nwarps);
-  kernel<<<blocks, nwarps * 32, kE8SmemBytes, stream>>>(a, chunks, part);
+  // Persistent: one wave, but at least one block per chunk.
+  const int blocks = max(multiprocessors() * blocks_per_sm(kernel, nwarps * 32, smem), chunks);
+  kernel<<<blocks, nwarps * 32, smem, stream>>>(a, chunks, part);
   return cudaSuccess;
 }
 
@@ -1352,10 +1451,12 @@ ffi::Error E8pMatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buff
 }
 
 // The x-stationary kernel (batch 1): x float32 [in] in natural order; y [chunks, out] partials,
-// chunks = ceil(in * bits / 4096) (32 code units of 16 bytes per chunk).
+// chunks = ceil(in * bits / 4096) (32 code units of 16 bytes per chunk). rht = 1: x is unrotated and
+// the kernel applies the RHT with signs su [in] (in a power of two, one chunk to kE8XsRhtMaxIn).
 ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
-                           ffi::Buffer<ffi::U32> abs, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits,
-                           double resid_scale, int64_t rows_per_warp, int64_t warps, int64_t prefetch) {
+                           ffi::Buffer<ffi::U32> abs, ffi::Buffer<ffi::F32> su, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                           int64_t bits, double resid_scale, int64_t rows_per_warp, int64_t warps, int64_t prefetch,
+                           int64_t rht) {
   auto cd = codes.dimensions();
   auto yd = y->dimensions();
   if (cd.size() != 3 || yd.size() != 2 || (bits != 2 && bits != 4) || cd[2] != bits || abs.element_count() != 512) {
@@ -1368,9 +1469,18 @@ ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Bu
     return ffi::Error::InvalidArgument("e8p_matvec_xs: x [in] (in a multiple of 64 / (bits / 2)), "
                                        "y [ceil(in * bits / 4096), out]");
   }
+  if (rht && (k & (k - 1) || k < 4096 / bits || k > kE8XsRhtMaxIn ||
+              static_cast<int64_t>(su.element_count()) != k)) {
+    return ffi::Error::InvalidArgument("e8p_matvec_xs: the in-kernel RHT needs in a power of two from one chunk "
+                                       "(2048 inputs at 2 bits, 1024 at 4) to 8192, and su [in]");
+  }
   E8pArgs a{};
   a.n = 1;
   a.k = static_cast<int>(k);
+  if (rht) {
+    a.su = su.typed_data();
+    a.rht_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(k)));
+  }
   a.out = static_cast<int>(cd[0]);
   a.units = static_cast<int>(units);
   a.xf = x.typed_data();
@@ -2006,23 +2116,6 @@ ffi::Error QtipMatvecImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
 // the last writes it; the ones between use shared memory, padded by one float per 32 so that the
 // strided accesses of the first pass and the lane-contiguous ones of the later passes are free
 // of bank conflicts.
-
-__host__ __device__ __forceinline__ int pad32(int i) { return i + (i >> 5); }
-
-template <int NBITS>
-__device__ __forceinline__ void butterflies(float (&v)[1 << NBITS]) {
-  static_for<NBITS>([&](auto s) {
-    constexpr int h = 1 << s;
-#pragma unroll
-    for (int i = 0; i < (1 << NBITS); ++i) {
-      if (!(i & h)) {
-        const float p = v[i], q = v[i + h];
-        v[i] = p + q;
-        v[i + h] = p - q;
-      }
-    }
-  });
-}
 
 template <class T>
 struct HadamardArgs {
@@ -2855,12 +2948,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvecXs, E8pMatvecXsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
                                   .Attr<double>("resid_scale")
                                   .Attr<int64_t>("rows_per_warp")
                                   .Attr<int64_t>("warps")
-                                  .Attr<int64_t>("prefetch"),
+                                  .Attr<int64_t>("prefetch")
+                                  .Attr<int64_t>("rht"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMma, E8pMmaImpl,

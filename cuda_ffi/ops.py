@@ -236,7 +236,7 @@ def e8p_x_layout(x2: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
 def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: int,
                resid_scale: float = 1.0, rows_per_warp: int = 0, warps: int = 0,
                units_per_step: int = 0, variant: int = 0, prefetch: int = 0, keep_parts: bool = False,
-               tensor_cores: bool = True, register: bool = True) -> jax.Array:
+               tensor_cores: bool = True, su: jax.Array | None = None, register: bool = True) -> jax.Array:
     """``y[..., out] = x[..., in] @ Q.T`` (float32) for E8P (bits=2) or E8P-RVQ4 (bits=4) codes.
 
     codes: uint8 ``[out, in / 8, bits]`` (``jaxquant.formats.quip_sharp``); abs_table: uint32
@@ -250,15 +250,22 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     the number of row groups whose codes load while one decodes. ``keep_parts`` returns the partials
     unsummed, ``[P, ..., out]`` (P = 1 for the other kernels), for ``hadamard(..., sum_parts=True)``.
     ``tensor_cores``: 2-16 rows take ``e8p_mma`` where it fits (False: the CUDA-core kernel).
+    ``su`` (the x-stationary kernel only, see ``e8p_xs_rht_fits``): x is unrotated and the kernel
+    applies ``jaxquant.hadamard.rht(x, su)`` itself, saving the Hadamard kernel before it.
     """
     if bits not in (2, 4):
         raise ValueError(f"e8p_matvec: bits must be 2 or 4, got {bits}")
     out, groups, nbytes = codes.shape
     if nbytes != bits or groups * 8 != x.shape[-1] or x.shape[-1] % (64 if bits == 2 else 32):
         raise ValueError(f"e8p_matvec: codes {codes.shape} do not fit x {x.shape} at {bits} bits")
+    lead, k_in = x.shape[:-1], x.shape[-1]
+    if su is not None and not (variant == 1 and math.prod(lead) == 1 and e8p_xs_rht_fits(k_in, bits)):
+        raise ValueError(f"e8p_matvec: su (the in-kernel RHT) needs variant=1, one row of x and e8p_xs_rht_fits; "
+                         f"got variant={variant}, x {x.shape}, {bits} bits")
+    if su is not None and su.shape != (k_in,):
+        raise ValueError(f"e8p_matvec: su must have shape ({k_in},), got {su.shape}")
     if register:
         build.load()
-    lead, k_in = x.shape[:-1], x.shape[-1]
     if tensor_cores and 2 <= math.prod(lead) and e8p_mma_fits(math.prod(lead), k_in, bits):
         return e8p_mma(x, codes, abs_table, bits=bits, resid_scale=resid_scale, keep_parts=keep_parts,
                        register=register)
@@ -270,8 +277,10 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
         chunks = -(-(k_in * bits // 128) // 32)  # 16-byte code units per row, 32 per chunk
         f = jax.ffi.ffi_call("jaxquant_e8p_matvec_xs", jax.ShapeDtypeStruct((chunks, out), jnp.float32),
                              vmap_method="sequential")
-        part = f(x2.reshape(k_in), codes, table, bits=np.int64(bits), resid_scale=np.float64(resid_scale),
-                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), prefetch=np.int64(prefetch))
+        signs = jnp.zeros((1,), jnp.float32) if su is None else su.astype(jnp.float32)
+        part = f(x2.reshape(k_in), codes, table, signs, bits=np.int64(bits), resid_scale=np.float64(resid_scale),
+                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), prefetch=np.int64(prefetch),
+                 rht=np.int64(su is not None))
         return part.reshape(chunks, *lead, out) if keep_parts else part.sum(0).reshape(*lead, out)
     xh, xq = e8p_x_layout(x2, bits)
 
@@ -287,6 +296,15 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     parts = [one((xh[i:i + VQ_MAX_BATCH], xq[i:i + VQ_MAX_BATCH])) for i in range(0, n, VQ_MAX_BATCH)]
     y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
     return y.reshape(1, *lead, out) if keep_parts else y.reshape(*lead, out)
+
+
+E8P_XS_RHT_MAX_IN = 8192  # every block of the kernel reads all of x for its chunk of the RHT
+
+
+def e8p_xs_rht_fits(k_in: int, bits: int) -> bool:
+    """Whether the x-stationary E8P kernel can apply the RHT of x itself: ``k_in`` a power of two
+    from one chunk (2048 inputs at 2 bits, 1024 at 4) to ``E8P_XS_RHT_MAX_IN``."""
+    return bits in (2, 4) and k_in & (k_in - 1) == 0 and 4096 // bits <= k_in <= E8P_XS_RHT_MAX_IN
 
 
 def _multiprocessors() -> int:

@@ -52,6 +52,18 @@ def busy_time(events: list[dict]) -> float:
     return total
 
 
+def print_timeline(events: list[dict], steps: int, count: int) -> None:
+    """The first ``count`` kernels of the middle step, in device order: start, duration, idle gap."""
+    ordered = sorted(events, key=lambda e: e["ts"])
+    per_step = len(ordered) // steps
+    step = ordered[(steps // 2) * per_step:(steps // 2 + 1) * per_step]
+    t0, end = step[0]["ts"], step[0]["ts"]
+    print(f"timeline of one step ({per_step} kernels; start, duration, gap before it, in us):")
+    for e in step[:count]:
+        print(f"  {e['ts'] - t0:8.1f} {e['dur']:7.2f} {max(0.0, e['ts'] - end):6.2f}  {e['name'][:90]}")
+        end = max(end, e["ts"] + e["dur"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama2-7b")
@@ -64,6 +76,8 @@ def main(argv=None):
     p.add_argument("--group-size", type=int, default=None, help="the method's group size (default: its own)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--timeline", type=int, default=0, metavar="N",
+                   help="also print the first N kernels of one step in order, with the idle gap before each")
     args = p.parse_args(argv)
 
     dense = random_model(args.shape, dtype="float16", num_layers=args.layers)
@@ -97,6 +111,8 @@ def main(argv=None):
           f"{' fused' if args.fuse else ''}: wall {wall:.0f} us/step (profiled), device busy "
           f"{busy_time(events) / args.steps:.0f} us/step, kernel sum {sum(e['dur'] for e in events) / args.steps:.0f}"
           f" us/step, {len(events) / args.steps:.0f} device events/step")
+    if args.timeline:
+        print_timeline(events, args.steps, args.timeline)
     ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
     for name, durs in ranked[:args.top]:
         print(f"  {sum(durs) / args.steps:8.1f} us/step  {len(durs) / args.steps:5.1f}x  mean {sum(durs) / len(durs):7.2f} us"

@@ -10,7 +10,7 @@ from helpers import random_params, tiny_config
 from jaxquant import checkpoint
 from jaxquant.export import export_safetensors
 from jaxquant.model.load import load_model
-from jaxquant.model.params import model_from_params, named_params
+from jaxquant.model.params import device_leaves, model_from_params, named_params
 from jaxquant.pipeline import quantize_model
 from test_checkpoint import _assert_identical
 
@@ -53,3 +53,9 @@ def test_checkpoint_and_export_roundtrip(tmp_path, small, fmt):
                    load_model(export_safetensors(qmodel, tmp_path / "st"))):
         _assert_identical(qmodel, loaded)
         np.testing.assert_array_equal(np.asarray(loaded(jnp.asarray(tokens))[0]), np.asarray(expected))
+    state, rebuild = device_leaves(qmodel)  # what decode loops hold: the serving form, same outputs
+    serving = rebuild(state)
+    np.testing.assert_allclose(np.asarray(serving(jnp.asarray(tokens))[0]), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    for w in named_params(serving).values():
+        if isinstance(w, jq.QuantizedWeight):
+            assert all(getattr(w, n).dtype == jnp.float32 for n in w.serving_float32), fmt

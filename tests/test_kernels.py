@@ -823,7 +823,7 @@ HOST_MAIN(10)
 
 _HADK_HOST_CUTS = [
     ("template <int I>\nstruct Idx", "enum DType"),
-    ("template <int NBITS>\n__device__ __forceinline__ void butterflies", "template <class T>\nstruct HadamardArgs {"),
+    ("template <int NBITS>\n__device__ __forceinline__ void butterflies", "\n// Four consecutive x values"),
     ("template <class T>\nstruct HadamardArgs {",
      "template <class T, int NBITS>\n__device__ __forceinline__ void hadamard_pass"),
     ("template <class T, int W>\nstruct alignas", "template <class T, int LOGN>\nstruct HadCfg"),
@@ -935,7 +935,7 @@ static dim3 h_blockDim, h_gridDim;
 static std::barrier<>* h_bar = nullptr;
 static std::vector<std::unique_ptr<std::barrier<>>> h_warp_bar;
 static float h_shfl[8][32];
-uint2 e8tab[256 * 2 * 16];  // kE8SmemBytes
+uint2 e8tab[(256 * 2 * 16 * 8 + 8 * 32 * 20 + 2112 * 4) / 8];  // kE8XsSmemBytes + kE8XsRhtSmemBytes
 uint32_t vqcb[1 << 17];
 uint32_t qsm[2 * 512 * 16 + 8 * 8 * 16];  // the QTIP HYB table and the slices' partial sums
 #undef __global__
@@ -1020,23 +1020,25 @@ bool read(FILE* f, std::vector<T>& v, size_t n) { v.resize(n); return fread(v.da
 """
 
 _E8P_HOST_MAIN = r"""
-// argv: kernel (0 default, 1 x-stationary) bits out k rows units blocks warps in out
-// (units: code units per step of the default kernel; row groups in flight of the x-stationary one)
+// argv: kernel (0 default, 1 x-stationary) bits out k rows units blocks warps rht in out
+// (units: code units per step of the default kernel; row groups in flight of the x-stationary one;
+// rht: the x-stationary kernel makes x's RHT with su)
 // in: x f32 [k], xh f16 [k] and xq f32 [k/8] in the default kernel's layout, codes u8 [out, k/8, bits],
-// abs u32 [512]; out: y f32 [out] (default) or the partials f32 [chunks, out] (x-stationary).
+// abs u32 [512], su f32 [k]; out: y f32 [out] (default) or the partials f32 [chunks, out] (x-stationary).
 int main(int argc, char** argv) {
-  if (argc != 11) return 1;
+  if (argc != 12) return 1;
   const int xs = atoi(argv[1]), bits = atoi(argv[2]), out = atoi(argv[3]), k = atoi(argv[4]);
   const int rows = atoi(argv[5]), units_per_step = atoi(argv[6]), blocks = atoi(argv[7]), warps = atoi(argv[8]);
-  FILE* in = fopen(argv[9], "rb");
-  FILE* fo = fopen(argv[10], "wb");
+  const int rht = atoi(argv[9]);
+  FILE* in = fopen(argv[10], "rb");
+  FILE* fo = fopen(argv[11], "wb");
   if (!in || !fo) return 3;
-  std::vector<float> x, xq;
+  std::vector<float> x, xq, su;
   std::vector<__half> xh;
   std::vector<uint8_t> codes;
   std::vector<uint32_t> abs;
   if (!read(in, x, k) || !read(in, xh, k) || !read(in, xq, k / 8) || !read(in, codes, size_t(out) * k / 8 * bits) ||
-      !read(in, abs, 512)) return 2;
+      !read(in, abs, 512) || !read(in, su, k)) return 2;
   const int st = bits / 2, units = k * st / 64, chunks = (units + 31) / 32;
   std::vector<float> y(size_t(xs ? chunks : 1) * out, NAN);
   E8pArgs a{};
@@ -1048,6 +1050,10 @@ int main(int argc, char** argv) {
   a.abs = reinterpret_cast<const uint2*>(abs.data());
   a.y = y.data();
   a.resid = bits == 4 ? 1.0f / 3.45f : 1.0f;
+  if (rht) {
+    a.su = su.data();
+    a.rht_scale = 1.0f / std::sqrt(static_cast<float>(k));
+  }
   auto go = [&](auto kernel) { run(kernel, blocks, warps); };
 #define XS(R, ST) (units_per_step == 2 ? go([&] { e8p_matvec_xs_kernel<R, ST, 2>(a, chunks, a.y); }) \
                                        : go([&] { e8p_matvec_xs_kernel<R, ST, 1>(a, chunks, a.y); }))
@@ -1083,30 +1089,38 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
     """Both batch-1 E8P kernels' own source, compiled for the host (blocks in turn, a thread per
     CUDA thread, shared tables 0xFF-filled per block), against float64 x @ Q.T: 2 and 4 bits, rows
     per warp 1/2/4, 1/2 units per step (default) or 1/2 row groups in flight (x-stationary), a grid
-    with idle warps, the last chunk partly past the row, a row count that is not a multiple of R."""
+    with idle warps, fewer blocks than chunks and blocks shared unevenly among chunks, the last chunk
+    partly past the row, a row count that is not a multiple of R, and the x-stationary kernel making
+    x's RHT itself (real-valued signs; 1 to 4 chunks' worth of x summed per chunk)."""
     import subprocess
 
     exe = _host_harness(tmp_path, _E8P_HOST_CUTS, _HOST_PRELUDE + _E8P_HOST_MAIN)
     table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
-    cases = [  # (x-stationary, bits, out, k, rows per warp, units per step, blocks, warps)
-        (0, 2, 37, 512, 1, 2, 2, 3), (0, 2, 37, 512, 2, 1, 1, 4), (0, 4, 37, 1024, 4, 2, 2, 2),
-        (1, 2, 37, 6144, 2, 0, 2, 4), (1, 2, 37, 6144, 4, 0, 1, 8), (1, 4, 37, 3072, 2, 0, 2, 4),
-        (1, 2, 37, 512, 2, 0, 1, 2), (1, 4, 21, 1056, 4, 0, 3, 1),
-        (1, 2, 37, 6144, 2, 2, 2, 2), (1, 4, 21, 1056, 4, 2, 1, 3), (1, 2, 37, 512, 2, 2, 2, 4)]  # 2 in flight
-    for i, (xs, bits, out, k, rows, units, blocks, warps) in enumerate(cases):
+    cases = [  # (x-stationary, bits, out, k, rows per warp, units per step, blocks, warps, RHT in the kernel)
+        (0, 2, 37, 512, 1, 2, 2, 3, 0), (0, 2, 37, 512, 2, 1, 1, 4, 0), (0, 4, 37, 1024, 4, 2, 2, 2, 0),
+        (1, 2, 37, 6144, 2, 0, 2, 4, 0), (1, 2, 37, 6144, 4, 0, 1, 8, 0), (1, 4, 37, 3072, 2, 0, 2, 4, 0),
+        (1, 2, 37, 512, 2, 0, 1, 2, 0), (1, 4, 21, 1056, 4, 0, 3, 1, 0),
+        (1, 2, 37, 6144, 2, 2, 2, 2, 0), (1, 4, 21, 1056, 4, 2, 1, 3, 0), (1, 2, 37, 512, 2, 2, 2, 4, 0),  # 2 in flight
+        (1, 2, 37, 6144, 2, 0, 7, 2, 0), (1, 4, 45, 3072, 2, 2, 5, 3, 0),  # blocks share chunks unevenly
+        (1, 2, 37, 2048, 2, 0, 3, 8, 1), (1, 2, 37, 8192, 4, 0, 6, 3, 1), (1, 2, 21, 4096, 2, 2, 1, 2, 1),
+        (1, 4, 37, 1024, 4, 0, 2, 8, 1), (1, 4, 37, 4096, 2, 0, 5, 4, 1)]  # the RHT of x in the kernel
+    for i, (xs, bits, out, k, rows, units, blocks, warps, rht) in enumerate(cases):
         assert 1.0 / (jq_e8p.get_codebook(bits).resid_scale or 1.0) == pytest.approx(
             1.0 / 3.45 if bits == 4 else 1.0)  # the harness's resid
         qw = random_quip(jax.random.key(900 + i), out, k, bits)
         x = np.asarray(jax.random.normal(jax.random.key(950 + i), (1, k), jnp.float32))
+        su = np.asarray(jax.random.uniform(jax.random.key(970 + i), (k,), jnp.float32, 0.5, 1.5)
+                        * jq_hadamard.random_signs(jax.random.key(980 + i), k))  # real-valued, as fine-tuned
         xh, xq = cuda_ops.e8p_x_layout(jnp.asarray(x), bits)
         (tmp_path / "in.bin").write_bytes(x.tobytes() + np.asarray(xh).tobytes() + np.asarray(xq).tobytes()
-                                          + np.asarray(qw.codes).tobytes() + np.asarray(table).tobytes())
-        proc = subprocess.run([str(exe), *map(str, (xs, bits, out, k, rows, units, blocks, warps)),
+                                          + np.asarray(qw.codes).tobytes() + np.asarray(table).tobytes() + su.tobytes())
+        proc = subprocess.run([str(exe), *map(str, (xs, bits, out, k, rows, units, blocks, warps, rht)),
                                str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
         assert proc.returncode == 0, cases[i]
         y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(-1, out)
         assert y.shape[0] == (-(-(k * bits // 128) // 32) if xs else 1) and np.isfinite(y).all(), cases[i]
-        ref = x.astype(np.float64) @ np.asarray(qw.rotated(), np.float64).T
+        xr = np.asarray(jq_hadamard.rht(jnp.asarray(x), jnp.asarray(su)), np.float64) if rht else x.astype(np.float64)
+        ref = xr @ np.asarray(qw.rotated(), np.float64).T
         assert rel_err(y.sum(0, keepdims=True), ref) < 4e-3, cases[i]
 
 
@@ -1604,17 +1618,23 @@ def test_vq_kernels_lower_for_cuda():
 def test_quip_linear_lowers_with_partials_summed_by_the_transform(monkeypatch):
     """At batch 1 the x-stationary E8P kernel's per-chunk partials go straight into the inverse
     transform's kernel (parts = chunks), with no XLA reduction between: 2^p and K * 2^p outputs
-    (one row: the 2^p kernel on [parts, 1, K, 2^p], then the K x K einsum)."""
+    (one row: the 2^p kernel on [parts, 1, K, 2^p], then the K x K einsum). A power-of-two input
+    width is rotated by the E8P kernel itself (rht = 1, no Hadamard call before it); others are not."""
     from jaxquant.formats import quip_sharp
 
     monkeypatch.setattr(cuda_build, "load", lambda: None)  # lower only: nothing is registered here
-    for out, operand in ((64, "2x1x64"), (768, "2x1x12x64")):
-        qw = random_quip(jax.random.key(out), out, 4096, 2)
+    for out, inp, operand in ((64, 4096, "2x1x64"), (768, 4096, "2x1x12x64"), (64, 3072, "2x1x64")):
+        qw = random_quip(jax.random.key(out), out, inp, 2)
         text = _lower_for_cuda(lambda x, qw=qw: quip_sharp._matmul_kernel(x, qw, kernel="cuda"),
-                               jnp.ones((1, 4096), jnp.bfloat16))
-        inverse = [line for line in text.splitlines() if "jaxquant_hadamard(" in line and "parts = 2" in line]
+                               jnp.ones((1, inp), jnp.bfloat16))
+        lines = text.splitlines()
+        inverse = [line for line in lines if "jaxquant_hadamard(" in line and "parts = 2" in line]
         assert inverse and f"(tensor<{operand}xf32>" in inverse[0], out
         assert "stablehlo.reduce" not in text, out
+        in_kernel = cuda_ffi.e8p_xs_rht_fits(inp, 2)
+        assert in_kernel == (inp == 4096)
+        assert [f"rht = {int(in_kernel)}" in line for line in lines if "jaxquant_e8p_matvec_xs" in line] == [True]
+        assert sum("jaxquant_hadamard(" in line for line in lines) == (1 if in_kernel else 2), (out, inp)
 
 
 def test_rht_fast_takes_the_fused_kernel_only_for_many_rows(monkeypatch):
@@ -1688,8 +1708,17 @@ def test_cuda_e8p_matvec_gpu(bits):
             y = cuda_ffi.e8p_matvec(x, qw.codes, table, bits=bits, resid_scale=cb.resid_scale or 1.0, variant=1,
                                     prefetch=prefetch)
             assert rel_err(y, ref) < 4e-3, (out, inp, prefetch)
+        if cuda_ffi.e8p_xs_rht_fits(inp, bits):  # x's RHT in the kernel, real-valued signs
+            su = jax.random.uniform(jax.random.key(800 + i), (inp,), jnp.float32, 0.5, 1.5) * jq_hadamard.random_signs(
+                jax.random.key(900 + i), inp)
+            ref = np.asarray(jnp.matmul(jq_hadamard.rht(x, su), qw.rotated().T, precision=HIGHEST))
+            for prefetch in (1, 2):
+                y = cuda_ffi.e8p_matvec(x, qw.codes, table, bits=bits, resid_scale=cb.resid_scale or 1.0, variant=1,
+                                        prefetch=prefetch, su=su)
+                assert rel_err(y, ref) < 4e-3, (out, inp, prefetch, "rht")
     # the full linear: RHT of 2^p, 12 * 2^p (fused kernel) and 172 * 2^p (einsum) outputs; batch 1
-    # sends the x-stationary kernel's partials into the inverse transform
+    # sends the x-stationary kernel's partials into the inverse transform (and 2^p inputs: x's RHT
+    # made by that kernel)
     for out, inp in [(1024, 2048), (1536, 1536), (11008, 4096)]:
         qw = random_quip(jax.random.key(7 + out), out, inp, bits)
         for batch in (1, 3):

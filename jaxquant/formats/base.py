@@ -45,6 +45,9 @@ class QuantizedWeight:
 
     format_name: ClassVar[str]
     shape: tuple[int, int]
+    # Small float16 arrays the kernels take as float32: widened once for serving (``for_serving``)
+    # rather than converted by one more kernel per linear and decode step.
+    serving_float32: ClassVar[tuple[str, ...]] = ()
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The jnp reference: the dense ``[out, in]`` weight. Oracle for every kernel."""
@@ -55,6 +58,13 @@ class QuantizedWeight:
         if backend not in ("auto", "reference"):
             raise ValueError(f"{self.format_name}: backend {backend!r} not available")
         return x @ self.dequantize(x.dtype).T
+
+    def for_serving(self) -> "QuantizedWeight":
+        """The same weight as a decode loop keeps it on the device: ``serving_float32`` arrays widened
+        to float32 (same values; the stored form, and so checkpoints, keep float16)."""
+        if not self.serving_float32:
+            return self
+        return dataclasses.replace(self, **{n: getattr(self, n).astype(jnp.float32) for n in self.serving_float32})
 
     @property
     def bits_per_weight(self) -> float:

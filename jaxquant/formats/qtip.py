@@ -85,6 +85,7 @@ class QTIPQuantized(QuantizedWeight):
     Q: int = static(9)
     tile: tuple[int, int] = static((16, 16))
     rht_seed: int = static(0)  # seed of the random-orthogonal factor for widths without a Hadamard
+    serving_float32 = ("su", "sv")
 
     @property
     def trellis(self) -> TrellisCode:

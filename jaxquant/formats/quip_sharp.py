@@ -18,6 +18,7 @@ factor per part (the common Wscale times that part's RMS), applied after the inv
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ class QuIPSharpQuantized(QuantizedWeight):
     codebook: str = static()  # e8p | e8p-rvq3 | e8p-rvq4
     had_seed: int = static(0)  # seed of the random-orthogonal factor, for widths that need one
     parts: tuple[int, ...] = static(())  # output rows per fused part; () means one part
+    serving_float32 = ("SU", "SV")
 
     def row_scale(self) -> jax.Array:
         """Per-output-row scale ``[out]`` (float32), or ``[1]`` when unfused."""
@@ -118,21 +120,25 @@ def _matmul_kernel(x, qw: QuIPSharpQuantized, kernel: str):
     """The decode-matvec of ``kernel`` ("cuda" or "pallas") between that backend's Hadamard transforms."""
     from jaxquant.formats import dispatch
 
-    xr = dispatch.rht_fast(x.astype(jnp.float32), qw.SU, seed=qw.had_seed, kernel=kernel)
     resid = e8p.get_codebook(qw.codebook).resid_scale or 1.0
+    x32 = x.astype(jnp.float32)
     if kernel == "pallas":
         import pallas_kernels
 
+        xr = dispatch.rht_fast(x32, qw.SU, seed=qw.had_seed, kernel=kernel)
         resid_table = jnp.asarray(e8p.e8_onebit_codebook()) if qw.bits == 3 else None
         y = pallas_kernels.e8p_product(xr, qw.codes, _pallas_table(), bits=qw.bits, resid_scale=resid,
                                        resid_table=resid_table, interpret=not dispatch.on_gpu())
     else:
         import cuda_ffi
 
-        # x-stationary at batch 1 (14% faster 7B decode on an H100); its per-chunk partial sums
-        # are added by the inverse transform's kernel as it loads them (one launch fewer)
-        y = cuda_ffi.e8p_matvec(xr, qw.codes, _abs_table(), bits=qw.bits, resid_scale=resid,
-                                variant=1, keep_parts=True)
+        # x-stationary at batch 1 (14% faster 7B decode on an H100): where the width allows it also
+        # makes x's RHT, and its per-chunk partial sums are added by the inverse transform's kernel
+        # as it loads them (two launches fewer)
+        in_kernel = math.prod(x.shape[:-1]) == 1 and cuda_ffi.e8p_xs_rht_fits(qw.shape[1], qw.bits)
+        xr = x32 if in_kernel else dispatch.rht_fast(x32, qw.SU, seed=qw.had_seed, kernel=kernel)
+        y = cuda_ffi.e8p_matvec(xr, qw.codes, _abs_table(), bits=qw.bits, resid_scale=resid, variant=1,
+                                keep_parts=True, su=qw.SU if in_kernel else None)
     y = dispatch.rht_fast(y, qw.SV, seed=qw.had_seed, inverse=True, kernel=kernel, sum_parts=kernel == "cuda")
     return (y * qw.row_scale()).astype(x.dtype)
 

@@ -51,8 +51,12 @@ def named_params(model: nnx.Module) -> dict[str, Any]:
 def device_leaves(model: nnx.Module) -> tuple[list[jax.Array], Callable[[list], Any]]:
     """The module's arrays on the device as a flat list, and the function that rebuilds the module
     from such a list (inside jit). Jitted decode steps take the list: flattening the module's state,
-    with hundreds of quantized-weight dataclasses, on every call costs several times more host time."""
+    with hundreds of quantized-weight dataclasses, on every call costs several times more host time.
+    Quantized weights go in their serving form (``QuantizedWeight.for_serving``)."""
+    from jaxquant.formats.base import is_quantized
+
     graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda v: v.for_serving() if is_quantized(v) else v, state, is_leaf=is_quantized)
     leaves, treedef = jax.tree.flatten(jax.device_put(state))
     return leaves, lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
