@@ -303,19 +303,19 @@ def test_qtip_matvec_gpu(code):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_e8p_matvec_gpu(bits):
     qw = random_quip(200 + bits, 4096, 4096, bits)
     table = pallas_kernels.e8p_table(jq_e8p.e8p_source_set())
     for batch in (1, 4, 16):
         x = normal(batch, (batch, 4096))
-        y = pallas_kernels.e8p_matvec(x, qw.codes, table, bits=bits,
+        y = pallas_kernels.e8p_matvec(x, qw.codes, table, bits=bits, resid_table=resid_table(bits),
                                       resid_scale=jq_e8p.get_codebook(bits).resid_scale or 1.0)
         assert rel_err(y, jnp.matmul(x, qw.rotated().T, precision=HIGHEST)) < 1e-5, batch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_e8p_matmul_gpu(bits):
     table = pallas_kernels.e8p_table(jq_e8p.e8p_source_set())
     for out, inp in ((4096, 4096), (11008, 4096), (8192, 28672)):
@@ -323,7 +323,7 @@ def test_e8p_matmul_gpu(bits):
         q = qw.rotated()
         for batch in (2, 8, 16):
             x = normal(batch, (batch, inp))
-            y = pallas_kernels.e8p_matmul(x, qw.codes, table, bits=bits,
+            y = pallas_kernels.e8p_matmul(x, qw.codes, table, bits=bits, resid_table=resid_table(bits),
                                           resid_scale=jq_e8p.get_codebook(bits).resid_scale or 1.0)
             assert rel_err(y, jnp.matmul(x, q.T, precision=HIGHEST)) < 2.0**-11, (out, inp, batch)
 
