@@ -1233,7 +1233,7 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
 // on one SM for ~3.5 us at batch 1. Each row's partial over the chunk goes to part[chunk][row];
 // the caller sums the chunks (deterministic, no atomics). With fewer blocks than chunks a block
 // takes chunks in turn.
-// Registers (sm_90): 83 at R = 2, 112 at R = 4 (2 blocks of 256 per SM either way).
+// Registers (sm_90, before the block staging): 83 at R = 2, 112 at R = 4 (2 blocks of 256 per SM).
 // D: row groups whose codes are in flight while one decodes (1, or 2 to cover more of the DRAM
 // latency per warp: +4 R registers).
 constexpr int kE8XsStageBytes = 8 * 32 * (sizeof(uint4) + sizeof(float));  // x (fp16) and shift terms
@@ -1300,10 +1300,12 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
   const uint32_t copy = (lane & 15) * sizeof(uint2);
   const int nblocks = gridDim.x;
   const bool shared_chunks = nblocks >= chunks;  // else one block per chunk, chunks in turn
-  const int per_chunk = nwarps * (shared_chunks ? (nblocks - static_cast<int>(blockIdx.x) % chunks + chunks - 1) / chunks : 1);
-  const int first_grp = (shared_chunks ? static_cast<int>(blockIdx.x) / chunks : 0) * nwarps + warp;
+  const int block = blockIdx.x;
+  const int chunk_blocks = shared_chunks ? (nblocks - block % chunks + chunks - 1) / chunks : 1;  // blocks on my chunk
+  const int per_chunk = nwarps * chunk_blocks;  // warps walking my chunk's row groups
+  const int first_grp = (shared_chunks ? block / chunks : 0) * nwarps + warp;
   const int groups = (a.out + R - 1) / R;
-  int chunk = shared_chunks ? blockIdx.x % chunks : blockIdx.x;
+  int chunk = shared_chunks ? block % chunks : block;
   int uu = chunk * 32 + lane;
   bool live = uu < a.units;
   auto load = [&](int grp, uint4 (&cw)[R]) {
