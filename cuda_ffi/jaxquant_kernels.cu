@@ -1233,9 +1233,9 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
 // on one SM for ~3.5 us at batch 1. Each row's partial over the chunk goes to part[chunk][row];
 // the caller sums the chunks (deterministic, no atomics). With fewer blocks than chunks a block
 // takes chunks in turn.
-// Registers (sm_90, before the block staging): 83 at R = 2, 112 at R = 4 (2 blocks of 256 per SM).
+// Registers (sm_90): E8P 76 at R = 2, 102 at R = 4 (RVQ4 70, 86), no spills; 2 blocks of 256 per SM.
 // D: row groups whose codes are in flight while one decodes (1, or 2 to cover more of the DRAM
-// latency per warp: +4 R registers).
+// latency per warp: +4 R registers; E8P then spills 4-8 bytes).
 constexpr int kE8XsStageBytes = 8 * 32 * (sizeof(uint4) + sizeof(float));  // x (fp16) and shift terms
 constexpr size_t kE8XsSmemBytes = kE8SmemBytes + kE8XsStageBytes;
 constexpr int kE8XsRhtMaxIn = 8192;  // widest x whose RHT the kernel makes (every block reads all of x)
