@@ -2417,11 +2417,28 @@ __device__ __forceinline__ void had_apply_signs(float (&v)[C::kE], const float* 
   });
 }
 
+// L2 prefetch of the signs that the last stage applies: an inverse transform multiplies them after
+// its loads and butterflies, so their DRAM round trip otherwise adds to a decode row's latency.
+template <class C>
+__device__ __forceinline__ void had_prefetch_last_signs(const float* __restrict__ signs) {
+#if defined(__CUDA_ARCH__)
+  constexpr uint32_t L = had_local(C::kLogn, C::kStages - 1);
+  constexpr uint32_t TM = ~L & ((1u << C::kBlockBits) - 1);
+  constexpr int W = had_vec(had_low_run(L), 4);
+  const int i0 = had_deposit(static_cast<int>(threadIdx.x), TM) & (C::kN - 1);
+  static_for<C::kE / W>([&](auto cc) {
+    constexpr int off = had_deposit(decltype(cc){} * W, L);
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(signs + i0 + off));
+  });
+#endif
+}
+
 template <class T, int LOGN>
 __global__ void __launch_bounds__(HadCfg<T, LOGN>::kThreads, HadCfg<T, LOGN>::kMinBlocks)
     hadamard_kernel(HadamardArgs<T> a) {
   using C = HadCfg<T, LOGN>;
   extern __shared__ float hbuf[];
+  if (a.signs && a.signs_after) had_prefetch_last_signs<C>(a.signs);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) << C::kRowBits;
   const T* __restrict__ xb = a.x + (row0 << LOGN);
   T* __restrict__ yb = a.y + (row0 << LOGN);
@@ -2446,7 +2463,8 @@ __global__ void __launch_bounds__(HadCfg<T, LOGN>::kThreads, HadCfg<T, LOGN>::kM
           const HadVec<T, W> u = *reinterpret_cast<const HadVec<T, W>*>(xb + tb + off);
 #pragma unroll
           for (int e = 0; e < W; ++e) v[c * W + e] = to_float(u.v[e]);
-          for (int q = 1; q < a.parts; ++q) {  // partial sums of a matvec, added in order
+#pragma unroll 4
+          for (int q = 1; q < a.parts; ++q) {  // partial sums of a matvec, added in order (loads in flight together)
             const HadVec<T, W> w = *reinterpret_cast<const HadVec<T, W>*>(xb + q * (a.rows << LOGN) + tb + off);
 #pragma unroll
             for (int e = 0; e < W; ++e) v[c * W + e] += to_float(w.v[e]);

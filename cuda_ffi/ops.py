@@ -431,3 +431,57 @@ def vq2_matvec(x: jax.Array, codes: jax.Array, codebooks: jax.Array, *, index_bi
     y = jnp.stack(rows) if rows else jnp.zeros((0, out), jnp.float32)
     return y.reshape(*lead, out)
 
+
+
+ATTENTION_HEAD_DIMS = (64, 128)
+ATTENTION_MAX_GROUP = 16  # query heads per kv head
+ATTENTION_MAX_KEYS_PER_SPLIT = 32  # staged in shared memory, a lane per key in the softmax
+
+
+def decode_attention_splits(batch: int, kv_heads: int, cache_len: int) -> int:
+    """Key splits per (sequence, kv head): at least two blocks per SM, at most 32 keys per split."""
+    fill = -(-2 * _multiprocessors() // (batch * kv_heads))
+    return max(-(-cache_len // ATTENTION_MAX_KEYS_PER_SPLIT), min(fill, cache_len), 1)
+
+
+def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos: jax.Array,
+                     inv_freq: jax.Array, *, heads: int, kv_heads: int, scale: float | None = None,
+                     register: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention of one new token per sequence over its KV cache, RoPE (rotate-half) included.
+
+    ``qkv [B, (heads + 2 kv_heads) * D]``: the new token's q, k and v heads side by side, unrotated;
+    caches ``[B, S, kv_heads, D]``; ``pos`` an int32 scalar, the new token's position. Writes the
+    rotated k and v into the caches at ``pos`` (clamped to S - 1, as ``dynamic_update_slice``) and
+    attends to keys ``[0, pos]``; returns ``(out [B, heads * D] in qkv's dtype, k_cache, v_cache)``,
+    the caches updated in place (donate them). D must be 64 or 128, at most 16 query heads per kv head.
+    """
+    _check_float(qkv, "decode_attention")
+    _check_float(k_cache, "decode_attention")
+    if k_cache.ndim != 4 or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"decode_attention: caches must be two equal [B, S, KVH, D] arrays, got "
+                         f"{k_cache.shape} {k_cache.dtype} and {v_cache.shape} {v_cache.dtype}")
+    batch, cache_len, kvh, d = k_cache.shape
+    if kvh != kv_heads or heads % kv_heads or heads // kv_heads > ATTENTION_MAX_GROUP:
+        raise ValueError(f"decode_attention: {heads} query heads over {kv_heads} kv heads (cache has {kvh}) "
+                         f"is not supported (at most {ATTENTION_MAX_GROUP} per kv head)")
+    if d not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"decode_attention: head size {d} is not one of {ATTENTION_HEAD_DIMS}")
+    if qkv.shape != (batch, (heads + 2 * kv_heads) * d):
+        raise ValueError(f"decode_attention: qkv must be {(batch, (heads + 2 * kv_heads) * d)}, got {qkv.shape}")
+    if inv_freq.shape != (d // 2,):
+        raise ValueError(f"decode_attention: inv_freq must be ({d // 2},), got {inv_freq.shape}")
+    if register:
+        build.load()
+    splits = decode_attention_splits(batch, kv_heads, cache_len)
+    f = jax.ffi.ffi_call("jaxquant_decode_attention",
+                         (jax.ShapeDtypeStruct((batch, heads * d), qkv.dtype),
+                          jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                          jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+                          jax.ShapeDtypeStruct((batch, heads, splits, d), jnp.float32),
+                          jax.ShapeDtypeStruct((batch, heads, splits, 2), jnp.float32)),
+                         input_output_aliases={1: 1, 2: 2})
+    out, k_cache, v_cache, _, _ = f(qkv, k_cache, v_cache, jnp.asarray(pos, jnp.int32).reshape(()),
+                                    inv_freq.astype(jnp.float32), heads=np.int64(heads),
+                                    kv_heads=np.int64(kv_heads), splits=np.int64(splits),
+                                    scale=np.float64(scale if scale is not None else 1.0 / math.sqrt(d)))
+    return out, k_cache, v_cache

@@ -7,6 +7,7 @@ kernel against the reference on fresh random inputs.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -716,10 +717,11 @@ def _cuda_include_dir():
     return None
 
 
-def _host_harness(tmp_path, cuts, harness: str):
+def _host_harness(tmp_path, cuts, harness: str, source: str = "jaxquant_kernels.cu"):
     """Compile ``harness`` (C++ that includes "kernel_part.inc") with g++ against the pieces of
-    jaxquant_kernels.cu that ``cuts`` names ((first line, the line after) pairs, cut unchanged);
-    the executable's path. Skips the test without g++ or the CUDA headers."""
+    ``source`` that ``cuts`` names ((first line, the line after) pairs, cut unchanged; None: all of
+    it, compiled with JAXQUANT_HOST_HARNESS defined); the executable's path. Skips the test without
+    g++ or the CUDA headers."""
     import shutil
     import subprocess
 
@@ -727,11 +729,13 @@ def _host_harness(tmp_path, cuts, harness: str):
     include = _cuda_include_dir()
     if gxx is None or include is None:
         pytest.skip("g++ or the CUDA headers (cuda_bf16.h) not found")
-    src = (cuda_build.SOURCE_DIR / "jaxquant_kernels.cu").read_text()
-    (tmp_path / "kernel_part.inc").write_text("\n".join(src[src.index(a):src.index(b, src.index(a))] for a, b in cuts))
+    src = (cuda_build.SOURCE_DIR / source).read_text()
+    part = src if cuts is None else "\n".join(src[src.index(a):src.index(b, src.index(a))] for a, b in cuts)
+    (tmp_path / "kernel_part.inc").write_text(part)
     (tmp_path / "harness.cpp").write_text(harness)
     exe = tmp_path / "harness"
-    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", f"-I{include}", str(tmp_path / "harness.cpp"),
+    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-DJAXQUANT_HOST_HARNESS", f"-I{include}",
+                           str(tmp_path / "harness.cpp"),
                            "-o", str(exe)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return exe
@@ -1899,3 +1903,272 @@ def test_sass_stats_finds_the_widest_loop():
     counts = sass_stats.opcodes(loop)
     assert counts["BRA"] == 2 and sum(counts.values()) == b - a + 1
     assert counts["LDS.64"] == sum(op.startswith("@P0 LDS.64") for op in ops[a:b + 1])
+
+
+_ATTN_HOST_HARNESS = r"""
+// Runs decode_attention.cu (all of it, without its FFI handler) on the CPU: one std::thread per
+// CUDA thread, a barrier for __syncthreads and per warp for the shuffles, NaN-filled shared memory.
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+
+static thread_local uint3 h_threadIdx, h_blockIdx;
+static std::barrier<>* h_bar = nullptr;
+static std::vector<std::barrier<>*> h_warp_bar;
+static float h_shfl[32][32];
+alignas(16) static float h_att_smem[1 << 15];
+#undef __global__
+#define __global__
+#undef __shared__
+#define __shared__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#define threadIdx h_threadIdx
+#define blockIdx h_blockIdx
+#define att_smem h_att_smem
+using std::max;
+using std::min;
+static void __syncthreads() { h_bar->arrive_and_wait(); }
+static float __shfl_xor_sync(unsigned, float v, int m) {
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  h_shfl[w][l] = v;
+  h_warp_bar[w]->arrive_and_wait();
+  const float r = h_shfl[w][l ^ m];
+  h_warp_bar[w]->arrive_and_wait();
+  return r;
+}
+
+#include "kernel_part.inc"
+
+template <class F>
+void run(dim3 grid, int threads, F kernel) {
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        for (auto& f : h_att_smem) f = NAN;
+        std::barrier<> bar(threads);
+        h_bar = &bar;
+        h_warp_bar.clear();
+        for (int w = 0; w < threads / 32; ++w) h_warp_bar.push_back(new std::barrier<>(32));
+        std::vector<std::thread> ts;
+        for (int t = 0; t < threads; ++t)
+          ts.emplace_back([&kernel, t, x, y, z] {
+            h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
+            h_blockIdx = uint3{x, y, z};
+            kernel();
+          });
+        for (auto& th : ts) th.join();
+        for (auto* b : h_warp_bar) delete b;
+      }
+}
+
+template <class T> std::vector<T> convert(const std::vector<float>& v) {
+  std::vector<T> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = att_cast<T>(v[i]);
+  return r;
+}
+template <class T> std::vector<float> widen(const std::vector<T>& v) {
+  std::vector<float> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = att_float(v[i]);
+  return r;
+}
+
+// argv: dtype of qkv, dtype of the cache (0 f32, 1 f16, 2 bf16), D, B, S, H, KVH, splits, pos, in, out
+template <class T, class C, int D>
+int attend(int B, int S, int H, int KVH, int splits, int pos, FILE* in, FILE* out) {
+  const size_t nq = size_t(B) * (H + 2 * KVH) * D, nc = size_t(B) * S * KVH * D;
+  std::vector<float> qkv(nq), kc(nc), vc(nc), inv(D / 2);
+  if (fread(qkv.data(), 4, nq, in) != nq || fread(kc.data(), 4, nc, in) != nc || fread(vc.data(), 4, nc, in) != nc ||
+      fread(inv.data(), 4, D / 2, in) != size_t(D / 2)) return 2;
+  std::vector<T> q = convert<T>(qkv), o(size_t(B) * H * D, att_cast<T>(NAN));
+  std::vector<C> k = convert<C>(kc), v = convert<C>(vc);
+  std::vector<float> po(size_t(B) * H * splits * D, NAN), pml(size_t(B) * H * splits * 2, NAN);
+  int32_t p = pos;
+  AttnArgs a{q.data(), k.data(), v.data(), &p, inv.data(), po.data(), pml.data(), o.data(), S, H, KVH, splits,
+             1.0f / std::sqrt(float(D))};
+  run(dim3(splits, KVH, B), kAttThreads, [&] { attn_split_kernel<T, C, D>(a); });
+  run(dim3(H, B, 1), D, [&] { attn_combine_kernel<T, D>(a); });
+  for (auto* r : {&o}) { auto w = widen(*r); fwrite(w.data(), 4, w.size(), out); }
+  auto wk = widen(k), wv = widen(v);
+  fwrite(wk.data(), 4, nc, out);
+  fwrite(wv.data(), 4, nc, out);
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  if (argc != 12) return 1;
+  const int t = atoi(argv[1]), c = atoi(argv[2]), d = atoi(argv[3]);
+  const int B = atoi(argv[4]), S = atoi(argv[5]), H = atoi(argv[6]), KVH = atoi(argv[7]);
+  const int splits = atoi(argv[8]), pos = atoi(argv[9]);
+  FILE* in = fopen(argv[10], "rb");
+  FILE* out = fopen(argv[11], "wb");
+  int rc = 3;
+DISPATCH
+  fclose(in);
+  fclose(out);
+  return rc;
+}
+"""
+
+# (qkv dtype, cache dtype (0 f32, 1 f16, 2 bf16), D, B, S, H, KVH, splits, pos)
+_ATTN_HOST_CASES = [
+    (0, 0, 64, 2, 40, 6, 2, 3, 17),    # G = 3, three splits
+    (0, 0, 64, 2, 40, 6, 2, 3, 0),     # the first token: one key
+    (0, 0, 64, 1, 40, 6, 2, 8, 3),     # more splits than keys: empty splits
+    (0, 0, 64, 1, 40, 6, 2, 2, 39),    # the last slot
+    (0, 0, 64, 1, 40, 6, 2, 2, 55),    # past the cache: clamped slot, every key attended
+    (1, 1, 128, 1, 32, 4, 4, 1, 20),   # G = 1, one split
+    (0, 1, 128, 1, 64, 4, 2, 2, 63),   # full splits of 32 keys
+    (2, 0, 128, 2, 24, 16, 1, 4, 23),  # G = 16, bf16 q with a float32 cache
+    (1, 0, 64, 1, 70, 3, 3, 5, 64),
+]
+
+
+def _attn_reference(qkv, kc, vc, inv_freq, pos, H, KVH, tdt, cdt):
+    """float64 attention of the new token with the XLA model's roundings: (out, k cache, v cache)."""
+    B, S, _, D = kc.shape
+    r = lambda a, dt: np.asarray(a, np.float64).astype(dt).astype(np.float64)  # noqa: E731
+    qkv = r(qkv, tdt)
+    kc, vc = r(kc, cdt), r(vc, cdt)
+    ang = pos * inv_freq.astype(np.float64)
+    cos, sin = np.concatenate([np.cos(ang)] * 2), np.concatenate([np.sin(ang)] * 2)
+    rope = lambda x: x * cos + np.concatenate([-x[..., D // 2:], x[..., :D // 2]], -1) * sin  # noqa: E731
+    q = r(rope(qkv[:, :H * D].reshape(B, H, D)), tdt)
+    k = r(r(rope(qkv[:, H * D:(H + KVH) * D].reshape(B, KVH, D)), tdt), cdt)
+    v = r(qkv[:, (H + KVH) * D:].reshape(B, KVH, D), cdt)
+    slot, keys = min(max(pos, 0), S - 1), min(pos + 1, S)
+    kc, vc = kc.copy(), vc.copy()
+    kc[:, slot], vc[:, slot] = k, v
+    G = H // KVH
+    scores = np.einsum("bkgd,bskd->bkgs", q.reshape(B, KVH, G, D), kc[:, :keys]) / np.sqrt(D)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = np.einsum("bkgs,bskd->bkgd", p, vc[:, :keys]).reshape(B, H * D)
+    return out, kc, vc
+
+
+def test_decode_attention_kernel_source_on_cpu(tmp_path):
+    """decode_attention.cu's two kernels compiled for the host against a float64 reference with the
+    model's roundings: RoPE, the cache written at the new slot (clamped past the end) and nothing
+    else, grouped query heads, splits without keys, every dtype of q and cache."""
+    import subprocess
+
+    import ml_dtypes
+
+    types = ("float", "__half", "__nv_bfloat16")
+    dispatch_src = "".join(f"  if (t == {t} && c == {c} && d == {d}) rc = attend<{types[t]}, {types[c]}, {d}>"
+                           f"(B, S, H, KVH, splits, pos, in, out);\n"
+                           for t, c, d in sorted({case[:3] for case in _ATTN_HOST_CASES}))
+    exe = _host_harness(tmp_path, None, _ATTN_HOST_HARNESS.replace("DISPATCH", dispatch_src), "decode_attention.cu")
+    np_types = (np.float32, np.float16, ml_dtypes.bfloat16)
+    rng = np.random.default_rng(0)
+    for case in _ATTN_HOST_CASES:
+        t, c, D, B, S, H, KVH, splits, pos = case
+        qkv = rng.standard_normal((B, (H + 2 * KVH) * D)).astype(np.float32)
+        kc, vc = (rng.standard_normal((B, S, KVH, D)).astype(np.float32) for _ in range(2))
+        inv_freq = (1.0 / 10000 ** (np.arange(0, D, 2) / D)).astype(np.float32)
+        (tmp_path / "in.bin").write_bytes(qkv.tobytes() + kc.tobytes() + vc.tobytes() + inv_freq.tobytes())
+        proc = subprocess.run([str(exe), *map(str, case), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
+        assert proc.returncode == 0, case
+        got = np.fromfile(tmp_path / "out.bin", np.float32)
+        out, k_new, v_new = np.split(got, [B * H * D, B * H * D + kc.size])
+        ref_out, ref_k, ref_v = _attn_reference(qkv, kc, vc, inv_freq, pos, H, KVH, np_types[t], np_types[c])
+        assert rel_err(out.reshape(B, H * D), ref_out) < (1e-6 if t == 0 else 1e-2), case
+        k_new, v_new = k_new.reshape(kc.shape), v_new.reshape(vc.shape)
+        slot = min(pos, S - 1)
+        tol = 1e-6 if t == c == 0 else 2e-3  # float32 sin / cos against float64: a 16-bit rounding may flip
+        assert rel_err(k_new[:, slot], ref_k[:, slot]) < tol, case
+        np.testing.assert_array_equal(v_new[:, slot], ref_v[:, slot])
+        others = np.arange(S) != slot  # untouched
+        np.testing.assert_array_equal(k_new[:, others], ref_k[:, others])
+        np.testing.assert_array_equal(v_new[:, others], ref_v[:, others])
+
+
+def test_decode_attention_lowers_for_cuda_and_checks_its_input():
+    qkv = jnp.ones((1, (8 + 2 * 2) * 64), jnp.float16)
+    cache = jnp.zeros((1, 40, 2, 64), jnp.float16)
+    inv_freq = jnp.ones((32,), jnp.float32)
+    text = _lower_for_cuda(lambda q, k, v: cuda_ops.decode_attention(q, k, v, 5, inv_freq, heads=8, kv_heads=2,
+                                                                     register=False), qkv, cache, cache)
+    call = [line for line in text.splitlines() if "jaxquant_decode_attention" in line]
+    assert call and "output_operand_aliases" in text
+    with pytest.raises(ValueError, match="head size"):
+        cuda_ops.decode_attention(jnp.ones((1, 12 * 32)), jnp.zeros((1, 4, 2, 32)), jnp.zeros((1, 4, 2, 32)), 0,
+                                  jnp.ones((16,)), heads=8, kv_heads=2, register=False)
+    with pytest.raises(ValueError, match="qkv must be"):
+        cuda_ops.decode_attention(qkv[:, :-1], cache, cache, 0, inv_freq, heads=8, kv_heads=2, register=False)
+    with pytest.raises(ValueError, match="at most 16"):
+        cuda_ops.decode_attention(jnp.ones((1, 36 * 64)), jnp.zeros((1, 4, 1, 64)), jnp.zeros((1, 4, 1, 64)), 0,
+                                  inv_freq, heads=34, kv_heads=1, register=False)
+    assert cuda_ops.decode_attention_splits(1, 32, 300) * 32 >= 132  # short contexts still fill the GPU
+    for batch, kv_heads, cache_len in ((1, 8, 5000), (8, 32, 33), (1, 1, 1)):
+        splits = cuda_ops.decode_attention_splits(batch, kv_heads, cache_len)
+        assert -(-cache_len // splits) <= cuda_ops.ATTENTION_MAX_KEYS_PER_SPLIT
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,d,dtype,cache_dtype", [
+    (32, 32, 128, jnp.float16, jnp.float16),     # Llama-2-7B
+    (64, 8, 128, jnp.bfloat16, jnp.float32),     # Llama-2-70B, a float32 cache (generate's default)
+    (9, 3, 64, jnp.float32, jnp.float32),        # SmolLM2
+])
+def test_decode_attention_gpu(heads, kv_heads, d, dtype, cache_dtype):
+    import ml_dtypes
+
+    np_dtype = {jnp.float16: np.float16, jnp.bfloat16: ml_dtypes.bfloat16, jnp.float32: np.float32}
+    rng = np.random.default_rng(11)
+    B, S = 2, 300
+    inv_freq = (1.0 / 10000 ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    step = jax.jit(functools.partial(cuda_ffi.decode_attention, heads=heads, kv_heads=kv_heads), donate_argnums=(1, 2))
+    for pos in (0, 137, S - 1):
+        qkv = rng.standard_normal((B, (heads + 2 * kv_heads) * d)).astype(np.float32)
+        kc, vc = (rng.standard_normal((B, S, kv_heads, d)).astype(np.float32) for _ in range(2))
+        out, k2, v2 = step(jnp.asarray(qkv, dtype), jnp.asarray(kc, cache_dtype), jnp.asarray(vc, cache_dtype),
+                           jnp.int32(pos), jnp.asarray(inv_freq))
+        ref, ref_k, ref_v = _attn_reference(qkv, kc, vc, inv_freq, pos, heads, kv_heads, np_dtype[dtype],
+                                            np_dtype[cache_dtype])
+        out = np.asarray(out.astype(jnp.float32))
+        assert np.isfinite(out).all() and out.shape == (B, heads * d)
+        assert rel_err(out, ref) < (1e-5 if dtype == jnp.float32 else 1e-2), pos
+        others = np.arange(S) != pos
+        np.testing.assert_array_equal(np.asarray(k2.astype(jnp.float32))[:, others], ref_k[:, others])
+        np.testing.assert_array_equal(np.asarray(v2.astype(jnp.float32)), ref_v)
+        assert rel_err(np.asarray(k2.astype(jnp.float32))[:, pos], ref_k[:, pos]) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse", [False, True])
+def test_model_decode_steps_same_with_the_attention_kernel(monkeypatch, fuse):
+    """A Llama's cached single-token steps: the same logits through the CUDA kernel and through XLA."""
+    from jaxquant.model.fuse import fuse_linears
+    from jaxquant.model.llama import decode_attention_kernel, init_cache
+    from jaxquant.model.params import model_from_params
+    from helpers import random_params, tiny_config
+
+    cfg = tiny_config(head_dim=64, num_attention_heads=6, num_key_value_heads=2, hidden_size=128)
+    model = model_from_params(cfg, random_params(cfg, seed=5))
+    model = fuse_linears(model) if fuse else model
+    assert decode_attention_kernel(model.config)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+
+    def run():
+        cache = init_cache(model.config, 2, 16, jnp.float32)
+        _, cache = model(tokens[:, :4], cache, 0)
+        out = []
+        for i in range(4, 9):
+            logits, cache = jax.jit(lambda t, c, p: model(t, c, p))(tokens[:, i:i + 1], cache, jnp.int32(i))
+            out.append(np.asarray(logits))
+        return np.stack(out)
+
+    with jax.default_matmul_precision("float32"):  # XLA's default TF32 dots would differ by ~5e-4
+        with_kernel = run()
+        monkeypatch.setenv("JAXQUANT_DECODE_ATTENTION", "xla")
+        assert not decode_attention_kernel(model.config)
+        assert rel_err(with_kernel, run()) < 1e-5

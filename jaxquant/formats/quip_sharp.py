@@ -46,7 +46,9 @@ class QuIPSharpQuantized(QuantizedWeight):
         scale = self.scale.astype(jnp.float32)
         if len(self.parts) <= 1:
             return scale
-        return jnp.repeat(scale, jnp.asarray(self.parts), total_repeat_length=self.shape[0])
+        # static parts: broadcasts that fuse into the consumer (jnp.repeat with array counts costs a
+        # cumsum and a scatter, five kernels per fused linear per decode step)
+        return jnp.concatenate([jnp.broadcast_to(scale[i], (p,)) for i, p in enumerate(self.parts)])
 
     def part_slices(self) -> list[slice]:
         """The output rows of each fused part, in order."""

@@ -7,6 +7,7 @@ once and can donate it.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,21 @@ def apply_rope(x, positions, inv_freq):
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def decode_attention_kernel(cfg: LlamaConfig) -> bool:
+    """Whether single-token steps with a KV cache take the CUDA decode-attention kernel (RoPE, cache
+    update and attention in one call; ``cuda_ffi.decode_attention``): on a GPU where the library
+    builds, for head sizes 64 / 128 and at most 16 query heads per kv head, unless the environment
+    sets ``JAXQUANT_DECODE_ATTENTION=xla``."""
+    if os.environ.get("JAXQUANT_DECODE_ATTENTION", "auto") == "xla" or jax.default_backend() != "gpu":
+        return False
+    import cuda_ffi
+    from cuda_ffi import ops
+
+    return (cfg.head_dim in ops.ATTENTION_HEAD_DIMS and cfg.num_attention_heads % cfg.num_key_value_heads == 0
+            and cfg.num_attention_heads // cfg.num_key_value_heads <= ops.ATTENTION_MAX_GROUP
+            and cuda_ffi.available())
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         d, hd, b = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
@@ -105,6 +121,13 @@ class Attention(nnx.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         kvh, groups = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+        if kv is not None and T == 1 and decode_attention_kernel(cfg):
+            import cuda_ffi
+
+            qkv = self.qkv_proj(x) if cfg.fuse_qkv else jnp.concatenate(self.project(x), -1)
+            out, k, v = cuda_ffi.decode_attention(qkv.reshape(B, -1), kv[0], kv[1], positions[0], inv_freq,
+                                                  heads=cfg.num_attention_heads, kv_heads=kvh)
+            return out.reshape(B, 1, -1).astype(x.dtype), (k, v)
         q, k, v = self.project(x)
         q = apply_rope(q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(B, T, kvh, cfg.head_dim), positions, inv_freq)
