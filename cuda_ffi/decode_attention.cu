@@ -199,22 +199,20 @@ __global__ void __launch_bounds__(kAttThreads) attn_split_kernel(AttnArgs a) {
 
 template <class T, int D>
 __global__ void __launch_bounds__(D) attn_combine_kernel(AttnArgs a) {
-  float* wmax = att_smem;  // [D / 32] the warps' maxima
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   const float* ml = a.part_ml + (static_cast<size_t>(b) * a.H + h) * a.splits * 2;
-  const float* po = a.part_o + (static_cast<size_t>(b) * a.H + h) * a.splits * D;
-  float m = -INFINITY;
-  for (int s = d; s < a.splits; s += D) m = fmaxf(m, ml[2 * s]);
-  m = att_warp_max(m);
-  if ((d & 31) == 0) wmax[d / 32] = m;
-  __syncthreads();
-  for (int w = 0; w < D / 32; ++w) m = fmaxf(m, wmax[w]);
-  float l = 0.f, o = 0.f;
+  const float* po = a.part_o + (static_cast<size_t>(b) * a.H + h) * a.splits * D + d;
+  // One pass with a running max, so that every load is independent of the others: unrolled, they
+  // are in flight together (a pass for the max first cost another round trip to L2).
+  float m = -INFINITY, l = 0.f, o = 0.f;
 #pragma unroll 8
-  for (int s = 0; s < a.splits; ++s) {  // independent loads: unrolled, several in flight
-    const float w = expf(ml[2 * s] - m);  // 0 for a split without keys (max -inf)
-    l += w * ml[2 * s + 1];
-    o += w * po[static_cast<size_t>(s) * D + d];
+  for (int s = 0; s < a.splits; ++s) {
+    const float ms = ml[2 * s], ls = ml[2 * s + 1], os = po[static_cast<size_t>(s) * D];
+    const float mn = fmaxf(m, ms);  // finite from split 0 on (it always has keys)
+    const float keep = expf(m - mn), w = expf(ms - mn);  // w = 0 for a split without keys (max -inf)
+    l = l * keep + w * ls;
+    o = o * keep + w * os;
+    m = mn;
   }
   static_cast<T*>(a.out)[(static_cast<size_t>(b) * a.H + h) * D + d] = att_cast<T>(o / l);
 }
@@ -230,7 +228,7 @@ template <class T, class C, int D>
 cudaError_t launch_attn(cudaStream_t stream, const AttnArgs& a, int batch, int max_per) {
   const size_t smem = attn_smem_bytes(a.H / a.KVH, D, max_per, sizeof(C));
   attn_split_kernel<T, C, D><<<dim3(a.splits, a.KVH, batch), kAttThreads, smem, stream>>>(a);
-  attn_combine_kernel<T, D><<<dim3(a.H, batch), D, D / 32 * sizeof(float), stream>>>(a);
+  attn_combine_kernel<T, D><<<dim3(a.H, batch), D, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
