@@ -433,6 +433,40 @@ def vq2_matvec(x: jax.Array, codes: jax.Array, codebooks: jax.Array, *, index_bi
 
 
 
+KMIX_MAX_K = 256
+
+
+def hadamard_kmix_bits(factor: np.ndarray) -> np.ndarray:
+    """Sign bits of a +-1 K x K ``factor`` for ``hadamard_kmix``: row a, bit i set where factor[i, a] < 0."""
+    k = factor.shape[0]
+    neg = np.zeros((k, -(-k // 32) * 32), bool)
+    neg[:, :k] = np.asarray(factor).T < 0
+    weights = (1 << np.arange(32, dtype=np.uint64)).astype(np.uint64)
+    return (neg.reshape(k, -1, 32).astype(np.uint64) * weights).sum(-1).astype(np.uint32)
+
+
+def hadamard_kmix(w: jax.Array, factor: np.ndarray, signs: jax.Array | None = None, *, scale: float = 1.0,
+                  register: bool = True) -> jax.Array:
+    """``y[..., a, j] = scale * sum_i factor[i, a] * w[..., i, j]`` (times ``signs[a * M + j]``) for float32
+    ``w [..., K, M]`` and a +-1 ``factor`` (numpy, K <= 256, M a multiple of 4): the K-point factor of a
+    Hadamard transform of K * M for a few rows, in one kernel (a block per 4 columns of a row)."""
+    factor = np.asarray(factor)
+    k, m = w.shape[-2:]
+    if w.dtype != jnp.float32:
+        raise TypeError(f"hadamard_kmix: w must be float32, got {w.dtype}")
+    if factor.shape != (k, k) or not np.all(np.abs(factor) == 1) or k > KMIX_MAX_K or m % 4:
+        raise ValueError(f"hadamard_kmix: needs a +-1 factor of shape ({k}, {k}), K <= {KMIX_MAX_K} and M a "
+                         f"multiple of 4; got {factor.shape} for w {w.shape}")
+    if signs is not None and signs.shape != (k * m,):
+        raise ValueError(f"hadamard_kmix: signs must have shape ({k * m},), got {signs.shape}")
+    if register:
+        build.load()
+    f = jax.ffi.ffi_call("jaxquant_hadamard_kmix", jax.ShapeDtypeStruct(w.shape, jnp.float32),
+                         vmap_method="sequential")
+    s = jnp.zeros((1,), jnp.float32) if signs is None else signs.astype(jnp.float32)
+    return f(w, jnp.asarray(hadamard_kmix_bits(factor)), s, has_signs=np.int64(signs is not None),
+             scale=np.float64(scale))
+
 ATTENTION_HEAD_DIMS = (64, 128)
 ATTENTION_MAX_GROUP = 16  # query heads per kv head
 ATTENTION_MAX_KEYS_PER_SPLIT = 32  # staged in shared memory, a lane per key in the softmax

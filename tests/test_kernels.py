@@ -1622,7 +1622,7 @@ def test_vq_kernels_lower_for_cuda():
 def test_quip_linear_lowers_with_partials_summed_by_the_transform(monkeypatch):
     """At batch 1 the x-stationary E8P kernel's per-chunk partials go straight into the inverse
     transform's kernel (parts = chunks), with no XLA reduction between: 2^p and K * 2^p outputs
-    (one row: the 2^p kernel on [parts, 1, K, 2^p], then the K x K einsum). A power-of-two input
+    (one row: the 2^p kernel on [parts, 1, K, 2^p], then the K x K factor's kernel). A power-of-two input
     width is rotated by the E8P kernel itself (rht = 1, no Hadamard call before it); others are not."""
     from jaxquant.formats import quip_sharp
 
@@ -2172,3 +2172,119 @@ def test_model_decode_steps_same_with_the_attention_kernel(monkeypatch, fuse):
         monkeypatch.setenv("JAXQUANT_DECODE_ATTENTION", "xla")
         assert not decode_attention_kernel(model.config)
         assert rel_err(with_kernel, run()) < 1e-5
+
+
+_KMIX_HOST_HARNESS = r"""
+// Runs hadamard_kmix.cu (without its launch and FFI handler) on the CPU: one std::thread per CUDA
+// thread, a barrier for __syncthreads, NaN-filled shared memory.
+#include <cuda_runtime.h>
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+
+static thread_local uint3 h_threadIdx, h_blockIdx;
+static uint3 h_blockDim;
+static std::barrier<>* h_bar = nullptr;
+alignas(16) static float4 h_kmix_smem[256];
+#undef __global__
+#define __global__
+#undef __shared__
+#define __shared__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#define threadIdx h_threadIdx
+#define blockIdx h_blockIdx
+#define blockDim h_blockDim
+#define kmix_smem h_kmix_smem
+static void __syncthreads() { h_bar->arrive_and_wait(); }
+
+#include "kernel_part.inc"
+
+// argv: rows K M has_signs in out; in: w f32 [rows, K, M], bits u32 [K, words], signs f32 [K * M]
+int main(int argc, char** argv) {
+  if (argc != 7) return 1;
+  const int rows = atoi(argv[1]), k = atoi(argv[2]), m = atoi(argv[3]), has = atoi(argv[4]), words = (k + 31) / 32;
+  std::vector<float> w(size_t(rows) * k * m), sg(size_t(k) * m), y(w.size(), NAN);
+  std::vector<uint32_t> bits(size_t(k) * words);
+  FILE* in = fopen(argv[5], "rb");
+  if (fread(w.data(), 4, w.size(), in) != w.size() || fread(bits.data(), 4, bits.size(), in) != bits.size() ||
+      fread(sg.data(), 4, sg.size(), in) != sg.size()) return 2;
+  fclose(in);
+  KmixArgs a{w.data(), bits.data(), has ? sg.data() : nullptr, y.data(), k, m, words, 1.0f / std::sqrt(float(k))};
+  const int threads = (k + 31) / 32 * 32;
+  h_blockDim = uint3{static_cast<unsigned>(threads), 1, 1};
+  for (int r = 0; r < rows; ++r)
+    for (int b = 0; b < m / kKmixCols; ++b) {
+      for (auto& f : h_kmix_smem) f = make_float4(NAN, NAN, NAN, NAN);
+      std::barrier<> bar(threads);
+      h_bar = &bar;
+      std::vector<std::thread> ts;
+      for (int t = 0; t < threads; ++t)
+        ts.emplace_back([&a, t, b, r] {
+          h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
+          h_blockIdx = uint3{static_cast<unsigned>(b), static_cast<unsigned>(r), 0};
+          hadamard_kmix_kernel(a);
+        });
+      for (auto& th : ts) th.join();
+    }
+  FILE* out = fopen(argv[6], "wb");
+  fwrite(y.data(), 4, y.size(), out);
+  fclose(out);
+  return 0;
+}
+"""
+
+
+def test_hadamard_kmix_kernel_source_on_cpu(tmp_path):
+    """hadamard_kmix.cu's kernel compiled for the host against the float64 product with the factor:
+    K = 12 (one partial sign word), 172 (six words) and 256, forward and transposed factors, with
+    and without the signs after, several rows."""
+    import subprocess
+
+    exe = _host_harness(tmp_path, None, _KMIX_HOST_HARNESS, "hadamard_kmix.cu")
+    rng = np.random.default_rng(4)
+    for rows, k, m, transposed, has_signs in [(1, 12, 1024, False, False), (2, 172, 64, True, True),
+                                              (3, 172, 8, False, True), (1, 256, 4, True, False)]:
+        factor = jq_hadamard.hadamard_factor(k) if k != 256 else jq_hadamard.hadamard_matrix(256)
+        factor = factor.T if transposed else factor
+        w = rng.standard_normal((rows, k, m)).astype(np.float32)
+        s = rng.choice(np.array([-1.0, 1.0], np.float32), k * m)
+        bits = cuda_ops.hadamard_kmix_bits(factor)
+        (tmp_path / "in.bin").write_bytes(w.tobytes() + bits.tobytes() + s.tobytes())
+        proc = subprocess.run([str(exe), str(rows), str(k), str(m), str(int(has_signs)), str(tmp_path / "in.bin"),
+                               str(tmp_path / "out.bin")])
+        assert proc.returncode == 0
+        y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, k, m)
+        ref = np.einsum("rij,ia->raj", w.astype(np.float64), factor) / np.sqrt(k)
+        ref = ref * s.reshape(k, m) if has_signs else ref
+        assert rel_err(y, ref) < 1e-6, (rows, k, m)
+
+
+def test_rht_fast_lowers_the_k_factor_to_the_kmix_kernel_for_few_rows(monkeypatch):
+    monkeypatch.setattr(cuda_build, "load", lambda: None)  # lower only: nothing is registered here
+    monkeypatch.setattr(dispatch, "KMIX_MAX_ROWS", 8)
+    x = jnp.ones((1, 11008), jnp.float32)  # K = 172
+    s = jnp.ones((11008,), jnp.float32)
+    for inverse in (False, True):
+        text = _lower_for_cuda(lambda x: dispatch.rht_fast(x, s, inverse=inverse), x)
+        assert "jaxquant_hadamard_kmix" in text and "dot_general" not in text
+    text = _lower_for_cuda(lambda x: dispatch.rht_fast(x, s), jnp.ones((dispatch.KMIX_MAX_ROWS + 1, 11008)))
+    assert "jaxquant_hadamard_kmix" not in text and "dot_general" in text
+    with pytest.raises(ValueError, match="\\+-1 factor"):
+        cuda_ops.hadamard_kmix(jnp.ones((1, 3, 8)), np.eye(3) * 0.5, register=False)
+
+
+@pytest.mark.gpu
+def test_hadamard_kmix_gpu(monkeypatch):
+    monkeypatch.setattr(dispatch, "KMIX_MAX_ROWS", 8)
+    rng = np.random.default_rng(8)
+    for rows, n in [(1, 11008), (2, 22016), (1, 12288), (8, 11008)]:
+        x = jnp.asarray(rng.standard_normal((rows, n)), jnp.float32)
+        s = jnp.asarray(rng.choice([-1.0, 1.0], n), jnp.float32)
+        for inverse in (False, True):
+            y = jax.jit(functools.partial(dispatch.rht_fast, inverse=inverse))(x, s)
+            ref = (jq_hadamard.rht_inverse if inverse else jq_hadamard.rht)(x, s)
+            assert np.isfinite(np.asarray(y)).all() and rel_err(np.asarray(y), np.asarray(ref)) < 1e-5, (rows, n)

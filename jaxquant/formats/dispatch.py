@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.formats import tuning
 
@@ -190,13 +191,27 @@ def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto", 
 HADAMARD_K_MIN_ROWS = 32
 
 
+# Up to this many rows the K x K factor of a K * 2^p transform can be one CUDA kernel (a block per 4
+# columns of a row); as an XLA dot a decode row takes three (pad, split-K GEMM, sum of the splits).
+# 0: off until its decode timeline is measured (cuda_ffi/NOTES.md, session 14); 8 is the intended value.
+KMIX_MAX_ROWS = 0
+
+
+def _kmix_serves(factor, m: int, rows: int) -> bool:
+    import cuda_ffi
+
+    return (0 < rows <= KMIX_MAX_ROWS and factor.shape[0] <= cuda_ffi.ops.KMIX_MAX_K and m % 4 == 0
+            and bool(np.all(np.abs(factor) == 1)))
+
+
 def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = False,
              kernel: str = "cuda", sum_parts: bool = False) -> jax.Array:
     """``hadamard.rht`` (or ``rht_inverse``) of float32 ``x`` with its power-of-two factor through
     the CUDA Walsh-Hadamard kernel (GPU only) or, with ``kernel="pallas"``, the Pallas one
     (interpret mode off the GPU); the K x K factor of n = K * 2^p is an XLA einsum, except where
     one CUDA kernel does both (``cuda_ffi.hadamard_k``: K = 12, 20, 28 and 2^p in [64, 1024]) for
-    at least ``HADAMARD_K_MIN_ROWS`` rows.
+    at least ``HADAMARD_K_MIN_ROWS`` rows, or one takes the factor alone (``cuda_ffi.hadamard_kmix``:
+    +-1 factors, up to ``KMIX_MAX_ROWS`` rows).
     ``sum_parts``: x is ``[P, ..., n]`` (a matvec's partial sums), transformed as ``x.sum(0)``; the
     CUDA kernels add the parts as they load them."""
     from jaxquant import hadamard
@@ -223,7 +238,13 @@ def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = F
     if k == 1:
         return fwht(x, s, signs_after=inverse)
     y = fwht((x if inverse else x * s).reshape(*x.shape[:-1], k, 2**p))  # / sqrt(2^p)
-    hk = jnp.asarray(hadamard.hadamard_factor(k, seed=seed) / math.sqrt(k), jnp.float32)
+    factor = hadamard.hadamard_factor(k, seed=seed)
+    if kernel != "pallas" and _kmix_serves(factor, 2**p, math.prod(y.shape[:-2])):
+        import cuda_ffi
+
+        y = cuda_ffi.hadamard_kmix(y, factor.T if inverse else factor, s if inverse else None, scale=1 / math.sqrt(k))
+        return y.reshape(y.shape[:-2] + (n,))
+    hk = jnp.asarray(factor / math.sqrt(k), jnp.float32)
     y = jnp.einsum("...ij,ki->...kj" if inverse else "...ij,ik->...kj", y, hk,
                    precision=jax.lax.Precision.HIGHEST).reshape(y.shape[:-2] + (n,))
     return y * s if inverse else y
