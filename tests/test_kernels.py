@@ -917,6 +917,18 @@ def test_e8p_kernel_decode_emulated():
     np.testing.assert_array_equal(vals, jq_e8p.e8p_codewords())
 
 
+# A warp shuffle for the host harnesses (h_shfl and the per-warp barriers h_warp_bar come with them).
+_HOST_SHUFFLE = r"""
+static float __shfl_xor_sync(unsigned, float v, int m) {
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  h_shfl[w][l] = v;
+  h_warp_bar[w]->arrive_and_wait();
+  const float r = h_shfl[w][l ^ m];
+  h_warp_bar[w]->arrive_and_wait();
+  return r;
+}
+"""
+
 _HOST_PRELUDE = r"""
 // Runs decode-matvec kernels (the CUDA source, cut from jaxquant_kernels.cu unchanged) on the CPU:
 // blocks one after another, one std::thread per CUDA thread, a barrier for __syncthreads, warp
@@ -983,15 +995,7 @@ static unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
   return c;
 }
 static void __syncwarp() { h_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
-static float __shfl_xor_sync(unsigned, float v, int m) {
-  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-  h_shfl[w][l] = v;
-  h_warp_bar[w]->arrive_and_wait();
-  const float r = h_shfl[w][l ^ m];
-  h_warp_bar[w]->arrive_and_wait();
-  return r;
-}
-
+""" + _HOST_SHUFFLE + r"""
 #include "kernel_part.inc"
 
 template <class K>
@@ -1936,15 +1940,7 @@ alignas(16) static float h_att_smem[1 << 15];
 using std::max;
 using std::min;
 static void __syncthreads() { h_bar->arrive_and_wait(); }
-static float __shfl_xor_sync(unsigned, float v, int m) {
-  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-  h_shfl[w][l] = v;
-  h_warp_bar[w]->arrive_and_wait();
-  const float r = h_shfl[w][l ^ m];
-  h_warp_bar[w]->arrive_and_wait();
-  return r;
-}
-
+""" + _HOST_SHUFFLE + r"""
 #include "kernel_part.inc"
 
 template <class F>
