@@ -432,8 +432,14 @@ def vq2_matvec(x: jax.Array, codes: jax.Array, codebooks: jax.Array, *, index_bi
     return y.reshape(*lead, out)
 
 
-
 KMIX_MAX_K = 256
+
+
+def hadamard_kmix_fits(factor: np.ndarray, m: int) -> bool:
+    """Whether ``hadamard_kmix`` takes this K x K ``factor`` and M: +-1 entries, K <= 256, M a multiple of 4."""
+    factor = np.asarray(factor)
+    return (factor.ndim == 2 and factor.shape[0] == factor.shape[1] <= KMIX_MAX_K and m % 4 == 0
+            and bool(np.all(np.abs(factor) == 1)))
 
 
 def hadamard_kmix_bits(factor: np.ndarray) -> np.ndarray:
@@ -441,8 +447,7 @@ def hadamard_kmix_bits(factor: np.ndarray) -> np.ndarray:
     k = factor.shape[0]
     neg = np.zeros((k, -(-k // 32) * 32), bool)
     neg[:, :k] = np.asarray(factor).T < 0
-    weights = (1 << np.arange(32, dtype=np.uint64)).astype(np.uint64)
-    return (neg.reshape(k, -1, 32).astype(np.uint64) * weights).sum(-1).astype(np.uint32)
+    return np.packbits(neg, axis=-1, bitorder="little").view("<u4")
 
 
 def hadamard_kmix(w: jax.Array, factor: np.ndarray, signs: jax.Array | None = None, *, scale: float = 1.0,
@@ -454,7 +459,7 @@ def hadamard_kmix(w: jax.Array, factor: np.ndarray, signs: jax.Array | None = No
     k, m = w.shape[-2:]
     if w.dtype != jnp.float32:
         raise TypeError(f"hadamard_kmix: w must be float32, got {w.dtype}")
-    if factor.shape != (k, k) or not np.all(np.abs(factor) == 1) or k > KMIX_MAX_K or m % 4:
+    if factor.shape != (k, k) or not hadamard_kmix_fits(factor, m):
         raise ValueError(f"hadamard_kmix: needs a +-1 factor of shape ({k}, {k}), K <= {KMIX_MAX_K} and M a "
                          f"multiple of 4; got {factor.shape} for w {w.shape}")
     if signs is not None and signs.shape != (k * m,):
@@ -467,9 +472,16 @@ def hadamard_kmix(w: jax.Array, factor: np.ndarray, signs: jax.Array | None = No
     return f(w, jnp.asarray(hadamard_kmix_bits(factor)), s, has_signs=np.int64(signs is not None),
              scale=np.float64(scale))
 
+
 ATTENTION_HEAD_DIMS = (64, 128)
 ATTENTION_MAX_GROUP = 16  # query heads per kv head
 ATTENTION_MAX_KEYS_PER_SPLIT = 32  # staged in shared memory, a lane per key in the softmax
+
+
+def decode_attention_fits(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether ``decode_attention`` takes this head layout: head size 64 or 128, at most 16 query heads per kv head."""
+    return (head_dim in ATTENTION_HEAD_DIMS and kv_heads > 0 and heads % kv_heads == 0
+            and heads // kv_heads <= ATTENTION_MAX_GROUP)
 
 
 def decode_attention_splits(batch: int, kv_heads: int, cache_len: int) -> int:
@@ -495,11 +507,11 @@ def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos
         raise ValueError(f"decode_attention: caches must be two equal [B, S, KVH, D] arrays, got "
                          f"{k_cache.shape} {k_cache.dtype} and {v_cache.shape} {v_cache.dtype}")
     batch, cache_len, kvh, d = k_cache.shape
-    if kvh != kv_heads or heads % kv_heads or heads // kv_heads > ATTENTION_MAX_GROUP:
-        raise ValueError(f"decode_attention: {heads} query heads over {kv_heads} kv heads (cache has {kvh}) "
-                         f"is not supported (at most {ATTENTION_MAX_GROUP} per kv head)")
     if d not in ATTENTION_HEAD_DIMS:
         raise ValueError(f"decode_attention: head size {d} is not one of {ATTENTION_HEAD_DIMS}")
+    if kvh != kv_heads or not decode_attention_fits(heads, kv_heads, d):
+        raise ValueError(f"decode_attention: {heads} query heads over {kv_heads} kv heads (cache has {kvh}) "
+                         f"is not supported (at most {ATTENTION_MAX_GROUP} per kv head)")
     if qkv.shape != (batch, (heads + 2 * kv_heads) * d):
         raise ValueError(f"decode_attention: qkv must be {(batch, (heads + 2 * kv_heads) * d)}, got {qkv.shape}")
     if inv_freq.shape != (d // 2,):

@@ -22,7 +22,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxquant.formats import tuning
 
@@ -197,13 +196,6 @@ HADAMARD_K_MIN_ROWS = 32
 KMIX_MAX_ROWS = 0
 
 
-def _kmix_serves(factor, m: int, rows: int) -> bool:
-    import cuda_ffi
-
-    return (0 < rows <= KMIX_MAX_ROWS and factor.shape[0] <= cuda_ffi.ops.KMIX_MAX_K and m % 4 == 0
-            and bool(np.all(np.abs(factor) == 1)))
-
-
 def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = False,
              kernel: str = "cuda", sum_parts: bool = False) -> jax.Array:
     """``hadamard.rht`` (or ``rht_inverse``) of float32 ``x`` with its power-of-two factor through
@@ -239,9 +231,7 @@ def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = F
         return fwht(x, s, signs_after=inverse)
     y = fwht((x if inverse else x * s).reshape(*x.shape[:-1], k, 2**p))  # / sqrt(2^p)
     factor = hadamard.hadamard_factor(k, seed=seed)
-    if kernel != "pallas" and _kmix_serves(factor, 2**p, math.prod(y.shape[:-2])):
-        import cuda_ffi
-
+    if kernel != "pallas" and 0 < rows <= KMIX_MAX_ROWS and cuda_ffi.ops.hadamard_kmix_fits(factor, 2**p):
         y = cuda_ffi.hadamard_kmix(y, factor.T if inverse else factor, s if inverse else None, scale=1 / math.sqrt(k))
         return y.reshape(y.shape[:-2] + (n,))
     hk = jnp.asarray(factor / math.sqrt(k), jnp.float32)

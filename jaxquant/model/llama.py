@@ -82,10 +82,8 @@ def decode_attention_kernel(cfg: LlamaConfig) -> bool:
     if os.environ.get("JAXQUANT_DECODE_ATTENTION", "auto") == "xla" or jax.default_backend() != "gpu":
         return False
     import cuda_ffi
-    from cuda_ffi import ops
 
-    return (cfg.head_dim in ops.ATTENTION_HEAD_DIMS and cfg.num_attention_heads % cfg.num_key_value_heads == 0
-            and cfg.num_attention_heads // cfg.num_key_value_heads <= ops.ATTENTION_MAX_GROUP
+    return (cuda_ffi.ops.decode_attention_fits(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
             and cuda_ffi.available())
 
 
