@@ -22,7 +22,7 @@ import tempfile
 import jax
 
 SOURCE_DIR = pathlib.Path(__file__).resolve().parent
-SOURCES = ("jaxquant_kernels.cu", "decode_attention.cu", "hadamard_kmix.cu")
+SOURCES = ("jaxquant_kernels.cu", "decode_attention.cu", "rht_cluster.cu")
 LIBRARY_STEM = "libjaxquant_cuda_ffi"
 
 # FFI target name -> exported handler symbol.
@@ -37,7 +37,7 @@ TARGETS = {
     "jaxquant_qtip_matvec": "JaxquantQtipMatvec",
     "jaxquant_vq2_matvec": "JaxquantVq2Matvec",
     "jaxquant_decode_attention": "JaxquantDecodeAttention",
-    "jaxquant_hadamard_kmix": "JaxquantHadamardKmix",
+    "jaxquant_rht_cluster": "JaxquantRhtCluster",
 }
 
 

@@ -432,45 +432,57 @@ def vq2_matvec(x: jax.Array, codes: jax.Array, codebooks: jax.Array, *, index_bi
     return y.reshape(*lead, out)
 
 
-KMIX_MAX_K = 256
+RHT_CLUSTER_MAX_A = 256
+RHT_CLUSTER_ROW_WIDTHS = (32, 64, 128, 256, 512, 1024)  # B: the Sylvester factor a warp transforms
 
 
-def hadamard_kmix_fits(factor: np.ndarray, m: int) -> bool:
-    """Whether ``hadamard_kmix`` takes this K x K ``factor`` and M: +-1 entries, K <= 256, M a multiple of 4."""
+def rht_cluster_fits(factor: np.ndarray, n: int) -> bool:
+    """Whether ``rht_cluster`` takes this A x A ``factor`` for width n: +-1 entries, A <= 256, n / A
+    a power of two in [32, 1024]."""
     factor = np.asarray(factor)
-    return (factor.ndim == 2 and factor.shape[0] == factor.shape[1] <= KMIX_MAX_K and m % 4 == 0
-            and bool(np.all(np.abs(factor) == 1)))
+    if factor.ndim != 2 or factor.shape[0] != factor.shape[1] or factor.shape[0] > RHT_CLUSTER_MAX_A:
+        return False
+    a = factor.shape[0]
+    return n % a == 0 and n // a in RHT_CLUSTER_ROW_WIDTHS and bool(np.all(np.abs(factor) == 1))
 
 
-def hadamard_kmix_bits(factor: np.ndarray) -> np.ndarray:
-    """Sign bits of a +-1 K x K ``factor`` for ``hadamard_kmix``: row a, bit i set where factor[i, a] < 0."""
-    k = factor.shape[0]
-    neg = np.zeros((k, -(-k // 32) * 32), bool)
-    neg[:, :k] = np.asarray(factor).T < 0
+def sign_bits(factor: np.ndarray) -> np.ndarray:
+    """Sign bits of a +-1 A x A ``factor``, uint32 ``[A, ceil(A / 32)]``: row a, bit i set where
+    factor[i, a] < 0 (output a of ``v @ factor``)."""
+    a = factor.shape[0]
+    neg = np.zeros((a, -(-a // 32) * 32), bool)
+    neg[:, :a] = np.asarray(factor).T < 0
     return np.packbits(neg, axis=-1, bitorder="little").view("<u4")
 
 
-def hadamard_kmix(w: jax.Array, factor: np.ndarray, signs: jax.Array | None = None, *, scale: float = 1.0,
-                  register: bool = True) -> jax.Array:
-    """``y[..., a, j] = scale * sum_i factor[i, a] * w[..., i, j]`` (times ``signs[a * M + j]``) for float32
-    ``w [..., K, M]`` and a +-1 ``factor`` (numpy, K <= 256, M a multiple of 4): the K-point factor of a
-    Hadamard transform of K * M for a few rows, in one kernel (a block per 4 columns of a row)."""
+def rht_cluster(x: jax.Array, factor: np.ndarray, signs: jax.Array, *, inverse: bool = False,
+                sum_parts: bool = False, blocks: int = 0, groups: int = 0, register: bool = True) -> jax.Array:
+    """The randomized Hadamard transform of float32 rows of width n = A * B with D = factor (x) H_B
+    (Sylvester, B = n / A): ``(x * signs) @ D / sqrt(n)``, or with ``inverse`` ``(x @ D.T) * signs /
+    sqrt(n)``, each row by one thread-block cluster (for a decode step's few rows). ``factor``: +-1,
+    numpy, A <= 256, B a power of two in [32, 1024]. ``sum_parts``: x is ``[P, ..., n]``, transformed
+    as ``x.sum(0)`` (the parts added as they load). ``blocks`` (cluster size, at most 16) and ``groups``
+    (clusters per row, each taking B / groups columns) tune the launch; 0 = auto."""
     factor = np.asarray(factor)
-    k, m = w.shape[-2:]
-    if w.dtype != jnp.float32:
-        raise TypeError(f"hadamard_kmix: w must be float32, got {w.dtype}")
-    if factor.shape != (k, k) or not hadamard_kmix_fits(factor, m):
-        raise ValueError(f"hadamard_kmix: needs a +-1 factor of shape ({k}, {k}), K <= {KMIX_MAX_K} and M a "
-                         f"multiple of 4; got {factor.shape} for w {w.shape}")
-    if signs is not None and signs.shape != (k * m,):
-        raise ValueError(f"hadamard_kmix: signs must have shape ({k * m},), got {signs.shape}")
+    n = x.shape[-1]
+    if x.dtype != jnp.float32:
+        raise TypeError(f"rht_cluster: x must be float32, got {x.dtype}")
+    if not rht_cluster_fits(factor, n):
+        raise ValueError(f"rht_cluster: needs a +-1 A x A factor, A <= {RHT_CLUSTER_MAX_A}, with n / A one of "
+                         f"{RHT_CLUSTER_ROW_WIDTHS}; got {factor.shape} for width {n}")
+    if signs.shape != (n,):
+        raise ValueError(f"rht_cluster: signs must have shape ({n},), got {signs.shape}")
+    if sum_parts and x.ndim < 2:
+        raise ValueError(f"rht_cluster: sum_parts needs x [P, ..., n], got {x.shape}")
     if register:
         build.load()
-    f = jax.ffi.ffi_call("jaxquant_hadamard_kmix", jax.ShapeDtypeStruct(w.shape, jnp.float32),
-                         vmap_method="sequential")
-    s = jnp.zeros((1,), jnp.float32) if signs is None else signs.astype(jnp.float32)
-    return f(w, jnp.asarray(hadamard_kmix_bits(factor)), s, has_signs=np.int64(signs is not None),
-             scale=np.float64(scale))
+    shape = x.shape[1:] if sum_parts else x.shape
+    f = jax.ffi.ffi_call("jaxquant_rht_cluster", jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
+    signs = signs.astype(jnp.float32)
+    # forward: the signs go on x here, where XLA fuses them into x's producer
+    return f(x if inverse else x * signs, jnp.asarray(sign_bits(factor.T if inverse else factor)), signs,
+             parts=np.int64(x.shape[0] if sum_parts else 1), has_signs=np.int64(inverse),
+             scale=np.float64(1 / math.sqrt(n)), blocks=np.int64(blocks), groups=np.int64(groups))
 
 
 ATTENTION_HEAD_DIMS = (64, 128)

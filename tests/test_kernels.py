@@ -1625,31 +1625,32 @@ def test_vq_kernels_lower_for_cuda():
 
 def test_quip_linear_lowers_with_partials_summed_by_the_transform(monkeypatch):
     """At batch 1 the x-stationary E8P kernel's per-chunk partials go straight into the inverse
-    transform's kernel (parts = chunks), with no XLA reduction between: 2^p and K * 2^p outputs
-    (one row: the 2^p kernel on [parts, 1, K, 2^p], then the K x K factor's kernel). A power-of-two input
-    width is rotated by the E8P kernel itself (rht = 1, no Hadamard call before it); others are not."""
+    transform's kernel (parts = chunks), with no XLA reduction between: 2^p and K * 2^p outputs, one
+    cluster kernel on [parts, 1, n]. A power-of-two input width is rotated by the E8P kernel itself
+    (rht = 1, no transform call before it); others are not."""
     from jaxquant.formats import quip_sharp
 
     monkeypatch.setattr(cuda_build, "load", lambda: None)  # lower only: nothing is registered here
-    for out, inp, operand in ((64, 4096, "2x1x64"), (768, 4096, "2x1x12x64"), (64, 3072, "2x1x64")):
+    for out, inp in ((64, 4096), (768, 4096), (64, 3072)):
         qw = random_quip(jax.random.key(out), out, inp, 2)
         text = _lower_for_cuda(lambda x, qw=qw: quip_sharp._matmul_kernel(x, qw, kernel="cuda"),
                                jnp.ones((1, inp), jnp.bfloat16))
         lines = text.splitlines()
-        inverse = [line for line in lines if "jaxquant_hadamard(" in line and "parts = 2" in line]
-        assert inverse and f"(tensor<{operand}xf32>" in inverse[0], out
-        assert "stablehlo.reduce" not in text, out
+        inverse = [line for line in lines if "jaxquant_rht_cluster(" in line and "parts = 2" in line]
+        assert inverse and f"(tensor<2x1x{out}xf32>" in inverse[0], out
+        assert "stablehlo.reduce" not in text and "dot_general" not in text, out
         in_kernel = cuda_ffi.e8p_xs_rht_fits(inp, 2)
         assert in_kernel == (inp == 4096)
         assert [f"rht = {int(in_kernel)}" in line for line in lines if "jaxquant_e8p_matvec_xs" in line] == [True]
-        assert sum("jaxquant_hadamard(" in line for line in lines) == (1 if in_kernel else 2), (out, inp)
+        assert sum("jaxquant_rht_cluster(" in line for line in lines) == (1 if in_kernel else 2), (out, inp)
 
 
 def test_rht_fast_takes_the_fused_kernel_only_for_many_rows(monkeypatch):
-    """One block per row: below HADAMARD_K_MIN_ROWS rows the 2^p kernel and an einsum are faster."""
+    """One block per row: below HADAMARD_K_MIN_ROWS rows (and above the cluster kernel's few) the 2^p
+    kernel and an einsum are faster."""
     monkeypatch.setattr(cuda_build, "load", lambda: None)
     signs = jnp.ones((768,))
-    for rows, fused in ((1, False), (dispatch.HADAMARD_K_MIN_ROWS, True)):
+    for rows, fused in ((dispatch.RHT_CLUSTER_MAX_ROWS + 1, False), (dispatch.HADAMARD_K_MIN_ROWS, True)):
         text = _lower_for_cuda(lambda x: dispatch.rht_fast(x, signs), jnp.ones((rows, 768)))
         assert ("jaxquant_hadamard_k(" in text) == fused and ("jaxquant_hadamard(" in text) != fused, rows
 
@@ -2170,63 +2171,88 @@ def test_model_decode_steps_same_with_the_attention_kernel(monkeypatch, fuse):
         assert rel_err(with_kernel, run()) < 1e-5
 
 
-_KMIX_HOST_HARNESS = r"""
-// Runs hadamard_kmix.cu (without its launch and FFI handler) on the CPU: one std::thread per CUDA
-// thread, a barrier for __syncthreads, NaN-filled shared memory.
+_RHTC_HOST_HARNESS = r"""
+// Runs rht_cluster.cu's block function on the CPU: the blocks of a row's cluster at once, one
+// std::thread per CUDA thread; each block's shared memory a NaN-filled buffer that its peers reach
+// through rhtc_peer_smem, the cluster barrier one std::barrier over all of them.
 #include <cuda_runtime.h>
 #include <barrier>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <thread>
 #include <vector>
 
-static thread_local uint3 h_threadIdx, h_blockIdx;
+static thread_local uint3 h_threadIdx;
+static thread_local int h_rank;
 static uint3 h_blockDim;
-static std::barrier<>* h_bar = nullptr;
-alignas(16) static float4 h_kmix_smem[256];
-#undef __global__
-#define __global__
-#undef __shared__
-#define __shared__
-#undef __launch_bounds__
-#define __launch_bounds__(...)
+static std::vector<std::vector<float>> h_smem;  // per block
+static std::barrier<>* h_cluster_bar = nullptr;
+static std::vector<std::unique_ptr<std::barrier<>>> h_warp_bar;  // per warp of the cluster
+static std::vector<float> h_shfl;
 #define threadIdx h_threadIdx
-#define blockIdx h_blockIdx
 #define blockDim h_blockDim
-#define kmix_smem h_kmix_smem
-static void __syncthreads() { h_bar->arrive_and_wait(); }
+static float* rhtc_peer_smem(float* local, int rank) { return h_smem[rank].data() + (local - h_smem[h_rank].data()); }
+static void rhtc_cluster_sync() { h_cluster_bar->arrive_and_wait(); }
+static float __shfl_xor_sync(unsigned, float v, int m) {
+  const int w = h_rank * static_cast<int>(h_blockDim.x / 32) + static_cast<int>(threadIdx.x / 32), l = threadIdx.x % 32;
+  h_shfl[w * 32 + l] = v;
+  h_warp_bar[w]->arrive_and_wait();
+  const float r = h_shfl[w * 32 + (l ^ m)];
+  h_warp_bar[w]->arrive_and_wait();
+  return r;
+}
 
 #include "kernel_part.inc"
 
-// argv: rows K M has_signs in out; in: w f32 [rows, K, M], bits u32 [K, words], signs f32 [K * M]
+template <int TB>
+void run_cluster(const RhtcArgs& a, int group, int64_t row, int threads) {
+  const int c = a.blocks, cols = 32 * TB / (a.groups * c);
+  h_smem.assign(c, std::vector<float>((a.a_rows + 7) / 8 * 8 * cols, NAN));
+  h_warp_bar.clear();
+  for (int w = 0; w < c * threads / 32; ++w) h_warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+  h_shfl.assign(c * threads, NAN);
+  std::barrier<> bar(c * threads);
+  h_cluster_bar = &bar;
+  std::vector<std::thread> ts;
+  for (int b = 0; b < c; ++b)
+    for (int t = 0; t < threads; ++t)
+      ts.emplace_back([&a, b, t, group, row] {
+        h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
+        h_rank = b;
+        rht_cluster_block<TB>(a, h_smem[b].data(), b, group, row);
+      });
+  for (auto& th : ts) th.join();
+}
+
+// argv: rows A B parts has_signs blocks groups threads in out; in: x f32 [parts, rows, A * B],
+// bits u32 [A, words], signs f32 [A * B]
 int main(int argc, char** argv) {
-  if (argc != 7) return 1;
-  const int rows = atoi(argv[1]), k = atoi(argv[2]), m = atoi(argv[3]), has = atoi(argv[4]), words = (k + 31) / 32;
-  std::vector<float> w(size_t(rows) * k * m), sg(size_t(k) * m), y(w.size(), NAN);
-  std::vector<uint32_t> bits(size_t(k) * words);
-  FILE* in = fopen(argv[5], "rb");
-  if (fread(w.data(), 4, w.size(), in) != w.size() || fread(bits.data(), 4, bits.size(), in) != bits.size() ||
+  if (argc != 11) return 1;
+  const int rows = atoi(argv[1]), ar = atoi(argv[2]), b = atoi(argv[3]), parts = atoi(argv[4]);
+  const int after = atoi(argv[5]), blocks = atoi(argv[6]), groups = atoi(argv[7]), threads = atoi(argv[8]);
+  const int words = (ar + 31) / 32, n = ar * b;
+  std::vector<float> x(size_t(parts) * rows * n), sg(n), y(size_t(rows) * n, NAN);
+  std::vector<uint32_t> bits(size_t(ar) * words);
+  FILE* in = fopen(argv[9], "rb");
+  if (!in || fread(x.data(), 4, x.size(), in) != x.size() || fread(bits.data(), 4, bits.size(), in) != bits.size() ||
       fread(sg.data(), 4, sg.size(), in) != sg.size()) return 2;
   fclose(in);
-  KmixArgs a{w.data(), bits.data(), has ? sg.data() : nullptr, y.data(), k, m, words, 1.0f / std::sqrt(float(k))};
-  const int threads = (k + 31) / 32 * 32;
+  RhtcArgs a{x.data(), bits.data(), after ? sg.data() : nullptr, y.data(), ar, words, parts, blocks, groups, rows,
+             1.0f / std::sqrt(static_cast<float>(n))};
   h_blockDim = uint3{static_cast<unsigned>(threads), 1, 1};
   for (int r = 0; r < rows; ++r)
-    for (int b = 0; b < m / kKmixCols; ++b) {
-      for (auto& f : h_kmix_smem) f = make_float4(NAN, NAN, NAN, NAN);
-      std::barrier<> bar(threads);
-      h_bar = &bar;
-      std::vector<std::thread> ts;
-      for (int t = 0; t < threads; ++t)
-        ts.emplace_back([&a, t, b, r] {
-          h_threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
-          h_blockIdx = uint3{static_cast<unsigned>(b), static_cast<unsigned>(r), 0};
-          hadamard_kmix_kernel(a);
-        });
-      for (auto& th : ts) th.join();
+    for (int g = 0; g < groups; ++g) {
+      switch (b) {
+        case 32: run_cluster<1>(a, g, r, threads); break;
+        case 64: run_cluster<2>(a, g, r, threads); break;
+        case 128: run_cluster<4>(a, g, r, threads); break;
+        case 1024: run_cluster<32>(a, g, r, threads); break;
+        default: return 3;
+      }
     }
-  FILE* out = fopen(argv[6], "wb");
+  FILE* out = fopen(argv[10], "wb");
   fwrite(y.data(), 4, y.size(), out);
   fclose(out);
   return 0;
@@ -2234,53 +2260,92 @@ int main(int argc, char** argv) {
 """
 
 
-def test_hadamard_kmix_kernel_source_on_cpu(tmp_path):
-    """hadamard_kmix.cu's kernel compiled for the host against the float64 product with the factor:
-    K = 12 (one partial sign word), 172 (six words) and 256, forward and transposed factors, with
-    and without the signs after, several rows."""
+def _rht_reference(x: np.ndarray, factor: np.ndarray, signs: np.ndarray, inverse: bool) -> np.ndarray:
+    """float64 (x * s) @ (factor (x) H_B) / sqrt(n), or (x @ (factor (x) H_B).T) * s / sqrt(n), one
+    factor at a time."""
+    a = factor.shape[0]
+    n = x.shape[-1]
+    h = jq_hadamard.hadamard_matrix(n // a)
+    v = x.astype(np.float64).reshape(-1, a, n // a)
+    if not inverse:
+        v = v * signs.reshape(a, -1)
+    y = np.einsum("rij,ia,jb->rab", v, factor.T if inverse else factor, h).reshape(x.shape) / np.sqrt(n)
+    return y * signs if inverse else y
+
+
+def test_rht_cluster_kernel_source_on_cpu(tmp_path):
+    """rht_cluster.cu's block function compiled for the host, every block of a cluster as threads at
+    once, against float64: rows of B = 32, 64, 128 and 1024 (the register stages and every shuffle),
+    A from 12 to 224 (partial and several sign words), 1 to 7 summed parts, forward and inverse,
+    clusters of 4 to 16 blocks with fewer rows than warps and more, 1 to 8 clusters per row."""
     import subprocess
 
-    exe = _host_harness(tmp_path, None, _KMIX_HOST_HARNESS, "hadamard_kmix.cu")
-    rng = np.random.default_rng(4)
-    for rows, k, m, transposed, has_signs in [(1, 12, 1024, False, False), (2, 172, 64, True, True),
-                                              (3, 172, 8, False, True), (1, 256, 4, True, False)]:
-        factor = jq_hadamard.hadamard_factor(k) if k != 256 else jq_hadamard.hadamard_matrix(256)
-        factor = factor.T if transposed else factor
-        w = rng.standard_normal((rows, k, m)).astype(np.float32)
-        s = rng.choice(np.array([-1.0, 1.0], np.float32), k * m)
-        bits = cuda_ops.hadamard_kmix_bits(factor)
-        (tmp_path / "in.bin").write_bytes(w.tobytes() + bits.tobytes() + s.tobytes())
-        proc = subprocess.run([str(exe), str(rows), str(k), str(m), str(int(has_signs)), str(tmp_path / "in.bin"),
-                               str(tmp_path / "out.bin")])
-        assert proc.returncode == 0
-        y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, k, m)
-        ref = np.einsum("rij,ia->raj", w.astype(np.float64), factor) / np.sqrt(k)
-        ref = ref * s.reshape(k, m) if has_signs else ref
-        assert rel_err(y, ref) < 1e-6, (rows, k, m)
+    exe = _host_harness(tmp_path, None, _RHTC_HOST_HARNESS, "rht_cluster.cu")
+    rng = np.random.default_rng(15)
+    for rows, n, parts, inverse, blocks, groups, threads, factor in [
+            (1, 4096, 3, True, 16, 2, 64, None), (2, 11008, 1, False, 16, 1, 64, None),
+            (1, 22016, 2, True, 8, 2, 128, None), (1, 28672, 7, False, 16, 1, 32, None),
+            (1, 640, 2, False, 4, 2, 128, None), (1, 12288, 1, True, 4, 8, 64, jq_hadamard.hadamard_factor(12))]:
+        factor = dispatch.cluster_factor(n) if factor is None else factor
+        a = factor.shape[0]
+        x = rng.standard_normal((parts, rows, n)).astype(np.float32)
+        s = rng.choice(np.array([-1.0, 1.0], np.float32), n)
+        bits = cuda_ops.sign_bits(factor.T if inverse else factor)
+        xin = x if inverse else x * s  # a forward transform's signs go on x first (rht_cluster does that)
+        (tmp_path / "in.bin").write_bytes(xin.tobytes() + bits.tobytes() + s.tobytes())
+        args = [rows, a, n // a, parts, int(inverse), blocks, groups, threads, tmp_path / "in.bin",
+                tmp_path / "out.bin"]
+        assert subprocess.run([str(exe), *map(str, args)]).returncode == 0, args
+        y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, n)
+        assert rel_err(y, _rht_reference(x.sum(0), factor, s, inverse)) < 1e-6, args
 
 
-def test_rht_fast_lowers_the_k_factor_to_the_kmix_kernel_for_few_rows(monkeypatch):
+def test_cluster_factor_is_the_transform():
+    """factor (x) H_B is exactly hadamard_matrix(n) for K * 2^p widths, and the float64 reference
+    above agrees with hadamard.rht and rht_inverse."""
+    rng = np.random.default_rng(3)
+    for n in (768, 3072, 11008, 10240):
+        d = dispatch.cluster_factor(n)
+        np.testing.assert_array_equal(np.kron(d, jq_hadamard.hadamard_matrix(n // d.shape[0])),
+                                      jq_hadamard.hadamard_matrix(n))
+    x = rng.standard_normal((2, 3072)).astype(np.float32)
+    s = rng.choice(np.array([-1.0, 1.0], np.float32), 3072)
+    d = dispatch.cluster_factor(3072)
+    for inverse, fn in ((False, jq_hadamard.rht), (True, jq_hadamard.rht_inverse)):
+        assert rel_err(_rht_reference(x, d, s, inverse), np.asarray(fn(x, s))) < 1e-6
+    assert dispatch.cluster_factor(59 * 2**7) is None  # K = 59: a random orthogonal factor, not +-1
+
+
+def test_rht_fast_lowers_to_the_cluster_kernel_for_few_rows(monkeypatch):
     monkeypatch.setattr(cuda_build, "load", lambda: None)  # lower only: nothing is registered here
-    monkeypatch.setattr(dispatch, "KMIX_MAX_ROWS", 8)
-    x = jnp.ones((1, 11008), jnp.float32)  # K = 172
     s = jnp.ones((11008,), jnp.float32)
-    for inverse in (False, True):
-        text = _lower_for_cuda(lambda x: dispatch.rht_fast(x, s, inverse=inverse), x)
-        assert "jaxquant_hadamard_kmix" in text and "dot_general" not in text
-    text = _lower_for_cuda(lambda x: dispatch.rht_fast(x, s), jnp.ones((dispatch.KMIX_MAX_ROWS + 1, 11008)))
-    assert "jaxquant_hadamard_kmix" not in text and "dot_general" in text
-    with pytest.raises(ValueError, match="\\+-1 factor"):
-        cuda_ops.hadamard_kmix(jnp.ones((1, 3, 8)), np.eye(3) * 0.5, register=False)
+    for inverse, sum_parts, shape in ((False, False, (1, 11008)), (True, True, (3, 2, 11008))):
+        text = _lower_for_cuda(lambda x: dispatch.rht_fast(x, s, inverse=inverse, sum_parts=sum_parts),
+                               jnp.ones(shape, jnp.float32))
+        assert "jaxquant_rht_cluster" in text and "dot_general" not in text
+    text = _lower_for_cuda(lambda x: dispatch.rht_fast(x, s), jnp.ones((dispatch.RHT_CLUSTER_MAX_ROWS + 1, 11008)))
+    assert "jaxquant_rht_cluster" not in text and "dot_general" in text
+    with pytest.raises(ValueError, match="\\+-1 A x A factor"):
+        cuda_ops.rht_cluster(jnp.ones((1, 96)), np.eye(3) * 0.5, jnp.ones((96,)), register=False)
+    with pytest.raises(ValueError, match="signs"):
+        cuda_ops.rht_cluster(jnp.ones((1, 96)), np.ones((3, 3)), jnp.ones((95,)), register=False)
+    with pytest.raises(TypeError, match="float32"):
+        cuda_ops.rht_cluster(jnp.ones((1, 96), jnp.float16), np.ones((3, 3)), jnp.ones((96,)), register=False)
 
 
 @pytest.mark.gpu
-def test_hadamard_kmix_gpu(monkeypatch):
-    monkeypatch.setattr(dispatch, "KMIX_MAX_ROWS", 8)
+def test_rht_cluster_gpu():
+    """rht_fast through the cluster kernel (decode rows) against float64 at the Llama widths, with
+    parts summed."""
     rng = np.random.default_rng(8)
-    for rows, n in [(1, 11008), (2, 22016), (1, 12288), (8, 11008)]:
-        x = jnp.asarray(rng.standard_normal((rows, n)), jnp.float32)
+    for rows, n, parts in [(1, 4096, 1), (1, 4096, 6), (1, 11008, 1), (2, 22016, 3), (1, 12288, 2),
+                           (8, 11008, 1), (1, 28672, 2), (4, 14336, 1), (1, 8192, 1), (1, 128, 1)]:
+        x = jnp.asarray(rng.standard_normal((parts, rows, n)), jnp.float32)
         s = jnp.asarray(rng.choice([-1.0, 1.0], n), jnp.float32)
+        assert dispatch.cluster_factor(n) is not None, n
         for inverse in (False, True):
-            y = jax.jit(functools.partial(dispatch.rht_fast, inverse=inverse))(x, s)
-            ref = (jq_hadamard.rht_inverse if inverse else jq_hadamard.rht)(x, s)
-            assert np.isfinite(np.asarray(y)).all() and rel_err(np.asarray(y), np.asarray(ref)) < 1e-5, (rows, n)
+            fn = jax.jit(functools.partial(dispatch.rht_fast, inverse=inverse, sum_parts=True))
+            assert "jaxquant_rht_cluster" in fn.lower(x, s).as_text(), n
+            y = np.asarray(fn(x, s))
+            ref = _rht_reference(np.asarray(x).sum(0), dispatch.cluster_factor(n), np.asarray(s), inverse)
+            assert np.isfinite(y).all() and rel_err(y, ref) < 1e-6, (rows, n, parts, inverse)

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.formats import tuning
 
@@ -190,10 +191,25 @@ def vq_choice(fmt: str, issue: str | None, x: jax.Array, backend: str = "auto", 
 HADAMARD_K_MIN_ROWS = 32
 
 
-# Up to this many rows the K x K factor of a K * 2^p transform can be one CUDA kernel (a block per 4
-# columns of a row); as an XLA dot a decode row takes three (pad, split-K GEMM, sum of the splits).
-# 0: off until its decode timeline is measured (cuda_ffi/NOTES.md, session 14); 8 is the intended value.
-KMIX_MAX_ROWS = 0
+# Up to this many rows (a decode step) a K * 2^p transform is one CUDA kernel on a thread-block cluster
+# per row (``cuda_ffi.rht_cluster``): the 2^p kernel alone runs a row on one SM, and a K factor adds a
+# pad, a split-K GEMM and a sum of the splits.
+RHT_CLUSTER_MAX_ROWS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def cluster_factor(n: int, seed: int = 0) -> np.ndarray | None:
+    """The dense +-1 factor D of width n's transform A_n = D (x) H_B that ``cuda_ffi.rht_cluster`` takes
+    (B = 2^min(p, 7), D = H_K (x) H_{2^p / B}), or None where it takes none."""
+    import cuda_ffi
+    from jaxquant import hadamard
+
+    k, p = hadamard.hadamard_factors(n)
+    q = min(p, 7)
+    d = hadamard.hadamard_factor(k, seed=seed)
+    if p > q:
+        d = np.kron(d, hadamard.hadamard_matrix(2 ** (p - q)))
+    return d if cuda_ffi.ops.rht_cluster_fits(d, n) else None
 
 
 def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = False,
@@ -202,8 +218,8 @@ def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = F
     the CUDA Walsh-Hadamard kernel (GPU only) or, with ``kernel="pallas"``, the Pallas one
     (interpret mode off the GPU); the K x K factor of n = K * 2^p is an XLA einsum, except where
     one CUDA kernel does both (``cuda_ffi.hadamard_k``: K = 12, 20, 28 and 2^p in [64, 1024]) for
-    at least ``HADAMARD_K_MIN_ROWS`` rows, or one takes the factor alone (``cuda_ffi.hadamard_kmix``:
-    +-1 factors, up to ``KMIX_MAX_ROWS`` rows).
+    at least ``HADAMARD_K_MIN_ROWS`` rows; up to ``RHT_CLUSTER_MAX_ROWS`` rows (+-1 factors) one
+    cluster kernel does the whole transform (``cuda_ffi.rht_cluster``).
     ``sum_parts``: x is ``[P, ..., n]`` (a matvec's partial sums), transformed as ``x.sum(0)``; the
     CUDA kernels add the parts as they load them."""
     from jaxquant import hadamard
@@ -222,6 +238,8 @@ def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = F
         import cuda_ffi
 
         rows = math.prod(x.shape[1 if sum_parts else 0:-1])
+        if rows <= RHT_CLUSTER_MAX_ROWS and (d := cluster_factor(n, seed)) is not None:
+            return cuda_ffi.rht_cluster(x, d, s, inverse=inverse, sum_parts=sum_parts)
         if cuda_ffi.hadamard_k_factor(n) and rows >= HADAMARD_K_MIN_ROWS:  # K = 12, 20, 28: one kernel
             return cuda_ffi.hadamard_k(x, s, inverse=inverse, sum_parts=sum_parts)
         fwht = functools.partial(cuda_ffi.hadamard, sum_parts=sum_parts)
@@ -230,11 +248,7 @@ def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = F
     if k == 1:
         return fwht(x, s, signs_after=inverse)
     y = fwht((x if inverse else x * s).reshape(*x.shape[:-1], k, 2**p))  # / sqrt(2^p)
-    factor = hadamard.hadamard_factor(k, seed=seed)
-    if kernel != "pallas" and 0 < rows <= KMIX_MAX_ROWS and cuda_ffi.ops.hadamard_kmix_fits(factor, 2**p):
-        y = cuda_ffi.hadamard_kmix(y, factor.T if inverse else factor, s if inverse else None, scale=1 / math.sqrt(k))
-        return y.reshape(y.shape[:-2] + (n,))
-    hk = jnp.asarray(factor / math.sqrt(k), jnp.float32)
+    hk = jnp.asarray(hadamard.hadamard_factor(k, seed=seed) / math.sqrt(k), jnp.float32)
     y = jnp.einsum("...ij,ki->...kj" if inverse else "...ij,ik->...kj", y, hk,
                    precision=jax.lax.Precision.HIGHEST).reshape(y.shape[:-2] + (n,))
     return y * s if inverse else y
