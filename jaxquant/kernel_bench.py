@@ -341,9 +341,11 @@ def bench_hadamard(args, copy_bw, rows):
     blocks run), printed after all the bandwidth rows. A width that is not a power of two (e.g.
     28672 = 28 * 1024) goes through the kernel on the 2^p factor plus the K x K einsum (float32 in
     between; "cuda+einsum") and, for K = 12, 20, 28, the fused kernel ``cuda_ffi.hadamard_k``
-    ("cuda-k", what ``rht_fast`` uses from ``HADAMARD_K_MIN_ROWS`` rows)."""
+    ("cuda-k", what ``rht_fast`` uses from ``HADAMARD_K_MIN_ROWS`` rows); decode rows also through
+    ``cuda_ffi.rht_cluster`` ("cuda-cluster", what ``rht_fast`` uses up to ``RHT_CLUSTER_MAX_ROWS`` rows)."""
     import cuda_ffi
     from jaxquant import hadamard as jq_hadamard
+    from jaxquant.formats import dispatch
 
     dtype = jnp.dtype(args.dtype)
     latency_rows = []
@@ -365,6 +367,10 @@ def bench_hadamard(args, copy_bw, rows):
                 cuda_fns["cuda+einsum"] = lambda s, x: _rht_einsum(x.astype(jnp.float32), s).astype(x.dtype)
                 if cuda_ffi.hadamard_k_factor(n):
                     cuda_fns["cuda-k"] = lambda s, x: cuda_ffi.hadamard_k(x, s, unit_signs=True)
+            factor = dispatch.cluster_factor(n)
+            if case == "latency" and nrows <= dispatch.RHT_CLUSTER_MAX_ROWS and factor is not None:
+                cuda_fns["cuda-cluster"] = lambda s, x, d=factor: cuda_ffi.rht_cluster(
+                    x.astype(jnp.float32), d, s).astype(x.dtype)  # what rht_fast takes for decode rows
             for name, fn in cuda_fns.items():
                 row = dict(kind="hadamard", case=case, n=n, rows=nrows, backend=name, bytes=nbytes)
                 row = measure(args, row, fn, signs, xs, ref, copy_bw)  # fn(signs, x): x rotates
