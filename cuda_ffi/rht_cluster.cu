@@ -9,8 +9,8 @@
 // K-point factor as XLA dots adds a pad, a split-K GEMM and a sum. Here C blocks (a cluster) share a
 // row: each warp transforms rows of B (H_B: registers, then shuffles) and stores every element in the
 // shared memory of the block that owns its column (distributed shared memory); after one cluster
-// barrier each block applies F_A to its B / C columns (a thread per output and 4 columns, F_A's row as
-// sign bits) and writes them.
+// barrier each block applies F_A to its columns (a thread per output and 4 columns, F_A's row as sign
+// bits) and writes them. G clusters per row each keep B / G of the columns, B / (G C) per block.
 #include <cuda_runtime.h>
 
 #include <cstdint>
