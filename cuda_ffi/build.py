@@ -150,3 +150,37 @@ def available() -> bool:
     except CudaFFIUnavailable:
         return False
     return True
+
+
+
+def _cubin_text_sizes(data: bytes) -> dict[str, int]:
+    """Mangled kernel name -> bytes of its ``.text`` section in one cubin (an ELF64 file)."""
+    import struct
+
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    entsize, count, names = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * entsize) for i in range(count)]
+    table = headers[names][4]
+    sizes = {}
+    for name_off, _, _, _, _, size in headers:
+        name = data[table + name_off:data.index(b"\0", table + name_off)].decode()
+        if name.startswith(".text."):
+            sizes[name[6:]] = size
+    return sizes
+
+
+def kernel_code_sizes(source: str, arch: str = "90") -> dict[str, int]:
+    """Machine-code bytes per kernel of one of ``SOURCES`` compiled for ``sm_<arch>`` with the build's
+    flags (mangled name -> size). In a decode step the weights evict kernel code from L2 between
+    layers, so what a call executes is fetched from memory each time (cuda_ffi/NOTES.md, session 15)."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise CudaFFIUnavailable("nvcc not found (set JAXQUANT_NVCC or put nvcc on PATH)")
+    flags = [f for f in nvcc_flags() if f not in ("-shared", "-Xcompiler") and not f.startswith(("-fPIC", "-gencode"))]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "kernels.cubin"
+        proc = subprocess.run([nvcc, *flags, f"-arch=sm_{arch}", "-cubin", str(SOURCE_DIR / source), "-o", str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CudaFFIUnavailable(f"nvcc failed on {source}:\n{proc.stderr[-2000:]}")
+        return _cubin_text_sizes(out.read_bytes())

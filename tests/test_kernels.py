@@ -2300,6 +2300,19 @@ def test_rht_cluster_kernel_source_on_cpu(tmp_path):
         assert rel_err(y, _rht_reference(x.sum(0), factor, s, inverse)) < 1e-6, args
 
 
+def test_rht_cluster_code_stays_small():
+    """In a decode step the weights evict kernel code from L2 between layers: with its factor loop
+    unrolled over every sign word the 11008-wide instantiation was 89.5 KB and took 13.4 us in the step
+    against 6.1 once rolled (22.5 KB; H100, session 15). The decode widths' instantiations (B = 64, 128)
+    stay under 32 KB."""
+    if cuda_build.nvcc_path() is None:
+        pytest.skip("nvcc not found: the CUDA sources cannot be compiled on this machine")
+    sizes = cuda_build.kernel_code_sizes("rht_cluster.cu")
+    for tb in (2, 4):
+        (size,) = [v for k, v in sizes.items() if f"rht_cluster_kernelILi{tb}E" in k]
+        assert 4096 < size < 32 * 1024, (tb, size)
+
+
 def test_cluster_factor_is_the_transform():
     """factor (x) H_B is exactly hadamard_matrix(n) for K * 2^p widths, and the float64 reference
     above agrees with hadamard.rht and rht_inverse."""
