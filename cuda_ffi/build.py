@@ -16,6 +16,7 @@ import hashlib
 import os
 import pathlib
 import shutil
+import struct
 import subprocess
 import tempfile
 
@@ -152,11 +153,8 @@ def available() -> bool:
     return True
 
 
-
 def _cubin_text_sizes(data: bytes) -> dict[str, int]:
     """Mangled kernel name -> bytes of its ``.text`` section in one cubin (an ELF64 file)."""
-    import struct
-
     shoff = struct.unpack_from("<Q", data, 0x28)[0]
     entsize, count, names = struct.unpack_from("<HHH", data, 0x3A)
     headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * entsize) for i in range(count)]
