@@ -24,6 +24,7 @@ import jax
 
 SOURCE_DIR = pathlib.Path(__file__).resolve().parent
 SOURCES = ("jaxquant_kernels.cu", "decode_attention.cu", "rht_cluster.cu")
+HEADERS = ("pdl.h", "rht_cluster.h")  # included by the sources: part of the build's fingerprint
 LIBRARY_STEM = "libjaxquant_cuda_ffi"
 
 # FFI target name -> exported handler symbol.
@@ -35,6 +36,7 @@ TARGETS = {
     "jaxquant_hadamard_k": "JaxquantHadamardK",
     "jaxquant_e8p_matvec": "JaxquantE8pMatvec",
     "jaxquant_e8p_matvec_xs": "JaxquantE8pMatvecXs",
+    "jaxquant_e8p_linear": "JaxquantE8pLinear",
     "jaxquant_qtip_matvec": "JaxquantQtipMatvec",
     "jaxquant_vq2_matvec": "JaxquantVq2Matvec",
     "jaxquant_decode_attention": "JaxquantDecodeAttention",
@@ -86,7 +88,7 @@ def cache_dir() -> pathlib.Path:
 
 def _fingerprint(flags: list[str]) -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         h.update((SOURCE_DIR / name).read_bytes())
     h.update(" ".join(flags).encode())
     header = pathlib.Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "ffi.h"

@@ -27,6 +27,8 @@
 #include "xla/ffi/api/ffi.h"
 #endif
 
+#include "pdl.h"
+
 extern __shared__ float att_smem[];  // at file scope: the tests' host build defines it
 
 namespace {
@@ -111,6 +113,8 @@ __global__ void __launch_bounds__(kAttThreads) attn_split_kernel(AttnArgs a) {
   constexpr int kRowVecs = D * sizeof(C) / 16;  // 16-byte pieces of a key row
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int G = a.H / a.KVH, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  pdl_wait();  // everything here depends on pos and qkv, made by the kernels before
+  pdl_launch_dependents();  // the combine kernel may launch and wait for this one
   int slot, keys;
   att_extent(a, slot, keys);
   const int max_per = (a.S + a.splits - 1) / a.splits;
@@ -200,6 +204,7 @@ __global__ void __launch_bounds__(kAttThreads) attn_split_kernel(AttnArgs a) {
 template <class T, int D>
 __global__ void __launch_bounds__(D) attn_combine_kernel(AttnArgs a) {
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+  pdl_wait();
   const float* ml = a.part_ml + (static_cast<size_t>(b) * a.H + h) * a.splits * 2;
   const float* po = a.part_o + (static_cast<size_t>(b) * a.H + h) * a.splits * D + d;
   // One pass with a running max, so that every load is independent of the others: unrolled, they
@@ -227,9 +232,10 @@ namespace {
 template <class T, class C, int D>
 cudaError_t launch_attn(cudaStream_t stream, const AttnArgs& a, int batch, int max_per) {
   const size_t smem = attn_smem_bytes(a.H / a.KVH, D, max_per, sizeof(C));
-  attn_split_kernel<T, C, D><<<dim3(a.splits, a.KVH, batch), kAttThreads, smem, stream>>>(a);
-  attn_combine_kernel<T, D><<<dim3(a.H, batch), D, 0, stream>>>(a);
-  return cudaGetLastError();
+  cudaError_t err = launch_dependent(attn_split_kernel<T, C, D>, dim3(a.splits, a.KVH, batch), dim3(kAttThreads),
+                                     smem, stream, a);
+  if (err != cudaSuccess) return err;
+  return launch_dependent(attn_combine_kernel<T, D>, dim3(a.H, batch), dim3(D), 0, stream, a);
 }
 
 template <class T, class C>

@@ -37,6 +37,9 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include "pdl.h"
+#include "rht_cluster.h"
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -1322,6 +1325,7 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
   };
   if (chunk < chunks) prefetch();
   e8_fill_tables(e8tab, a.abs);
+  pdl_wait();  // the codes' loads and the table fill above may overlap the kernel that makes x
   for (bool first = true; chunk < chunks; chunk += min(nblocks, chunks), first = false) {
     uu = chunk * 32 + lane;
     live = uu < a.units;
@@ -1346,6 +1350,7 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
                               h22u(__floats2half2_rn(f[4], f[5])), h22u(__floats2half2_rn(f[6], f[7])));
     }
     __syncthreads();
+    if (first) pdl_launch_dependents();  // the next kernel (the inverse transform) may start its prologue
     uint4 xv[G];
     uint32_t hq[4];  // shift-term pairs of the 4 code words (e8_word)
     static_for<G>([&](auto g) { xv[g] = stage_x[g * 32 + lane]; });
@@ -1383,8 +1388,7 @@ cudaError_t launch_e8p_xs(cudaStream_t stream, const E8pArgs& a, int nwarps, int
   if (err != cudaSuccess) return err;
   // Persistent: one wave, but at least one block per chunk.
   const int blocks = max(multiprocessors() * blocks_per_sm(kernel, nwarps * 32, smem), chunks);
-  kernel<<<blocks, nwarps * 32, smem, stream>>>(a, chunks, part);
-  return cudaSuccess;
+  return launch_dependent(kernel, dim3(blocks), dim3(nwarps * 32), smem, stream, a, chunks, part);
 }
 
 template <int NB, int R, int ST, int U = 2>
@@ -1452,63 +1456,126 @@ ffi::Error E8pMatvecImpl(cudaStream_t stream, ffi::Buffer<ffi::F16> x, ffi::Buff
   return launch_error("e8p_matvec launch");
 }
 
-// The x-stationary kernel (batch 1): x float32 [in] in natural order; y [chunks, out] partials,
-// chunks = ceil(in * bits / 4096) (32 code units of 16 bytes per chunk). rht = 1: x is unrotated and
-// the kernel applies the RHT with signs su [in] (in a power of two, one chunk to kE8XsRhtMaxIn).
+// The x-stationary kernel's arguments: x float32 [k] in natural order (unrotated with su: the kernel
+// makes its RHT), partials part [chunks, out].
+E8pArgs e8p_xs_args(const float* x, int64_t k, int64_t out, const uint8_t* codes, const uint32_t* abs,
+                    const float* su, float* part, int64_t bits, double resid_scale) {
+  E8pArgs a{};
+  a.n = 1;
+  a.k = static_cast<int>(k);
+  if (su) {
+    a.su = su;
+    a.rht_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(k)));
+  }
+  a.out = static_cast<int>(out);
+  a.units = static_cast<int>(k * (bits / 2) / 64);
+  a.xf = x;
+  a.codes = reinterpret_cast<const uint4*>(codes);
+  a.abs = reinterpret_cast<const uint2*>(abs);
+  a.y = part;
+  a.resid = static_cast<float>(1.0 / resid_scale);
+  return a;
+}
+
+// Launch knobs as e8p_matvec's (0: the measured defaults).
+cudaError_t e8p_xs_run(cudaStream_t stream, const E8pArgs& a, int64_t bits, int64_t rows_per_warp, int64_t warps,
+                       int64_t prefetch) {
+  const int st = static_cast<int>(bits / 2), nwarps = (warps >= 1 && warps <= 8) ? static_cast<int>(warps) : 8;
+  const int chunks = (a.units + 31) / 32;
+  auto launch = [&](auto r, auto d) {
+    constexpr int R = decltype(r)::value, D = decltype(d)::value;
+    return st == 1 ? launch_e8p_xs<R, 1, D>(stream, a, nwarps, chunks, a.y)
+                   : launch_e8p_xs<R, 2, D>(stream, a, nwarps, chunks, a.y);
+  };
+  using Two = std::integral_constant<int, 2>;
+  using One = std::integral_constant<int, 1>;
+  // Default: 4 rows per warp from 2^27 weights (70B shapes on an H100, session 7: E8P 58.0 vs
+  // 56.9%, RVQ4 66.8 vs 63.3% of copy), 2 below (4096 x 4096: 9.7 vs 7.4%).
+  const bool four = rows_per_warp >= 4 || (rows_per_warp == 0 && int64_t{a.out} * a.k >= (int64_t{1} << 27));
+  if (four) return prefetch >= 2 ? launch(std::integral_constant<int, 4>{}, Two{}) : launch(std::integral_constant<int, 4>{}, One{});
+  return prefetch >= 2 ? launch(Two{}, Two{}) : launch(Two{}, One{});
+}
+
+// Shapes the x-stationary kernel takes: codes [out, in / 8, bits] (bits 2 or 4), abs [256, 2] words,
+// x [in] (in a multiple of 64 / (bits / 2)), partials [ceil(in * bits / 4096), out]; with its RHT
+// (rht) in a power of two from one chunk to kE8XsRhtMaxIn and su [in]. An error message or nullptr.
+const char* e8p_xs_shape_error(ffi::Span<const int64_t> cd, int64_t k, int64_t chunks_out, int64_t out_rows,
+                               int64_t abs_count, int64_t bits, bool rht, int64_t su_count) {
+  if (cd.size() != 3 || (bits != 2 && bits != 4) || cd[2] != bits || abs_count != 512) {
+    return "codes [out, in/8, bits] with bits 2 or 4, abs [256, 2] words";
+  }
+  const int64_t st = bits / 2, chunks = (k * st / 64 + 31) / 32;
+  if (cd[1] * 8 != k || k % (64 / st) || chunks_out != chunks || out_rows != cd[0]) {
+    return "x [in] (in a multiple of 64 / (bits / 2)), partials [ceil(in * bits / 4096), out]";
+  }
+  if (rht && (k & (k - 1) || k < 4096 / bits || k > kE8XsRhtMaxIn || su_count != k)) {
+    return "the in-kernel RHT needs in a power of two from one chunk (2048 inputs at 2 bits, 1024 at 4) to 8192, "
+           "and su [in]";
+  }
+  return nullptr;
+}
+
+// The x-stationary kernel (batch 1): y [chunks, out] partials of x [in] (see e8p_xs_args).
 ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                            ffi::Buffer<ffi::U32> abs, ffi::Buffer<ffi::F32> su, ffi::Result<ffi::Buffer<ffi::F32>> y,
                            int64_t bits, double resid_scale, int64_t rows_per_warp, int64_t warps, int64_t prefetch,
                            int64_t rht) {
   auto cd = codes.dimensions();
   auto yd = y->dimensions();
-  if (cd.size() != 3 || yd.size() != 2 || (bits != 2 && bits != 4) || cd[2] != bits || abs.element_count() != 512) {
-    return ffi::Error::InvalidArgument("e8p_matvec_xs: codes [out, in/8, bits] with bits 2 or 4, abs [256, 2] words");
-  }
   const int64_t k = static_cast<int64_t>(x.element_count());
-  const int st = static_cast<int>(bits / 2);
-  const int64_t units = k * st / 64, chunks = (units + 31) / 32;
-  if (cd[1] * 8 != k || k % (64 / st) || yd[0] != chunks || yd[1] != cd[0]) {
-    return ffi::Error::InvalidArgument("e8p_matvec_xs: x [in] (in a multiple of 64 / (bits / 2)), "
-                                       "y [ceil(in * bits / 4096), out]");
-  }
-  if (rht && (k & (k - 1) || k < 4096 / bits || k > kE8XsRhtMaxIn ||
-              static_cast<int64_t>(su.element_count()) != k)) {
-    return ffi::Error::InvalidArgument("e8p_matvec_xs: the in-kernel RHT needs in a power of two from one chunk "
-                                       "(2048 inputs at 2 bits, 1024 at 4) to 8192, and su [in]");
-  }
-  E8pArgs a{};
-  a.n = 1;
-  a.k = static_cast<int>(k);
-  if (rht) {
-    a.su = su.typed_data();
-    a.rht_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(k)));
-  }
-  a.out = static_cast<int>(cd[0]);
-  a.units = static_cast<int>(units);
-  a.xf = x.typed_data();
-  a.codes = reinterpret_cast<const uint4*>(codes.typed_data());
-  a.abs = reinterpret_cast<const uint2*>(abs.typed_data());
-  a.y = y->typed_data();
-  a.resid = static_cast<float>(1.0 / resid_scale);
-  const int nwarps = (warps >= 1 && warps <= 8) ? static_cast<int>(warps) : 8;
-  const int c = static_cast<int>(chunks);
-  cudaError_t err;
-  auto launch = [&](auto r, auto d) {
-    constexpr int R = decltype(r)::value, D = decltype(d)::value;
-    return st == 1 ? launch_e8p_xs<R, 1, D>(stream, a, nwarps, c, a.y) : launch_e8p_xs<R, 2, D>(stream, a, nwarps, c, a.y);
-  };
-  using Two = std::integral_constant<int, 2>;
-  using One = std::integral_constant<int, 1>;
-  // Default: 4 rows per warp from 2^27 weights (70B shapes on an H100, session 7: E8P 58.0 vs
-  // 56.9%, RVQ4 66.8 vs 63.3% of copy), 2 below (4096 x 4096: 9.7 vs 7.4%).
-  const bool four = rows_per_warp >= 4 || (rows_per_warp == 0 && cd[0] * k >= (int64_t{1} << 27));
-  if (four) {
-    err = prefetch >= 2 ? launch(std::integral_constant<int, 4>{}, Two{}) : launch(std::integral_constant<int, 4>{}, One{});
-  } else {
-    err = prefetch >= 2 ? launch(Two{}, Two{}) : launch(Two{}, One{});
-  }
+  const char* bad = yd.size() != 2 ? "y [chunks, out]"
+                                   : e8p_xs_shape_error(cd, k, yd[0], yd[1], abs.element_count(), bits, rht != 0,
+                                                        su.element_count());
+  if (bad) return ffi::Error::InvalidArgument(std::string("e8p_matvec_xs: ") + bad);
+  const E8pArgs a = e8p_xs_args(x.typed_data(), k, cd[0], codes.typed_data(), abs.typed_data(),
+                                rht ? su.typed_data() : nullptr, y->typed_data(), bits, resid_scale);
+  const cudaError_t err = e8p_xs_run(stream, a, bits, rows_per_warp, warps, prefetch);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_matvec_xs: ") + cudaGetErrorString(err));
   return launch_error("e8p_matvec_xs launch");
+}
+
+// The QuIP# linear of one row in one FFI call, so that XLA records its kernels as one graph node and
+// each starts programmatically dependent on the one before (pdl.h): x's RHT (in the E8P kernel for a
+// power-of-two width; else on a cluster, in_cluster = 1, into the scratch xr, x's signs already
+// applied), the x-stationary E8P kernel into the scratch partials, and the partials' sum inverse-
+// transformed with the output signs sv on a cluster into y. in_bits / out_bits: the cluster factors'
+// sign bits (rht_cluster.cu); unused inputs are any one-element arrays.
+ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                         ffi::Buffer<ffi::U32> abs, ffi::Buffer<ffi::F32> su, ffi::Buffer<ffi::U32> in_bits,
+                         ffi::Buffer<ffi::U32> out_bits, ffi::Buffer<ffi::F32> sv, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                         ffi::Result<ffi::Buffer<ffi::F32>> part, ffi::Result<ffi::Buffer<ffi::F32>> xr, int64_t bits,
+                         double resid_scale, int64_t in_cluster) {
+  auto cd = codes.dimensions(), pd = part->dimensions(), ib = in_bits.dimensions(), ob = out_bits.dimensions();
+  const int64_t k = static_cast<int64_t>(x.element_count()), out = static_cast<int64_t>(y->element_count());
+  const char* bad = pd.size() != 2 ? "partials [chunks, out]"
+                                   : e8p_xs_shape_error(cd, k, pd[0], pd[1], abs.element_count(), bits, !in_cluster,
+                                                        su.element_count());
+  if (!bad && (ob.size() != 2 || ob[1] != (ob[0] + 31) / 32 || out != cd[0] ||
+               static_cast<int64_t>(sv.element_count()) != out)) {
+    bad = "out_bits [A, ceil(A / 32)], y [out] and sv [out]";
+  }
+  if (!bad && in_cluster && (ib.size() != 2 || ib[1] != (ib[0] + 31) / 32 ||
+                             static_cast<int64_t>(xr->element_count()) != k)) {
+    bad = "in_bits [A, ceil(A / 32)] and xr [in] for the input transform on a cluster";
+  }
+  if (bad) return ffi::Error::InvalidArgument(std::string("e8p_linear: ") + bad);
+  const float* xin = x.typed_data();
+  cudaError_t err = cudaSuccess;
+  if (in_cluster) {
+    err = rht_cluster_run(stream, xin, in_bits.typed_data(), nullptr, xr->typed_data(), static_cast<int>(ib[0]), 1, 1,
+                          k, static_cast<float>(1.0 / std::sqrt(static_cast<double>(k))), 0, 0);
+    xin = xr->typed_data();
+  }
+  const E8pArgs a = e8p_xs_args(xin, k, out, codes.typed_data(), abs.typed_data(),
+                                in_cluster ? nullptr : su.typed_data(), part->typed_data(), bits, resid_scale);
+  if (err == cudaSuccess) err = e8p_xs_run(stream, a, bits, 0, 0, 0);
+  if (err == cudaSuccess) {
+    err = rht_cluster_run(stream, part->typed_data(), out_bits.typed_data(), sv.typed_data(), y->typed_data(),
+                          static_cast<int>(ob[0]), static_cast<int>(pd[0]), 1, out,
+                          static_cast<float>(1.0 / std::sqrt(static_cast<double>(out))), 0, 0);
+  }
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_linear: ") + cudaGetErrorString(err));
+  return launch_error("e8p_linear launch");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -2976,6 +3043,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvecXs, E8pMatvecXsImpl,
                                   .Attr<int64_t>("warps")
                                   .Attr<int64_t>("prefetch")
                                   .Attr<int64_t>("rht"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pLinear, E8pLinearImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<double>("resid_scale")
+                                  .Attr<int64_t>("in_cluster"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMma, E8pMmaImpl,

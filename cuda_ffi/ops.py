@@ -485,6 +485,47 @@ def rht_cluster(x: jax.Array, factor: np.ndarray, signs: jax.Array, *, inverse: 
              scale=np.float64(1 / math.sqrt(n)), blocks=np.int64(blocks), groups=np.int64(groups))
 
 
+
+def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Array, sv: jax.Array,
+               out_factor: np.ndarray, *, bits: int, resid_scale: float = 1.0, in_factor: np.ndarray | None = None,
+               register: bool = True) -> jax.Array:
+    """QuIP#'s linear of one row in one FFI call: ``rht_inverse(rht(x, su) @ Q.T, sv)`` (float32,
+    before the row scale), the three kernels each started programmatically dependent on the one
+    before. x's RHT is made by the E8P kernel where ``e8p_xs_rht_fits`` (``in_factor`` None), else
+    by ``rht_cluster`` with ``in_factor``; the output's by ``rht_cluster`` with ``out_factor`` (see
+    ``rht_cluster`` for the factors). x: ``[..., in]`` with one row; codes as ``e8p_matvec``'s."""
+    if bits not in (2, 4):
+        raise ValueError(f"e8p_linear: bits must be 2 or 4, got {bits}")
+    out, groups, nbytes = codes.shape
+    lead, k_in = x.shape[:-1], x.shape[-1]
+    if nbytes != bits or groups * 8 != k_in or math.prod(lead) != 1:
+        raise ValueError(f"e8p_linear: needs one row of x and codes [out, in / 8, {bits}]; got x {x.shape}, "
+                         f"codes {codes.shape}")
+    if su.shape != (k_in,) or sv.shape != (out,):
+        raise ValueError(f"e8p_linear: su [{k_in}] and sv [{out}] expected, got {su.shape} and {sv.shape}")
+    if in_factor is None and not e8p_xs_rht_fits(k_in, bits):
+        raise ValueError(f"e8p_linear: the E8P kernel cannot rotate {k_in} inputs at {bits} bits; pass in_factor")
+    for name, factor, n in (("in_factor", in_factor, k_in), ("out_factor", out_factor, out)):
+        if factor is not None and not rht_cluster_fits(factor, n):
+            raise ValueError(f"e8p_linear: {name} {np.shape(factor)} is not a cluster factor of width {n}")
+    if register:
+        build.load()
+    chunks = -(-(k_in * bits // 128) // 32)
+    su = su.astype(jnp.float32)
+    x1 = x.reshape(k_in).astype(jnp.float32)
+    one_u32 = jnp.zeros((1, 1), jnp.uint32)
+    f = jax.ffi.ffi_call("jaxquant_e8p_linear", (jax.ShapeDtypeStruct((out,), jnp.float32),
+                                                 jax.ShapeDtypeStruct((chunks, out), jnp.float32),
+                                                 jax.ShapeDtypeStruct((k_in if in_factor is not None else 1,),
+                                                                      jnp.float32)),
+                         vmap_method="sequential")
+    y, _, _ = f(x1 if in_factor is None else x1 * su, codes, jnp.asarray(abs_table, jnp.uint32).reshape(512), su,
+                one_u32 if in_factor is None else jnp.asarray(sign_bits(in_factor)),
+                jnp.asarray(sign_bits(np.asarray(out_factor).T)), sv.astype(jnp.float32),
+                bits=np.int64(bits), resid_scale=np.float64(resid_scale), in_cluster=np.int64(in_factor is not None))
+    return y.reshape(*lead, out)
+
+
 ATTENTION_HEAD_DIMS = (64, 128)
 ATTENTION_MAX_GROUP = 16  # query heads per kv head
 ATTENTION_MAX_KEYS_PER_SPLIT = 32  # staged in shared memory, a lane per key in the softmax

@@ -17,6 +17,9 @@
 #include <cstring>
 #include <string>
 
+#include "pdl.h"
+#include "rht_cluster.h"
+
 #if !defined(JAXQUANT_HOST_HARNESS)
 #include <cooperative_groups.h>
 
@@ -83,6 +86,7 @@ __device__ void rht_cluster_block(const RhtcArgs& a, float* cols, int rank, int 
   if (a.signs) rhtc_prefetch(a.signs, n * 4, group * a.blocks + rank, a.groups * a.blocks);
   rhtc_prefetch(a.bits, a.a_rows * a.words * 4, rank, a.blocks);
   for (int i = a.a_rows * cpb + static_cast<int>(threadIdx.x); i < a_pad * cpb; i += blockDim.x) cols[i] = 0.f;
+  pdl_wait();  // the prefetches and the padding above may overlap the kernel that makes x
   // Rows of B: element j = t * 32 + lane, so every load is one warp-contiguous 128 bytes. A warp's
   // later rows are asked into L1 first: their loads then wait on L1, not on L2, after the first row's.
   for (int r = warp0 + a.blocks * warps; r < a.a_rows; r += a.blocks * warps) {
@@ -127,6 +131,7 @@ __device__ void rht_cluster_block(const RhtcArgs& a, float* cols, int rank, int 
     }
   }
   rhtc_cluster_sync();
+  pdl_launch_dependents();
   // F_A on this block's columns: item = (output a', 4 columns), its A inputs 8 at a time (loads first).
   // (Splitting an item's sum over lanes cost more than its shorter chain saved.)
   const int quads = cpb / 4, j0 = first + rank * cpb;
@@ -230,8 +235,29 @@ cudaError_t launch_rht_cluster(cudaStream_t stream, RhtcArgs a, int64_t rows, in
   cudaLaunchAttribute attr;
   cudaLaunchConfig_t cfg = rhtc_config(blocks, groups, rows, smem, &attr);
   cfg.stream = stream;
-  return cudaLaunchKernelEx(&cfg, rht_cluster_kernel<TB>, a);
+  return launch_dependent(rht_cluster_kernel<TB>, cfg, a);
 }
+
+}  // namespace
+
+cudaError_t rht_cluster_run(cudaStream_t stream, const float* x, const uint32_t* bits, const float* signs, float* y,
+                            int a_rows, int parts, int64_t rows, int64_t n, float scale, int blocks, int groups) {
+  if (a_rows < 1 || a_rows > kRhtcMaxA || n % a_rows || parts < 1 || rows < 1 || rows > 65535) {
+    return cudaErrorInvalidValue;
+  }
+  RhtcArgs a{x, bits, signs, y, a_rows, (a_rows + 31) / 32, parts, 0, 0, rows, scale};
+  switch (n / a_rows) {
+    case 32: return launch_rht_cluster<1>(stream, a, rows, blocks, groups);
+    case 64: return launch_rht_cluster<2>(stream, a, rows, blocks, groups);
+    case 128: return launch_rht_cluster<4>(stream, a, rows, blocks, groups);
+    case 256: return launch_rht_cluster<8>(stream, a, rows, blocks, groups);
+    case 512: return launch_rht_cluster<16>(stream, a, rows, blocks, groups);
+    case 1024: return launch_rht_cluster<32>(stream, a, rows, blocks, groups);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+namespace {
 
 ffi::Error RhtClusterImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> bits,
                           ffi::Buffer<ffi::F32> signs, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t parts,
@@ -246,23 +272,15 @@ ffi::Error RhtClusterImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buf
   if (a_rows < 1 || a_rows > kRhtcMaxA || bd[1] != (a_rows + 31) / 32 || n % a_rows) {
     return ffi::Error::InvalidArgument("rht_cluster: A must be <= 256 with A x ceil(A / 32) bits and divide n");
   }
-  const int64_t b = n / a_rows, rows = n ? static_cast<int64_t>(y->element_count()) / n : 0;
+  const int64_t b = n / a_rows, rows = static_cast<int64_t>(y->element_count()) / n;
   if (rows == 0) return ffi::Error::Success();
   if (rows > 65535) return ffi::Error::InvalidArgument("rht_cluster: at most 65535 rows (a decode step's few)");
-  RhtcArgs a{x.typed_data(), bits.typed_data(), has_signs ? signs.typed_data() : nullptr, y->typed_data(),
-             static_cast<int>(a_rows), static_cast<int>(bd[1]), static_cast<int>(parts), 0, 0, rows,
-             static_cast<float>(scale)};
-  const int c = static_cast<int>(blocks), g = static_cast<int>(groups);
-  cudaError_t err;
-  switch (b) {
-    case 32: err = launch_rht_cluster<1>(stream, a, rows, c, g); break;
-    case 64: err = launch_rht_cluster<2>(stream, a, rows, c, g); break;
-    case 128: err = launch_rht_cluster<4>(stream, a, rows, c, g); break;
-    case 256: err = launch_rht_cluster<8>(stream, a, rows, c, g); break;
-    case 512: err = launch_rht_cluster<16>(stream, a, rows, c, g); break;
-    case 1024: err = launch_rht_cluster<32>(stream, a, rows, c, g); break;
-    default: return ffi::Error::InvalidArgument("rht_cluster: n / A must be a power of two in [32, 1024]");
+  if (b < 32 || b > 1024 || (b & (b - 1))) {
+    return ffi::Error::InvalidArgument("rht_cluster: n / A must be a power of two in [32, 1024]");
   }
+  cudaError_t err = rht_cluster_run(stream, x.typed_data(), bits.typed_data(), has_signs ? signs.typed_data() : nullptr,
+                                    y->typed_data(), static_cast<int>(a_rows), static_cast<int>(parts), rows, n,
+                                    static_cast<float>(scale), static_cast<int>(blocks), static_cast<int>(groups));
   if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("rht_cluster: ") + cudaGetErrorString(err));
   return ffi::Error::Success();

@@ -735,6 +735,7 @@ def _host_harness(tmp_path, cuts, harness: str, source: str = "jaxquant_kernels.
     (tmp_path / "harness.cpp").write_text(harness)
     exe = tmp_path / "harness"
     proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-DJAXQUANT_HOST_HARNESS", f"-I{include}",
+                           f"-I{cuda_build.SOURCE_DIR}",
                            str(tmp_path / "harness.cpp"),
                            "-o", str(exe)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -995,6 +996,8 @@ static unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
   return c;
 }
 static void __syncwarp() { h_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
+static void pdl_wait() {}  // pdl.h's, outside the cut pieces: one block at a time has nothing to wait on
+static void pdl_launch_dependents() {}
 """ + _HOST_SHUFFLE + r"""
 #include "kernel_part.inc"
 
@@ -1631,6 +1634,8 @@ def test_quip_linear_lowers_with_partials_summed_by_the_transform(monkeypatch):
     from jaxquant.formats import quip_sharp
 
     monkeypatch.setattr(cuda_build, "load", lambda: None)  # lower only: nothing is registered here
+    monkeypatch.setattr(dispatch, "E8P_LINEAR_ONE_CALL", False)  # three calls (one: the test below)
+    jax.clear_caches()  # a trace is cached by shape, not by the switch
     for out, inp in ((64, 4096), (768, 4096), (64, 3072)):
         qw = random_quip(jax.random.key(out), out, inp, 2)
         text = _lower_for_cuda(lambda x, qw=qw: quip_sharp._matmul_kernel(x, qw, kernel="cuda"),
@@ -1643,6 +1648,49 @@ def test_quip_linear_lowers_with_partials_summed_by_the_transform(monkeypatch):
         assert in_kernel == (inp == 4096)
         assert [f"rht = {int(in_kernel)}" in line for line in lines if "jaxquant_e8p_matvec_xs" in line] == [True]
         assert sum("jaxquant_rht_cluster(" in line for line in lines) == (1 if in_kernel else 2), (out, inp)
+
+
+def test_quip_linear_is_one_call_at_batch_1(monkeypatch):
+    """A batch-1 QuIP# linear lowers to one ``jaxquant_e8p_linear`` call and nothing else of ours:
+    x's RHT in the E8P kernel for 2^p inputs, on a cluster (in_cluster = 1, x's signs applied before)
+    for K * 2^p; batch 2 keeps the separate calls."""
+    from jaxquant.formats import quip_sharp
+
+    monkeypatch.setattr(cuda_build, "load", lambda: None)
+    jax.clear_caches()  # a trace is cached by shape, not by E8P_LINEAR_ONE_CALL
+    for out, inp, bits in ((64, 4096, 2), (768, 4096, 4), (64, 3072, 2), (12288, 11008, 2)):
+        qw = random_quip(jax.random.key(out), out, inp, bits)
+        text = _lower_for_cuda(lambda x, qw=qw: quip_sharp._matmul_kernel(x, qw, kernel="cuda"),
+                               jnp.ones((1, inp), jnp.bfloat16))
+        calls = [line for line in text.splitlines() if "stablehlo.custom_call @jaxquant_" in line]
+        assert len(calls) == 1 and "@jaxquant_e8p_linear(" in calls[0], (out, inp)
+        in_cluster = not cuda_ffi.e8p_xs_rht_fits(inp, bits)
+        chunks = -(-(inp * bits // 128) // 32)
+        assert f"in_cluster = {int(in_cluster)}" in calls[0], (out, inp)
+        assert f"tensor<{out}xf32>, tensor<{chunks}x{out}xf32>, tensor<{inp if in_cluster else 1}xf32>" in calls[0]
+        text2 = _lower_for_cuda(lambda x, qw=qw: quip_sharp._matmul_kernel(x, qw, kernel="cuda"),
+                                jnp.ones((2, inp), jnp.bfloat16))
+        assert "jaxquant_e8p_linear" not in text2 and "jaxquant_e8p" in text2
+
+
+def test_e8p_linear_rejects_bad_input():
+    table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
+    qw = random_quip(jax.random.key(0), 64, 3072, 2)
+    su, sv = qw.SU.astype(jnp.float32), qw.SV.astype(jnp.float32)
+    out_factor = dispatch.cluster_factor(64)
+    x = jnp.ones((1, 3072))
+    with pytest.raises(ValueError, match="cannot rotate 3072"):
+        cuda_ffi.e8p_linear(x, qw.codes, table, su, sv, out_factor, bits=2, register=False)
+    with pytest.raises(ValueError, match="one row"):
+        cuda_ffi.e8p_linear(jnp.ones((2, 3072)), qw.codes, table, su, sv, out_factor, bits=2, register=False)
+    with pytest.raises(ValueError, match="not a cluster factor of width 64"):
+        cuda_ffi.e8p_linear(x, qw.codes, table, su, sv, np.ones((3, 3)), bits=2, register=False,
+                            in_factor=dispatch.cluster_factor(3072))
+    with pytest.raises(ValueError, match="su"):
+        cuda_ffi.e8p_linear(x, qw.codes, table, sv, sv, out_factor, bits=2, register=False,
+                            in_factor=dispatch.cluster_factor(3072))
+    with pytest.raises(ValueError, match="bits must be 2 or 4"):
+        cuda_ffi.e8p_linear(x, qw.codes, table, su, sv, out_factor, bits=3, register=False)
 
 
 def test_rht_fast_takes_the_fused_kernel_only_for_many_rows(monkeypatch):
@@ -2344,6 +2392,29 @@ def test_rht_fast_lowers_to_the_cluster_kernel_for_few_rows(monkeypatch):
         cuda_ops.rht_cluster(jnp.ones((1, 96)), np.ones((3, 3)), jnp.ones((95,)), register=False)
     with pytest.raises(TypeError, match="float32"):
         cuda_ops.rht_cluster(jnp.ones((1, 96), jnp.float16), np.ones((3, 3)), jnp.ones((96,)), register=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4])
+def test_e8p_linear_gpu(monkeypatch, bits):
+    """The one-call batch-1 QuIP# linear equals the three calls it replaces (the same kernels) and
+    the reference, at the Llama-2-7B and -70B widths: x's RHT in the E8P kernel and on a cluster."""
+    from jaxquant.formats import quip_sharp
+
+    for i, (out, inp) in enumerate([(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (8192, 28672),
+                                    (1536, 1536)]):
+        qw = random_quip(jax.random.key(40 + i), out, inp, bits)
+        x = jax.random.normal(jax.random.key(50 + i), (1, inp), jnp.bfloat16)
+        ys = {}
+        for one_call in (True, False):
+            monkeypatch.setattr(dispatch, "E8P_LINEAR_ONE_CALL", one_call)
+            jax.clear_caches()
+            fn = jax.jit(lambda x, qw: quip_sharp._matmul_kernel(x.astype(jnp.float32), qw, kernel="cuda"))
+            assert ("jaxquant_e8p_linear" in fn.lower(x, qw).as_text()) == one_call, (out, inp)
+            ys[one_call] = np.asarray(fn(x, qw))
+        ref = np.asarray(qw.matmul(x.astype(jnp.float32), backend="reference"))
+        assert np.isfinite(ys[True]).all() and rel_err(ys[True], ys[False]) < 1e-6, (out, inp)
+        assert rel_err(ys[True], ref) < 4e-3, (out, inp)
 
 
 @pytest.mark.gpu

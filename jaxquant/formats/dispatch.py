@@ -212,6 +212,25 @@ def cluster_factor(n: int, seed: int = 0) -> np.ndarray | None:
     return d if cuda_ffi.ops.rht_cluster_fits(d, n) else None
 
 
+# A batch-1 QuIP# linear as one FFI call (``cuda_ffi.e8p_linear``: its transforms and the E8P kernel
+# launched programmatically dependent) where ``e8p_linear_factors`` allows; False: three calls.
+E8P_LINEAR_ONE_CALL = True
+
+
+def e8p_linear_factors(k_in: int, out: int, bits: int, seed: int = 0):
+    """The ``(in_factor, out_factor)`` with which ``cuda_ffi.e8p_linear`` does a ``k_in -> out``
+    QuIP# linear (``in_factor`` None: the E8P kernel rotates x itself), or None where it cannot."""
+    import cuda_ffi
+
+    out_factor = cluster_factor(out, seed)
+    if out_factor is None:
+        return None
+    if cuda_ffi.e8p_xs_rht_fits(k_in, bits):
+        return None, out_factor
+    in_factor = cluster_factor(k_in, seed)
+    return None if in_factor is None else (in_factor, out_factor)
+
+
 def rht_fast(x: jax.Array, signs: jax.Array, *, seed: int = 0, inverse: bool = False,
              kernel: str = "cuda", sum_parts: bool = False) -> jax.Array:
     """``hadamard.rht`` (or ``rht_inverse``) of float32 ``x`` with its power-of-two factor through
