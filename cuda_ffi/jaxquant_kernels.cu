@@ -1089,6 +1089,9 @@ struct E8pArgs {
   float resid;         // 1 / resid_scale (RVQ4's second stage)
   const float* su;     // x-stationary kernel: signs [in] of x's RHT, done in the kernel (nullptr: x is rotated)
   float rht_scale;     // 1 / sqrt(in) with su
+  const float* norm_w; // with su: x is first RMS-normalized with this weight [in] (nullptr: it is not)
+  float norm_eps;
+  int norm_round;      // the normalized x rounded as the model's activations: 0 float32, 1 fp16, 2 bf16
 };
 
 
@@ -1259,13 +1262,40 @@ __device__ __forceinline__ void smem_butterfly_pass(float* buf, int total, int l
   }
 }
 
+// 1 / RMS of x [n] (n a multiple of 4) with eps, as the model's RMSNorm: every thread of the block
+// gets it. scratch: at least 32 floats of shared memory, free until the return.
+__device__ __forceinline__ float e8_inv_rms(const float* __restrict__ x, int n, float eps, float* scratch) {
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n / 4; i += blockDim.x) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(x) + i);
+    ss += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
+  }
+  ss = warp_sum(ss);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += scratch[w];
+  __syncthreads();  // scratch is the caller's again
+  return rsqrtf(total / static_cast<float>(n) + eps);
+}
+
+// v rounded to the model's activation dtype (E8pArgs::norm_round) and back.
+__device__ __forceinline__ float e8_round(float v, int dtype) {
+  if (dtype == 1) return __half2float(__float2half_rn(v));
+  if (dtype == 2) return __bfloat162float(__float2bfloat16_rn(v));
+  return v;
+}
+
 // Chunk `chunk` (CK = 2^LOGCK inputs) of FWHT_n(su * x), n = parts * CK, unscaled, into buf (pad32).
 // In Sylvester order index = (c, j), so (H_n v)[chunk, j] = (H_CK z)[j] with
 // z = sum over c of (-1)^popc(chunk & c) v[c, :]: z on the way in, then the CK-point transform.
+// With a.norm_w, x is RMSNorm(x) first: round((x / rms(x)) * w), the model's order of operations.
 template <int LOGCK>
-__device__ __forceinline__ void e8_xs_rht_chunk(const float* __restrict__ x, const float* __restrict__ su,
-                                                int parts, int chunk, float* buf) {
+__device__ __forceinline__ void e8_xs_rht_chunk(const E8pArgs& a, int parts, int chunk, float* buf) {
   constexpr int CK = 1 << LOGCK;
+  const float* __restrict__ x = a.xf;
+  const float* __restrict__ su = a.su;
+  const float r = a.norm_w ? e8_inv_rms(x, parts * CK, a.norm_eps, buf) : 1.f;
   for (int g = threadIdx.x; g < CK / 8; g += blockDim.x) {
     float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int c = 0; c < parts; ++c) {
@@ -1273,8 +1303,16 @@ __device__ __forceinline__ void e8_xs_rht_chunk(const float* __restrict__ x, con
       const float4* sp = reinterpret_cast<const float4*>(su + c * CK) + 2 * g;
       const float4 x0 = __ldg(xp), x1 = __ldg(xp + 1), s0 = __ldg(sp), s1 = __ldg(sp + 1);
       const float m = __popc(chunk & c) & 1 ? -1.f : 1.f;
-      const float xs[8] = {x0.x * s0.x, x0.y * s0.y, x0.z * s0.z, x0.w * s0.w,
-                           x1.x * s1.x, x1.y * s1.y, x1.z * s1.z, x1.w * s1.w};
+      float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+      if (a.norm_w) {
+        const float4* wp = reinterpret_cast<const float4*>(a.norm_w + c * CK) + 2 * g;
+        const float4 w0 = __ldg(wp), w1 = __ldg(wp + 1);
+        const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xv[e] = e8_round((xv[e] * r) * wv[e], a.norm_round);
+      }
+      const float xs[8] = {xv[0] * s0.x, xv[1] * s0.y, xv[2] * s0.z, xv[3] * s0.w,
+                           xv[4] * s1.x, xv[5] * s1.y, xv[6] * s1.z, xv[7] * s1.w};
 #pragma unroll
       for (int e = 0; e < 8; ++e) v[e] = fmaf(m, xs[e], v[e]);
     }
@@ -1333,7 +1371,7 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
       prefetch();
       __syncthreads();  // the previous chunk's x is read
     }
-    if (a.su) e8_xs_rht_chunk<ST == 1 ? 11 : 10>(a.xf, a.su, a.k / CK, chunk, xrot);
+    if (a.su) e8_xs_rht_chunk<ST == 1 ? 11 : 10>(a, a.k / CK, chunk, xrot);
     for (int t = threadIdx.x; t < G * 32; t += blockDim.x) {  // group g = t / 32 of unit l = t % 32
       const int l = t % 32, g = t / 32, j = (l * G + g) * 8;  // its first input within the chunk
       float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // zeros past the end
@@ -1539,12 +1577,16 @@ ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Bu
 // power-of-two width; else on a cluster, in_cluster = 1, into the scratch xr, x's signs already
 // applied), the x-stationary E8P kernel into the scratch partials, and the partials' sum inverse-
 // transformed with the output signs sv on a cluster into y. in_bits / out_bits: the cluster factors'
-// sign bits (rht_cluster.cu); unused inputs are any one-element arrays.
+// sign bits (rht_cluster.cu); unused inputs are any one-element arrays. The E8P launch knobs are
+// e8p_matvec_xs's. norm = 1 + d: x is the model's residual stream, RMS-normalized with norm_w and
+// norm_eps in the E8P kernel and rounded to the activations' dtype d (0 float32, 1 fp16, 2 bf16).
 ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                          ffi::Buffer<ffi::U32> abs, ffi::Buffer<ffi::F32> su, ffi::Buffer<ffi::U32> in_bits,
-                         ffi::Buffer<ffi::U32> out_bits, ffi::Buffer<ffi::F32> sv, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                         ffi::Buffer<ffi::U32> out_bits, ffi::Buffer<ffi::F32> sv, ffi::Buffer<ffi::F32> norm_w,
+                         ffi::Result<ffi::Buffer<ffi::F32>> y,
                          ffi::Result<ffi::Buffer<ffi::F32>> part, ffi::Result<ffi::Buffer<ffi::F32>> xr, int64_t bits,
-                         double resid_scale, int64_t in_cluster) {
+                         double resid_scale, int64_t in_cluster, int64_t rows_per_warp, int64_t warps,
+                         int64_t prefetch, int64_t norm, double norm_eps) {
   auto cd = codes.dimensions(), pd = part->dimensions(), ib = in_bits.dimensions(), ob = out_bits.dimensions();
   const int64_t k = static_cast<int64_t>(x.element_count()), out = static_cast<int64_t>(y->element_count());
   const char* bad = pd.size() != 2 ? "partials [chunks, out]"
@@ -1558,6 +1600,9 @@ ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
                              static_cast<int64_t>(xr->element_count()) != k)) {
     bad = "in_bits [A, ceil(A / 32)] and xr [in] for the input transform on a cluster";
   }
+  if (!bad && norm && (in_cluster || norm < 0 || norm > 3 || static_cast<int64_t>(norm_w.element_count()) != k)) {
+    bad = "the RMSNorm (norm 1-3: the activations' float32, fp16, bf16) needs x's RHT in the E8P kernel and norm_w [in]";
+  }
   if (bad) return ffi::Error::InvalidArgument(std::string("e8p_linear: ") + bad);
   const float* xin = x.typed_data();
   cudaError_t err = cudaSuccess;
@@ -1566,9 +1611,14 @@ ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
                           k, static_cast<float>(1.0 / std::sqrt(static_cast<double>(k))), 0, 0);
     xin = xr->typed_data();
   }
-  const E8pArgs a = e8p_xs_args(xin, k, out, codes.typed_data(), abs.typed_data(),
-                                in_cluster ? nullptr : su.typed_data(), part->typed_data(), bits, resid_scale);
-  if (err == cudaSuccess) err = e8p_xs_run(stream, a, bits, 0, 0, 0);
+  E8pArgs a = e8p_xs_args(xin, k, out, codes.typed_data(), abs.typed_data(), in_cluster ? nullptr : su.typed_data(),
+                          part->typed_data(), bits, resid_scale);
+  if (norm) {
+    a.norm_w = norm_w.typed_data();
+    a.norm_eps = static_cast<float>(norm_eps);
+    a.norm_round = static_cast<int>(norm - 1);
+  }
+  if (err == cudaSuccess) err = e8p_xs_run(stream, a, bits, rows_per_warp, warps, prefetch);
   if (err == cudaSuccess) {
     err = rht_cluster_run(stream, part->typed_data(), out_bits.typed_data(), sv.typed_data(), y->typed_data(),
                           static_cast<int>(ob[0]), static_cast<int>(pd[0]), 1, out,
@@ -3055,12 +3105,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pLinear, E8pLinearImpl,
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
                                   .Attr<double>("resid_scale")
-                                  .Attr<int64_t>("in_cluster"),
+                                  .Attr<int64_t>("in_cluster")
+                                  .Attr<int64_t>("rows_per_warp")
+                                  .Attr<int64_t>("warps")
+                                  .Attr<int64_t>("prefetch")
+                                  .Attr<int64_t>("norm")
+                                  .Attr<double>("norm_eps"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMma, E8pMmaImpl,

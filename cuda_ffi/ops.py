@@ -486,14 +486,22 @@ def rht_cluster(x: jax.Array, factor: np.ndarray, signs: jax.Array, *, inverse: 
 
 
 
+_NORM_ROUNDING = {jnp.dtype(jnp.float16): 1, jnp.dtype(jnp.bfloat16): 2}  # e8p_linear's norm - 1; float32: 0
+
+
 def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Array, sv: jax.Array,
                out_factor: np.ndarray, *, bits: int, resid_scale: float = 1.0, in_factor: np.ndarray | None = None,
-               register: bool = True) -> jax.Array:
+               rows_per_warp: int = 0, warps: int = 0, prefetch: int = 0, norm_weight: jax.Array | None = None,
+               norm_eps: float = 1e-6, register: bool = True) -> jax.Array:
     """QuIP#'s linear of one row in one FFI call: ``rht_inverse(rht(x, su) @ Q.T, sv)`` (float32,
     before the row scale), the three kernels each started programmatically dependent on the one
     before. x's RHT is made by the E8P kernel where ``e8p_xs_rht_fits`` (``in_factor`` None), else
     by ``rht_cluster`` with ``in_factor``; the output's by ``rht_cluster`` with ``out_factor`` (see
-    ``rht_cluster`` for the factors). x: ``[..., in]`` with one row; codes as ``e8p_matvec``'s."""
+    ``rht_cluster`` for the factors). x: ``[..., in]`` with one row; codes and the launch knobs
+    (``rows_per_warp``, ``warps``, ``prefetch``) as ``e8p_matvec``'s x-stationary kernel's.
+    ``norm_weight`` [in] (x's RHT in the E8P kernel only): x is the residual stream and the linear's
+    input its RMSNorm, ``((x / rms(x, norm_eps)) * norm_weight)`` rounded to x's dtype, made by the
+    E8P kernel (two XLA kernels fewer before it)."""
     if bits not in (2, 4):
         raise ValueError(f"e8p_linear: bits must be 2 or 4, got {bits}")
     out, groups, nbytes = codes.shape
@@ -505,6 +513,9 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
         raise ValueError(f"e8p_linear: su [{k_in}] and sv [{out}] expected, got {su.shape} and {sv.shape}")
     if in_factor is None and not e8p_xs_rht_fits(k_in, bits):
         raise ValueError(f"e8p_linear: the E8P kernel cannot rotate {k_in} inputs at {bits} bits; pass in_factor")
+    if norm_weight is not None and (in_factor is not None or norm_weight.shape != (k_in,)):
+        raise ValueError(f"e8p_linear: norm_weight must be [{k_in}] with x's RHT in the E8P kernel (no in_factor); "
+                         f"got {norm_weight.shape}")
     for name, factor, n in (("in_factor", in_factor, k_in), ("out_factor", out_factor, out)):
         if factor is not None and not rht_cluster_fits(factor, n):
             raise ValueError(f"e8p_linear: {name} {np.shape(factor)} is not a cluster factor of width {n}")
@@ -519,10 +530,14 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
                                                  jax.ShapeDtypeStruct((k_in if in_factor is not None else 1,),
                                                                       jnp.float32)),
                          vmap_method="sequential")
+    norm = 0 if norm_weight is None else 1 + _NORM_ROUNDING.get(jnp.dtype(x.dtype), 0)
     y, _, _ = f(x1 if in_factor is None else x1 * su, codes, jnp.asarray(abs_table, jnp.uint32).reshape(512), su,
                 one_u32 if in_factor is None else jnp.asarray(sign_bits(in_factor)),
                 jnp.asarray(sign_bits(np.asarray(out_factor).T)), sv.astype(jnp.float32),
-                bits=np.int64(bits), resid_scale=np.float64(resid_scale), in_cluster=np.int64(in_factor is not None))
+                jnp.zeros((1,), jnp.float32) if norm_weight is None else norm_weight.astype(jnp.float32),
+                bits=np.int64(bits), resid_scale=np.float64(resid_scale), in_cluster=np.int64(in_factor is not None),
+                rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), prefetch=np.int64(prefetch),
+                norm=np.int64(norm), norm_eps=np.float64(norm_eps))
     return y.reshape(*lead, out)
 
 

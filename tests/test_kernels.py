@@ -935,6 +935,7 @@ _HOST_PRELUDE = r"""
 // blocks one after another, one std::thread per CUDA thread, a barrier for __syncthreads, warp
 // shuffles and __syncwarp through a per-warp barrier, the HFMA2 rounded to fp16 per lane.
 #include <cuda_runtime.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <barrier>
 #include <cmath>
@@ -972,6 +973,7 @@ template <class T> static T __ldcs(const T* p) { return *p; }
 static int min(int a, int b) { return a < b ? a : b; }
 static int max(int a, int b) { return a > b ? a : b; }
 static unsigned __popc(unsigned v) { return __builtin_popcount(v); }
+static float rsqrtf(float v) { return static_cast<float>(1.0 / std::sqrt(double(v))); }
 static unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 static float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 static unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
@@ -1033,7 +1035,8 @@ bool read(FILE* f, std::vector<T>& v, size_t n) { v.resize(n); return fread(v.da
 _E8P_HOST_MAIN = r"""
 // argv: kernel (0 default, 1 x-stationary) bits out k rows units blocks warps rht in out
 // (units: code units per step of the default kernel; row groups in flight of the x-stationary one;
-// rht: the x-stationary kernel makes x's RHT with su)
+// rht: the x-stationary kernel makes x's RHT with su; 2, 3: of x's RMSNorm (weight after su in `in`,
+// eps 1e-5) rounded to fp16, bf16)
 // in: x f32 [k], xh f16 [k] and xq f32 [k/8] in the default kernel's layout, codes u8 [out, k/8, bits],
 // abs u32 [512], su f32 [k]; out: y f32 [out] (default) or the partials f32 [chunks, out] (x-stationary).
 int main(int argc, char** argv) {
@@ -1048,8 +1051,9 @@ int main(int argc, char** argv) {
   std::vector<__half> xh;
   std::vector<uint8_t> codes;
   std::vector<uint32_t> abs;
+  std::vector<float> norm_w;
   if (!read(in, x, k) || !read(in, xh, k) || !read(in, xq, k / 8) || !read(in, codes, size_t(out) * k / 8 * bits) ||
-      !read(in, abs, 512) || !read(in, su, k)) return 2;
+      !read(in, abs, 512) || !read(in, su, k) || (rht >= 2 && !read(in, norm_w, k))) return 2;
   const int st = bits / 2, units = k * st / 64, chunks = (units + 31) / 32;
   std::vector<float> y(size_t(xs ? chunks : 1) * out, NAN);
   E8pArgs a{};
@@ -1064,6 +1068,11 @@ int main(int argc, char** argv) {
   if (rht) {
     a.su = su.data();
     a.rht_scale = 1.0f / std::sqrt(static_cast<float>(k));
+  }
+  if (rht >= 2) {  // x RMS-normalized first, rounded to fp16 (2) or bf16 (3)
+    a.norm_w = norm_w.data();
+    a.norm_eps = 1e-5f;
+    a.norm_round = rht - 1;
   }
   auto go = [&](auto kernel) { run(kernel, blocks, warps); };
 #define XS(R, ST) (units_per_step == 2 ? go([&] { e8p_matvec_xs_kernel<R, ST, 2>(a, chunks, a.y); }) \
@@ -1087,6 +1096,13 @@ int main(int argc, char** argv) {
   return ok ? 0 : 4;
 }
 """
+
+def _rms_norm(x, weight, eps: float, dtype) -> np.ndarray:
+    """The model's RMSNorm of float32 x with the result rounded to ``dtype``, as float32."""
+    from jaxquant.model.llama import rms_norm
+
+    return np.asarray(rms_norm(jnp.asarray(x, dtype), jnp.asarray(weight), eps).astype(jnp.float32))
+
 
 _E8P_HOST_CUTS = [
     ("template <int I>\nstruct Idx", "enum DType"),
@@ -1114,7 +1130,8 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
         (1, 2, 37, 6144, 2, 2, 2, 2, 0), (1, 4, 21, 1056, 4, 2, 1, 3, 0), (1, 2, 37, 512, 2, 2, 2, 4, 0),  # 2 in flight
         (1, 2, 37, 6144, 2, 0, 7, 2, 0), (1, 4, 45, 3072, 2, 2, 5, 3, 0),  # blocks share chunks unevenly
         (1, 2, 37, 2048, 2, 0, 3, 8, 1), (1, 2, 37, 8192, 4, 0, 6, 3, 1), (1, 2, 21, 4096, 2, 2, 1, 2, 1),
-        (1, 4, 37, 1024, 4, 0, 2, 8, 1), (1, 4, 37, 4096, 2, 0, 5, 4, 1)]  # the RHT of x in the kernel
+        (1, 4, 37, 1024, 4, 0, 2, 8, 1), (1, 4, 37, 4096, 2, 0, 5, 4, 1),  # the RHT of x in the kernel
+        (1, 2, 37, 4096, 2, 0, 3, 8, 2), (1, 4, 21, 2048, 4, 0, 1, 4, 3)]  # ... of x's RMSNorm (fp16, bf16)
     for i, (xs, bits, out, k, rows, units, blocks, warps, rht) in enumerate(cases):
         assert 1.0 / (jq_e8p.get_codebook(bits).resid_scale or 1.0) == pytest.approx(
             1.0 / 3.45 if bits == 4 else 1.0)  # the harness's resid
@@ -1122,14 +1139,21 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
         x = np.asarray(jax.random.normal(jax.random.key(950 + i), (1, k), jnp.float32))
         su = np.asarray(jax.random.uniform(jax.random.key(970 + i), (k,), jnp.float32, 0.5, 1.5)
                         * jq_hadamard.random_signs(jax.random.key(980 + i), k))  # real-valued, as fine-tuned
+        norm_dtype = {2: jnp.float16, 3: jnp.bfloat16}.get(rht)
+        if norm_dtype:  # the residual stream, in the activation dtype
+            x = np.asarray(jnp.asarray(x, norm_dtype).astype(jnp.float32))
         xh, xq = cuda_ops.e8p_x_layout(jnp.asarray(x), bits)
+        norm_w = np.asarray(jax.random.uniform(jax.random.key(990 + i), (k,), jnp.float32, 0.5, 2.0))
         (tmp_path / "in.bin").write_bytes(x.tobytes() + np.asarray(xh).tobytes() + np.asarray(xq).tobytes()
-                                          + np.asarray(qw.codes).tobytes() + np.asarray(table).tobytes() + su.tobytes())
+                                          + np.asarray(qw.codes).tobytes() + np.asarray(table).tobytes() + su.tobytes()
+                                          + (norm_w.tobytes() if rht >= 2 else b""))
         proc = subprocess.run([str(exe), *map(str, (xs, bits, out, k, rows, units, blocks, warps, rht)),
                                str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
         assert proc.returncode == 0, cases[i]
         y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(-1, out)
         assert y.shape[0] == (-(-(k * bits // 128) // 32) if xs else 1) and np.isfinite(y).all(), cases[i]
+        if norm_dtype:  # the model's RMSNorm
+            x = _rms_norm(x, norm_w, 1e-5, norm_dtype)
         xr = np.asarray(jq_hadamard.rht(jnp.asarray(x), jnp.asarray(su)), np.float64) if rht else x.astype(np.float64)
         ref = xr @ np.asarray(qw.rotated(), np.float64).T
         assert rel_err(y.sum(0, keepdims=True), ref) < 4e-3, cases[i]
@@ -1671,6 +1695,66 @@ def test_quip_linear_is_one_call_at_batch_1(monkeypatch):
         text2 = _lower_for_cuda(lambda x, qw=qw: quip_sharp._matmul_kernel(x, qw, kernel="cuda"),
                                 jnp.ones((2, inp), jnp.bfloat16))
         assert "jaxquant_e8p_linear" not in text2 and "jaxquant_e8p" in text2
+
+
+def test_quip_normed_linear_is_one_call(monkeypatch):
+    """At batch 1 with x's RHT in the E8P kernel, that kernel also makes the RMSNorm before the
+    linear: one ``jaxquant_e8p_linear`` call, norm = 1 + the activations' rounding (float32, fp16,
+    bf16), no XLA reduction. K * 2^p inputs, batch 2 and the switch off decline (None)."""
+    monkeypatch.setattr(cuda_build, "load", lambda: None)
+    monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
+    qw = random_quip(jax.random.key(1), 768, 4096, 2)
+    w = jnp.ones((4096,))
+    for dtype, norm in ((jnp.float32, 1), (jnp.float16, 2), (jnp.bfloat16, 3)):
+        text = _lower_for_cuda(lambda x, w: qw.normed_matmul(x, w, 1e-5, backend="cuda"), jnp.ones((1, 4096), dtype), w)
+        calls = [line for line in text.splitlines() if "stablehlo.custom_call @jaxquant_" in line]
+        assert len(calls) == 1 and "@jaxquant_e8p_linear(" in calls[0] and f"norm = {norm}" in calls[0], dtype
+        assert "stablehlo.reduce" not in text and "rsqrt" not in text, dtype
+    other = random_quip(jax.random.key(2), 64, 3072, 2)
+    assert other.normed_matmul(jnp.ones((1, 3072)), jnp.ones((3072,)), 1e-5, backend="cuda") is None
+    assert qw.normed_matmul(jnp.ones((2, 4096)), w, 1e-5, backend="cuda") is None
+    assert qw.normed_matmul(jnp.ones((1, 4096)), w, 1e-5, backend="reference") is None
+    monkeypatch.setattr(dispatch, "E8P_LINEAR_NORM", False)
+    assert qw.normed_matmul(jnp.ones((1, 4096)), w, 1e-5, backend="cuda") is None
+
+
+def test_decoder_layers_hand_their_norms_to_the_linears(monkeypatch):
+    """Each layer's two RMSNorms go to the fused linear after them (``Linear.after_norm``): a
+    QuIP# weight's ``normed_matmul`` gets the norm's weight and eps (here a stand-in that norms, then
+    multiplies), and the logits equal those of norming first."""
+    from jaxquant.formats.quip_sharp import QuIPSharpQuantized
+    from jaxquant.model import llama
+    from jaxquant.model.fuse import fuse_linears
+    from jaxquant.model.params import model_from_params, set_param
+    from helpers import random_params, tiny_config
+
+    cfg = tiny_config()
+    model = fuse_linears(model_from_params(cfg, random_params(cfg, seed=3)))
+    fused = {"self_attn.qkv_proj": "input_layernorm", "mlp.gate_up_proj": "post_attention_layernorm"}
+    for i in range(cfg.num_hidden_layers):
+        for j, name in enumerate(fused):
+            lin = model.layers[i]
+            for part in name.split("."):
+                lin = getattr(lin, part)
+            out, inp = lin.weight.get_value().shape
+            set_param(model, f"layers.{i}.{name}.weight", random_quip(jax.random.key(10 * i + j), out, inp, 2))
+    tokens = jnp.asarray([[3, 1, 4, 1, 5]], jnp.int32)
+    calls = []
+
+    def stand_in(self, x, norm_weight, eps, backend="auto"):
+        calls.append((self.shape, np.asarray(norm_weight), eps))
+        return self.matmul(llama.rms_norm(x, norm_weight, eps))
+
+    reference = np.asarray(model(tokens)[0])  # on the CPU normed_matmul declines: norm, then matmul
+    monkeypatch.setattr(QuIPSharpQuantized, "normed_matmul", stand_in)
+    got = np.asarray(model(tokens)[0])
+    assert len(calls) == 2 * cfg.num_hidden_layers
+    for i in range(cfg.num_hidden_layers):
+        for j, norm in enumerate(fused.values()):
+            shape, weight, eps = calls[2 * i + j]
+            np.testing.assert_array_equal(weight, np.asarray(getattr(model.layers[i], norm).weight.get_value()))
+            assert eps == cfg.rms_norm_eps
+    np.testing.assert_allclose(got, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_e8p_linear_rejects_bad_input():
@@ -2415,6 +2499,25 @@ def test_e8p_linear_gpu(monkeypatch, bits):
         ref = np.asarray(qw.matmul(x.astype(jnp.float32), backend="reference"))
         assert np.isfinite(ys[True]).all() and rel_err(ys[True], ys[False]) < 1e-6, (out, inp)
         assert rel_err(ys[True], ref) < 4e-3, (out, inp)
+
+
+@pytest.mark.gpu
+def test_quip_normed_matmul_gpu():
+    """The E8P kernel's RMSNorm: ``normed_matmul`` against ``matmul(rms_norm(x))`` (the unfused
+    decode path) for fp16, bf16 and float32 activations, at Llama-2-7B widths, 2 and 4 bits."""
+    from jaxquant.model.llama import rms_norm
+
+    for i, (out, inp, bits, dtype) in enumerate([(12288, 4096, 2, jnp.float16), (22016, 4096, 2, jnp.bfloat16),
+                                                 (4096, 4096, 4, jnp.float16), (4096, 8192, 2, jnp.float32)]):
+        qw = random_quip(jax.random.key(60 + i), out, inp, bits).for_serving()
+        x = (3 * jax.random.normal(jax.random.key(70 + i), (1, 1, inp), jnp.float32)).astype(dtype)
+        w = jax.random.uniform(jax.random.key(80 + i), (inp,), jnp.float32, 0.5, 2.0)
+        y = qw.normed_matmul(x, w, 1e-5)
+        assert y is not None and y.shape == (1, 1, out) and y.dtype == dtype, (out, inp)
+        ref = qw.matmul(rms_norm(x, w, 1e-5))
+        assert np.isfinite(np.asarray(y, np.float32)).all() and rel_err(y, ref) < 2e-3, (out, inp, dtype)
+        dense = np.asarray(rms_norm(x, w, 1e-5), np.float64).reshape(1, inp) @ np.asarray(qw.dequantize(), np.float64).T
+        assert rel_err(np.asarray(y, np.float64).reshape(1, out), dense) < 1e-2, (out, inp, dtype)
 
 
 @pytest.mark.gpu

@@ -59,6 +59,12 @@ class QuantizedWeight:
             raise ValueError(f"{self.format_name}: backend {backend!r} not available")
         return x @ self.dequantize(x.dtype).T
 
+    def normed_matmul(self, x: jax.Array, norm_weight: jax.Array, eps: float,
+                      backend: str = "auto") -> jax.Array | None:
+        """``rms_norm(x, norm_weight, eps) @ W.T`` where a kernel of the format makes the norm
+        itself; None where none does (the caller norms, then ``matmul``s). Not differentiable."""
+        return None
+
     def for_serving(self) -> "QuantizedWeight":
         """The same weight as a decode loop keeps it on the device: ``serving_float32`` arrays widened
         to float32 (same values; the stored form, and so checkpoints, keep float16)."""

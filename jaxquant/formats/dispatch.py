@@ -215,6 +215,11 @@ def cluster_factor(n: int, seed: int = 0) -> np.ndarray | None:
 # A batch-1 QuIP# linear as one FFI call (``cuda_ffi.e8p_linear``: its transforms and the E8P kernel
 # launched programmatically dependent) where ``e8p_linear_factors`` allows; False: three calls.
 E8P_LINEAR_ONE_CALL = True
+# And with x's RHT in its E8P kernel, that kernel also makes the RMSNorm before the linear
+# (``QuantizedWeight.normed_matmul``; two XLA kernels fewer per norm).
+E8P_LINEAR_NORM = True
+# Its E8P kernel's launch (``cuda_ffi.e8p_linear``'s rows_per_warp, warps, prefetch; 0: the defaults).
+E8P_LINEAR_LAUNCH = (0, 0, 0)
 
 
 def e8p_linear_factors(k_in: int, out: int, bits: int, seed: int = 0):

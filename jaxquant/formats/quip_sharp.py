@@ -87,6 +87,22 @@ class QuIPSharpQuantized(QuantizedWeight):
             return _matmul_kernel(x, self, "pallas")
         return _matmul(x, self)
 
+    def normed_matmul(self, x: jax.Array, norm_weight: jax.Array, eps: float,
+                      backend: str = "auto") -> jax.Array | None:
+        """One row of x on the CUDA backend whose E8P kernel rotates x itself (a power-of-two
+        width): the kernel RMS-normalizes x too (``cuda_ffi.e8p_linear``); else None."""
+        from jaxquant.formats import dispatch
+
+        if backend not in ("auto", "cuda") or math.prod(x.shape[:-1]) != 1 or not dispatch.E8P_LINEAR_NORM:
+            return None
+        if dispatch.vq_choice(self.format_name, kernel_issue(self, x, backend), x, backend,
+                              tuned=self.codebook.replace("e8p-", ""), bits=self.bits) != "cuda":
+            return None
+        factors = dispatch.e8p_linear_factors(self.shape[1], self.shape[0], self.bits, self.had_seed)
+        if not factors or factors[0] is not None:
+            return None
+        return _normed_matmul_kernel(x, self, norm_weight.astype(jnp.float32), eps)
+
 
 def kernel_issue(qw: "QuIPSharpQuantized", x: jax.Array, backend: str = "cuda") -> str | None:
     """Why the CUDA (or, with ``backend="pallas"``, the Pallas) kernel cannot compute ``x @ qw.T``
@@ -137,9 +153,7 @@ def _matmul_kernel(x, qw: QuIPSharpQuantized, kernel: str):
         one_row = math.prod(x.shape[:-1]) == 1
         factors = dispatch.e8p_linear_factors(qw.shape[1], qw.shape[0], qw.bits, qw.had_seed) if one_row else None
         if factors and dispatch.E8P_LINEAR_ONE_CALL:
-            y = cuda_ffi.e8p_linear(x32, qw.codes, _abs_table(), qw.SU, qw.SV, factors[1], bits=qw.bits,
-                                    resid_scale=resid, in_factor=factors[0])
-            return (y * qw.row_scale()).astype(x.dtype)
+            return _one_call(x, qw, factors)
         # x-stationary at batch 1 (14% faster 7B decode on an H100): where the width allows it also
         # makes x's RHT, and its per-chunk partial sums are added by the inverse transform's kernel
         # as it loads them (two launches fewer)
@@ -149,6 +163,27 @@ def _matmul_kernel(x, qw: QuIPSharpQuantized, kernel: str):
                                 keep_parts=True, su=qw.SU if in_kernel else None)
     y = dispatch.rht_fast(y, qw.SV, seed=qw.had_seed, inverse=True, kernel=kernel, sum_parts=kernel == "cuda")
     return (y * qw.row_scale()).astype(x.dtype)
+
+
+def _one_call(x, qw: QuIPSharpQuantized, factors, norm_weight=None, eps: float = 0.0):
+    """The batch-1 CUDA linear as one ``cuda_ffi.e8p_linear`` call (``factors`` from
+    ``dispatch.e8p_linear_factors``), x RMS-normalized first by its E8P kernel with ``norm_weight``."""
+    import cuda_ffi
+    from jaxquant.formats import dispatch
+
+    y = cuda_ffi.e8p_linear(x, qw.codes, _abs_table(), qw.SU, qw.SV, factors[1], bits=qw.bits,
+                            resid_scale=e8p.get_codebook(qw.codebook).resid_scale or 1.0, in_factor=factors[0],
+                            norm_weight=norm_weight, norm_eps=eps,
+                            **dict(zip(("rows_per_warp", "warps", "prefetch"), dispatch.E8P_LINEAR_LAUNCH)))
+    return (y * qw.row_scale()).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="eps")
+def _normed_matmul_kernel(x, qw: QuIPSharpQuantized, norm_weight, eps: float):
+    from jaxquant.formats import dispatch
+
+    return _one_call(x, qw, dispatch.e8p_linear_factors(qw.shape[1], qw.shape[0], qw.bits, qw.had_seed),
+                     norm_weight, eps)
 
 
 @jax.jit

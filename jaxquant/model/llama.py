@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant.formats.base import QuantizedWeight
 from jaxquant.model.config import LlamaConfig
 from jaxquant.quant import matmul
 
@@ -26,10 +27,29 @@ class Linear(nnx.Module):
         y = matmul(x, self.weight.get_value())
         return y if self.bias is None else y + self.bias.get_value().astype(y.dtype)
 
+    def after_norm(self, x, norm: "RMSNorm | None"):
+        """``self(norm(x))``: one kernel where the weight's format makes the norm itself (a QuIP#
+        decode step on a GPU, ``QuantizedWeight.normed_matmul``)."""
+        if norm is None:
+            return self(x)
+        w = self.weight.get_value()
+        if self.bias is None and isinstance(w, QuantizedWeight):
+            y = w.normed_matmul(x, norm.weight.get_value(), norm.eps)
+            if y is not None:
+                return y
+        return self(norm(x))
+
 
 class Embedding(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim), jnp.float32) * 0.02)
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm over the last axis in float32, the result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -38,9 +58,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.weight.get_value().astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, self.weight.get_value(), self.eps)
 
 
 def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
@@ -99,34 +117,36 @@ class Attention(nnx.Module):
         self.o_proj = Linear(cfg.num_attention_heads * hd, d, bias=b, rngs=rngs)
         self.cfg = cfg
 
-    def __call__(self, x, positions, inv_freq, kv=None, cache_pos=0):
-        out, kv = self.attend(x, positions, inv_freq, kv, cache_pos)
+    def __call__(self, x, positions, inv_freq, kv=None, cache_pos=0, norm=None):
+        out, kv = self.attend(x, positions, inv_freq, kv, cache_pos, norm)
         return self.o_proj(out), kv
 
-    def project(self, x):
-        """(q, k, v) [B, T, heads·hd], from one fused product when ``fuse_qkv``."""
+    def project(self, x, norm=None):
+        """(q, k, v) [B, T, heads·hd] of ``norm(x)`` (x if no norm), from one fused product when
+        ``fuse_qkv``."""
         if not self.cfg.fuse_qkv:
+            x = x if norm is None else norm(x)
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         nq = self.cfg.num_attention_heads * self.cfg.head_dim
         nkv = self.cfg.num_key_value_heads * self.cfg.head_dim
-        y = self.qkv_proj(x)
+        y = self.qkv_proj.after_norm(x, norm)
         return y[..., :nq], y[..., nq:nq + nkv], y[..., nq + nkv:]
 
-    def attend(self, x, positions, inv_freq, kv=None, cache_pos=0):
-        """Attention output before o_proj. x [B, T, d]. Without ``kv``: causal self-attention
-        over x. With ``kv`` = (k, v) caches [B, S, kv_heads, hd]: x's keys are written at
-        ``cache_pos`` and attention covers the cache."""
+    def attend(self, x, positions, inv_freq, kv=None, cache_pos=0, norm=None):
+        """Attention output before o_proj. x [B, T, d], taken through ``norm`` first if given.
+        Without ``kv``: causal self-attention over x. With ``kv`` = (k, v) caches [B, S, kv_heads,
+        hd]: x's keys are written at ``cache_pos`` and attention covers the cache."""
         cfg = self.cfg
         B, T, _ = x.shape
         kvh, groups = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
         if kv is not None and T == 1 and decode_attention_kernel(cfg):
             import cuda_ffi
 
-            qkv = self.qkv_proj(x) if cfg.fuse_qkv else jnp.concatenate(self.project(x), -1)
+            qkv = self.qkv_proj.after_norm(x, norm) if cfg.fuse_qkv else jnp.concatenate(self.project(x, norm), -1)
             out, k, v = cuda_ffi.decode_attention(qkv.reshape(B, -1), kv[0], kv[1], positions[0], inv_freq,
                                                   heads=cfg.num_attention_heads, kv_heads=kvh)
             return out.reshape(B, 1, -1).astype(x.dtype), (k, v)
-        q, k, v = self.project(x)
+        q, k, v = self.project(x, norm)
         q = apply_rope(q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(B, T, kvh, cfg.head_dim), positions, inv_freq)
         v = v.reshape(B, T, kvh, cfg.head_dim)
@@ -156,16 +176,17 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, bias=b, rngs=rngs)
         self.fused = cfg.fuse_gate_up
 
-    def hidden(self, x):
-        """silu(gate) * up: the input of down_proj."""
+    def hidden(self, x, norm=None):
+        """silu(gate) * up of ``norm(x)`` (x if no norm): the input of down_proj."""
         if self.fused:
-            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+            gate, up = jnp.split(self.gate_up_proj.after_norm(x, norm), 2, axis=-1)
         else:
+            x = x if norm is None else norm(x)
             gate, up = self.gate_proj(x), self.up_proj(x)
         return jax.nn.silu(gate) * up
 
-    def __call__(self, x):
-        return self.down_proj(self.hidden(x))
+    def __call__(self, x, norm=None):
+        return self.down_proj(self.hidden(x, norm))
 
 
 class DecoderLayer(nnx.Module):
@@ -176,9 +197,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, inv_freq, kv=None, cache_pos=0):
-        h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv, cache_pos)
+        # the norms go in with their linears: a decode step's QuIP# kernel makes them itself
+        h, kv = self.self_attn(x, positions, inv_freq, kv, cache_pos, norm=self.input_layernorm)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(x, norm=self.post_attention_layernorm), kv
 
 
 class Llama(nnx.Module):
