@@ -1089,9 +1089,11 @@ struct E8pArgs {
   float resid;         // 1 / resid_scale (RVQ4's second stage)
   const float* su;     // x-stationary kernel: signs [in] of x's RHT, done in the kernel (nullptr: x is rotated)
   float rht_scale;     // 1 / sqrt(in) with su
-  const float* norm_w; // with su: x is first RMS-normalized with this weight [in] (nullptr: it is not)
+  const void* x_rht;   // with su: x [in] in x_dtype (0 float32, 1 fp16, 2 bf16), read by the RHT
+  int x_dtype;
+  const void* norm_w;  // with su: x is first RMS-normalized with this weight [in] in w_dtype (nullptr: it is
+  int w_dtype;         // not), the result rounded to x's dtype as the model's RMSNorm rounds it
   float norm_eps;
-  int norm_round;      // the normalized x rounded as the model's activations: 0 float32, 1 fp16, 2 bf16
 };
 
 
@@ -1262,13 +1264,38 @@ __device__ __forceinline__ void smem_butterfly_pass(float* buf, int total, int l
   }
 }
 
-// 1 / RMS of x [n] (n a multiple of 4) with eps, as the model's RMSNorm: every thread of the block
-// gets it. scratch: at least 32 floats of shared memory, free until the return.
-__device__ __forceinline__ float e8_inv_rms(const float* __restrict__ x, int n, float eps, float* scratch) {
+// Elements i .. i + 7 (i a multiple of 8) of a float32 (dtype 0), fp16 (1) or bf16 (2) vector.
+__device__ __forceinline__ void e8_load8(const void* p, int dtype, int i, float (&v)[8]) {
+  if (dtype == 0) {
+    const float4* q = reinterpret_cast<const float4*>(p) + i / 4;
+    const float4 lo = __ldg(q), hi = __ldg(q + 1);
+    v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w; v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
+    return;
+  }
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + i / 8);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (dtype == 1) {
+      const float2 f = __half22float2(u2h2(w[k]));
+      v[2 * k] = f.x;
+      v[2 * k + 1] = f.y;
+    } else {
+      v[2 * k] = __uint_as_float(w[k] << 16);
+      v[2 * k + 1] = __uint_as_float(w[k] & 0xFFFF0000u);
+    }
+  }
+}
+
+// 1 / RMS of x [n] (n a multiple of 8, e8_load8's dtype) with eps, as the model's RMSNorm: every
+// thread of the block gets it. scratch: at least 32 floats of shared memory, free until the return.
+__device__ __forceinline__ float e8_inv_rms(const void* x, int dtype, int n, float eps, float* scratch) {
   float ss = 0.f;
-  for (int i = threadIdx.x; i < n / 4; i += blockDim.x) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(x) + i);
-    ss += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
+  for (int i = threadIdx.x; i < n / 8; i += blockDim.x) {
+    float v[8];
+    e8_load8(x, dtype, 8 * i, v);
+    ss += ((v[0] * v[0] + v[1] * v[1]) + (v[2] * v[2] + v[3] * v[3])) +
+          ((v[4] * v[4] + v[5] * v[5]) + (v[6] * v[6] + v[7] * v[7]));
   }
   ss = warp_sum(ss);
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = ss;
@@ -1279,7 +1306,7 @@ __device__ __forceinline__ float e8_inv_rms(const float* __restrict__ x, int n, 
   return rsqrtf(total / static_cast<float>(n) + eps);
 }
 
-// v rounded to the model's activation dtype (E8pArgs::norm_round) and back.
+// v rounded to the model's activation dtype (e8_load8's codes) and back.
 __device__ __forceinline__ float e8_round(float v, int dtype) {
   if (dtype == 1) return __half2float(__float2half_rn(v));
   if (dtype == 2) return __bfloat162float(__float2bfloat16_rn(v));
@@ -1289,27 +1316,26 @@ __device__ __forceinline__ float e8_round(float v, int dtype) {
 // Chunk `chunk` (CK = 2^LOGCK inputs) of FWHT_n(su * x), n = parts * CK, unscaled, into buf (pad32).
 // In Sylvester order index = (c, j), so (H_n v)[chunk, j] = (H_CK z)[j] with
 // z = sum over c of (-1)^popc(chunk & c) v[c, :]: z on the way in, then the CK-point transform.
-// With a.norm_w, x is RMSNorm(x) first: round((x / rms(x)) * w), the model's order of operations.
+// x is a.x_rht (a.x_dtype); with a.norm_w it is RMSNorm(x) first: round((x / rms(x)) * w), the model's
+// order of operations.
 template <int LOGCK>
 __device__ __forceinline__ void e8_xs_rht_chunk(const E8pArgs& a, int parts, int chunk, float* buf) {
   constexpr int CK = 1 << LOGCK;
-  const float* __restrict__ x = a.xf;
   const float* __restrict__ su = a.su;
-  const float r = a.norm_w ? e8_inv_rms(x, parts * CK, a.norm_eps, buf) : 1.f;
+  const float r = a.norm_w ? e8_inv_rms(a.x_rht, a.x_dtype, parts * CK, a.norm_eps, buf) : 1.f;
   for (int g = threadIdx.x; g < CK / 8; g += blockDim.x) {
     float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int c = 0; c < parts; ++c) {
-      const float4* xp = reinterpret_cast<const float4*>(x + c * CK) + 2 * g;
       const float4* sp = reinterpret_cast<const float4*>(su + c * CK) + 2 * g;
-      const float4 x0 = __ldg(xp), x1 = __ldg(xp + 1), s0 = __ldg(sp), s1 = __ldg(sp + 1);
+      const float4 s0 = __ldg(sp), s1 = __ldg(sp + 1);
       const float m = __popc(chunk & c) & 1 ? -1.f : 1.f;
-      float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+      float xv[8];
+      e8_load8(a.x_rht, a.x_dtype, c * CK + 8 * g, xv);
       if (a.norm_w) {
-        const float4* wp = reinterpret_cast<const float4*>(a.norm_w + c * CK) + 2 * g;
-        const float4 w0 = __ldg(wp), w1 = __ldg(wp + 1);
-        const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+        float wv[8];
+        e8_load8(a.norm_w, a.w_dtype, c * CK + 8 * g, wv);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) xv[e] = e8_round((xv[e] * r) * wv[e], a.norm_round);
+        for (int e = 0; e < 8; ++e) xv[e] = e8_round((xv[e] * r) * wv[e], a.x_dtype);
       }
       const float xs[8] = {xv[0] * s0.x, xv[1] * s0.y, xv[2] * s0.z, xv[3] * s0.w,
                            xv[4] * s1.x, xv[5] * s1.y, xv[6] * s1.z, xv[7] * s1.w};
@@ -1508,6 +1534,7 @@ E8pArgs e8p_xs_args(const float* x, int64_t k, int64_t out, const uint8_t* codes
   a.out = static_cast<int>(out);
   a.units = static_cast<int>(k * (bits / 2) / 64);
   a.xf = x;
+  a.x_rht = x;
   a.codes = reinterpret_cast<const uint4*>(codes);
   a.abs = reinterpret_cast<const uint2*>(abs);
   a.y = part;
@@ -1578,15 +1605,22 @@ ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Bu
 // applied), the x-stationary E8P kernel into the scratch partials, and the partials' sum inverse-
 // transformed with the output signs sv on a cluster into y. in_bits / out_bits: the cluster factors'
 // sign bits (rht_cluster.cu); unused inputs are any one-element arrays. The E8P launch knobs are
-// e8p_matvec_xs's. norm = 1 + d: x is the model's residual stream, RMS-normalized with norm_w and
-// norm_eps in the E8P kernel and rounded to the activations' dtype d (0 float32, 1 fp16, 2 bf16).
-ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+// e8p_matvec_xs's. x: float32, or fp16 / bf16 when the E8P kernel rotates it (read as it comes: no
+// convert kernel before). norm = 1: x is the model's residual stream, RMS-normalized with norm_w
+// (float32, fp16 or bf16) and norm_eps in the E8P kernel and rounded to x's dtype, as the model does.
+// The e8_load8 code of a float32, fp16 or bf16 buffer; -1 for any other dtype.
+int e8_dtype_code(ffi::DataType t) {
+  return t == ffi::DataType::F32 ? 0 : t == ffi::DataType::F16 ? 1 : t == ffi::DataType::BF16 ? 2 : -1;
+}
+
+ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes,
                          ffi::Buffer<ffi::U32> abs, ffi::Buffer<ffi::F32> su, ffi::Buffer<ffi::U32> in_bits,
-                         ffi::Buffer<ffi::U32> out_bits, ffi::Buffer<ffi::F32> sv, ffi::Buffer<ffi::F32> norm_w,
+                         ffi::Buffer<ffi::U32> out_bits, ffi::Buffer<ffi::F32> sv, ffi::AnyBuffer norm_w,
                          ffi::Result<ffi::Buffer<ffi::F32>> y,
                          ffi::Result<ffi::Buffer<ffi::F32>> part, ffi::Result<ffi::Buffer<ffi::F32>> xr, int64_t bits,
                          double resid_scale, int64_t in_cluster, int64_t rows_per_warp, int64_t warps,
                          int64_t prefetch, int64_t norm, double norm_eps) {
+  const int x_dtype = e8_dtype_code(x.element_type()), w_dtype = e8_dtype_code(norm_w.element_type());
   auto cd = codes.dimensions(), pd = part->dimensions(), ib = in_bits.dimensions(), ob = out_bits.dimensions();
   const int64_t k = static_cast<int64_t>(x.element_count()), out = static_cast<int64_t>(y->element_count());
   const char* bad = pd.size() != 2 ? "partials [chunks, out]"
@@ -1600,11 +1634,14 @@ ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
                              static_cast<int64_t>(xr->element_count()) != k)) {
     bad = "in_bits [A, ceil(A / 32)] and xr [in] for the input transform on a cluster";
   }
-  if (!bad && norm && (in_cluster || norm < 0 || norm > 3 || static_cast<int64_t>(norm_w.element_count()) != k)) {
-    bad = "the RMSNorm (norm 1-3: the activations' float32, fp16, bf16) needs x's RHT in the E8P kernel and norm_w [in]";
+  if (!bad && (x_dtype < 0 || (in_cluster && x_dtype != 0))) {
+    bad = "x float32, or fp16 / bf16 with x's RHT in the E8P kernel";
+  }
+  if (!bad && norm && (in_cluster || w_dtype < 0 || static_cast<int64_t>(norm_w.element_count()) != k)) {
+    bad = "the RMSNorm needs x's RHT in the E8P kernel and norm_w [in] (float32, fp16 or bf16)";
   }
   if (bad) return ffi::Error::InvalidArgument(std::string("e8p_linear: ") + bad);
-  const float* xin = x.typed_data();
+  const float* xin = static_cast<const float*>(x.untyped_data());  // float32 unless x_rht says otherwise
   cudaError_t err = cudaSuccess;
   if (in_cluster) {
     err = rht_cluster_run(stream, xin, in_bits.typed_data(), nullptr, xr->typed_data(), static_cast<int>(ib[0]), 1, 1,
@@ -1613,10 +1650,11 @@ ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   E8pArgs a = e8p_xs_args(xin, k, out, codes.typed_data(), abs.typed_data(), in_cluster ? nullptr : su.typed_data(),
                           part->typed_data(), bits, resid_scale);
+  if (!in_cluster) a.x_dtype = x_dtype;  // the RHT reads x as it comes
   if (norm) {
-    a.norm_w = norm_w.typed_data();
+    a.norm_w = norm_w.untyped_data();
+    a.w_dtype = w_dtype;
     a.norm_eps = static_cast<float>(norm_eps);
-    a.norm_round = static_cast<int>(norm - 1);
   }
   if (err == cudaSuccess) err = e8p_xs_run(stream, a, bits, rows_per_warp, warps, prefetch);
   if (err == cudaSuccess) {
@@ -3098,14 +3136,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvecXs, E8pMatvecXsImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pLinear, E8pLinearImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -486,7 +486,12 @@ def rht_cluster(x: jax.Array, factor: np.ndarray, signs: jax.Array, *, inverse: 
 
 
 
-_NORM_ROUNDING = {jnp.dtype(jnp.float16): 1, jnp.dtype(jnp.bfloat16): 2}  # e8p_linear's norm - 1; float32: 0
+_E8P_LINEAR_FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))  # read as they are
+
+
+def _kernel_float(v: jax.Array) -> jax.Array:
+    """v as it is where e8p_linear reads its dtype (no convert kernel), else float32."""
+    return v if v.dtype in _E8P_LINEAR_FLOATS else v.astype(jnp.float32)
 
 
 def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Array, sv: jax.Array,
@@ -523,21 +528,21 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
         build.load()
     chunks = -(-(k_in * bits // 128) // 32)
     su = su.astype(jnp.float32)
-    x1 = x.reshape(k_in).astype(jnp.float32)
+    x1 = x.reshape(k_in) if in_factor is None else x.reshape(k_in).astype(jnp.float32)
+    x1 = _kernel_float(x1)  # the E8P kernel reads float32, fp16 or bf16 as it comes
     one_u32 = jnp.zeros((1, 1), jnp.uint32)
     f = jax.ffi.ffi_call("jaxquant_e8p_linear", (jax.ShapeDtypeStruct((out,), jnp.float32),
                                                  jax.ShapeDtypeStruct((chunks, out), jnp.float32),
                                                  jax.ShapeDtypeStruct((k_in if in_factor is not None else 1,),
                                                                       jnp.float32)),
                          vmap_method="sequential")
-    norm = 0 if norm_weight is None else 1 + _NORM_ROUNDING.get(jnp.dtype(x.dtype), 0)
     y, _, _ = f(x1 if in_factor is None else x1 * su, codes, jnp.asarray(abs_table, jnp.uint32).reshape(512), su,
                 one_u32 if in_factor is None else jnp.asarray(sign_bits(in_factor)),
                 jnp.asarray(sign_bits(np.asarray(out_factor).T)), sv.astype(jnp.float32),
-                jnp.zeros((1,), jnp.float32) if norm_weight is None else norm_weight.astype(jnp.float32),
+                jnp.zeros((1,), jnp.float32) if norm_weight is None else _kernel_float(norm_weight),
                 bits=np.int64(bits), resid_scale=np.float64(resid_scale), in_cluster=np.int64(in_factor is not None),
                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), prefetch=np.int64(prefetch),
-                norm=np.int64(norm), norm_eps=np.float64(norm_eps))
+                norm=np.int64(norm_weight is not None), norm_eps=np.float64(norm_eps))
     return y.reshape(*lead, out)
 
 

@@ -1035,8 +1035,8 @@ bool read(FILE* f, std::vector<T>& v, size_t n) { v.resize(n); return fread(v.da
 _E8P_HOST_MAIN = r"""
 // argv: kernel (0 default, 1 x-stationary) bits out k rows units blocks warps rht in out
 // (units: code units per step of the default kernel; row groups in flight of the x-stationary one;
-// rht: the x-stationary kernel makes x's RHT with su; 2, 3: of x's RMSNorm (weight after su in `in`,
-// eps 1e-5) rounded to fp16, bf16)
+// rht: the x-stationary kernel makes x's RHT with su; 2, 3: of the RMSNorm of x in fp16, bf16 (the
+// norm weight, f32, and x in that dtype after su in `in`; eps 1e-5))
 // in: x f32 [k], xh f16 [k] and xq f32 [k/8] in the default kernel's layout, codes u8 [out, k/8, bits],
 // abs u32 [512], su f32 [k]; out: y f32 [out] (default) or the partials f32 [chunks, out] (x-stationary).
 int main(int argc, char** argv) {
@@ -1052,8 +1052,9 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> codes;
   std::vector<uint32_t> abs;
   std::vector<float> norm_w;
+  std::vector<uint16_t> x16;  // rht >= 2: x in fp16 / bf16, natural order
   if (!read(in, x, k) || !read(in, xh, k) || !read(in, xq, k / 8) || !read(in, codes, size_t(out) * k / 8 * bits) ||
-      !read(in, abs, 512) || !read(in, su, k) || (rht >= 2 && !read(in, norm_w, k))) return 2;
+      !read(in, abs, 512) || !read(in, su, k) || (rht >= 2 && (!read(in, norm_w, k) || !read(in, x16, k)))) return 2;
   const int st = bits / 2, units = k * st / 64, chunks = (units + 31) / 32;
   std::vector<float> y(size_t(xs ? chunks : 1) * out, NAN);
   E8pArgs a{};
@@ -1068,11 +1069,13 @@ int main(int argc, char** argv) {
   if (rht) {
     a.su = su.data();
     a.rht_scale = 1.0f / std::sqrt(static_cast<float>(k));
+    a.x_rht = x.data();
   }
-  if (rht >= 2) {  // x RMS-normalized first, rounded to fp16 (2) or bf16 (3)
+  if (rht >= 2) {  // x in fp16 (2) or bf16 (3), RMS-normalized first and rounded back to its dtype
+    a.x_rht = x16.data();
+    a.x_dtype = rht - 1;
     a.norm_w = norm_w.data();
     a.norm_eps = 1e-5f;
-    a.norm_round = rht - 1;
   }
   auto go = [&](auto kernel) { run(kernel, blocks, warps); };
 #define XS(R, ST) (units_per_step == 2 ? go([&] { e8p_matvec_xs_kernel<R, ST, 2>(a, chunks, a.y); }) \
@@ -1146,7 +1149,8 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
         norm_w = np.asarray(jax.random.uniform(jax.random.key(990 + i), (k,), jnp.float32, 0.5, 2.0))
         (tmp_path / "in.bin").write_bytes(x.tobytes() + np.asarray(xh).tobytes() + np.asarray(xq).tobytes()
                                           + np.asarray(qw.codes).tobytes() + np.asarray(table).tobytes() + su.tobytes()
-                                          + (norm_w.tobytes() if rht >= 2 else b""))
+                                          + (norm_w.tobytes() + np.asarray(jnp.asarray(x[0], norm_dtype)).tobytes()
+                                             if norm_dtype else b""))
         proc = subprocess.run([str(exe), *map(str, (xs, bits, out, k, rows, units, blocks, warps, rht)),
                                str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
         assert proc.returncode == 0, cases[i]
@@ -1699,17 +1703,21 @@ def test_quip_linear_is_one_call_at_batch_1(monkeypatch):
 
 def test_quip_normed_linear_is_one_call(monkeypatch):
     """At batch 1 with x's RHT in the E8P kernel, that kernel also makes the RMSNorm before the
-    linear: one ``jaxquant_e8p_linear`` call, norm = 1 + the activations' rounding (float32, fp16,
-    bf16), no XLA reduction. K * 2^p inputs, batch 2 and the switch off decline (None)."""
+    linear: one ``jaxquant_e8p_linear`` call taking x and the norm's weight in their dtypes (float32,
+    fp16, bf16), no XLA reduction. K * 2^p inputs, batch 2 and the switch off decline (None)."""
     monkeypatch.setattr(cuda_build, "load", lambda: None)
     monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
     qw = random_quip(jax.random.key(1), 768, 4096, 2)
     w = jnp.ones((4096,))
-    for dtype, norm in ((jnp.float32, 1), (jnp.float16, 2), (jnp.bfloat16, 3)):
-        text = _lower_for_cuda(lambda x, w: qw.normed_matmul(x, w, 1e-5, backend="cuda"), jnp.ones((1, 4096), dtype), w)
-        calls = [line for line in text.splitlines() if "stablehlo.custom_call @jaxquant_" in line]
-        assert len(calls) == 1 and "@jaxquant_e8p_linear(" in calls[0] and f"norm = {norm}" in calls[0], dtype
-        assert "stablehlo.reduce" not in text and "rsqrt" not in text, dtype
+    for dtype, name in ((jnp.float32, "f32"), (jnp.float16, "f16"), (jnp.bfloat16, "bf16")):
+        for w in (jnp.ones((4096,)), jnp.ones((4096,), dtype)):
+            text = _lower_for_cuda(lambda x, w: qw.normed_matmul(x, w, 1e-5, backend="cuda"),
+                                   jnp.ones((1, 4096), dtype), w)
+            calls = [line for line in text.splitlines() if "stablehlo.custom_call @jaxquant_" in line]
+            assert len(calls) == 1 and "@jaxquant_e8p_linear(" in calls[0] and "norm = 1" in calls[0], dtype
+            assert "stablehlo.reduce" not in text and "rsqrt" not in text, dtype
+            # x and the norm's weight go in as they are: no convert kernel before the call
+            assert f": (tensor<4096x{name}>," in calls[0] and f"tensor<4096x{w.dtype.name[0]}" in calls[0], dtype
     other = random_quip(jax.random.key(2), 64, 3072, 2)
     assert other.normed_matmul(jnp.ones((1, 3072)), jnp.ones((3072,)), 1e-5, backend="cuda") is None
     assert qw.normed_matmul(jnp.ones((2, 4096)), w, 1e-5, backend="cuda") is None

@@ -101,7 +101,7 @@ class QuIPSharpQuantized(QuantizedWeight):
         factors = dispatch.e8p_linear_factors(self.shape[1], self.shape[0], self.bits, self.had_seed)
         if not factors or factors[0] is not None:
             return None
-        return _normed_matmul_kernel(x, self, norm_weight.astype(jnp.float32), eps)
+        return _normed_matmul_kernel(x, self, norm_weight, eps)
 
 
 def kernel_issue(qw: "QuIPSharpQuantized", x: jax.Array, backend: str = "cuda") -> str | None:
