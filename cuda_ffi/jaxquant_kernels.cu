@@ -1092,7 +1092,7 @@ struct E8pArgs {
   const void* x_rht;   // with su: x [in] in x_dtype (0 float32, 1 fp16, 2 bf16), read by the RHT
   int x_dtype;
   const void* norm_w;  // with su: x is first RMS-normalized with this weight [in] in w_dtype (nullptr: it is
-  int w_dtype;         // not), the result rounded to x's dtype as the model's RMSNorm rounds it
+  int w_dtype;         // not); not rounded to x's dtype after, as the model's RMSNorm is
   float norm_eps;
 };
 
@@ -1247,7 +1247,7 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
 constexpr int kE8XsStageBytes = 8 * 32 * (sizeof(uint4) + sizeof(float));  // x (fp16) and shift terms
 constexpr size_t kE8XsSmemBytes = kE8SmemBytes + kE8XsStageBytes;
 constexpr int kE8XsRhtMaxIn = 8192;  // widest x whose RHT the kernel makes (every block reads all of x)
-constexpr size_t kE8XsRhtSmemBytes = (2048 + 2048 / 32) * sizeof(float);  // a chunk of x in fp32, pad32
+constexpr size_t kE8XsRhtSmemBytes = (2048 + 2048 / 32 + 32) * sizeof(float);  // a chunk of x in fp32 (pad32), 32 sums
 
 // One pass of butterflies over index bits lo .. lo + NBITS - 1 of `total` floats in shared memory
 // (pad32 layout), each thread taking 2^NBITS elements that differ in those bits.
@@ -1287,42 +1287,17 @@ __device__ __forceinline__ void e8_load8(const void* p, int dtype, int i, float 
   }
 }
 
-// 1 / RMS of x [n] (n a multiple of 8, e8_load8's dtype) with eps, as the model's RMSNorm: every
-// thread of the block gets it. scratch: at least 32 floats of shared memory, free until the return.
-__device__ __forceinline__ float e8_inv_rms(const void* x, int dtype, int n, float eps, float* scratch) {
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < n / 8; i += blockDim.x) {
-    float v[8];
-    e8_load8(x, dtype, 8 * i, v);
-    ss += ((v[0] * v[0] + v[1] * v[1]) + (v[2] * v[2] + v[3] * v[3])) +
-          ((v[4] * v[4] + v[5] * v[5]) + (v[6] * v[6] + v[7] * v[7]));
-  }
-  ss = warp_sum(ss);
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += scratch[w];
-  __syncthreads();  // scratch is the caller's again
-  return rsqrtf(total / static_cast<float>(n) + eps);
-}
-
-// v rounded to the model's activation dtype (e8_load8's codes) and back.
-__device__ __forceinline__ float e8_round(float v, int dtype) {
-  if (dtype == 1) return __half2float(__float2half_rn(v));
-  if (dtype == 2) return __bfloat162float(__float2bfloat16_rn(v));
-  return v;
-}
-
-// Chunk `chunk` (CK = 2^LOGCK inputs) of FWHT_n(su * x), n = parts * CK, unscaled, into buf (pad32).
-// In Sylvester order index = (c, j), so (H_n v)[chunk, j] = (H_CK z)[j] with
-// z = sum over c of (-1)^popc(chunk & c) v[c, :]: z on the way in, then the CK-point transform.
-// x is a.x_rht (a.x_dtype); with a.norm_w it is RMSNorm(x) first: round((x / rms(x)) * w), the model's
-// order of operations.
+// Chunk `chunk` (CK = 2^LOGCK inputs) of FWHT_n(su * x), n = parts * CK, unscaled, into buf (pad32;
+// then 32 floats of scratch). In Sylvester order index = (c, j), so (H_n v)[chunk, j] = (H_CK z)[j]
+// with z = sum over c of (-1)^popc(chunk & c) v[c, :]: z on the way in, then the CK-point transform.
+// x is a.x_rht (a.x_dtype). With a.norm_w the chunk is of w * x and the return value 1 / rms(x) (the
+// model's RMSNorm, eps a.norm_eps), for the caller to scale by: x's squares are summed on the same
+// pass, and the block's sum is read after the transform's barriers (1 without a norm).
 template <int LOGCK>
-__device__ __forceinline__ void e8_xs_rht_chunk(const E8pArgs& a, int parts, int chunk, float* buf) {
+__device__ __forceinline__ float e8_xs_rht_chunk(const E8pArgs& a, int parts, int chunk, float* buf) {
   constexpr int CK = 1 << LOGCK;
   const float* __restrict__ su = a.su;
-  const float r = a.norm_w ? e8_inv_rms(a.x_rht, a.x_dtype, parts * CK, a.norm_eps, buf) : 1.f;
+  float ss = 0.f;
   for (int g = threadIdx.x; g < CK / 8; g += blockDim.x) {
     float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int c = 0; c < parts; ++c) {
@@ -1335,7 +1310,10 @@ __device__ __forceinline__ void e8_xs_rht_chunk(const E8pArgs& a, int parts, int
         float wv[8];
         e8_load8(a.norm_w, a.w_dtype, c * CK + 8 * g, wv);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) xv[e] = e8_round((xv[e] * r) * wv[e], a.x_dtype);
+        for (int e = 0; e < 8; ++e) {
+          ss = fmaf(xv[e], xv[e], ss);
+          xv[e] *= wv[e];
+        }
       }
       const float xs[8] = {xv[0] * s0.x, xv[1] * s0.y, xv[2] * s0.z, xv[3] * s0.w,
                            xv[4] * s1.x, xv[5] * s1.y, xv[6] * s1.z, xv[7] * s1.w};
@@ -1346,12 +1324,21 @@ __device__ __forceinline__ void e8_xs_rht_chunk(const E8pArgs& a, int parts, int
 #pragma unroll
     for (int e = 0; e < 8; ++e) buf[pad32(8 * g + e)] = v[e];
   }
+  float* sums = buf + CK + CK / 32;  // past the pad32 layout
+  if (a.norm_w) {
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) sums[threadIdx.x >> 5] = ss;
+  }
   static_for<(LOGCK - 3 + 3) / 4>([&](auto pp) {
     constexpr int lo = 3 + 4 * int(decltype(pp){}), nb = LOGCK - lo < 4 ? LOGCK - lo : 4;
     __syncthreads();
     smem_butterfly_pass<nb>(buf, CK, lo);
   });
   __syncthreads();
+  if (!a.norm_w) return 1.f;
+  float total = 0.f;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += sums[w];
+  return rsqrtf(total / static_cast<float>(parts * CK) + a.norm_eps);
 }
 
 template <int R, int ST, int D = 1>
@@ -1397,13 +1384,13 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
       prefetch();
       __syncthreads();  // the previous chunk's x is read
     }
-    if (a.su) e8_xs_rht_chunk<ST == 1 ? 11 : 10>(a, a.k / CK, chunk, xrot);
+    const float x_scale = a.su ? e8_xs_rht_chunk<ST == 1 ? 11 : 10>(a, a.k / CK, chunk, xrot) * a.rht_scale : 1.f;
     for (int t = threadIdx.x; t < G * 32; t += blockDim.x) {  // group g = t / 32 of unit l = t % 32
       const int l = t % 32, g = t / 32, j = (l * G + g) * 8;  // its first input within the chunk
       float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // zeros past the end
       if (a.su) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] = xrot[pad32(j) + e] * a.rht_scale;  // j % 8 == 0: no pad inside
+        for (int e = 0; e < 8; ++e) f[e] = xrot[pad32(j) + e] * x_scale;  // j % 8 == 0: no pad inside
       } else if (chunk * 32 + l < a.units) {
         const float4* p = reinterpret_cast<const float4*>(a.xf + static_cast<size_t>(chunk) * CK + j);
         const float4 lo = __ldg(p), hi = __ldg(p + 1);
@@ -1607,7 +1594,8 @@ ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Bu
 // sign bits (rht_cluster.cu); unused inputs are any one-element arrays. The E8P launch knobs are
 // e8p_matvec_xs's. x: float32, or fp16 / bf16 when the E8P kernel rotates it (read as it comes: no
 // convert kernel before). norm = 1: x is the model's residual stream, RMS-normalized with norm_w
-// (float32, fp16 or bf16) and norm_eps in the E8P kernel and rounded to x's dtype, as the model does.
+// (float32, fp16 or bf16) and norm_eps in the E8P kernel, in float32 (the model rounds the normalized
+// x to its dtype; reading x once, the kernel applies 1 / rms after the transform instead).
 // The e8_load8 code of a float32, fp16 or bf16 buffer; -1 for any other dtype.
 int e8_dtype_code(ffi::DataType t) {
   return t == ffi::DataType::F32 ? 0 : t == ffi::DataType::F16 ? 1 : t == ffi::DataType::BF16 ? 2 : -1;

@@ -505,8 +505,8 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
     ``rht_cluster`` for the factors). x: ``[..., in]`` with one row; codes and the launch knobs
     (``rows_per_warp``, ``warps``, ``prefetch``) as ``e8p_matvec``'s x-stationary kernel's.
     ``norm_weight`` [in] (x's RHT in the E8P kernel only): x is the residual stream and the linear's
-    input its RMSNorm, ``((x / rms(x, norm_eps)) * norm_weight)`` rounded to x's dtype, made by the
-    E8P kernel (two XLA kernels fewer before it)."""
+    input its RMSNorm, ``(x / rms(x, norm_eps)) * norm_weight``, made by the E8P kernel in float32
+    (two XLA kernels fewer before it; the model's norm also rounds it to x's dtype)."""
     if bits not in (2, 4):
         raise ValueError(f"e8p_linear: bits must be 2 or 4, got {bits}")
     out, groups, nbytes = codes.shape
