@@ -1341,6 +1341,17 @@ __device__ __forceinline__ float e8_xs_rht_chunk(const E8pArgs& a, int parts, in
   return rsqrtf(total / static_cast<float>(parts * CK) + a.norm_eps);
 }
 
+// This thread's share of the 128-byte lines of [p, p + bytes) asked into L2: between a layer's uses
+// the weights stream through L2 and evict small vectors that every block then reads.
+__device__ __forceinline__ void e8_prefetch_l2_share(const void* p, int bytes) {
+#if defined(__CUDA_ARCH__)
+  const int stride = static_cast<int>(gridDim.x * blockDim.x) * 128;
+  for (int off = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x) * 128; off < bytes; off += stride) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + off));
+  }
+#endif
+}
+
 template <int R, int ST, int D = 1>
 __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunks, float* part) {
   extern __shared__ uint2 e8tab[];
@@ -1375,8 +1386,12 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
     });
   };
   if (chunk < chunks) prefetch();
+  if (a.su) {  // every block reads all of su (and the norm's weight): asked into L2 by the grid's threads
+    e8_prefetch_l2_share(a.su, a.k * 4);
+    if (a.norm_w) e8_prefetch_l2_share(a.norm_w, a.k * (a.w_dtype ? 2 : 4));
+  }
   e8_fill_tables(e8tab, a.abs);
-  pdl_wait();  // the codes' loads and the table fill above may overlap the kernel that makes x
+  pdl_wait();  // the codes' loads, the prefetches and the table fill above may overlap the kernel that makes x
   for (bool first = true; chunk < chunks; chunk += min(nblocks, chunks), first = false) {
     uu = chunk * 32 + lane;
     live = uu < a.units;

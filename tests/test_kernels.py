@@ -2524,7 +2524,8 @@ def test_quip_normed_matmul_gpu():
         y = qw.normed_matmul(x, w, 1e-5)
         assert y is not None and y.shape == (1, 1, out) and y.dtype == dtype, (out, inp)
         ref = qw.matmul(rms_norm(x, w, 1e-5))
-        assert np.isfinite(np.asarray(y, np.float32)).all() and rel_err(y, ref) < 2e-3, (out, inp, dtype)
+        tol = TOL[jnp.bfloat16] if dtype == jnp.bfloat16 else 2e-3  # the reference rounds the norm to bf16
+        assert np.isfinite(np.asarray(y, np.float32)).all() and rel_err(y, ref) < tol, (out, inp, dtype)
         dense = np.asarray(rms_norm(x, w, 1e-5), np.float64).reshape(1, inp) @ np.asarray(qw.dequantize(), np.float64).T
         assert rel_err(np.asarray(y, np.float64).reshape(1, out), dense) < 1e-2, (out, inp, dtype)
 
