@@ -1722,8 +1722,10 @@ def test_quip_normed_linear_is_one_call(monkeypatch):
     assert other.normed_matmul(jnp.ones((1, 3072)), jnp.ones((3072,)), 1e-5, backend="cuda") is None
     assert qw.normed_matmul(jnp.ones((2, 4096)), w, 1e-5, backend="cuda") is None
     assert qw.normed_matmul(jnp.ones((1, 4096)), w, 1e-5, backend="reference") is None
-    monkeypatch.setattr(dispatch, "E8P_LINEAR_NORM", False)
-    assert qw.normed_matmul(jnp.ones((1, 4096)), w, 1e-5, backend="cuda") is None
+    for switch in ("E8P_LINEAR_NORM", "E8P_LINEAR_ONE_CALL"):
+        with monkeypatch.context() as m:
+            m.setattr(dispatch, switch, False)
+            assert qw.normed_matmul(jnp.ones((1, 4096)), w, 1e-5, backend="cuda") is None, switch
 
 
 def test_decoder_layers_hand_their_norms_to_the_linears(monkeypatch):

@@ -93,7 +93,8 @@ class QuIPSharpQuantized(QuantizedWeight):
         width): the kernel RMS-normalizes x too (``cuda_ffi.e8p_linear``); else None."""
         from jaxquant.formats import dispatch
 
-        if backend not in ("auto", "cuda") or math.prod(x.shape[:-1]) != 1 or not dispatch.E8P_LINEAR_NORM:
+        if (backend not in ("auto", "cuda") or math.prod(x.shape[:-1]) != 1 or not dispatch.E8P_LINEAR_NORM
+                or not dispatch.E8P_LINEAR_ONE_CALL):
             return None
         if dispatch.vq_choice(self.format_name, kernel_issue(self, x, backend), x, backend,
                               tuned=self.codebook.replace("e8p-", ""), bits=self.bits) != "cuda":
