@@ -2455,6 +2455,18 @@ def test_rht_cluster_code_stays_small():
         assert 4096 < size < 32 * 1024, (tb, size)
 
 
+def test_e8p_decode_kernel_code_stays_small():
+    """The batch-1 E8P / RVQ4 kernel runs four times per decode layer, after the weights have evicted
+    its code from L2 (see the test above): its decode instantiations (2 rows per warp, one group in
+    flight; 2 and 4 bits) stay under 32 KB of machine code (28.4 KB at 2 bits in session 16)."""
+    if cuda_build.nvcc_path() is None:
+        pytest.skip("nvcc not found: the CUDA sources cannot be compiled on this machine")
+    sizes = cuda_build.kernel_code_sizes("jaxquant_kernels.cu")
+    for st in (1, 2):
+        (size,) = [v for k, v in sizes.items() if f"e8p_matvec_xs_kernelILi2ELi{st}ELi1EE" in k]
+        assert 4096 < size < 32 * 1024, (st, size)
+
+
 def test_cluster_factor_is_the_transform():
     """factor (x) H_B is exactly hadamard_matrix(n) for K * 2^p widths, and the float64 reference
     above agrees with hadamard.rht and rht_inverse."""
