@@ -2442,16 +2442,26 @@ def test_rht_cluster_kernel_source_on_cpu(tmp_path):
         assert rel_err(y, _rht_reference(x.sum(0), factor, s, inverse)) < 1e-6, args
 
 
+def _decode_kernel_code_sizes(source: str, mangled: list[str]) -> list[int]:
+    """Machine-code bytes of the one kernel of ``source`` whose mangled name contains each entry
+    (skips without nvcc)."""
+    if cuda_build.nvcc_path() is None:
+        pytest.skip("nvcc not found: the CUDA sources cannot be compiled on this machine")
+    sizes = cuda_build.kernel_code_sizes(source)
+    out = []
+    for part in mangled:
+        (size,) = [v for k, v in sizes.items() if part in k]
+        out.append(size)
+    return out
+
+
 def test_rht_cluster_code_stays_small():
     """In a decode step the weights evict kernel code from L2 between layers: with its factor loop
     unrolled over every sign word the 11008-wide instantiation was 89.5 KB and took 13.4 us in the step
     against 6.1 once rolled (22.5 KB; H100, session 15). The decode widths' instantiations (B = 64, 128)
     stay under 32 KB."""
-    if cuda_build.nvcc_path() is None:
-        pytest.skip("nvcc not found: the CUDA sources cannot be compiled on this machine")
-    sizes = cuda_build.kernel_code_sizes("rht_cluster.cu")
-    for tb in (2, 4):
-        (size,) = [v for k, v in sizes.items() if f"rht_cluster_kernelILi{tb}E" in k]
+    for tb, size in zip((2, 4), _decode_kernel_code_sizes("rht_cluster.cu", ["rht_cluster_kernelILi2E",
+                                                                            "rht_cluster_kernelILi4E"])):
         assert 4096 < size < 32 * 1024, (tb, size)
 
 
@@ -2459,11 +2469,8 @@ def test_e8p_decode_kernel_code_stays_small():
     """The batch-1 E8P / RVQ4 kernel runs four times per decode layer, after the weights have evicted
     its code from L2 (see the test above): its decode instantiations (2 rows per warp, one group in
     flight; 2 and 4 bits) stay under 32 KB of machine code (28.4 KB at 2 bits in session 16)."""
-    if cuda_build.nvcc_path() is None:
-        pytest.skip("nvcc not found: the CUDA sources cannot be compiled on this machine")
-    sizes = cuda_build.kernel_code_sizes("jaxquant_kernels.cu")
-    for st in (1, 2):
-        (size,) = [v for k, v in sizes.items() if f"e8p_matvec_xs_kernelILi2ELi{st}ELi1EE" in k]
+    names = [f"e8p_matvec_xs_kernelILi2ELi{st}ELi1EE" for st in (1, 2)]
+    for st, size in zip((1, 2), _decode_kernel_code_sizes("jaxquant_kernels.cu", names)):
         assert 4096 < size < 32 * 1024, (st, size)
 
 
