@@ -37,6 +37,7 @@ TARGETS = {
     "jaxquant_e8p_matvec": "JaxquantE8pMatvec",
     "jaxquant_e8p_matvec_xs": "JaxquantE8pMatvecXs",
     "jaxquant_e8p_linear": "JaxquantE8pLinear",
+    "jaxquant_e8p_mlp": "JaxquantE8pMlp",
     "jaxquant_qtip_matvec": "JaxquantQtipMatvec",
     "jaxquant_vq2_matvec": "JaxquantVq2Matvec",
     "jaxquant_decode_attention": "JaxquantDecodeAttention",

@@ -1616,14 +1616,49 @@ int e8_dtype_code(ffi::DataType t) {
   return t == ffi::DataType::F32 ? 0 : t == ffi::DataType::F16 ? 1 : t == ffi::DataType::BF16 ? 2 : -1;
 }
 
+// One batch-1 QuIP# linear's launches: x's RHT on a cluster where in_bits (x_cluster -> xr, in_io), the
+// E8P kernel (e8, which reads xr then) into its partials, their sum's inverse RHT into y (out_io).
+struct E8pLinearPlan {
+  E8pArgs e8;
+  int64_t bits, rows_per_warp, warps, prefetch;
+  const float* x_cluster = nullptr;
+  const uint32_t* in_bits = nullptr;
+  int in_a = 0;
+  float* xr = nullptr;
+  RhtcIo in_io;
+  const uint32_t* out_bits = nullptr;
+  int out_a = 0;
+  const float* sv = nullptr;
+  void* y = nullptr;
+  RhtcIo out_io;
+};
+
+cudaError_t e8p_linear_launch(cudaStream_t stream, E8pLinearPlan p) {
+  const auto scale = [](int64_t n) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(n))); };
+  cudaError_t err = cudaSuccess;
+  if (p.in_bits) {
+    err = rht_cluster_run(stream, p.x_cluster, p.in_bits, nullptr, p.xr, p.in_a, 1, 1, p.e8.k, scale(p.e8.k), 0, 0,
+                          &p.in_io);
+    p.e8.xf = p.xr;
+    p.e8.x_rht = p.xr;
+  }
+  if (err == cudaSuccess) err = e8p_xs_run(stream, p.e8, p.bits, p.rows_per_warp, p.warps, p.prefetch);
+  if (err == cudaSuccess) {
+    err = rht_cluster_run(stream, p.e8.y, p.out_bits, p.sv, p.y, p.out_a, (p.e8.units + 31) / 32, 1, p.e8.out,
+                          scale(p.e8.out), 0, 0, &p.out_io);
+  }
+  return err;
+}
+
 ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes,
                          ffi::Buffer<ffi::U32> abs, ffi::Buffer<ffi::F32> su, ffi::Buffer<ffi::U32> in_bits,
                          ffi::Buffer<ffi::U32> out_bits, ffi::Buffer<ffi::F32> sv, ffi::AnyBuffer norm_w,
-                         ffi::Result<ffi::Buffer<ffi::F32>> y,
+                         ffi::AnyBuffer resid, ffi::Buffer<ffi::F32> out_scale, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Result<ffi::Buffer<ffi::F32>> part, ffi::Result<ffi::Buffer<ffi::F32>> xr, int64_t bits,
                          double resid_scale, int64_t in_cluster, int64_t rows_per_warp, int64_t warps,
-                         int64_t prefetch, int64_t norm, double norm_eps) {
+                         int64_t prefetch, int64_t norm, double norm_eps, int64_t add_resid) {
   const int x_dtype = e8_dtype_code(x.element_type()), w_dtype = e8_dtype_code(norm_w.element_type());
+  const int r_dtype = e8_dtype_code(resid.element_type());
   auto cd = codes.dimensions(), pd = part->dimensions(), ib = in_bits.dimensions(), ob = out_bits.dimensions();
   const int64_t k = static_cast<int64_t>(x.element_count()), out = static_cast<int64_t>(y->element_count());
   const char* bad = pd.size() != 2 ? "partials [chunks, out]"
@@ -1643,30 +1678,112 @@ ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   if (!bad && norm && (in_cluster || w_dtype < 0 || static_cast<int64_t>(norm_w.element_count()) != k)) {
     bad = "the RMSNorm needs x's RHT in the E8P kernel and norm_w [in] (float32, fp16 or bf16)";
   }
+  if (!bad && (add_resid ? r_dtype < 0 || static_cast<int64_t>(resid.element_count()) != out ||
+                               y->element_type() != resid.element_type() || out_scale.element_count() != 1
+                         : y->element_type() != ffi::DataType::F32)) {
+    bad = "y float32, or with a residual y and resid [out] in one dtype (float32, fp16, bf16) and out_scale [1]";
+  }
   if (bad) return ffi::Error::InvalidArgument(std::string("e8p_linear: ") + bad);
   const float* xin = static_cast<const float*>(x.untyped_data());  // float32 unless x_rht says otherwise
-  cudaError_t err = cudaSuccess;
+  E8pLinearPlan p{e8p_xs_args(xin, k, out, codes.typed_data(), abs.typed_data(), in_cluster ? nullptr : su.typed_data(),
+                              part->typed_data(), bits, resid_scale),
+                  bits, rows_per_warp, warps, prefetch};
   if (in_cluster) {
-    err = rht_cluster_run(stream, xin, in_bits.typed_data(), nullptr, xr->typed_data(), static_cast<int>(ib[0]), 1, 1,
-                          k, static_cast<float>(1.0 / std::sqrt(static_cast<double>(k))), 0, 0);
-    xin = xr->typed_data();
+    p.x_cluster = xin;
+    p.in_bits = in_bits.typed_data();
+    p.in_a = static_cast<int>(ib[0]);
+    p.xr = xr->typed_data();
+  } else {
+    p.e8.x_dtype = x_dtype;  // the RHT reads x as it comes
   }
-  E8pArgs a = e8p_xs_args(xin, k, out, codes.typed_data(), abs.typed_data(), in_cluster ? nullptr : su.typed_data(),
-                          part->typed_data(), bits, resid_scale);
-  if (!in_cluster) a.x_dtype = x_dtype;  // the RHT reads x as it comes
   if (norm) {
-    a.norm_w = norm_w.untyped_data();
-    a.w_dtype = w_dtype;
-    a.norm_eps = static_cast<float>(norm_eps);
+    p.e8.norm_w = norm_w.untyped_data();
+    p.e8.w_dtype = w_dtype;
+    p.e8.norm_eps = static_cast<float>(norm_eps);
   }
-  if (err == cudaSuccess) err = e8p_xs_run(stream, a, bits, rows_per_warp, warps, prefetch);
-  if (err == cudaSuccess) {
-    err = rht_cluster_run(stream, part->typed_data(), out_bits.typed_data(), sv.typed_data(), y->typed_data(),
-                          static_cast<int>(ob[0]), static_cast<int>(pd[0]), 1, out,
-                          static_cast<float>(1.0 / std::sqrt(static_cast<double>(out))), 0, 0);
+  p.out_bits = out_bits.typed_data();
+  p.out_a = static_cast<int>(ob[0]);
+  p.sv = sv.typed_data();
+  p.y = y->untyped_data();
+  if (add_resid) {
+    p.out_io.resid = resid.untyped_data();
+    p.out_io.dtype = r_dtype;
+    p.out_io.out_scale = out_scale.typed_data();
   }
+  const cudaError_t err = e8p_linear_launch(stream, p);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_linear: ") + cudaGetErrorString(err));
   return launch_error("e8p_linear launch");
+}
+
+// A Llama MLP block of one row in one FFI call: y = x + down(silu(g gate) * (u up)) with [gate; up] =
+// gate_up(rms_norm(x)), both QuIP# linears of `bits` (e8p_linear's kernels, five in a chain): the
+// norm and x's RHT in the gate/up E8P kernel (d a power of two it rotates), the gate/up partials'
+// inverse RHT, the down input's RHT on a cluster reading gate and up (swiglu), the down E8P kernel,
+// its partials' inverse RHT adding x. gu_scale [2] and dn_scale [1]: the two linears' row scales (the
+// format's own arrays: no kernel to gather them). y in x's dtype.
+ffi::Error E8pMlpImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer norm_w, ffi::Buffer<ffi::U32> abs,
+                      ffi::Buffer<ffi::U8> gu_codes, ffi::Buffer<ffi::F32> gu_su, ffi::Buffer<ffi::F32> gu_sv,
+                      ffi::Buffer<ffi::U32> gu_out_bits, ffi::Buffer<ffi::F32> gu_scale, ffi::Buffer<ffi::U8> dn_codes,
+                      ffi::Buffer<ffi::F32> dn_su, ffi::Buffer<ffi::F32> dn_sv, ffi::Buffer<ffi::U32> dn_in_bits,
+                      ffi::Buffer<ffi::U32> dn_out_bits, ffi::Buffer<ffi::F32> dn_scale, ffi::Result<ffi::AnyBuffer> y,
+                      ffi::Result<ffi::Buffer<ffi::F32>> gu_part, ffi::Result<ffi::Buffer<ffi::F32>> gu_y,
+                      ffi::Result<ffi::Buffer<ffi::F32>> dn_x, ffi::Result<ffi::Buffer<ffi::F32>> dn_part, int64_t bits,
+                      double resid_scale, double norm_eps, int64_t rows_per_warp, int64_t warps, int64_t prefetch) {
+  const int x_dtype = e8_dtype_code(x.element_type()), w_dtype = e8_dtype_code(norm_w.element_type());
+  auto gc = gu_codes.dimensions(), dc = dn_codes.dimensions(), gp = gu_part->dimensions(), dp = dn_part->dimensions();
+  auto go = gu_out_bits.dimensions(), di = dn_in_bits.dimensions(), dout = dn_out_bits.dimensions();
+  const int64_t d = static_cast<int64_t>(x.element_count()), f2 = gc.size() == 3 ? gc[0] : 0, f = f2 / 2;
+  auto bits_ok = [](ffi::Span<const int64_t> b) { return b.size() == 2 && b[1] == (b[0] + 31) / 32; };
+  const char* bad = gp.size() != 2 || dp.size() != 2 ? "partials [chunks, out]"
+                    : e8p_xs_shape_error(gc, d, gp[0], gp[1], abs.element_count(), bits, true, gu_su.element_count());
+  if (!bad) bad = e8p_xs_shape_error(dc, f, dp[0], dp[1], abs.element_count(), bits, false, 0);
+  if (!bad && (f2 % 2 || dc[0] != d || gu_sv.element_count() != static_cast<size_t>(f2) ||
+               gu_y->element_count() != static_cast<size_t>(f2) || dn_su.element_count() != static_cast<size_t>(f) ||
+               dn_x->element_count() != static_cast<size_t>(f) || dn_sv.element_count() != static_cast<size_t>(d) ||
+               y->element_count() != static_cast<size_t>(d))) {
+    bad = "gate_up [2 f, d], down [d, f]: su, sv, the scratch and y of those widths";
+  }
+  if (!bad && (!bits_ok(go) || !bits_ok(di) || !bits_ok(dout) || gu_scale.element_count() != 2 ||
+               dn_scale.element_count() != 1)) {
+    bad = "factor bits [A, ceil(A / 32)], gate_up_scale [2], down_scale [1]";
+  }
+  if (!bad && (x_dtype < 0 || w_dtype < 0 || norm_w.element_count() != static_cast<size_t>(d) ||
+               y->element_type() != x.element_type())) {
+    bad = "x and y [d] in one dtype, norm_w [d] (float32, fp16 or bf16)";
+  }
+  if (bad) return ffi::Error::InvalidArgument(std::string("e8p_mlp: ") + bad);
+  E8pLinearPlan up{e8p_xs_args(static_cast<const float*>(x.untyped_data()), d, f2, gu_codes.typed_data(),
+                               abs.typed_data(), gu_su.typed_data(), gu_part->typed_data(), bits, resid_scale),
+                   bits, rows_per_warp, warps, prefetch};
+  up.e8.x_dtype = x_dtype;
+  up.e8.norm_w = norm_w.untyped_data();
+  up.e8.w_dtype = w_dtype;
+  up.e8.norm_eps = static_cast<float>(norm_eps);
+  up.out_bits = gu_out_bits.typed_data();
+  up.out_a = static_cast<int>(go[0]);
+  up.sv = gu_sv.typed_data();
+  up.y = gu_y->typed_data();
+  E8pLinearPlan down{e8p_xs_args(nullptr, f, d, dn_codes.typed_data(), abs.typed_data(), nullptr,
+                                 dn_part->typed_data(), bits, resid_scale),
+                     bits, rows_per_warp, warps, prefetch};
+  down.x_cluster = gu_y->typed_data();
+  down.in_bits = dn_in_bits.typed_data();
+  down.in_a = static_cast<int>(di[0]);
+  down.xr = dn_x->typed_data();
+  down.in_io.swiglu = true;
+  down.in_io.in_signs = dn_su.typed_data();
+  down.in_io.gate_up_scale = gu_scale.typed_data();
+  down.out_bits = dn_out_bits.typed_data();
+  down.out_a = static_cast<int>(dout[0]);
+  down.sv = dn_sv.typed_data();
+  down.y = y->untyped_data();
+  down.out_io.resid = x.untyped_data();
+  down.out_io.dtype = x_dtype;
+  down.out_io.out_scale = dn_scale.typed_data();
+  cudaError_t err = e8p_linear_launch(stream, up);
+  if (err == cudaSuccess) err = e8p_linear_launch(stream, down);
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_mlp: ") + cudaGetErrorString(err));
+  return launch_error("e8p_mlp launch");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -3147,7 +3264,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pLinear, E8pLinearImpl,
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
@@ -3157,7 +3276,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pLinear, E8pLinearImpl,
                                   .Attr<int64_t>("warps")
                                   .Attr<int64_t>("prefetch")
                                   .Attr<int64_t>("norm")
-                                  .Attr<double>("norm_eps"),
+                                  .Attr<double>("norm_eps")
+                                  .Attr<int64_t>("add_resid"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMlp, E8pMlpImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<double>("resid_scale")
+                                  .Attr<double>("norm_eps")
+                                  .Attr<int64_t>("rows_per_warp")
+                                  .Attr<int64_t>("warps")
+                                  .Attr<int64_t>("prefetch"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMma, E8pMmaImpl,

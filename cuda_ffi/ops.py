@@ -494,10 +494,42 @@ def _kernel_float(v: jax.Array) -> jax.Array:
     return v if v.dtype in _E8P_LINEAR_FLOATS else v.astype(jnp.float32)
 
 
+def _e8p_linear_check(name: str, k_in: int, codes: jax.Array, su: jax.Array, sv: jax.Array, bits: int,
+                      in_factor, out_factor) -> int:
+    """Raise on shapes ``e8p_linear`` / ``e8p_mlp`` cannot take; the output width."""
+    if bits not in (2, 4):
+        raise ValueError(f"{name}: bits must be 2 or 4, got {bits}")
+    out, groups, nbytes = codes.shape
+    if nbytes != bits or groups * 8 != k_in:
+        raise ValueError(f"{name}: codes [out, {k_in} / 8, {bits}] expected, got {codes.shape}")
+    if su.shape != (k_in,) or sv.shape != (out,):
+        raise ValueError(f"{name}: su [{k_in}] and sv [{out}] expected, got {su.shape} and {sv.shape}")
+    if in_factor is None and not e8p_xs_rht_fits(k_in, bits):
+        raise ValueError(f"{name}: the E8P kernel cannot rotate {k_in} inputs at {bits} bits; pass in_factor")
+    for label, factor, n in (("in_factor", in_factor, k_in), ("out_factor", out_factor, out)):
+        if factor is not None and not rht_cluster_fits(factor, n):
+            raise ValueError(f"{name}: {label} {np.shape(factor)} is not a cluster factor of width {n}")
+    return out
+
+
+def _e8p_chunks(k_in: int, bits: int) -> int:
+    return -(-(k_in * bits // 128) // 32)
+
+
+def _scalar_scale(scale: jax.Array | None, n: int, name: str) -> jax.Array:
+    """A row scale as the kernel reads it: float32 [n] (ones where None)."""
+    if scale is None:
+        return jnp.ones((n,), jnp.float32)
+    if scale.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {scale.shape}")
+    return scale.astype(jnp.float32)
+
+
 def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Array, sv: jax.Array,
                out_factor: np.ndarray, *, bits: int, resid_scale: float = 1.0, in_factor: np.ndarray | None = None,
                rows_per_warp: int = 0, warps: int = 0, prefetch: int = 0, norm_weight: jax.Array | None = None,
-               norm_eps: float = 1e-6, register: bool = True) -> jax.Array:
+               norm_eps: float = 1e-6, residual: jax.Array | None = None, out_scale: jax.Array | None = None,
+               register: bool = True) -> jax.Array:
     """QuIP#'s linear of one row in one FFI call: ``rht_inverse(rht(x, su) @ Q.T, sv)`` (float32,
     before the row scale), the three kernels each started programmatically dependent on the one
     before. x's RHT is made by the E8P kernel where ``e8p_xs_rht_fits`` (``in_factor`` None), else
@@ -506,33 +538,29 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
     (``rows_per_warp``, ``warps``, ``prefetch``) as ``e8p_matvec``'s x-stationary kernel's.
     ``norm_weight`` [in] (x's RHT in the E8P kernel only): x is the residual stream and the linear's
     input its RMSNorm, ``(x / rms(x, norm_eps)) * norm_weight``, made by the E8P kernel in float32
-    (two XLA kernels fewer before it; the model's norm also rounds it to x's dtype)."""
-    if bits not in (2, 4):
-        raise ValueError(f"e8p_linear: bits must be 2 or 4, got {bits}")
-    out, groups, nbytes = codes.shape
+    (two XLA kernels fewer before it; the model's norm also rounds it to x's dtype).
+    ``residual`` [..., out] (float32, fp16 or bf16): the result is ``residual + out_scale * y`` in
+    residual's dtype, added as the last kernel stores it (``out_scale`` [1], the row scale)."""
     lead, k_in = x.shape[:-1], x.shape[-1]
-    if nbytes != bits or groups * 8 != k_in or math.prod(lead) != 1:
-        raise ValueError(f"e8p_linear: needs one row of x and codes [out, in / 8, {bits}]; got x {x.shape}, "
-                         f"codes {codes.shape}")
-    if su.shape != (k_in,) or sv.shape != (out,):
-        raise ValueError(f"e8p_linear: su [{k_in}] and sv [{out}] expected, got {su.shape} and {sv.shape}")
-    if in_factor is None and not e8p_xs_rht_fits(k_in, bits):
-        raise ValueError(f"e8p_linear: the E8P kernel cannot rotate {k_in} inputs at {bits} bits; pass in_factor")
+    if math.prod(lead) != 1:
+        raise ValueError(f"e8p_linear: needs one row of x, got {x.shape}")
+    out = _e8p_linear_check("e8p_linear", k_in, codes, su, sv, bits, in_factor, out_factor)
     if norm_weight is not None and (in_factor is not None or norm_weight.shape != (k_in,)):
         raise ValueError(f"e8p_linear: norm_weight must be [{k_in}] with x's RHT in the E8P kernel (no in_factor); "
                          f"got {norm_weight.shape}")
-    for name, factor, n in (("in_factor", in_factor, k_in), ("out_factor", out_factor, out)):
-        if factor is not None and not rht_cluster_fits(factor, n):
-            raise ValueError(f"e8p_linear: {name} {np.shape(factor)} is not a cluster factor of width {n}")
+    if residual is not None:
+        _check_float(residual, "e8p_linear")
+        if math.prod(residual.shape) != out:
+            raise ValueError(f"e8p_linear: residual must have {out} elements, got {residual.shape}")
     if register:
         build.load()
-    chunks = -(-(k_in * bits // 128) // 32)
     su = su.astype(jnp.float32)
     x1 = x.reshape(k_in) if in_factor is None else x.reshape(k_in).astype(jnp.float32)
     x1 = _kernel_float(x1)  # the E8P kernel reads float32, fp16 or bf16 as it comes
     one_u32 = jnp.zeros((1, 1), jnp.uint32)
-    f = jax.ffi.ffi_call("jaxquant_e8p_linear", (jax.ShapeDtypeStruct((out,), jnp.float32),
-                                                 jax.ShapeDtypeStruct((chunks, out), jnp.float32),
+    y_dtype = jnp.float32 if residual is None else residual.dtype
+    f = jax.ffi.ffi_call("jaxquant_e8p_linear", (jax.ShapeDtypeStruct((out,), y_dtype),
+                                                 jax.ShapeDtypeStruct((_e8p_chunks(k_in, bits), out), jnp.float32),
                                                  jax.ShapeDtypeStruct((k_in if in_factor is not None else 1,),
                                                                       jnp.float32)),
                          vmap_method="sequential")
@@ -540,10 +568,57 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
                 one_u32 if in_factor is None else jnp.asarray(sign_bits(in_factor)),
                 jnp.asarray(sign_bits(np.asarray(out_factor).T)), sv.astype(jnp.float32),
                 jnp.zeros((1,), jnp.float32) if norm_weight is None else _kernel_float(norm_weight),
+                jnp.zeros((1,), jnp.float32) if residual is None else residual.reshape(out),
+                _scalar_scale(out_scale, 1, "out_scale"),
                 bits=np.int64(bits), resid_scale=np.float64(resid_scale), in_cluster=np.int64(in_factor is not None),
                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), prefetch=np.int64(prefetch),
-                norm=np.int64(norm_weight is not None), norm_eps=np.float64(norm_eps))
-    return y.reshape(*lead, out)
+                norm=np.int64(norm_weight is not None), norm_eps=np.float64(norm_eps),
+                add_resid=np.int64(residual is not None))
+    return y.reshape(*lead, out) if residual is None else y.reshape(residual.shape)
+
+
+def e8p_mlp(x: jax.Array, norm_weight: jax.Array, abs_table: jax.Array, gate_up: dict, down: dict, *, bits: int,
+            resid_scale: float = 1.0, norm_eps: float = 1e-6, rows_per_warp: int = 0, warps: int = 0,
+            prefetch: int = 0, register: bool = True) -> jax.Array:
+    """A Llama MLP block of one row in one FFI call (five kernels, each programmatically dependent
+    on the one before): ``x + down(silu(gate) * up)`` with ``[gate, up] = gate_up(rms_norm(x))``,
+    both QuIP# linears as ``e8p_linear`` computes them. ``gate_up`` and ``down``: dicts of ``codes``,
+    ``su``, ``sv``, ``scale`` (the row scales: [2], gate's and up's, and [1]) and the cluster factors
+    ``out_factor`` (and down's ``in_factor``). x [..., d] (one row; float32, fp16 or bf16) needs d a
+    power of two whose RHT the E8P kernel makes; the result has x's shape and dtype. The down
+    input's RHT reads gate and up in float32 (the model rounds them, and their product, to x's dtype)."""
+    _check_float(x, "e8p_mlp")
+    d = x.shape[-1]
+    if math.prod(x.shape[:-1]) != 1:
+        raise ValueError(f"e8p_mlp: needs one row of x, got {x.shape}")
+    if norm_weight.shape != (d,):
+        raise ValueError(f"e8p_mlp: norm_weight must be [{d}], got {norm_weight.shape}")
+    f2 = _e8p_linear_check("e8p_mlp (gate_up)", d, gate_up["codes"], gate_up["su"], gate_up["sv"], bits, None,
+                           gate_up["out_factor"])
+    f = f2 // 2
+    if f2 % 2 or down["in_factor"] is None:
+        raise ValueError(f"e8p_mlp: gate_up needs an even output width ({f2}) and down an in_factor")
+    if _e8p_linear_check("e8p_mlp (down)", f, down["codes"], down["su"], down["sv"], bits, down["in_factor"],
+                         down["out_factor"]) != d:
+        raise ValueError(f"e8p_mlp: down must map {f} inputs back to {d}, got codes {down['codes'].shape}")
+    if register:
+        build.load()
+    f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
+    call = jax.ffi.ffi_call("jaxquant_e8p_mlp", (jax.ShapeDtypeStruct((d,), x.dtype),
+                                                 jax.ShapeDtypeStruct((_e8p_chunks(d, bits), f2), jnp.float32),
+                                                 jax.ShapeDtypeStruct((f2,), jnp.float32),
+                                                 jax.ShapeDtypeStruct((f,), jnp.float32),
+                                                 jax.ShapeDtypeStruct((_e8p_chunks(f, bits), d), jnp.float32)),
+                            vmap_method="sequential")
+    y = call(x.reshape(d), _kernel_float(norm_weight), jnp.asarray(abs_table, jnp.uint32).reshape(512),
+             gate_up["codes"], f32(gate_up["su"]), f32(gate_up["sv"]),
+             jnp.asarray(sign_bits(np.asarray(gate_up["out_factor"]).T)),
+             _scalar_scale(gate_up["scale"], 2, "gate_up scale"),
+             down["codes"], f32(down["su"]), f32(down["sv"]), jnp.asarray(sign_bits(down["in_factor"])),
+             jnp.asarray(sign_bits(np.asarray(down["out_factor"]).T)), _scalar_scale(down["scale"], 1, "down scale"),
+             bits=np.int64(bits), resid_scale=np.float64(resid_scale), norm_eps=np.float64(norm_eps),
+             rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), prefetch=np.int64(prefetch))[0]
+    return y.reshape(x.shape)
 
 
 ATTENTION_HEAD_DIMS = (64, 128)

@@ -11,8 +11,11 @@
 // shared memory of the block that owns its column (distributed shared memory); after one cluster
 // barrier each block applies F_A to its columns (a thread per output and 4 columns, F_A's row as sign
 // bits) and writes them. G clusters per row each keep B / G of the columns, B / (G C) per block.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -32,15 +35,51 @@ constexpr int kRhtcMaxA = 256;
 constexpr int kRhtcThreads = 256;  // 512 cost 1.3-2 us more per call on an H100 (session 15)
 
 struct RhtcArgs {
-  const float* x;         // [parts, rows, A * B]
+  const float* x;         // [parts, rows, A * B] ([rows, 2 A B] with io.swiglu)
   const uint32_t* bits;   // [A, words]: bit a of output a' set where its factor entry is -1
   const float* signs;     // [A * B] multiplied after, or nullptr
-  float* y;               // [rows, A * B]
+  void* y;                // [rows, A * B] in io.dtype
   int a_rows, words, parts;
   int blocks, groups;     // C blocks per cluster, G clusters per row: B / (G C) columns per block
   int64_t rows;
   float scale;
+  RhtcIo io;              // rht_cluster.h
 };
+
+// Four consecutive elements of a float32 (dtype 0), fp16 (1) or bf16 (2) vector; i a multiple of 4.
+__host__ __device__ inline float4 rhtc_load4(const void* p, int dtype, int64_t i) {
+  if (dtype == 0) return *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
+  const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p) + i);
+  if (dtype == 1) {
+    __half2 lo, hi;
+    memcpy(&lo, &u.x, 4);
+    memcpy(&hi, &u.y, 4);
+    const float2 a = __half22float2(lo), b = __half22float2(hi);
+    return make_float4(a.x, a.y, b.x, b.y);
+  }
+  auto bf = [](uint32_t bits) { float f; memcpy(&f, &bits, 4); return f; };
+  return make_float4(bf(u.x << 16), bf(u.x & 0xFFFF0000u), bf(u.y << 16), bf(u.y & 0xFFFF0000u));
+}
+
+__host__ __device__ inline void rhtc_store4(void* p, int dtype, int64_t i, float4 v) {
+  if (dtype == 0) {
+    *reinterpret_cast<float4*>(static_cast<float*>(p) + i) = v;
+    return;
+  }
+  uint2 u;
+  if (dtype == 1) {
+    const __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
+    memcpy(&u.x, &lo, 4);
+    memcpy(&u.y, &hi, 4);
+  } else {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    memcpy(&u.x, &lo, 4);
+    memcpy(&u.y, &hi, 4);
+  }
+  *reinterpret_cast<uint2*>(static_cast<uint16_t*>(p) + i) = u;
+}
+
+__host__ __device__ inline float rhtc_silu(float z) { return z / (1.f + expf(-z)); }
 
 #if !defined(JAXQUANT_HOST_HARNESS)  // the tests' host build brings its own cluster emulation
 __device__ __forceinline__ float* rhtc_peer_smem(float* local, int rank) {
@@ -84,25 +123,38 @@ __device__ void rht_cluster_block(const RhtcArgs& a, float* cols, int rank, int 
   const int warps = blockDim.x / 32, warp0 = rank * warps + static_cast<int>(threadIdx.x) / 32;
   const int a_pad = (a.a_rows + 7) / 8 * 8, first = group * span;
   if (a.signs) rhtc_prefetch(a.signs, n * 4, group * a.blocks + rank, a.groups * a.blocks);
+  if (a.io.in_signs) rhtc_prefetch(a.io.in_signs, n * 4, group * a.blocks + rank, a.groups * a.blocks);
   rhtc_prefetch(a.bits, a.a_rows * a.words * 4, rank, a.blocks);
+  const bool swiglu = a.io.swiglu;
+  const int parts = swiglu ? 2 : a.parts;  // gate and up are the two "parts" of a swiglu row
+  // part p of the row: a split matvec's partial, or the gate (p = 0) / up (p = 1) half of a swiglu row
+  auto part = [&](int p) { return a.x + (swiglu ? (2 * row + p) * n : (p * a.rows + row) * n); };
+  const float gate_scale = swiglu ? a.io.gate_up_scale[0] : 0.f, up_scale = swiglu ? a.io.gate_up_scale[1] : 0.f;
+  const float out_scale = a.scale * (a.io.out_scale ? *a.io.out_scale : 1.f);  // a weight: before pdl_wait
   for (int i = a.a_rows * cpb + static_cast<int>(threadIdx.x); i < a_pad * cpb; i += blockDim.x) cols[i] = 0.f;
   pdl_wait();  // the prefetches and the padding above may overlap the kernel that makes x
   // Rows of B: element j = t * 32 + lane, so every load is one warp-contiguous 128 bytes. A warp's
   // later rows are asked into L1 first: their loads then wait on L1, not on L2, after the first row's.
   for (int r = warp0 + a.blocks * warps; r < a.a_rows; r += a.blocks * warps) {
-    for (int p = 0; p < a.parts; ++p) {
+    for (int p = 0; p < parts; ++p) {
 #pragma unroll
-      for (int t = 0; t < TB; ++t) rhtc_prefetch_l1(a.x + (p * a.rows + row) * n + int64_t{r} * B + t * 32 + lane);
+      for (int t = 0; t < TB; ++t) rhtc_prefetch_l1(part(p) + int64_t{r} * B + t * 32 + lane);
     }
   }
   for (int r = warp0; r < a.a_rows; r += a.blocks * warps) {
     float v[TB];
-    const float* xr = a.x + row * n + static_cast<int64_t>(r) * B + lane;
+    const float* xr = part(0) + static_cast<int64_t>(r) * B + lane;
 #pragma unroll
     for (int t = 0; t < TB; ++t) v[t] = xr[t * 32];
+    if (swiglu) {
+      const float* up = part(1) + static_cast<int64_t>(r) * B + lane;
+      const float* s = a.io.in_signs + static_cast<int64_t>(r) * B + lane;
+#pragma unroll
+      for (int t = 0; t < TB; ++t) v[t] = rhtc_silu(gate_scale * v[t]) * (up_scale * up[t * 32]) * s[t * 32];
+    }
 #pragma unroll 4
-    for (int p = 1; p < a.parts; ++p) {  // unrolled so that several parts' loads are in flight
-      const float* xp = xr + static_cast<int64_t>(p) * a.rows * n;
+    for (int p = 1; p < a.parts && !swiglu; ++p) {  // unrolled so that several parts' loads are in flight
+      const float* xp = part(p) + static_cast<int64_t>(r) * B + lane;
 #pragma unroll
       for (int t = 0; t < TB; ++t) v[t] += xp[t * 32];
     }
@@ -163,13 +215,17 @@ __device__ void rht_cluster_block(const RhtcArgs& a, float* cols, int rank, int 
       }
     }
     const int o = out * B + j0 + q * 4;
-    float4 res = make_float4((acc[0].x + acc[1].x) * a.scale, (acc[0].y + acc[1].y) * a.scale,
-                             (acc[0].z + acc[1].z) * a.scale, (acc[0].w + acc[1].w) * a.scale);
+    float4 res = make_float4((acc[0].x + acc[1].x) * out_scale, (acc[0].y + acc[1].y) * out_scale,
+                             (acc[0].z + acc[1].z) * out_scale, (acc[0].w + acc[1].w) * out_scale);
     if (a.signs) {
       const float4 s = *reinterpret_cast<const float4*>(a.signs + o);
       res = make_float4(res.x * s.x, res.y * s.y, res.z * s.z, res.w * s.w);
     }
-    *reinterpret_cast<float4*>(a.y + row * n + o) = res;
+    if (a.io.resid) {
+      const float4 r = rhtc_load4(a.io.resid, a.io.dtype, row * n + o);
+      res = make_float4(r.x + res.x, r.y + res.y, r.z + res.z, r.w + res.w);
+    }
+    rhtc_store4(a.y, a.io.dtype, row * n + o, res);
   }
 }
 
@@ -240,12 +296,14 @@ cudaError_t launch_rht_cluster(cudaStream_t stream, RhtcArgs a, int64_t rows, in
 
 }  // namespace
 
-cudaError_t rht_cluster_run(cudaStream_t stream, const float* x, const uint32_t* bits, const float* signs, float* y,
-                            int a_rows, int parts, int64_t rows, int64_t n, float scale, int blocks, int groups) {
-  if (a_rows < 1 || a_rows > kRhtcMaxA || n % a_rows || parts < 1 || rows < 1 || rows > 65535) {
+cudaError_t rht_cluster_run(cudaStream_t stream, const float* x, const uint32_t* bits, const float* signs, void* y,
+                            int a_rows, int parts, int64_t rows, int64_t n, float scale, int blocks, int groups,
+                            const RhtcIo* io) {
+  if (a_rows < 1 || a_rows > kRhtcMaxA || n % a_rows || parts < 1 || rows < 1 || rows > 65535 ||
+      (io && (io->dtype < 0 || io->dtype > 2 || (io->swiglu && (parts != 1 || !io->in_signs || !io->gate_up_scale))))) {
     return cudaErrorInvalidValue;
   }
-  RhtcArgs a{x, bits, signs, y, a_rows, (a_rows + 31) / 32, parts, 0, 0, rows, scale};
+  RhtcArgs a{x, bits, signs, y, a_rows, (a_rows + 31) / 32, parts, 0, 0, rows, scale, io ? *io : RhtcIo{}};
   switch (n / a_rows) {
     case 32: return launch_rht_cluster<1>(stream, a, rows, blocks, groups);
     case 64: return launch_rht_cluster<2>(stream, a, rows, blocks, groups);

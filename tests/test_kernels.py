@@ -7,6 +7,7 @@ kernel against the reference on fresh random inputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -1728,6 +1729,118 @@ def test_quip_normed_linear_is_one_call(monkeypatch):
             assert qw.normed_matmul(jnp.ones((1, 4096)), w, 1e-5, backend="cuda") is None, switch
 
 
+def random_quip_gate_up(key, f: int, d: int, bits: int) -> QuIPSharpQuantized:
+    """A fused [gate; up] QuIP# weight [2 f, d]: two parts with their own row scales."""
+    qw = random_quip(key, 2 * f, d, bits)
+    return dataclasses.replace(qw, scale=jnp.array([0.03, 0.05], jnp.float32), parts=(f, f))
+
+
+def test_quip_add_and_mlp_block_are_one_call(monkeypatch):
+    """At batch 1 the o-proj's residual add is made by its one-call linear (``matmul_add``: one
+    ``jaxquant_e8p_linear`` call with add_resid, the result in the residual's dtype), and a whole MLP
+    block of QuIP# weights is one ``jaxquant_e8p_mlp`` call (no XLA kernel: no add, multiply or
+    logistic). Fused parts, batch 2, other codebooks, mismatched shapes and the switches decline."""
+    monkeypatch.setattr(cuda_build, "load", lambda: None)
+    monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
+    o = random_quip(jax.random.key(1), 4096, 4096, 2)
+    gate_up, down = random_quip_gate_up(jax.random.key(2), 11008, 4096, 2), random_quip(jax.random.key(3), 4096, 11008, 2)
+    for dtype, name in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16")):
+        x = jnp.ones((1, 1, 4096), dtype)
+        text = _lower_for_cuda(lambda a, r: o.matmul_add(a, r, backend="cuda"), x, x)
+        calls = [line for line in text.splitlines() if "stablehlo.custom_call @jaxquant_" in line]
+        assert len(calls) == 1 and "@jaxquant_e8p_linear(" in calls[0] and "add_resid = 1" in calls[0], dtype
+        assert "stablehlo.add" not in text and f"-> (tensor<4096x{name}>" in calls[0], dtype
+        text = _lower_for_cuda(lambda a, w: gate_up.swiglu_block(down, a, w, 1e-5, backend="cuda"), x,
+                               jnp.ones((4096,), dtype))
+        calls = [line for line in text.splitlines() if "stablehlo.custom_call @jaxquant_" in line]
+        assert len(calls) == 1 and "@jaxquant_e8p_mlp(" in calls[0], dtype
+        for op in ("stablehlo.add", "stablehlo.multiply", "stablehlo.logistic", "stablehlo.reduce"):
+            assert op not in text, (dtype, op)
+        assert f"-> (tensor<4096x{name}>" in calls[0], dtype
+    x, w = jnp.ones((1, 4096)), jnp.ones((4096,))
+    assert gate_up.matmul_add(x, jnp.ones((1, 22016)), backend="cuda") is None  # two parts, two scales
+    assert o.matmul_add(jnp.ones((2, 4096)), jnp.ones((2, 4096)), backend="cuda") is None
+    assert gate_up.swiglu_block(down, jnp.ones((2, 4096)), w, 1e-5, backend="cuda") is None
+    assert o.swiglu_block(down, x, w, 1e-5, backend="cuda") is None  # not two parts
+    assert gate_up.swiglu_block(random_quip(jax.random.key(4), 4096, 11008, 4), x, w, 1e-5, backend="cuda") is None
+    assert gate_up.swiglu_block(random_quip(jax.random.key(5), 2048, 11008, 2), x, w, 1e-5, backend="cuda") is None
+    for switch, call in (("E8P_ADD_RESIDUAL", lambda: o.matmul_add(x, x, backend="cuda")),
+                         ("E8P_LINEAR_ONE_CALL", lambda: o.matmul_add(x, x, backend="cuda")),
+                         ("E8P_MLP_ONE_CALL", lambda: gate_up.swiglu_block(down, x, w, 1e-5, backend="cuda")),
+                         ("E8P_LINEAR_ONE_CALL", lambda: gate_up.swiglu_block(down, x, w, 1e-5, backend="cuda"))):
+        with monkeypatch.context() as m:
+            m.setattr(dispatch, switch, False)
+            assert call() is None, switch
+
+
+def test_e8p_mlp_rejects_bad_input():
+    table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
+    gu, dn = random_quip_gate_up(jax.random.key(0), 1536, 2048, 2), random_quip(jax.random.key(1), 2048, 1536, 2)
+    weights = lambda: [dict(codes=gu.codes, su=gu.SU, sv=gu.SV, scale=gu.scale,  # noqa: E731
+                            out_factor=dispatch.cluster_factor(3072)),
+                       dict(codes=dn.codes, su=dn.SU, sv=dn.SV, scale=dn.scale, in_factor=dispatch.cluster_factor(1536),
+                            out_factor=dispatch.cluster_factor(2048))]
+    x, w = jnp.ones((1, 2048), jnp.bfloat16), jnp.ones((2048,))
+    jax.eval_shape(lambda: cuda_ffi.e8p_mlp(x, w, table, *weights(), bits=2, register=False))  # the valid call
+    with pytest.raises(ValueError, match="one row"):
+        cuda_ffi.e8p_mlp(jnp.ones((2, 2048)), w, table, *weights(), bits=2, register=False)
+    with pytest.raises(ValueError, match="norm_weight"):
+        cuda_ffi.e8p_mlp(x, jnp.ones((1024,)), table, *weights(), bits=2, register=False)
+    gate_up, down = weights()
+    down["in_factor"] = None
+    with pytest.raises(ValueError, match="in_factor"):
+        cuda_ffi.e8p_mlp(x, w, table, gate_up, down, bits=2, register=False)
+    gate_up, down = weights()
+    gate_up["scale"] = jnp.ones((1,))
+    with pytest.raises(ValueError, match="gate_up scale"):
+        cuda_ffi.e8p_mlp(x, w, table, gate_up, down, bits=2, register=False)
+    with pytest.raises(ValueError, match="bits must be 2 or 4"):
+        cuda_ffi.e8p_mlp(x, w, table, *weights(), bits=3, register=False)
+    with pytest.raises(TypeError, match="dtype"):
+        cuda_ffi.e8p_mlp(x.astype(jnp.int32), w, table, *weights(), bits=2, register=False)
+
+
+def test_decoder_layers_hand_residuals_and_mlp_blocks_to_their_weights(monkeypatch):
+    """Each layer's o_proj gets the residual stream to add (``matmul_add``) and its fused gate/up
+    weight the whole MLP block (``swiglu_block`` with down, the norm's weight and eps), here through
+    stand-ins that compute them unfused; the logits equal those of the plain path."""
+    from jaxquant.formats.quip_sharp import QuIPSharpQuantized
+    from jaxquant.model import llama
+    from jaxquant.model.fuse import fuse_linears
+    from jaxquant.model.params import model_from_params, set_param
+    from helpers import random_params, tiny_config
+
+    cfg = tiny_config()
+    model = fuse_linears(model_from_params(cfg, random_params(cfg, seed=4)))
+    for i in range(cfg.num_hidden_layers):
+        for j, name in enumerate(("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")):
+            lin = model.layers[i]
+            for part in name.split("."):
+                lin = getattr(lin, part)
+            out, inp = lin.weight.get_value().shape
+            set_param(model, f"layers.{i}.{name}.weight", random_quip(jax.random.key(10 * i + j), out, inp, 2))
+    tokens = jnp.asarray([[2, 7, 1, 8]], jnp.int32)
+    adds, blocks = [], []
+
+    def add_stand_in(self, x, residual, backend="auto"):
+        adds.append(self.shape)
+        return residual + self.matmul(x)
+
+    def block_stand_in(self, down, x, norm_weight, eps, backend="auto"):
+        blocks.append((self.shape, down.shape, eps))
+        gate, up = jnp.split(self.matmul(llama.rms_norm(x, norm_weight, eps)), 2, axis=-1)
+        return x + down.matmul(jax.nn.silu(gate) * up)
+
+    reference = np.asarray(model(tokens)[0])  # on the CPU both decline
+    monkeypatch.setattr(QuIPSharpQuantized, "matmul_add", add_stand_in)
+    monkeypatch.setattr(QuIPSharpQuantized, "swiglu_block", block_stand_in)
+    got = np.asarray(model(tokens)[0])
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    assert adds == [(d, cfg.num_attention_heads * cfg.head_dim)] * cfg.num_hidden_layers
+    assert blocks == [((2 * f, d), (d, f), cfg.rms_norm_eps)] * cfg.num_hidden_layers
+    np.testing.assert_allclose(got, reference, rtol=1e-6, atol=1e-6)
+
+
 def test_decoder_layers_hand_their_norms_to_the_linears(monkeypatch):
     """Each layer's two RMSNorms go to the fused linear after them (``Linear.after_norm``): a
     QuIP# weight's ``normed_matmul`` gets the norm's weight and eps (here a stand-in that norms, then
@@ -2368,21 +2481,37 @@ void run_cluster(const RhtcArgs& a, int group, int64_t row, int threads) {
   for (auto& th : ts) th.join();
 }
 
-// argv: rows A B parts has_signs blocks groups threads in out; in: x f32 [parts, rows, A * B],
-// bits u32 [A, words], signs f32 [A * B]
+// argv: rows A B parts has_signs blocks groups threads io in out; in: x f32 [parts, rows, A * B]
+// ([rows, 2 A B] with io 1), bits u32 [A, words], signs f32 [A * B]; io 1 (swiglu input): then the
+// gate and up scales f32 [2] and the input signs f32 [A * B]; io 2, 3, 4 (a residual added, y and it
+// in float32, fp16, bf16): then the output scale f32 [1] and the residual [rows, A * B] in that dtype.
 int main(int argc, char** argv) {
-  if (argc != 11) return 1;
+  if (argc != 12) return 1;
   const int rows = atoi(argv[1]), ar = atoi(argv[2]), b = atoi(argv[3]), parts = atoi(argv[4]);
   const int after = atoi(argv[5]), blocks = atoi(argv[6]), groups = atoi(argv[7]), threads = atoi(argv[8]);
-  const int words = (ar + 31) / 32, n = ar * b;
-  std::vector<float> x(size_t(parts) * rows * n), sg(n), y(size_t(rows) * n, NAN);
+  const int io = atoi(argv[9]), words = (ar + 31) / 32, n = ar * b, dtype = io >= 2 ? io - 2 : 0;
+  const size_t esize = dtype ? 2 : 4;
+  std::vector<float> x(size_t(io == 1 ? 2 : parts) * rows * n), sg(n), gu(2), in_signs(n), os(1);
+  std::vector<char> y(size_t(rows) * n * esize, 0x7f), resid(size_t(rows) * n * esize);
   std::vector<uint32_t> bits(size_t(ar) * words);
-  FILE* in = fopen(argv[9], "rb");
+  FILE* in = fopen(argv[10], "rb");
   if (!in || fread(x.data(), 4, x.size(), in) != x.size() || fread(bits.data(), 4, bits.size(), in) != bits.size() ||
       fread(sg.data(), 4, sg.size(), in) != sg.size()) return 2;
+  if (io == 1 && (fread(gu.data(), 4, 2, in) != 2 || fread(in_signs.data(), 4, n, in) != size_t(n))) return 2;
+  if (io >= 2 && (fread(os.data(), 4, 1, in) != 1 || fread(resid.data(), 1, resid.size(), in) != resid.size())) return 2;
   fclose(in);
+  RhtcIo rio;
+  if (io == 1) {
+    rio.swiglu = true;
+    rio.in_signs = in_signs.data();
+    rio.gate_up_scale = gu.data();
+  } else if (io >= 2) {
+    rio.out_scale = os.data();
+    rio.resid = resid.data();
+    rio.dtype = dtype;
+  }
   RhtcArgs a{x.data(), bits.data(), after ? sg.data() : nullptr, y.data(), ar, words, parts, blocks, groups, rows,
-             1.0f / std::sqrt(static_cast<float>(n))};
+             1.0f / std::sqrt(static_cast<float>(n)), rio};
   h_blockDim = uint3{static_cast<unsigned>(threads), 1, 1};
   for (int r = 0; r < rows; ++r)
     for (int g = 0; g < groups; ++g) {
@@ -2394,8 +2523,8 @@ int main(int argc, char** argv) {
         default: return 3;
       }
     }
-  FILE* out = fopen(argv[10], "wb");
-  fwrite(y.data(), 4, y.size(), out);
+  FILE* out = fopen(argv[11], "wb");
+  fwrite(y.data(), 1, y.size(), out);
   fclose(out);
   return 0;
 }
@@ -2435,11 +2564,52 @@ def test_rht_cluster_kernel_source_on_cpu(tmp_path):
         bits = cuda_ops.sign_bits(factor.T if inverse else factor)
         xin = x if inverse else x * s  # a forward transform's signs go on x first (rht_cluster does that)
         (tmp_path / "in.bin").write_bytes(xin.tobytes() + bits.tobytes() + s.tobytes())
-        args = [rows, a, n // a, parts, int(inverse), blocks, groups, threads, tmp_path / "in.bin",
+        args = [rows, a, n // a, parts, int(inverse), blocks, groups, threads, 0, tmp_path / "in.bin",
                 tmp_path / "out.bin"]
         assert subprocess.run([str(exe), *map(str, args)]).returncode == 0, args
         y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, n)
         assert rel_err(y, _rht_reference(x.sum(0), factor, s, inverse)) < 1e-6, args
+
+
+def test_rht_cluster_io_modes_on_cpu(tmp_path):
+    """rht_cluster's io modes on the host (as above): a forward transform of silu(g gate) * (u up) *
+    in_signs read from a fused [gate, up] row (an MLP's down-proj input), and an inverse transform
+    scaled, added to a residual and stored in the residual's dtype (float32, fp16, bf16)."""
+    import subprocess
+
+    exe = _host_harness(tmp_path, None, _RHTC_HOST_HARNESS, "rht_cluster.cu")
+    rng = np.random.default_rng(17)
+    for rows, n, parts, io, blocks, groups, threads in [(1, 11008, 1, 1, 16, 1, 64), (2, 640, 1, 1, 4, 2, 128),
+                                                        (1, 4096, 3, 2, 16, 2, 64), (1, 4096, 6, 3, 8, 4, 64),
+                                                        (2, 640, 2, 4, 4, 2, 128)]:
+        factor = dispatch.cluster_factor(n)
+        a, inverse = factor.shape[0], io >= 2
+        s = rng.choice(np.array([-1.0, 1.0], np.float32), n)
+        bits = cuda_ops.sign_bits(factor.T if inverse else factor)
+        args = [rows, a, n // a, parts, int(inverse), blocks, groups, threads, io, tmp_path / "in.bin",
+                tmp_path / "out.bin"]
+        if io == 1:
+            gate_up = (3 * rng.standard_normal((rows, 2 * n))).astype(np.float32)
+            scales = rng.uniform(0.5, 2.0, 2).astype(np.float32)
+            in_signs = rng.choice(np.array([-1.0, 1.0], np.float32), n)
+            (tmp_path / "in.bin").write_bytes(gate_up.tobytes() + bits.tobytes() + s.tobytes() + scales.tobytes()
+                                              + in_signs.tobytes())
+            assert subprocess.run([str(exe), *map(str, args)]).returncode == 0, args
+            g, u = gate_up[:, :n].astype(np.float64) * scales[0], gate_up[:, n:].astype(np.float64) * scales[1]
+            h = g / (1 + np.exp(-g)) * u
+            y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, n)
+            assert rel_err(y, _rht_reference(h, factor, in_signs, False)) < 1e-6, args
+            continue
+        dtype = {2: np.float32, 3: np.float16, 4: jnp.bfloat16}[io]
+        x = rng.standard_normal((parts, rows, n)).astype(np.float32)
+        out_scale = np.float32(rng.uniform(0.5, 2.0))
+        resid = np.asarray(jnp.asarray(5 * rng.standard_normal((rows, n)), dtype))
+        (tmp_path / "in.bin").write_bytes(x.tobytes() + bits.tobytes() + s.tobytes() + out_scale.tobytes()
+                                          + resid.tobytes())
+        assert subprocess.run([str(exe), *map(str, args)]).returncode == 0, args
+        y = np.frombuffer((tmp_path / "out.bin").read_bytes(), dtype).reshape(rows, n).astype(np.float64)
+        ref = resid.astype(np.float64) + out_scale * _rht_reference(x.sum(0), factor, s, True)
+        assert rel_err(y, ref) < {2: 1e-6, 3: 1e-3, 4: 8e-3}[io], args
 
 
 def _decode_kernel_code_sizes(source: str, mangled: list[str]) -> list[int]:
@@ -2549,6 +2719,31 @@ def test_quip_normed_matmul_gpu():
         assert np.isfinite(np.asarray(y, np.float32)).all() and rel_err(y, ref) < tol, (out, inp, dtype)
         dense = np.asarray(rms_norm(x, w, 1e-5), np.float64).reshape(1, inp) @ np.asarray(qw.dequantize(), np.float64).T
         assert rel_err(np.asarray(y, np.float64).reshape(1, out), dense) < 1e-2, (out, inp, dtype)
+
+
+@pytest.mark.gpu
+def test_quip_add_and_mlp_block_gpu():
+    """``matmul_add`` against ``residual + matmul`` and ``swiglu_block`` against the unfused block
+    (which rounds gate, up and their product to x's dtype) at Llama-2-7B / Llama-3-8B / SmolLM2
+    widths, 2 and 4 bits, fp16 / bf16 / float32 activations."""
+    from jaxquant.model.llama import rms_norm
+
+    for i, (d, f, bits, dtype) in enumerate([(4096, 11008, 2, jnp.float16), (4096, 14336, 2, jnp.bfloat16),
+                                             (4096, 11008, 4, jnp.float32), (2048, 5632, 2, jnp.bfloat16)]):
+        gate_up = random_quip_gate_up(jax.random.key(90 + i), f, d, bits).for_serving()
+        down = random_quip(jax.random.key(95 + i), d, f, bits).for_serving()
+        x = (3 * jax.random.normal(jax.random.key(100 + i), (1, 1, d), jnp.float32)).astype(dtype)
+        w = jax.random.uniform(jax.random.key(105 + i), (d,), jnp.float32, 0.5, 2.0)
+        y = gate_up.swiglu_block(down, x, w, 1e-5)
+        assert y is not None and y.shape == x.shape and y.dtype == dtype, (d, f)
+        gate, up = jnp.split(gate_up.matmul(rms_norm(x, w, 1e-5)), 2, axis=-1)
+        ref = x + down.matmul(jax.nn.silu(gate) * up)
+        tol = 2e-3 if dtype == jnp.float32 else 1e-2  # the reference rounds four times to 16 bits
+        assert np.isfinite(np.asarray(y, np.float32)).all() and rel_err(y, ref) < tol, (d, f, bits, dtype)
+        o = random_quip(jax.random.key(110 + i), d, d, bits).for_serving()
+        z = o.matmul_add(x, x)
+        assert z is not None and z.dtype == dtype, (d, bits)
+        assert rel_err(z, x + o.matmul(x)) < (1e-5 if dtype == jnp.float32 else TOL[dtype]), (d, bits, dtype)
 
 
 @pytest.mark.gpu

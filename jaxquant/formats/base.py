@@ -65,6 +65,18 @@ class QuantizedWeight:
         itself; None where none does (the caller norms, then ``matmul``s). Not differentiable."""
         return None
 
+    def matmul_add(self, x: jax.Array, residual: jax.Array, backend: str = "auto") -> jax.Array | None:
+        """``residual + x @ W.T`` in residual's dtype where a kernel of the format adds it as it
+        stores; None where none does. Not differentiable."""
+        return None
+
+    def swiglu_block(self, down: "QuantizedWeight", x: jax.Array, norm_weight: jax.Array, eps: float,
+                     backend: str = "auto") -> jax.Array | None:
+        """A Llama MLP block with this weight as the fused ``[gate; up]`` projection:
+        ``x + down(silu(gate) * up)`` of ``rms_norm(x, norm_weight, eps)``, where the format makes
+        the whole block in one kernel call; None where it does not. Not differentiable."""
+        return None
+
     def for_serving(self) -> "QuantizedWeight":
         """The same weight as a decode loop keeps it on the device: ``serving_float32`` arrays widened
         to float32 (same values; the stored form, and so checkpoints, keep float16)."""

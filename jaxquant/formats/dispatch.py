@@ -218,6 +218,12 @@ E8P_LINEAR_ONE_CALL = True
 # And with x's RHT in its E8P kernel, that kernel also makes the RMSNorm before the linear
 # (``QuantizedWeight.normed_matmul``; two XLA kernels fewer per norm, ~2 us per 7B layer net on an H100).
 E8P_LINEAR_NORM = True
+# A one-call linear followed by a residual add stores residual + y itself (``QuantizedWeight.matmul_add``:
+# an o-proj's add kernel fewer per layer).
+E8P_ADD_RESIDUAL = True
+# A Llama MLP block of QuIP# weights (norm, fused gate/up, SwiGLU, down, residual) as one FFI call
+# (``QuantizedWeight.swiglu_block``, ``cuda_ffi.e8p_mlp``): five kernels in one chain, no XLA kernel between.
+E8P_MLP_ONE_CALL = True
 # Its E8P kernel's launch (``cuda_ffi.e8p_linear``'s rows_per_warp, warps, prefetch; 0: the defaults).
 E8P_LINEAR_LAUNCH = (0, 0, 0)
 

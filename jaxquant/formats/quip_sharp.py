@@ -87,22 +87,51 @@ class QuIPSharpQuantized(QuantizedWeight):
             return _matmul_kernel(x, self, "pallas")
         return _matmul(x, self)
 
+    def _one_call(self, x: jax.Array, backend: str) -> bool:
+        """Whether ``x @ W.T`` takes ``cuda_ffi.e8p_linear``: one row on the CUDA backend."""
+        from jaxquant.formats import dispatch
+
+        return (backend in ("auto", "cuda") and math.prod(x.shape[:-1]) == 1 and dispatch.E8P_LINEAR_ONE_CALL
+                and dispatch.vq_choice(self.format_name, kernel_issue(self, x, backend), x, backend,
+                                       tuned=self.codebook.replace("e8p-", ""), bits=self.bits) == "cuda"
+                and bool(dispatch.e8p_linear_factors(self.shape[1], self.shape[0], self.bits, self.had_seed)))
+
     def normed_matmul(self, x: jax.Array, norm_weight: jax.Array, eps: float,
                       backend: str = "auto") -> jax.Array | None:
         """One row of x on the CUDA backend whose E8P kernel rotates x itself (a power-of-two
         width): the kernel RMS-normalizes x too (``cuda_ffi.e8p_linear``); else None."""
         from jaxquant.formats import dispatch
 
-        if (backend not in ("auto", "cuda") or math.prod(x.shape[:-1]) != 1 or not dispatch.E8P_LINEAR_NORM
-                or not dispatch.E8P_LINEAR_ONE_CALL):
+        if not (dispatch.E8P_LINEAR_NORM and self._one_call(x, backend)):
             return None
-        if dispatch.vq_choice(self.format_name, kernel_issue(self, x, backend), x, backend,
-                              tuned=self.codebook.replace("e8p-", ""), bits=self.bits) != "cuda":
-            return None
-        factors = dispatch.e8p_linear_factors(self.shape[1], self.shape[0], self.bits, self.had_seed)
-        if not factors or factors[0] is not None:
+        if dispatch.e8p_linear_factors(self.shape[1], self.shape[0], self.bits, self.had_seed)[0] is not None:
             return None
         return _normed_matmul_kernel(x, self, norm_weight, eps)
+
+    def matmul_add(self, x: jax.Array, residual: jax.Array, backend: str = "auto") -> jax.Array | None:
+        """One row of x on the CUDA backend, one part: the one-call linear adds the residual as its
+        last kernel stores (``cuda_ffi.e8p_linear(residual=...)``); else None."""
+        from jaxquant.formats import dispatch
+
+        if not (dispatch.E8P_ADD_RESIDUAL and len(self.parts) <= 1 and self._one_call(x, backend)):
+            return None
+        return _matmul_add_kernel(x, self, residual)
+
+    def swiglu_block(self, down, x: jax.Array, norm_weight: jax.Array, eps: float,
+                     backend: str = "auto") -> jax.Array | None:
+        """One row on the CUDA backend with this weight the fused [gate; up] (two equal parts) and
+        ``down`` QuIP# of the same codebook: the whole block is ``cuda_ffi.e8p_mlp``; else None."""
+        from jaxquant.formats import dispatch
+
+        if not (dispatch.E8P_MLP_ONE_CALL and isinstance(down, QuIPSharpQuantized) and down.codebook == self.codebook
+                and len(self.parts) == 2 and self.parts[0] == self.parts[1] and len(down.parts) <= 1
+                and down.shape == (self.shape[1], self.parts[0]) and self._one_call(x, backend)
+                and down._one_call(jax.ShapeDtypeStruct((1, down.shape[1]), x.dtype), backend)):
+            return None
+        if (dispatch.e8p_linear_factors(self.shape[1], self.shape[0], self.bits, self.had_seed)[0] is not None
+                or dispatch.cluster_factor(down.shape[1], down.had_seed) is None):
+            return None
+        return _swiglu_block_kernel(x, self, down, norm_weight, eps)
 
 
 def kernel_issue(qw: "QuIPSharpQuantized", x: jax.Array, backend: str = "cuda") -> str | None:
@@ -185,6 +214,33 @@ def _normed_matmul_kernel(x, qw: QuIPSharpQuantized, norm_weight, eps: float):
 
     return _one_call(x, qw, dispatch.e8p_linear_factors(qw.shape[1], qw.shape[0], qw.bits, qw.had_seed),
                      norm_weight, eps)
+
+
+@jax.jit
+def _matmul_add_kernel(x, qw: QuIPSharpQuantized, residual):
+    import cuda_ffi
+    from jaxquant.formats import dispatch
+
+    factors = dispatch.e8p_linear_factors(qw.shape[1], qw.shape[0], qw.bits, qw.had_seed)
+    return cuda_ffi.e8p_linear(x, qw.codes, _abs_table(), qw.SU, qw.SV, factors[1], bits=qw.bits,
+                               resid_scale=e8p.get_codebook(qw.codebook).resid_scale or 1.0, in_factor=factors[0],
+                               residual=residual, out_scale=qw.scale,
+                               **dict(zip(("rows_per_warp", "warps", "prefetch"), dispatch.E8P_LINEAR_LAUNCH)))
+
+
+@functools.partial(jax.jit, static_argnames="eps")
+def _swiglu_block_kernel(x, gate_up: QuIPSharpQuantized, down: QuIPSharpQuantized, norm_weight, eps: float):
+    import cuda_ffi
+    from jaxquant.formats import dispatch
+
+    d, f = down.shape
+    weights = [dict(codes=w.codes, su=w.SU, sv=w.SV, scale=w.scale,
+                    out_factor=dispatch.e8p_linear_factors(w.shape[1], w.shape[0], w.bits, w.had_seed)[1])
+               for w in (gate_up, down)]
+    weights[1]["in_factor"] = dispatch.cluster_factor(f, down.had_seed)
+    return cuda_ffi.e8p_mlp(x, norm_weight, _abs_table(), *weights, bits=gate_up.bits,
+                            resid_scale=e8p.get_codebook(gate_up.codebook).resid_scale or 1.0, norm_eps=eps,
+                            **dict(zip(("rows_per_warp", "warps", "prefetch"), dispatch.E8P_LINEAR_LAUNCH)))
 
 
 @jax.jit

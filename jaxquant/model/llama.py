@@ -39,6 +39,16 @@ class Linear(nnx.Module):
                 return y
         return self(norm(x))
 
+    def add_to(self, x, residual):
+        """``residual + self(x)``: one kernel call where the weight's format adds the residual as it
+        stores (a QuIP# decode step on a GPU, ``QuantizedWeight.matmul_add``)."""
+        w = self.weight.get_value()
+        if self.bias is None and isinstance(w, QuantizedWeight):
+            y = w.matmul_add(x, residual)
+            if y is not None:
+                return y
+        return residual + self(x)
+
 
 class Embedding(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
@@ -121,6 +131,11 @@ class Attention(nnx.Module):
         out, kv = self.attend(x, positions, inv_freq, kv, cache_pos, norm)
         return self.o_proj(out), kv
 
+    def residual(self, x, positions, inv_freq, kv=None, cache_pos=0, norm=None):
+        """``x + self(x, ...)``, the add made by o_proj's kernel where its format can."""
+        out, kv = self.attend(x, positions, inv_freq, kv, cache_pos, norm)
+        return self.o_proj.add_to(out, x), kv
+
     def project(self, x, norm=None):
         """(q, k, v) [B, T, heads·hd] of ``norm(x)`` (x if no norm), from one fused product when
         ``fuse_qkv``."""
@@ -188,6 +203,18 @@ class MLP(nnx.Module):
     def __call__(self, x, norm=None):
         return self.down_proj(self.hidden(x, norm))
 
+    def residual(self, x, norm):
+        """``x + self(x, norm)``: one kernel call for the whole block where the weights' format has
+        one (QuIP# at batch 1 on a GPU, ``QuantizedWeight.swiglu_block``)."""
+        gate_up = self.gate_up_proj.weight.get_value() if self.fused else None
+        if (norm is not None and isinstance(gate_up, QuantizedWeight) and self.gate_up_proj.bias is None
+                and self.down_proj.bias is None
+                and isinstance(down := self.down_proj.weight.get_value(), QuantizedWeight)):
+            y = gate_up.swiglu_block(down, x, norm.weight.get_value(), norm.eps)
+            if y is not None:
+                return y
+        return x + self(x, norm)
+
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
@@ -197,10 +224,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, inv_freq, kv=None, cache_pos=0):
-        # the norms go in with their linears: a decode step's QuIP# kernel makes them itself
-        h, kv = self.self_attn(x, positions, inv_freq, kv, cache_pos, norm=self.input_layernorm)
-        x = x + h
-        return x + self.mlp(x, norm=self.post_attention_layernorm), kv
+        # the norms and residual adds go in with their linears: a decode step's QuIP# kernels make them
+        x, kv = self.self_attn.residual(x, positions, inv_freq, kv, cache_pos, norm=self.input_layernorm)
+        return self.mlp.residual(x, norm=self.post_attention_layernorm), kv
 
 
 class Llama(nnx.Module):
