@@ -1656,9 +1656,9 @@ ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
                          ffi::AnyBuffer resid, ffi::Buffer<ffi::F32> out_scale, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Result<ffi::Buffer<ffi::F32>> part, ffi::Result<ffi::Buffer<ffi::F32>> xr, int64_t bits,
                          double resid_scale, int64_t in_cluster, int64_t rows_per_warp, int64_t warps,
-                         int64_t prefetch, int64_t norm, double norm_eps, int64_t add_resid) {
+                         int64_t prefetch, int64_t norm, double norm_eps, int64_t add_resid, int64_t split0,
+                         int64_t split1) {
   const int x_dtype = e8_dtype_code(x.element_type()), w_dtype = e8_dtype_code(norm_w.element_type());
-  const int r_dtype = e8_dtype_code(resid.element_type());
   auto cd = codes.dimensions(), pd = part->dimensions(), ib = in_bits.dimensions(), ob = out_bits.dimensions();
   const int64_t k = static_cast<int64_t>(x.element_count()), out = static_cast<int64_t>(y->element_count());
   const char* bad = pd.size() != 2 ? "partials [chunks, out]"
@@ -1678,10 +1678,13 @@ ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   if (!bad && norm && (in_cluster || w_dtype < 0 || static_cast<int64_t>(norm_w.element_count()) != k)) {
     bad = "the RMSNorm needs x's RHT in the E8P kernel and norm_w [in] (float32, fp16 or bf16)";
   }
-  if (!bad && (add_resid ? r_dtype < 0 || static_cast<int64_t>(resid.element_count()) != out ||
-                               y->element_type() != resid.element_type() || out_scale.element_count() != 1
-                         : y->element_type() != ffi::DataType::F32)) {
-    bad = "y float32, or with a residual y and resid [out] in one dtype (float32, fp16, bf16) and out_scale [1]";
+  const int64_t scales = 1 + (split0 > 0 && split0 < out) + (split1 > 0 && split1 < out);
+  if (!bad && (e8_dtype_code(y->element_type()) < 0 ||
+               (add_resid && (static_cast<int64_t>(resid.element_count()) != out ||
+                              y->element_type() != resid.element_type())) ||
+               static_cast<int64_t>(out_scale.element_count()) != scales || split0 % 4 || split1 % 4 ||
+               split0 < 0 || (split1 && split1 < split0))) {
+    bad = "y float32, fp16 or bf16 (resid [out] in its dtype), out_scale [1 + parts' splits], splits multiples of 4";
   }
   if (bad) return ffi::Error::InvalidArgument(std::string("e8p_linear: ") + bad);
   const float* xin = static_cast<const float*>(x.untyped_data());  // float32 unless x_rht says otherwise
@@ -1705,11 +1708,11 @@ ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   p.out_a = static_cast<int>(ob[0]);
   p.sv = sv.typed_data();
   p.y = y->untyped_data();
-  if (add_resid) {
-    p.out_io.resid = resid.untyped_data();
-    p.out_io.dtype = r_dtype;
-    p.out_io.out_scale = out_scale.typed_data();
-  }
+  p.out_io.dtype = e8_dtype_code(y->element_type());
+  p.out_io.out_scale = out_scale.typed_data();
+  if (split0 > 0 && split0 < out) p.out_io.scale_split[0] = static_cast<int>(split0);
+  if (split1 > 0 && split1 < out) p.out_io.scale_split[1] = static_cast<int>(split1);
+  if (add_resid) p.out_io.resid = resid.untyped_data();
   const cudaError_t err = e8p_linear_launch(stream, p);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_linear: ") + cudaGetErrorString(err));
   return launch_error("e8p_linear launch");
@@ -3277,7 +3280,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pLinear, E8pLinearImpl,
                                   .Attr<int64_t>("prefetch")
                                   .Attr<int64_t>("norm")
                                   .Attr<double>("norm_eps")
-                                  .Attr<int64_t>("add_resid"),
+                                  .Attr<int64_t>("add_resid")
+                                  .Attr<int64_t>("split0")
+                                  .Attr<int64_t>("split1"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMlp, E8pMlpImpl,

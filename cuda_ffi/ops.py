@@ -529,7 +529,7 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
                out_factor: np.ndarray, *, bits: int, resid_scale: float = 1.0, in_factor: np.ndarray | None = None,
                rows_per_warp: int = 0, warps: int = 0, prefetch: int = 0, norm_weight: jax.Array | None = None,
                norm_eps: float = 1e-6, residual: jax.Array | None = None, out_scale: jax.Array | None = None,
-               register: bool = True) -> jax.Array:
+               part_rows: tuple[int, ...] = (), out_dtype=jnp.float32, register: bool = True) -> jax.Array:
     """QuIP#'s linear of one row in one FFI call: ``rht_inverse(rht(x, su) @ Q.T, sv)`` (float32,
     before the row scale), the three kernels each started programmatically dependent on the one
     before. x's RHT is made by the E8P kernel where ``e8p_xs_rht_fits`` (``in_factor`` None), else
@@ -539,8 +539,10 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
     ``norm_weight`` [in] (x's RHT in the E8P kernel only): x is the residual stream and the linear's
     input its RMSNorm, ``(x / rms(x, norm_eps)) * norm_weight``, made by the E8P kernel in float32
     (two XLA kernels fewer before it; the model's norm also rounds it to x's dtype).
-    ``residual`` [..., out] (float32, fp16 or bf16): the result is ``residual + out_scale * y`` in
-    residual's dtype, added as the last kernel stores it (``out_scale`` [1], the row scale)."""
+    ``out_scale``: the row scale the last kernel applies as it stores, [1] or, with ``part_rows``
+    (a fused linear's parts, at most 3, multiples of 4), one per part; the result then comes in
+    ``out_dtype``. ``residual`` [..., out] (float32, fp16 or bf16): the result is
+    ``residual + out_scale * y`` in residual's dtype."""
     lead, k_in = x.shape[:-1], x.shape[-1]
     if math.prod(lead) != 1:
         raise ValueError(f"e8p_linear: needs one row of x, got {x.shape}")
@@ -552,13 +554,18 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
         _check_float(residual, "e8p_linear")
         if math.prod(residual.shape) != out:
             raise ValueError(f"e8p_linear: residual must have {out} elements, got {residual.shape}")
+    splits = np.cumsum(part_rows)[:-1].tolist() if len(part_rows) > 1 else []
+    if part_rows and (len(part_rows) > 3 or sum(part_rows) != out or any(r % 4 for r in part_rows)):
+        raise ValueError(f"e8p_linear: part_rows must be 1 to 3 multiples of 4 adding up to {out}, got {part_rows}")
+    out_scale = _scalar_scale(out_scale, 1 + len(splits), "out_scale")
+    _check_float(jax.ShapeDtypeStruct((), out_dtype), "e8p_linear (out_dtype)")
     if register:
         build.load()
     su = su.astype(jnp.float32)
     x1 = x.reshape(k_in) if in_factor is None else x.reshape(k_in).astype(jnp.float32)
     x1 = _kernel_float(x1)  # the E8P kernel reads float32, fp16 or bf16 as it comes
     one_u32 = jnp.zeros((1, 1), jnp.uint32)
-    y_dtype = jnp.float32 if residual is None else residual.dtype
+    y_dtype = out_dtype if residual is None else residual.dtype
     f = jax.ffi.ffi_call("jaxquant_e8p_linear", (jax.ShapeDtypeStruct((out,), y_dtype),
                                                  jax.ShapeDtypeStruct((_e8p_chunks(k_in, bits), out), jnp.float32),
                                                  jax.ShapeDtypeStruct((k_in if in_factor is not None else 1,),
@@ -568,12 +575,12 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
                 one_u32 if in_factor is None else jnp.asarray(sign_bits(in_factor)),
                 jnp.asarray(sign_bits(np.asarray(out_factor).T)), sv.astype(jnp.float32),
                 jnp.zeros((1,), jnp.float32) if norm_weight is None else _kernel_float(norm_weight),
-                jnp.zeros((1,), jnp.float32) if residual is None else residual.reshape(out),
-                _scalar_scale(out_scale, 1, "out_scale"),
+                jnp.zeros((1,), jnp.float32) if residual is None else residual.reshape(out), out_scale,
                 bits=np.int64(bits), resid_scale=np.float64(resid_scale), in_cluster=np.int64(in_factor is not None),
                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), prefetch=np.int64(prefetch),
                 norm=np.int64(norm_weight is not None), norm_eps=np.float64(norm_eps),
-                add_resid=np.int64(residual is not None))
+                add_resid=np.int64(residual is not None), split0=np.int64((splits + [0])[0]),
+                split1=np.int64((splits[1:] + [0])[0]))
     return y.reshape(*lead, out) if residual is None else y.reshape(residual.shape)
 
 

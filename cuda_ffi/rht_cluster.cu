@@ -130,7 +130,11 @@ __device__ void rht_cluster_block(const RhtcArgs& a, float* cols, int rank, int 
   // part p of the row: a split matvec's partial, or the gate (p = 0) / up (p = 1) half of a swiglu row
   auto part = [&](int p) { return a.x + (swiglu ? (2 * row + p) * n : (p * a.rows + row) * n); };
   const float gate_scale = swiglu ? a.io.gate_up_scale[0] : 0.f, up_scale = swiglu ? a.io.gate_up_scale[1] : 0.f;
-  const float out_scale = a.scale * (a.io.out_scale ? *a.io.out_scale : 1.f);  // a weight: before pdl_wait
+  float out_scale[3] = {a.scale, a.scale, a.scale};  // weights: read before pdl_wait
+  if (a.io.out_scale) {
+    const int last = (a.io.scale_split[0] < n) + (a.io.scale_split[1] < n);
+    for (int i = 0; i < 3; ++i) out_scale[i] *= a.io.out_scale[i < last ? i : last];
+  }
   for (int i = a.a_rows * cpb + static_cast<int>(threadIdx.x); i < a_pad * cpb; i += blockDim.x) cols[i] = 0.f;
   pdl_wait();  // the prefetches and the padding above may overlap the kernel that makes x
   // Rows of B: element j = t * 32 + lane, so every load is one warp-contiguous 128 bytes. A warp's
@@ -215,8 +219,9 @@ __device__ void rht_cluster_block(const RhtcArgs& a, float* cols, int rank, int 
       }
     }
     const int o = out * B + j0 + q * 4;
-    float4 res = make_float4((acc[0].x + acc[1].x) * out_scale, (acc[0].y + acc[1].y) * out_scale,
-                             (acc[0].z + acc[1].z) * out_scale, (acc[0].w + acc[1].w) * out_scale);
+    const float os = out_scale[(o >= a.io.scale_split[0]) + (o >= a.io.scale_split[1])];
+    float4 res = make_float4((acc[0].x + acc[1].x) * os, (acc[0].y + acc[1].y) * os, (acc[0].z + acc[1].z) * os,
+                             (acc[0].w + acc[1].w) * os);
     if (a.signs) {
       const float4 s = *reinterpret_cast<const float4*>(a.signs + o);
       res = make_float4(res.x * s.x, res.y * s.y, res.z * s.z, res.w * s.w);
@@ -300,7 +305,8 @@ cudaError_t rht_cluster_run(cudaStream_t stream, const float* x, const uint32_t*
                             int a_rows, int parts, int64_t rows, int64_t n, float scale, int blocks, int groups,
                             const RhtcIo* io) {
   if (a_rows < 1 || a_rows > kRhtcMaxA || n % a_rows || parts < 1 || rows < 1 || rows > 65535 ||
-      (io && (io->dtype < 0 || io->dtype > 2 || (io->swiglu && (parts != 1 || !io->in_signs || !io->gate_up_scale))))) {
+      (io && (io->dtype < 0 || io->dtype > 2 || (io->swiglu && (parts != 1 || !io->in_signs || !io->gate_up_scale)) ||
+              io->scale_split[0] % 4 || io->scale_split[1] % 4 || io->scale_split[0] > io->scale_split[1]))) {
     return cudaErrorInvalidValue;
   }
   RhtcArgs a{x, bits, signs, y, a_rows, (a_rows + 31) / 32, parts, 0, 0, rows, scale, io ? *io : RhtcIo{}};

@@ -13,13 +13,15 @@
 // - swiglu: x is [rows, 2 n], a fused [gate, up] product (parts 1), and the row transformed is
 //   silu(g * gate) * (u * up) * in_signs, with (g, u) = gate_up_scale[0 .. 1] (a forward transform's
 //   signs applied on the way in): the input of an MLP's down projection;
-// - out_scale[0] multiplies the result; with resid, y = resid + result; resid and y are float32,
-//   fp16 or bf16 by dtype (0, 1, 2; y float32 without io).
+// - out_scale multiplies the result: out_scale[0] for outputs below scale_split[0], out_scale[1] below
+//   scale_split[1], then out_scale[2] (a fused linear's parts; the splits multiples of 4);
+// - with resid, y = resid + result; y (and resid) float32, fp16 or bf16 by dtype (0, 1, 2).
 struct RhtcIo {
   bool swiglu = false;
   const float* in_signs = nullptr;
   const float* gate_up_scale = nullptr;
   const float* out_scale = nullptr;
+  int scale_split[2] = {1 << 30, 1 << 30};
   const void* resid = nullptr;
   int dtype = 0;
 };

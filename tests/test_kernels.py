@@ -1687,8 +1687,11 @@ def test_quip_linear_is_one_call_at_batch_1(monkeypatch):
 
     monkeypatch.setattr(cuda_build, "load", lambda: None)
     jax.clear_caches()  # a trace is cached by shape, not by E8P_LINEAR_ONE_CALL
-    for out, inp, bits in ((64, 4096, 2), (768, 4096, 4), (64, 3072, 2), (12288, 11008, 2)):
+    for out, inp, bits, parts in ((64, 4096, 2, ()), (768, 4096, 4, ()), (64, 3072, 2, ()), (12288, 11008, 2, ()),
+                                  (12288, 4096, 2, (4096, 4096, 4096)), (64, 4096, 2, (28, 36)), (64, 4096, 2, (30, 34))):
         qw = random_quip(jax.random.key(out), out, inp, bits)
+        if parts:  # a fused linear: a row scale per part
+            qw = dataclasses.replace(qw, parts=parts, scale=jnp.arange(1.0, 1.0 + len(parts), dtype=jnp.float32))
         text = _lower_for_cuda(lambda x, qw=qw: quip_sharp._matmul_kernel(x, qw, kernel="cuda"),
                                jnp.ones((1, inp), jnp.bfloat16))
         calls = [line for line in text.splitlines() if "stablehlo.custom_call @jaxquant_" in line]
@@ -1696,7 +1699,14 @@ def test_quip_linear_is_one_call_at_batch_1(monkeypatch):
         in_cluster = not cuda_ffi.e8p_xs_rht_fits(inp, bits)
         chunks = -(-(inp * bits // 128) // 32)
         assert f"in_cluster = {int(in_cluster)}" in calls[0], (out, inp)
-        assert f"tensor<{out}xf32>, tensor<{chunks}x{out}xf32>, tensor<{inp if in_cluster else 1}xf32>" in calls[0]
+        # the row scales and the cast to x's dtype are the last kernel's (parts of 4k rows), else XLA's
+        in_store = all(p % 4 == 0 for p in parts)
+        y_type = "bf16" if in_store else "f32"
+        assert f"tensor<{out}x{y_type}>, tensor<{chunks}x{out}xf32>, tensor<{inp if in_cluster else 1}xf32>" in calls[0]
+        assert ("stablehlo.multiply" in text.split("@jaxquant_e8p_linear(")[1]) != in_store, (out, parts)
+        if in_store and len(parts) > 1:
+            assert f"split0 = {parts[0]}" in calls[0] and f"split1 = {parts[0] + parts[1] if len(parts) == 3 else 0}" \
+                in calls[0], parts
         text2 = _lower_for_cuda(lambda x, qw=qw: quip_sharp._matmul_kernel(x, qw, kernel="cuda"),
                                 jnp.ones((2, inp), jnp.bfloat16))
         assert "jaxquant_e8p_linear" not in text2 and "jaxquant_e8p" in text2
@@ -1898,6 +1908,20 @@ def test_e8p_linear_rejects_bad_input():
                             in_factor=dispatch.cluster_factor(3072))
     with pytest.raises(ValueError, match="bits must be 2 or 4"):
         cuda_ffi.e8p_linear(x, qw.codes, table, su, sv, out_factor, bits=3, register=False)
+    in_factor = dispatch.cluster_factor(3072)
+    for rows in ((30, 34), (32, 16), (16,) * 4):
+        with pytest.raises(ValueError, match="part_rows"):
+            cuda_ffi.e8p_linear(x, qw.codes, table, su, sv, out_factor, bits=2, register=False, in_factor=in_factor,
+                                part_rows=rows)
+    with pytest.raises(ValueError, match="out_scale"):
+        cuda_ffi.e8p_linear(x, qw.codes, table, su, sv, out_factor, bits=2, register=False, in_factor=in_factor,
+                            part_rows=(32, 32), out_scale=jnp.ones((1,)))
+    with pytest.raises(ValueError, match="residual"):
+        cuda_ffi.e8p_linear(x, qw.codes, table, su, sv, out_factor, bits=2, register=False, in_factor=in_factor,
+                            residual=jnp.ones((1, 32)))
+    with pytest.raises(TypeError, match="out_dtype"):
+        cuda_ffi.e8p_linear(x, qw.codes, table, su, sv, out_factor, bits=2, register=False, in_factor=in_factor,
+                            out_dtype=jnp.int8)
 
 
 def test_rht_fast_takes_the_fused_kernel_only_for_many_rows(monkeypatch):
@@ -2725,7 +2749,8 @@ def test_quip_normed_matmul_gpu():
 def test_quip_add_and_mlp_block_gpu():
     """``matmul_add`` against ``residual + matmul`` and ``swiglu_block`` against the unfused block
     (which rounds gate, up and their product to x's dtype) at Llama-2-7B / Llama-3-8B / SmolLM2
-    widths, 2 and 4 bits, fp16 / bf16 / float32 activations."""
+    widths, 2 and 4 bits, fp16 / bf16 / float32 activations; a fused qkv's per-part row scales."""
+    from jaxquant.formats import quip_sharp
     from jaxquant.model.llama import rms_norm
 
     for i, (d, f, bits, dtype) in enumerate([(4096, 11008, 2, jnp.float16), (4096, 14336, 2, jnp.bfloat16),
@@ -2744,6 +2769,12 @@ def test_quip_add_and_mlp_block_gpu():
         z = o.matmul_add(x, x)
         assert z is not None and z.dtype == dtype, (d, bits)
         assert rel_err(z, x + o.matmul(x)) < (1e-5 if dtype == jnp.float32 else TOL[dtype]), (d, bits, dtype)
+        # a fused qkv: its three row scales and x's dtype applied as the inverse transform stores
+        qkv = dataclasses.replace(random_quip(jax.random.key(115 + i), 3 * d // 2, d, bits),
+                                  parts=(d, d // 4, d // 4), scale=jnp.array([0.02, 0.03, 0.05])).for_serving()
+        y = qkv.matmul(x)
+        tol = 2 * TOL[jnp.bfloat16] if dtype == jnp.bfloat16 else 2e-3  # the kernel's x and sums are fp16
+        assert y.dtype == dtype and rel_err(y, quip_sharp._matmul(x, qkv)) < tol, (d, bits, dtype)
 
 
 @pytest.mark.gpu

@@ -201,11 +201,14 @@ def _one_call(x, qw: QuIPSharpQuantized, factors, norm_weight=None, eps: float =
     import cuda_ffi
     from jaxquant.formats import dispatch
 
+    # the row scales and x's dtype applied as the last kernel stores (a fused linear's up to 3 parts)
+    in_store = len(qw.parts) <= 3 and all(p % 4 == 0 for p in qw.parts)
     y = cuda_ffi.e8p_linear(x, qw.codes, _abs_table(), qw.SU, qw.SV, factors[1], bits=qw.bits,
                             resid_scale=e8p.get_codebook(qw.codebook).resid_scale or 1.0, in_factor=factors[0],
                             norm_weight=norm_weight, norm_eps=eps,
+                            **(dict(out_scale=qw.scale, part_rows=qw.parts, out_dtype=x.dtype) if in_store else {}),
                             **dict(zip(("rows_per_warp", "warps", "prefetch"), dispatch.E8P_LINEAR_LAUNCH)))
-    return (y * qw.row_scale()).astype(x.dtype)
+    return y if in_store else (y * qw.row_scale()).astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames="eps")
