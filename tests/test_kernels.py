@@ -2508,21 +2508,24 @@ void run_cluster(const RhtcArgs& a, int group, int64_t row, int threads) {
 // argv: rows A B parts has_signs blocks groups threads io in out; in: x f32 [parts, rows, A * B]
 // ([rows, 2 A B] with io 1), bits u32 [A, words], signs f32 [A * B]; io 1 (swiglu input): then the
 // gate and up scales f32 [2] and the input signs f32 [A * B]; io 2, 3, 4 (a residual added, y and it
-// in float32, fp16, bf16): then the output scale f32 [1] and the residual [rows, A * B] in that dtype.
+// in float32, fp16, bf16): then the output scales f32 [3], their splits i32 [2] and the residual
+// [rows, A * B] in that dtype.
 int main(int argc, char** argv) {
   if (argc != 12) return 1;
   const int rows = atoi(argv[1]), ar = atoi(argv[2]), b = atoi(argv[3]), parts = atoi(argv[4]);
   const int after = atoi(argv[5]), blocks = atoi(argv[6]), groups = atoi(argv[7]), threads = atoi(argv[8]);
   const int io = atoi(argv[9]), words = (ar + 31) / 32, n = ar * b, dtype = io >= 2 ? io - 2 : 0;
   const size_t esize = dtype ? 2 : 4;
-  std::vector<float> x(size_t(io == 1 ? 2 : parts) * rows * n), sg(n), gu(2), in_signs(n), os(1);
+  std::vector<float> x(size_t(io == 1 ? 2 : parts) * rows * n), sg(n), gu(2), in_signs(n), os(3);
+  int splits[2];
   std::vector<char> y(size_t(rows) * n * esize, 0x7f), resid(size_t(rows) * n * esize);
   std::vector<uint32_t> bits(size_t(ar) * words);
   FILE* in = fopen(argv[10], "rb");
   if (!in || fread(x.data(), 4, x.size(), in) != x.size() || fread(bits.data(), 4, bits.size(), in) != bits.size() ||
       fread(sg.data(), 4, sg.size(), in) != sg.size()) return 2;
   if (io == 1 && (fread(gu.data(), 4, 2, in) != 2 || fread(in_signs.data(), 4, n, in) != size_t(n))) return 2;
-  if (io >= 2 && (fread(os.data(), 4, 1, in) != 1 || fread(resid.data(), 1, resid.size(), in) != resid.size())) return 2;
+  if (io >= 2 && (fread(os.data(), 4, 3, in) != 3 || fread(splits, 4, 2, in) != 2 ||
+                  fread(resid.data(), 1, resid.size(), in) != resid.size())) return 2;
   fclose(in);
   RhtcIo rio;
   if (io == 1) {
@@ -2531,6 +2534,8 @@ int main(int argc, char** argv) {
     rio.gate_up_scale = gu.data();
   } else if (io >= 2) {
     rio.out_scale = os.data();
+    rio.scale_split[0] = splits[0];
+    rio.scale_split[1] = splits[1];
     rio.resid = resid.data();
     rio.dtype = dtype;
   }
@@ -2598,14 +2603,17 @@ def test_rht_cluster_kernel_source_on_cpu(tmp_path):
 def test_rht_cluster_io_modes_on_cpu(tmp_path):
     """rht_cluster's io modes on the host (as above): a forward transform of silu(g gate) * (u up) *
     in_signs read from a fused [gate, up] row (an MLP's down-proj input), and an inverse transform
-    scaled, added to a residual and stored in the residual's dtype (float32, fp16, bf16)."""
+    scaled (one scale, or one per part of a fused linear), added to a residual and stored in the
+    residual's dtype (float32, fp16, bf16)."""
     import subprocess
 
     exe = _host_harness(tmp_path, None, _RHTC_HOST_HARNESS, "rht_cluster.cu")
     rng = np.random.default_rng(17)
-    for rows, n, parts, io, blocks, groups, threads in [(1, 11008, 1, 1, 16, 1, 64), (2, 640, 1, 1, 4, 2, 128),
-                                                        (1, 4096, 3, 2, 16, 2, 64), (1, 4096, 6, 3, 8, 4, 64),
-                                                        (2, 640, 2, 4, 4, 2, 128)]:
+    none = 1 << 30
+    for rows, n, parts, io, blocks, groups, threads, splits in [
+            (1, 11008, 1, 1, 16, 1, 64, None), (2, 640, 1, 1, 4, 2, 128, None), (1, 4096, 3, 2, 16, 2, 64, (none, none)),
+            (1, 4096, 6, 3, 8, 4, 64, (none, none)), (2, 640, 2, 4, 4, 2, 128, (none, none)),
+            (1, 6144, 2, 3, 16, 2, 64, (4096, 5120)), (1, 4096, 1, 4, 16, 2, 64, (1024, none))]:
         factor = dispatch.cluster_factor(n)
         a, inverse = factor.shape[0], io >= 2
         s = rng.choice(np.array([-1.0, 1.0], np.float32), n)
@@ -2626,13 +2634,14 @@ def test_rht_cluster_io_modes_on_cpu(tmp_path):
             continue
         dtype = {2: np.float32, 3: np.float16, 4: jnp.bfloat16}[io]
         x = rng.standard_normal((parts, rows, n)).astype(np.float32)
-        out_scale = np.float32(rng.uniform(0.5, 2.0))
+        out_scale = rng.uniform(0.5, 2.0, 3).astype(np.float32)
         resid = np.asarray(jnp.asarray(5 * rng.standard_normal((rows, n)), dtype))
         (tmp_path / "in.bin").write_bytes(x.tobytes() + bits.tobytes() + s.tobytes() + out_scale.tobytes()
-                                          + resid.tobytes())
+                                          + np.asarray(splits, np.int32).tobytes() + resid.tobytes())
         assert subprocess.run([str(exe), *map(str, args)]).returncode == 0, args
         y = np.frombuffer((tmp_path / "out.bin").read_bytes(), dtype).reshape(rows, n).astype(np.float64)
-        ref = resid.astype(np.float64) + out_scale * _rht_reference(x.sum(0), factor, s, True)
+        row_scale = out_scale[(np.arange(n) >= splits[0]).astype(int) + (np.arange(n) >= splits[1])]
+        ref = resid.astype(np.float64) + row_scale * _rht_reference(x.sum(0), factor, s, True)
         assert rel_err(y, ref) < {2: 1e-6, 3: 1e-3, 4: 8e-3}[io], args
 
 
