@@ -1688,7 +1688,8 @@ def test_quip_linear_is_one_call_at_batch_1(monkeypatch):
     monkeypatch.setattr(cuda_build, "load", lambda: None)
     jax.clear_caches()  # a trace is cached by shape, not by E8P_LINEAR_ONE_CALL
     for out, inp, bits, parts in ((64, 4096, 2, ()), (768, 4096, 4, ()), (64, 3072, 2, ()), (12288, 11008, 2, ()),
-                                  (12288, 4096, 2, (4096, 4096, 4096)), (64, 4096, 2, (28, 36)), (64, 4096, 2, (30, 34))):
+                                  (12288, 4096, 2, (4096, 4096, 4096)), (64, 4096, 2, (28, 36)),
+                                  (64, 4096, 2, (30, 34))):
         qw = random_quip(jax.random.key(out), out, inp, bits)
         if parts:  # a fused linear: a row scale per part
             qw = dataclasses.replace(qw, parts=parts, scale=jnp.arange(1.0, 1.0 + len(parts), dtype=jnp.float32))
@@ -1753,7 +1754,8 @@ def test_quip_add_and_mlp_block_are_one_call(monkeypatch):
     monkeypatch.setattr(cuda_build, "load", lambda: None)
     monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
     o = random_quip(jax.random.key(1), 4096, 4096, 2)
-    gate_up, down = random_quip_gate_up(jax.random.key(2), 11008, 4096, 2), random_quip(jax.random.key(3), 4096, 11008, 2)
+    gate_up = random_quip_gate_up(jax.random.key(2), 11008, 4096, 2)
+    down = random_quip(jax.random.key(3), 4096, 11008, 2)
     for dtype, name in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16")):
         x = jnp.ones((1, 1, 4096), dtype)
         text = _lower_for_cuda(lambda a, r: o.matmul_add(a, r, backend="cuda"), x, x)
@@ -2611,7 +2613,8 @@ def test_rht_cluster_io_modes_on_cpu(tmp_path):
     rng = np.random.default_rng(17)
     none = 1 << 30
     for rows, n, parts, io, blocks, groups, threads, splits in [
-            (1, 11008, 1, 1, 16, 1, 64, None), (2, 640, 1, 1, 4, 2, 128, None), (1, 4096, 3, 2, 16, 2, 64, (none, none)),
+            (1, 11008, 1, 1, 16, 1, 64, None), (2, 640, 1, 1, 4, 2, 128, None),
+            (1, 4096, 3, 2, 16, 2, 64, (none, none)),
             (1, 4096, 6, 3, 8, 4, 64, (none, none)), (2, 640, 2, 4, 4, 2, 128, (none, none)),
             (1, 6144, 2, 3, 16, 2, 64, (4096, 5120)), (1, 4096, 1, 4, 16, 2, 64, (1024, none))]:
         factor = dispatch.cluster_factor(n)
