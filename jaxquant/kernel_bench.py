@@ -264,8 +264,9 @@ def vq_sets(fmt, key, out, inp, count):
     return sets
 
 
-def vq_kernel_fn(fmt, cfg):
-    """The rotated-domain product alone (the kernel), as the format calls it."""
+def vq_kernel_fn(fmt, cfg, rows: int = 1):
+    """The rotated-domain product alone (the kernel), as the format calls it for ``rows`` rows
+    of x (one: E8P / RVQ4's x-stationary kernel unless cfg names a variant)."""
     import cuda_ffi
     from jaxquant.codebooks import e8p as jq_e8p
 
@@ -275,6 +276,8 @@ def vq_kernel_fn(fmt, cfg):
         table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
         cfg = dict(cfg)
         kernel = cuda_ffi.e8p_mma if cfg.pop("mma", False) else cuda_ffi.e8p_matvec
+        if kernel is cuda_ffi.e8p_matvec and rows == 1:
+            cfg.setdefault("variant", 1)  # the x-stationary kernel: what a batch-1 linear runs
         return lambda x, qw: kernel(x, qw.codes, table, bits=qw.bits,
                                     resid_scale=jq_e8p.get_codebook(qw.bits).resid_scale or 1.0, **cfg)
     return lambda x, qw: cuda_ffi.qtip_matvec(x, qw.codes, qw.table if qw.code == "hyb" else None, code=qw.code,
@@ -313,7 +316,7 @@ def bench_vq(args, copy_bw, rows):
                 ref_kernel = np.asarray(jnp.matmul(xf, q.T, precision=jax.lax.Precision.HIGHEST))
                 configs = (args.vq_configs if fmt in ("e8p", "rvq4") else args.qtip_configs if fmt.startswith("qtip")
                            else [{}])
-                cases = [("kernel", (lambda cfg: lambda x, qw: vq_kernel_fn(fmt, cfg)(x, qw))(cfg), ref_kernel, cfg)
+                cases = [("kernel", vq_kernel_fn(fmt, cfg, batch), ref_kernel, cfg)
                          for cfg in configs] if fmt != "rvq3" else []  # 3-bit QuIP#: the Pallas linear only
                 if fmt in ("e8p", "rvq4"):
                     cases.append(("kernel-pallas", _pallas_e8p, ref_kernel, {}))
@@ -472,7 +475,8 @@ def main(argv=None):
                         '\'[{}, {"tc": true, "block_rows": 128, "splits": 2}]\'')
     p.add_argument("--vq-configs", type=json.loads, default=[{}],
                    help='E8P/RVQ4 kernel launch configurations as a JSON list, e.g. '
-                        '\'[{}, {"rows_per_warp": 4, "units_per_step": 1}]\' ({}: the default; '
+                        '\'[{}, {"rows_per_warp": 4, "units_per_step": 1}]\' ({}: the default, at batch 1 the '
+                        'x-stationary kernel, "variant": 1, as the linear runs it; '
                         '"tensor_cores": false keeps 2-16 rows on the CUDA-core kernel; "mma": true takes '
                         'cuda_ffi.e8p_mma with its "tiles" and "splits")')
     p.add_argument("--qtip-configs", type=json.loads, default=[{}],
