@@ -388,6 +388,7 @@ def cmd_bench_tune(args):
 def cmd_bench_decode(args):
     """Decode tokens/s at each batch size, dense vs quantized, as a fraction of the bandwidth bound."""
     import platform
+    import statistics
 
     import jax
 
@@ -412,9 +413,11 @@ def cmd_bench_decode(args):
             continue
         nbytes = db.bytes_per_token(model)
         for batch in args.batch:
-            tps = db.decode_speed(model, batch=batch, context=args.context, steps=args.steps)
-            rows.append(dict(model=label, batch=batch, tokens_per_s=tps, bytes_per_token=nbytes,
-                             bandwidth_fraction=tps / batch * nbytes / bandwidth))
+            windows = db.decode_speed(model, batch=batch, context=args.context, steps=args.steps,
+                                      windows=args.windows)
+            tps = statistics.median(windows)
+            rows.append(dict(model=label, batch=batch, tokens_per_s=tps, tokens_per_s_windows=windows,
+                             bytes_per_token=nbytes, bandwidth_fraction=tps / batch * nbytes / bandwidth))
             print(f"{label:<10} batch {batch:>3}: {tps:10.1f} tokens/s  {nbytes / 1e9:7.3f} GB/token  "
                   f"{100 * rows[-1]['bandwidth_fraction']:5.1f} % of the copy-bandwidth bound", flush=True)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
@@ -554,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default=None, help="dense weights and activations (default float16 on GPU, float32 on CPU)")
     q.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     q.add_argument("--context", type=int, default=128, help="tokens already in the KV cache (default 128)")
-    q.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
+    q.add_argument("--steps", type=int, default=32, help="timed decode steps per window (default 32)")
+    q.add_argument("--windows", type=int, default=3,
+                   help="timed windows per model and batch; tokens/s is their median (default 3)")
     q.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up into one linear each (dense and "
                    "quantized alike): fewer, larger matvecs per block")
     q.add_argument("--copy-bytes", type=int, default=1 << 30, help="size of the bandwidth-probe copy (default 1 GiB)")

@@ -90,14 +90,25 @@ def greedy_step(model: Llama, *, batch: int, cache_len: int):
     return step, state, cache
 
 
-def decode_speed(model: Llama, *, batch: int, context: int = 128, steps: int = 32) -> float:
-    """Tokens/s of jitted single-token decode steps (KV cache of ``context + steps``), all rows counted."""
-    step, state, cache = greedy_step(model, batch=batch, cache_len=context + steps + 1)
+def decode_speed(model: Llama, *, batch: int, context: int = 128, steps: int = 32, windows: int = 3) -> list[float]:
+    """Tokens/s (all rows counted) of jitted single-token decode steps in each of ``windows`` timed
+    windows of ``steps`` steps, after two untimed steps (compile, then a first replay); the KV cache
+    holds ``context`` tokens at the start. Report the median: one window can catch a host stall."""
+    if steps < 1 or windows < 1:
+        raise ValueError(f"decode_speed: steps and windows must be >= 1, got {steps} and {windows}")
+    step, state, cache = greedy_step(model, batch=batch, cache_len=context + windows * steps + 3)
     token = jnp.zeros((batch, 1), jnp.int32)
-    token, cache = step(state, token, cache, jnp.int32(context))  # compile
+    pos = context
+    for _ in range(2):  # compile, then one replay (XLA records its command buffers on first use)
+        token, cache = step(state, token, cache, jnp.int32(pos))
+        pos += 1
     token.block_until_ready()
-    start = time.perf_counter()
-    for i in range(steps):
-        token, cache = step(state, token, cache, jnp.int32(context + 1 + i))
-    token.block_until_ready()
-    return batch * steps / (time.perf_counter() - start)
+    speeds = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            token, cache = step(state, token, cache, jnp.int32(pos))
+            pos += 1
+        token.block_until_ready()
+        speeds.append(batch * steps / (time.perf_counter() - start))
+    return speeds
