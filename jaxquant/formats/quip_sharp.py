@@ -195,19 +195,26 @@ def _matmul_kernel(x, qw: QuIPSharpQuantized, kernel: str):
     return (y * qw.row_scale()).astype(x.dtype)
 
 
-def _one_call(x, qw: QuIPSharpQuantized, factors, norm_weight=None, eps: float = 0.0):
-    """The batch-1 CUDA linear as one ``cuda_ffi.e8p_linear`` call (``factors`` from
-    ``dispatch.e8p_linear_factors``), x RMS-normalized first by its E8P kernel with ``norm_weight``."""
-    import cuda_ffi
+def _launch() -> dict:
+    """The E8P kernel's launch knobs for ``cuda_ffi.e8p_linear`` / ``e8p_mlp`` (``dispatch.E8P_LINEAR_LAUNCH``)."""
     from jaxquant.formats import dispatch
+
+    return dict(zip(("rows_per_warp", "warps", "prefetch"), dispatch.E8P_LINEAR_LAUNCH))
+
+
+def _one_call(x, qw: QuIPSharpQuantized, factors, norm_weight=None, eps: float = 0.0, residual=None):
+    """The batch-1 CUDA linear as one ``cuda_ffi.e8p_linear`` call (``factors`` from
+    ``dispatch.e8p_linear_factors``), x RMS-normalized first by its E8P kernel with ``norm_weight``,
+    ``residual`` (one part only) added as its last kernel stores."""
+    import cuda_ffi
 
     # the row scales and x's dtype applied as the last kernel stores (a fused linear's up to 3 parts)
     in_store = len(qw.parts) <= 3 and all(p % 4 == 0 for p in qw.parts)
     y = cuda_ffi.e8p_linear(x, qw.codes, _abs_table(), qw.SU, qw.SV, factors[1], bits=qw.bits,
                             resid_scale=e8p.get_codebook(qw.codebook).resid_scale or 1.0, in_factor=factors[0],
-                            norm_weight=norm_weight, norm_eps=eps,
+                            norm_weight=norm_weight, norm_eps=eps, residual=residual,
                             **(dict(out_scale=qw.scale, part_rows=qw.parts, out_dtype=x.dtype) if in_store else {}),
-                            **dict(zip(("rows_per_warp", "warps", "prefetch"), dispatch.E8P_LINEAR_LAUNCH)))
+                            **_launch())
     return y if in_store else (y * qw.row_scale()).astype(x.dtype)
 
 
@@ -221,14 +228,10 @@ def _normed_matmul_kernel(x, qw: QuIPSharpQuantized, norm_weight, eps: float):
 
 @jax.jit
 def _matmul_add_kernel(x, qw: QuIPSharpQuantized, residual):
-    import cuda_ffi
     from jaxquant.formats import dispatch
 
-    factors = dispatch.e8p_linear_factors(qw.shape[1], qw.shape[0], qw.bits, qw.had_seed)
-    return cuda_ffi.e8p_linear(x, qw.codes, _abs_table(), qw.SU, qw.SV, factors[1], bits=qw.bits,
-                               resid_scale=e8p.get_codebook(qw.codebook).resid_scale or 1.0, in_factor=factors[0],
-                               residual=residual, out_scale=qw.scale,
-                               **dict(zip(("rows_per_warp", "warps", "prefetch"), dispatch.E8P_LINEAR_LAUNCH)))
+    return _one_call(x, qw, dispatch.e8p_linear_factors(qw.shape[1], qw.shape[0], qw.bits, qw.had_seed),
+                     residual=residual)
 
 
 @functools.partial(jax.jit, static_argnames="eps")
@@ -236,14 +239,13 @@ def _swiglu_block_kernel(x, gate_up: QuIPSharpQuantized, down: QuIPSharpQuantize
     import cuda_ffi
     from jaxquant.formats import dispatch
 
-    d, f = down.shape
     weights = [dict(codes=w.codes, su=w.SU, sv=w.SV, scale=w.scale,
                     out_factor=dispatch.e8p_linear_factors(w.shape[1], w.shape[0], w.bits, w.had_seed)[1])
                for w in (gate_up, down)]
-    weights[1]["in_factor"] = dispatch.cluster_factor(f, down.had_seed)
+    weights[1]["in_factor"] = dispatch.cluster_factor(down.shape[1], down.had_seed)
     return cuda_ffi.e8p_mlp(x, norm_weight, _abs_table(), *weights, bits=gate_up.bits,
                             resid_scale=e8p.get_codebook(gate_up.codebook).resid_scale or 1.0, norm_eps=eps,
-                            **dict(zip(("rows_per_warp", "warps", "prefetch"), dispatch.E8P_LINEAR_LAUNCH)))
+                            **_launch())
 
 
 @jax.jit
