@@ -274,7 +274,7 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
         return jnp.zeros((1, *lead, out) if keep_parts else (*lead, out), jnp.float32)
     table = jnp.asarray(abs_table, jnp.uint32).reshape(512)
     if variant == 1 and x2.shape[0] == 1:
-        chunks = -(-(k_in * bits // 128) // 32)  # 16-byte code units per row, 32 per chunk
+        chunks = _e8p_chunks(k_in, bits)
         f = jax.ffi.ffi_call("jaxquant_e8p_matvec_xs", jax.ShapeDtypeStruct((chunks, out), jnp.float32),
                              vmap_method="sequential")
         signs = jnp.zeros((1,), jnp.float32) if su is None else su.astype(jnp.float32)
@@ -305,6 +305,12 @@ def e8p_xs_rht_fits(k_in: int, bits: int) -> bool:
     """Whether the x-stationary E8P kernel can apply the RHT of x itself: ``k_in`` a power of two
     from one chunk (2048 inputs at 2 bits, 1024 at 4) to ``E8P_XS_RHT_MAX_IN``."""
     return bits in (2, 4) and k_in & (k_in - 1) == 0 and 4096 // bits <= k_in <= E8P_XS_RHT_MAX_IN
+
+
+def _e8p_chunks(k_in: int, bits: int) -> int:
+    """Row chunks of the x-stationary E8P kernel (its partials' leading axis): 16-byte code units per
+    row, 32 per chunk."""
+    return -(-(k_in * bits // 128) // 32)
 
 
 def _multiprocessors() -> int:
@@ -510,10 +516,6 @@ def _e8p_linear_check(name: str, k_in: int, codes: jax.Array, su: jax.Array, sv:
         if factor is not None and not rht_cluster_fits(factor, n):
             raise ValueError(f"{name}: {label} {np.shape(factor)} is not a cluster factor of width {n}")
     return out
-
-
-def _e8p_chunks(k_in: int, bits: int) -> int:
-    return -(-(k_in * bits // 128) // 32)
 
 
 def _scalar_scale(scale: jax.Array | None, n: int, name: str) -> jax.Array:
