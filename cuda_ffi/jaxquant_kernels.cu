@@ -1107,18 +1107,60 @@ __device__ __forceinline__ uint2 e8_sign_masks(uint32_t s) {
   return make_uint2(lo, hi);
 }
 
-// h += x . (signed source vector of the 16-bit code in bits 16 HI .. 16 HI + 15 of word w); tab is
-// the block's table, copy = its byte offset (lane % 16) * 8.
+// A lookup's address is one byte permute of the code word with `copy`: on sm_90 a shared-memory
+// address holds the CTA's rank in its cluster in the top byte (kept from `copy`), the entry (the code
+// byte) in the second and the lane's copy offset in the first, and the table, at the start of dynamic
+// shared memory (1 KB into the window), is the load's immediate offset. Through a pointer ptxas adds
+// the table's address to every lookup: two of a code's ~18 instructions.
+constexpr uint32_t kDynSmemStart = 0x400;
+
+// `copy` for the E8P lookups of lane `lane`; the block's table must start dynamic shared memory.
+__device__ __forceinline__ uint32_t e8_lane_copy(const void* table, int lane) {
+  const uint32_t copy = (lane & 15) * sizeof(uint2);
+#if defined(__CUDA_ARCH__)
+  const uint32_t at = static_cast<uint32_t>(__cvta_generic_to_shared(table));
+  if ((at & 0x00FFFFFFu) != kDynSmemStart) __trap();  // the lookups' immediate offset would be wrong
+  return (at & 0xFF000000u) | copy;
+#else
+  return copy;
+#endif
+}
+
+// 8 bytes of the table at byte offset `off` (bytes 0-2 of an e8_lane_copy address) plus OFF.
+template <uint32_t OFF>
+__device__ __forceinline__ uint2 e8_lookup(const char* tab, uint32_t off) {
+  uint2 v;
+#if defined(__CUDA_ARCH__)
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2+%3];" : "=r"(v.x), "=r"(v.y) : "r"(off), "n"(kDynSmemStart + OFF));
+#else
+  memcpy(&v, tab + off + OFF, sizeof(v));
+#endif
+  return v;
+}
+
+// The signed source vector of the 16-bit code in bits 16 HI .. 16 HI + 15 of word w, as 4 half2 (no
+// shift); tab is the block's table (on the GPU its address is implied: e8_lane_copy).
+template <int HI>
+__device__ __forceinline__ void e8_signed(uint32_t w, const char* tab, uint32_t copy, uint32_t (&h)[4]) {
+  constexpr uint32_t source_byte = 0x7604u | (2 * HI) << 4, sign_byte = 0x7604u | (2 * HI + 1) << 4;
+  const uint2 av = e8_lookup<0>(tab, __byte_perm(w, copy, source_byte));
+  const uint2 sv = e8_lookup<kE8Rep * sizeof(uint2)>(tab, __byte_perm(w, copy, sign_byte));
+  const uint32_t lo = av.x ^ sv.x, hi = av.y ^ sv.y;
+  h[0] = __byte_perm(lo, 0u, 0x1404);
+  h[1] = __byte_perm(lo, 0u, 0x3424);
+  h[2] = __byte_perm(hi, 0u, 0x1404);
+  h[3] = __byte_perm(hi, 0u, 0x3424);
+}
+
+// h += x . (signed source vector of the code HI of word w).
 template <int HI>
 __device__ __forceinline__ __half2 e8_dot(uint32_t w, const char* tab, uint32_t copy, const uint4& xv, __half2 h) {
-  constexpr uint32_t source_byte = 0x5504u | (2 * HI) << 4, sign_byte = 0x5504u | (2 * HI + 1) << 4;
-  const uint2 av = *reinterpret_cast<const uint2*>(tab + __byte_perm(w, copy, source_byte));
-  const uint2 sv = *reinterpret_cast<const uint2*>(tab + kE8Rep * sizeof(uint2) + __byte_perm(w, copy, sign_byte));
-  const uint32_t lo = av.x ^ sv.x, hi = av.y ^ sv.y;
-  h = __hfma2(u2h2(xv.x), u2h2(__byte_perm(lo, 0u, 0x1404)), h);
-  h = __hfma2(u2h2(xv.y), u2h2(__byte_perm(lo, 0u, 0x3424)), h);
-  h = __hfma2(u2h2(xv.z), u2h2(__byte_perm(hi, 0u, 0x1404)), h);
-  h = __hfma2(u2h2(xv.w), u2h2(__byte_perm(hi, 0u, 0x3424)), h);
+  uint32_t v[4];
+  e8_signed<HI>(w, tab, copy, v);
+  h = __hfma2(u2h2(xv.x), u2h2(v[0]), h);
+  h = __hfma2(u2h2(xv.y), u2h2(v[1]), h);
+  h = __hfma2(u2h2(xv.z), u2h2(v[2]), h);
+  h = __hfma2(u2h2(xv.w), u2h2(v[3]), h);
   return h;
 }
 
@@ -1174,7 +1216,7 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
   const char* tab = reinterpret_cast<const char*>(e8tab);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const uint32_t copy = (lane & 15) * sizeof(uint2);
+  const uint32_t copy = e8_lane_copy(e8tab, lane);
   const int kg = a.k / 8;  // groups per row
 
   for (int row0 = (blockIdx.x * nwarps + warp) * R; row0 < a.out; row0 += gridDim.x * nwarps * R) {
@@ -1244,7 +1286,7 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
 // Registers (sm_90): E8P 76 at R = 2, 102 at R = 4 (RVQ4 70, 86), no spills; 2 blocks of 256 per SM.
 // D: row groups whose codes are in flight while one decodes (1, or 2 to cover more of the DRAM
 // latency per warp: +4 R registers; E8P then spills 4-8 bytes).
-constexpr int kE8XsStageBytes = 8 * 32 * (sizeof(uint4) + sizeof(float));  // x (fp16) and shift terms
+constexpr int kE8XsStageBytes = 8 * 32 * sizeof(uint4) + 4 * 32 * sizeof(uint32_t);  // x (fp16), shift pairs
 constexpr size_t kE8XsSmemBytes = kE8SmemBytes + kE8XsStageBytes;
 constexpr int kE8XsRhtMaxIn = 8192;  // widest x whose RHT the kernel makes (every block reads all of x)
 constexpr size_t kE8XsRhtSmemBytes = (2048 + 2048 / 32 + 32) * sizeof(float);  // a chunk of x in fp32 (pad32), 32 sums
@@ -1352,17 +1394,58 @@ __device__ __forceinline__ void e8_prefetch_l2_share(const void* p, int bytes) {
 #endif
 }
 
+// With su every block reads all of su (and the norm's weight): asked into L2 by the grid's threads.
+__device__ __forceinline__ void e8_prefetch_l2_inputs(const E8pArgs& a) {
+  if (!a.su) return;
+  e8_prefetch_l2_share(a.su, a.k * 4);
+  if (a.norm_w) e8_prefetch_l2_share(a.norm_w, a.k * (a.w_dtype ? 2 : 4));
+}
+
+// Stages chunk `chunk` (CU code units) of x for the batch-1 kernels, then a barrier: fp16 x, group g of
+// unit l at stage_x[g * CU + l], and the shift-term pairs of unit l's code word wi at stage_hq[wi * CU +
+// l] (e8_word's hq). With su the chunk of x's RHT is made first (e8_xs_rht_chunk, into xrot).
+template <int ST, int CU>
+__device__ __forceinline__ void e8_xs_stage(const E8pArgs& a, int chunk, uint4* stage_x, uint32_t* stage_hq,
+                                            float* xrot) {
+  constexpr int G = 8 / ST, CK = CU * 8 * G, LOGCK = ST == 1 ? (CU == 32 ? 11 : 9) : (CU == 32 ? 10 : 8);
+  static_assert(CK == 1 << LOGCK && (G * CU) % 32 == 0, "chunks of 8 or 32 code units");
+  const float x_scale = a.su ? e8_xs_rht_chunk<LOGCK>(a, a.k / CK, chunk, xrot) * a.rht_scale : 1.f;
+  // Task t: group t % G of unit t / G, its inputs 8 t .. 8 t + 7 of the chunk; a word's two groups
+  // (2-bit) are adjacent lanes. Every warp has 32 tasks or none (tasks: a multiple of 32).
+  for (int t = threadIdx.x; t < G * CU; t += blockDim.x) {
+    const int l = t / G, g = t % G;
+    float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // zeros past the end
+    if (a.su) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[e] = xrot[pad32(8 * t) + e] * x_scale;  // no pad inside 8 aligned
+    } else if (chunk * CU + l < a.units) {
+      const float4* p = reinterpret_cast<const float4*>(a.xf + static_cast<size_t>(chunk) * CK + 8 * t);
+      const float4 lo = __ldg(p), hi = __ldg(p + 1);
+      f[0] = lo.x; f[1] = lo.y; f[2] = lo.z; f[3] = lo.w; f[4] = hi.x; f[5] = hi.y; f[6] = hi.z; f[7] = hi.w;
+    }
+    const float q = -0.25f * (((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7])));
+    stage_x[g * CU + l] = make_uint4(h22u(__floats2half2_rn(f[0], f[1])), h22u(__floats2half2_rn(f[2], f[3])),
+                                     h22u(__floats2half2_rn(f[4], f[5])), h22u(__floats2half2_rn(f[6], f[7])));
+    if constexpr (ST == 1) {
+      const float qn = __shfl_xor_sync(0xffffffffu, q, 1);  // the word's other group
+      if (!(g & 1)) stage_hq[g / 2 * CU + l] = e8_shift_pair(q, qn);
+    } else {
+      stage_hq[g * CU + l] = e8_shift_pair(q, q);  // a word is one group's two stages
+    }
+  }
+  __syncthreads();
+}
+
 template <int R, int ST, int D = 1>
 __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunks, float* part) {
   extern __shared__ uint2 e8tab[];
   constexpr int G = 8 / ST;  // 8-input groups per code unit
-  constexpr int CK = 32 * 8 * G;  // inputs per chunk
   uint4* stage_x = reinterpret_cast<uint4*>(e8tab + 2 * 256 * kE8Rep);  // [G][32]: group g of unit l at g * 32 + l
-  float* stage_q = reinterpret_cast<float*>(stage_x + G * 32);
+  uint32_t* stage_hq = reinterpret_cast<uint32_t*>(stage_x + G * 32);
   float* xrot = reinterpret_cast<float*>(reinterpret_cast<char*>(e8tab) + kE8XsSmemBytes);  // with su: the chunk's RHT
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const char* tab = reinterpret_cast<const char*>(e8tab);
-  const uint32_t copy = (lane & 15) * sizeof(uint2);
+  const uint32_t copy = e8_lane_copy(e8tab, lane);
   const int nblocks = gridDim.x;
   const bool shared_chunks = nblocks >= chunks;  // else one block per chunk, chunks in turn
   const int block = blockIdx.x;
@@ -1386,10 +1469,7 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
     });
   };
   if (chunk < chunks) prefetch();
-  if (a.su) {  // every block reads all of su (and the norm's weight): asked into L2 by the grid's threads
-    e8_prefetch_l2_share(a.su, a.k * 4);
-    if (a.norm_w) e8_prefetch_l2_share(a.norm_w, a.k * (a.w_dtype ? 2 : 4));
-  }
+  e8_prefetch_l2_inputs(a);
   e8_fill_tables(e8tab, a.abs);
   pdl_wait();  // the codes' loads, the prefetches and the table fill above may overlap the kernel that makes x
   for (bool first = true; chunk < chunks; chunk += min(nblocks, chunks), first = false) {
@@ -1399,31 +1479,12 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
       prefetch();
       __syncthreads();  // the previous chunk's x is read
     }
-    const float x_scale = a.su ? e8_xs_rht_chunk<ST == 1 ? 11 : 10>(a, a.k / CK, chunk, xrot) * a.rht_scale : 1.f;
-    for (int t = threadIdx.x; t < G * 32; t += blockDim.x) {  // group g = t / 32 of unit l = t % 32
-      const int l = t % 32, g = t / 32, j = (l * G + g) * 8;  // its first input within the chunk
-      float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // zeros past the end
-      if (a.su) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] = xrot[pad32(j) + e] * x_scale;  // j % 8 == 0: no pad inside
-      } else if (chunk * 32 + l < a.units) {
-        const float4* p = reinterpret_cast<const float4*>(a.xf + static_cast<size_t>(chunk) * CK + j);
-        const float4 lo = __ldg(p), hi = __ldg(p + 1);
-        f[0] = lo.x; f[1] = lo.y; f[2] = lo.z; f[3] = lo.w; f[4] = hi.x; f[5] = hi.y; f[6] = hi.z; f[7] = hi.w;
-      }
-      stage_q[t] = -0.25f * (((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7])));
-      stage_x[t] = make_uint4(h22u(__floats2half2_rn(f[0], f[1])), h22u(__floats2half2_rn(f[2], f[3])),
-                              h22u(__floats2half2_rn(f[4], f[5])), h22u(__floats2half2_rn(f[6], f[7])));
-    }
-    __syncthreads();
+    e8_xs_stage<ST, 32>(a, chunk, stage_x, stage_hq, xrot);
     if (first) pdl_launch_dependents();  // the next kernel (the inverse transform) may start its prologue
     uint4 xv[G];
     uint32_t hq[4];  // shift-term pairs of the 4 code words (e8_word)
     static_for<G>([&](auto g) { xv[g] = stage_x[g * 32 + lane]; });
-    static_for<4>([&](auto wi) {
-      hq[wi] = ST == 1 ? e8_shift_pair(stage_q[2 * wi * 32 + lane], stage_q[(2 * wi + 1) * 32 + lane])
-                       : e8_shift_pair(stage_q[wi * 32 + lane], stage_q[wi * 32 + lane]);
-    });
+    static_for<4>([&](auto wi) { hq[wi] = stage_hq[wi * 32 + lane]; });
     for (int grp = first_grp; grp < groups; grp += per_chunk) {
       if (grp + D * per_chunk < groups) load(grp + D * per_chunk, q[D]);
       uint4 (&cur)[R] = q[0];
@@ -1446,6 +1507,111 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
   }
 }
 
+// Batch 1 on tensor cores: e8p_mma's fragment mapping, lane (g, q) holding rows g and g + 8 of a 16-row
+// tile and code unit 4 s + q of step s, with x as B (the same x in every column, so D's columns agree),
+// over chunks of kE8TcUnits code units (512 inputs at 2 bits) staged per block as in the x-stationary
+// kernel. A warp takes R tiles (16 R rows) of its chunk at a time, the next step's codes loading while
+// one decodes. One HMMA takes the place of four HFMA2s, the sums are fp32, and no warp sum per row is
+// left (the shift terms, summed per lane, need two shuffles). Smaller chunks than the x-stationary
+// kernel's keep every warp busy at 16 rows a tile; their partials go to part[chunk][row] the same way.
+constexpr int kE8TcUnits = 8;
+
+template <int R, int ST>
+__global__ void __launch_bounds__(256) e8p_matvec_tc_kernel(E8pArgs a, int chunks, float* part) {
+  extern __shared__ uint2 e8tab[];
+  constexpr int CU = kE8TcUnits, G = 8 / ST, STEPS = CU / 4;
+  uint4* stage_x = reinterpret_cast<uint4*>(e8tab + 2 * 256 * kE8Rep);
+  uint32_t* stage_hq = reinterpret_cast<uint32_t*>(stage_x + G * CU);
+  float* xrot = reinterpret_cast<float*>(reinterpret_cast<char*>(e8tab) + kE8XsSmemBytes);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, g = lane >> 2, q = lane & 3;
+  const char* tab = reinterpret_cast<const char*>(e8tab);
+  const uint32_t copy = e8_lane_copy(e8tab, lane);
+  const int nblocks = gridDim.x, block = blockIdx.x;
+  const bool shared_chunks = nblocks >= chunks;
+  const int chunk_blocks = shared_chunks ? (nblocks - block % chunks + chunks - 1) / chunks : 1;
+  const int per_chunk = nwarps * chunk_blocks;
+  const int first_grp = (shared_chunks ? block / chunks : 0) * nwarps + warp;
+  const int groups = (a.out + 16 * R - 1) / (16 * R);
+  int chunk = shared_chunks ? block % chunks : block;
+  // Step s of row group grp: unit 4 s + q of the chunk, rows g and g + 8 of each tile
+  auto load = [&](int grp, int s, uint4 (&cw)[R][2]) {
+    const int uu = chunk * CU + 4 * s + q;
+    static_for<R>([&](auto t) {
+      static_for<2>([&](auto h) {
+        const int row = min(grp * 16 * R + 16 * static_cast<int>(t) + g + 8 * static_cast<int>(h), a.out - 1);
+        cw[t][h] = uu < a.units ? __ldcs(a.codes + static_cast<size_t>(row) * a.units + uu) : make_uint4(0u, 0u, 0u, 0u);
+      });
+    });
+  };
+  uint4 cur[R][2], nxt[R][2];
+  if (chunk < chunks && first_grp < groups) load(first_grp, 0, cur);
+  e8_prefetch_l2_inputs(a);
+  e8_fill_tables(e8tab, a.abs);
+  pdl_wait();
+  for (bool first = true; chunk < chunks; chunk += min(nblocks, chunks), first = false) {
+    if (!first) {
+      if (first_grp < groups) load(first_grp, 0, cur);
+      __syncthreads();  // the previous chunk's x is read
+    }
+    e8_xs_stage<ST, CU>(a, chunk, stage_x, stage_hq, xrot);
+    if (first) pdl_launch_dependents();
+    for (int grp = first_grp; grp < groups; grp += per_chunk) {
+      float d[R][ST][4];
+      __half2 ts[R][2];  // shift terms of rows g, g + 8 (per stage in the halves at 4 bits)
+      static_for<R>([&](auto t) {
+        static_for<ST>([&](auto st) { static_for<4>([&](auto e) { d[t][st][e] = 0.f; }); });
+        ts[t][0] = ts[t][1] = __float2half2_rn(0.f);
+      });
+      static_for<STEPS>([&](auto sc) {
+        constexpr int s = int(decltype(sc){});
+        if constexpr (s + 1 < STEPS) load(grp, s + 1, nxt);
+        else if (grp + per_chunk < groups) load(grp + per_chunk, 0, nxt);
+        const int u = 4 * s + q;
+        static_for<4>([&](auto wi) {
+          uint4 xv = stage_x[(ST == 1 ? 2 * wi : wi) * CU + u];
+          static_for<2>([&](auto hi) {  // the word's low and high code
+            constexpr int j = ST == 1 ? 2 * wi + hi : wi, st = ST == 1 ? 0 : int(decltype(hi){});
+            if constexpr (ST == 1 && int(decltype(hi){}) == 1) xv = stage_x[j * CU + u];
+            static_for<R>([&](auto t) {
+              uint32_t r0[4], r1[4];  // rows g, g + 8
+              e8_signed<hi>(uint4_at(cur[t][0], wi), tab, copy, r0);
+              e8_signed<hi>(uint4_at(cur[t][1], wi), tab, copy, r1);
+              const uint32_t ka[4] = {r0[0], r1[0], r0[1], r1[1]}, kb[4] = {r0[2], r1[2], r0[3], r1[3]};
+              mma_16816<__half>(d[t][st], ka, xv.x, xv.y);
+              mma_16816<__half>(d[t][st], kb, xv.z, xv.w);
+            });
+          });
+          const uint32_t hq = stage_hq[wi * CU + u];
+          static_for<R>([&](auto t) {
+            static_for<2>([&](auto h) {
+              ts[t][h] = __hadd2(ts[t][h], u2h2(hq ^ (uint4_at(cur[t][h], wi) & 0x80008000u)));
+            });
+          });
+        });
+        if constexpr (s + 1 < STEPS) {
+          static_for<R>([&](auto t) { cur[t][0] = nxt[t][0]; cur[t][1] = nxt[t][1]; });
+        }
+      });
+      static_for<R>([&](auto t) {
+        static_for<2>([&](auto h) {
+          const float2 f = __half22float2(ts[t][h]);
+          float s0 = ST == 1 ? f.x + f.y : f.x, s1 = f.y;  // the lane's unit's shift terms; then the 4 units'
+          s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+          s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+          if constexpr (ST == 2) {
+            s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+            s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+          }
+          const float v = ST == 1 ? d[t][0][2 * h] + s0 : fmaf(a.resid, d[t][ST - 1][2 * h] + s1, d[t][0][2 * h] + s0);
+          const int row = grp * 16 * R + 16 * static_cast<int>(t) + g + 8 * static_cast<int>(h);
+          if (q == 0 && row < a.out) part[static_cast<size_t>(chunk) * a.out + row] = v;
+        });
+      });
+      static_for<R>([&](auto t) { cur[t][0] = nxt[t][0]; cur[t][1] = nxt[t][1]; });
+    }
+  }
+}
+
 template <int R, int ST, int D>
 cudaError_t launch_e8p_xs(cudaStream_t stream, const E8pArgs& a, int nwarps, int chunks, float* part) {
   auto kernel = e8p_matvec_xs_kernel<R, ST, D>;
@@ -1453,6 +1619,16 @@ cudaError_t launch_e8p_xs(cudaStream_t stream, const E8pArgs& a, int nwarps, int
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   // Persistent: one wave, but at least one block per chunk.
+  const int blocks = max(multiprocessors() * blocks_per_sm(kernel, nwarps * 32, smem), chunks);
+  return launch_dependent(kernel, dim3(blocks), dim3(nwarps * 32), smem, stream, a, chunks, part);
+}
+
+template <int R, int ST>
+cudaError_t launch_e8p_tc(cudaStream_t stream, const E8pArgs& a, int nwarps, int chunks, float* part) {
+  auto kernel = e8p_matvec_tc_kernel<R, ST>;
+  const size_t smem = kE8XsSmemBytes + (a.su ? kE8XsRhtSmemBytes : 0);
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
   const int blocks = max(multiprocessors() * blocks_per_sm(kernel, nwarps * 32, smem), chunks);
   return launch_dependent(kernel, dim3(blocks), dim3(nwarps * 32), smem, stream, a, chunks, part);
 }
@@ -1544,11 +1720,24 @@ E8pArgs e8p_xs_args(const float* x, int64_t k, int64_t out, const uint8_t* codes
   return a;
 }
 
-// Launch knobs as e8p_matvec's (0: the measured defaults).
+// The batch-1 kernels' chunks (their partials' leading axis): code units per row, 32 per chunk for the
+// x-stationary kernel, kE8TcUnits for the tensor-core one.
+int e8p_xs_chunks(int64_t units, bool tc) {
+  const int64_t per = tc ? kE8TcUnits : 32;
+  return static_cast<int>((units + per - 1) / per);
+}
+
+// Launch knobs as e8p_matvec's (0: the measured defaults); tc: the tensor-core kernel, rows_per_warp
+// then its 16-row tiles per warp (1 or 2).
 cudaError_t e8p_xs_run(cudaStream_t stream, const E8pArgs& a, int64_t bits, int64_t rows_per_warp, int64_t warps,
-                       int64_t prefetch) {
+                       int64_t prefetch, bool tc) {
   const int st = static_cast<int>(bits / 2), nwarps = (warps >= 1 && warps <= 8) ? static_cast<int>(warps) : 8;
-  const int chunks = (a.units + 31) / 32;
+  const int chunks = e8p_xs_chunks(a.units, tc);
+  if (tc) {
+    const bool two = rows_per_warp >= 2 || (rows_per_warp == 0 && int64_t{a.out} * a.k >= (int64_t{1} << 27));
+    if (two) return st == 1 ? launch_e8p_tc<2, 1>(stream, a, nwarps, chunks, a.y) : launch_e8p_tc<2, 2>(stream, a, nwarps, chunks, a.y);
+    return st == 1 ? launch_e8p_tc<1, 1>(stream, a, nwarps, chunks, a.y) : launch_e8p_tc<1, 2>(stream, a, nwarps, chunks, a.y);
+  }
   auto launch = [&](auto r, auto d) {
     constexpr int R = decltype(r)::value, D = decltype(d)::value;
     return st == 1 ? launch_e8p_xs<R, 1, D>(stream, a, nwarps, chunks, a.y)
@@ -1563,21 +1752,22 @@ cudaError_t e8p_xs_run(cudaStream_t stream, const E8pArgs& a, int64_t bits, int6
   return prefetch >= 2 ? launch(Two{}, Two{}) : launch(Two{}, One{});
 }
 
-// Shapes the x-stationary kernel takes: codes [out, in / 8, bits] (bits 2 or 4), abs [256, 2] words,
-// x [in] (in a multiple of 64 / (bits / 2)), partials [ceil(in * bits / 4096), out]; with its RHT
-// (rht) in a power of two from one chunk to kE8XsRhtMaxIn and su [in]. An error message or nullptr.
+// Shapes the batch-1 kernels take: codes [out, in / 8, bits] (bits 2 or 4), abs [256, 2] words, x [in]
+// (in a multiple of 64 / (bits / 2)), partials [e8p_xs_chunks, out]; with the RHT (rht) in a power of
+// two from one chunk to kE8XsRhtMaxIn and su [in]. An error message or nullptr.
 const char* e8p_xs_shape_error(ffi::Span<const int64_t> cd, int64_t k, int64_t chunks_out, int64_t out_rows,
-                               int64_t abs_count, int64_t bits, bool rht, int64_t su_count) {
+                               int64_t abs_count, int64_t bits, bool rht, int64_t su_count, bool tc) {
   if (cd.size() != 3 || (bits != 2 && bits != 4) || cd[2] != bits || abs_count != 512) {
     return "codes [out, in/8, bits] with bits 2 or 4, abs [256, 2] words";
   }
-  const int64_t st = bits / 2, chunks = (k * st / 64 + 31) / 32;
-  if (cd[1] * 8 != k || k % (64 / st) || chunks_out != chunks || out_rows != cd[0]) {
-    return "x [in] (in a multiple of 64 / (bits / 2)), partials [ceil(in * bits / 4096), out]";
+  const int64_t st = bits / 2, chunk_in = (tc ? kE8TcUnits : 32) * 64 / st;
+  if (cd[1] * 8 != k || k % (64 / st) || chunks_out != e8p_xs_chunks(k * st / 64, tc) || out_rows != cd[0]) {
+    return "x [in] (in a multiple of 64 / (bits / 2)), partials [chunks, out] (32 code units a chunk, 8 on "
+           "tensor cores)";
   }
-  if (rht && (k & (k - 1) || k < 4096 / bits || k > kE8XsRhtMaxIn || su_count != k)) {
-    return "the in-kernel RHT needs in a power of two from one chunk (2048 inputs at 2 bits, 1024 at 4) to 8192, "
-           "and su [in]";
+  if (rht && (k & (k - 1) || k < chunk_in || k > kE8XsRhtMaxIn || su_count != k)) {
+    return "the in-kernel RHT needs in a power of two from one chunk (2048 inputs at 2 bits, 1024 at 4; a quarter "
+           "on tensor cores) to 8192, and su [in]";
   }
   return nullptr;
 }
@@ -1586,17 +1776,17 @@ const char* e8p_xs_shape_error(ffi::Span<const int64_t> cd, int64_t k, int64_t c
 ffi::Error E8pMatvecXsImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                            ffi::Buffer<ffi::U32> abs, ffi::Buffer<ffi::F32> su, ffi::Result<ffi::Buffer<ffi::F32>> y,
                            int64_t bits, double resid_scale, int64_t rows_per_warp, int64_t warps, int64_t prefetch,
-                           int64_t rht) {
+                           int64_t rht, int64_t tensor_cores) {
   auto cd = codes.dimensions();
   auto yd = y->dimensions();
   const int64_t k = static_cast<int64_t>(x.element_count());
   const char* bad = yd.size() != 2 ? "y [chunks, out]"
                                    : e8p_xs_shape_error(cd, k, yd[0], yd[1], abs.element_count(), bits, rht != 0,
-                                                        su.element_count());
+                                                        su.element_count(), tensor_cores != 0);
   if (bad) return ffi::Error::InvalidArgument(std::string("e8p_matvec_xs: ") + bad);
   const E8pArgs a = e8p_xs_args(x.typed_data(), k, cd[0], codes.typed_data(), abs.typed_data(),
                                 rht ? su.typed_data() : nullptr, y->typed_data(), bits, resid_scale);
-  const cudaError_t err = e8p_xs_run(stream, a, bits, rows_per_warp, warps, prefetch);
+  const cudaError_t err = e8p_xs_run(stream, a, bits, rows_per_warp, warps, prefetch, tensor_cores != 0);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("e8p_matvec_xs: ") + cudaGetErrorString(err));
   return launch_error("e8p_matvec_xs launch");
 }
@@ -1621,6 +1811,7 @@ int e8_dtype_code(ffi::DataType t) {
 struct E8pLinearPlan {
   E8pArgs e8;
   int64_t bits, rows_per_warp, warps, prefetch;
+  bool tc;  // the tensor-core kernel
   const float* x_cluster = nullptr;
   const uint32_t* in_bits = nullptr;
   int in_a = 0;
@@ -1642,9 +1833,9 @@ cudaError_t e8p_linear_launch(cudaStream_t stream, E8pLinearPlan p) {
     p.e8.xf = p.xr;
     p.e8.x_rht = p.xr;
   }
-  if (err == cudaSuccess) err = e8p_xs_run(stream, p.e8, p.bits, p.rows_per_warp, p.warps, p.prefetch);
+  if (err == cudaSuccess) err = e8p_xs_run(stream, p.e8, p.bits, p.rows_per_warp, p.warps, p.prefetch, p.tc);
   if (err == cudaSuccess) {
-    err = rht_cluster_run(stream, p.e8.y, p.out_bits, p.sv, p.y, p.out_a, (p.e8.units + 31) / 32, 1, p.e8.out,
+    err = rht_cluster_run(stream, p.e8.y, p.out_bits, p.sv, p.y, p.out_a, e8p_xs_chunks(p.e8.units, p.tc), 1, p.e8.out,
                           scale(p.e8.out), 0, 0, &p.out_io);
   }
   return err;
@@ -1657,13 +1848,13 @@ ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
                          ffi::Result<ffi::Buffer<ffi::F32>> part, ffi::Result<ffi::Buffer<ffi::F32>> xr, int64_t bits,
                          double resid_scale, int64_t in_cluster, int64_t rows_per_warp, int64_t warps,
                          int64_t prefetch, int64_t norm, double norm_eps, int64_t add_resid, int64_t split0,
-                         int64_t split1) {
+                         int64_t split1, int64_t tensor_cores) {
   const int x_dtype = e8_dtype_code(x.element_type()), w_dtype = e8_dtype_code(norm_w.element_type());
   auto cd = codes.dimensions(), pd = part->dimensions(), ib = in_bits.dimensions(), ob = out_bits.dimensions();
   const int64_t k = static_cast<int64_t>(x.element_count()), out = static_cast<int64_t>(y->element_count());
   const char* bad = pd.size() != 2 ? "partials [chunks, out]"
                                    : e8p_xs_shape_error(cd, k, pd[0], pd[1], abs.element_count(), bits, !in_cluster,
-                                                        su.element_count());
+                                                        su.element_count(), tensor_cores != 0);
   if (!bad && (ob.size() != 2 || ob[1] != (ob[0] + 31) / 32 || out != cd[0] ||
                static_cast<int64_t>(sv.element_count()) != out)) {
     bad = "out_bits [A, ceil(A / 32)], y [out] and sv [out]";
@@ -1690,7 +1881,7 @@ ffi::Error E8pLinearImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   const float* xin = static_cast<const float*>(x.untyped_data());  // float32 unless x_rht says otherwise
   E8pLinearPlan p{e8p_xs_args(xin, k, out, codes.typed_data(), abs.typed_data(), in_cluster ? nullptr : su.typed_data(),
                               part->typed_data(), bits, resid_scale),
-                  bits, rows_per_warp, warps, prefetch};
+                  bits, rows_per_warp, warps, prefetch, tensor_cores != 0};
   if (in_cluster) {
     p.x_cluster = xin;
     p.in_bits = in_bits.typed_data();
@@ -1731,15 +1922,17 @@ ffi::Error E8pMlpImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer norm
                       ffi::Buffer<ffi::U32> dn_out_bits, ffi::Buffer<ffi::F32> dn_scale, ffi::Result<ffi::AnyBuffer> y,
                       ffi::Result<ffi::Buffer<ffi::F32>> gu_part, ffi::Result<ffi::Buffer<ffi::F32>> gu_y,
                       ffi::Result<ffi::Buffer<ffi::F32>> dn_x, ffi::Result<ffi::Buffer<ffi::F32>> dn_part, int64_t bits,
-                      double resid_scale, double norm_eps, int64_t rows_per_warp, int64_t warps, int64_t prefetch) {
+                      double resid_scale, double norm_eps, int64_t rows_per_warp, int64_t warps, int64_t prefetch,
+                      int64_t tensor_cores) {
   const int x_dtype = e8_dtype_code(x.element_type()), w_dtype = e8_dtype_code(norm_w.element_type());
   auto gc = gu_codes.dimensions(), dc = dn_codes.dimensions(), gp = gu_part->dimensions(), dp = dn_part->dimensions();
   auto go = gu_out_bits.dimensions(), di = dn_in_bits.dimensions(), dout = dn_out_bits.dimensions();
   const int64_t d = static_cast<int64_t>(x.element_count()), f2 = gc.size() == 3 ? gc[0] : 0, f = f2 / 2;
   auto bits_ok = [](ffi::Span<const int64_t> b) { return b.size() == 2 && b[1] == (b[0] + 31) / 32; };
   const char* bad = gp.size() != 2 || dp.size() != 2 ? "partials [chunks, out]"
-                    : e8p_xs_shape_error(gc, d, gp[0], gp[1], abs.element_count(), bits, true, gu_su.element_count());
-  if (!bad) bad = e8p_xs_shape_error(dc, f, dp[0], dp[1], abs.element_count(), bits, false, 0);
+                    : e8p_xs_shape_error(gc, d, gp[0], gp[1], abs.element_count(), bits, true, gu_su.element_count(),
+                                         tensor_cores != 0);
+  if (!bad) bad = e8p_xs_shape_error(dc, f, dp[0], dp[1], abs.element_count(), bits, false, 0, tensor_cores != 0);
   if (!bad && (f2 % 2 || dc[0] != d || gu_sv.element_count() != static_cast<size_t>(f2) ||
                gu_y->element_count() != static_cast<size_t>(f2) || dn_su.element_count() != static_cast<size_t>(f) ||
                dn_x->element_count() != static_cast<size_t>(f) || dn_sv.element_count() != static_cast<size_t>(d) ||
@@ -1757,7 +1950,7 @@ ffi::Error E8pMlpImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer norm
   if (bad) return ffi::Error::InvalidArgument(std::string("e8p_mlp: ") + bad);
   E8pLinearPlan up{e8p_xs_args(static_cast<const float*>(x.untyped_data()), d, f2, gu_codes.typed_data(),
                                abs.typed_data(), gu_su.typed_data(), gu_part->typed_data(), bits, resid_scale),
-                   bits, rows_per_warp, warps, prefetch};
+                   bits, rows_per_warp, warps, prefetch, tensor_cores != 0};
   up.e8.x_dtype = x_dtype;
   up.e8.norm_w = norm_w.untyped_data();
   up.e8.w_dtype = w_dtype;
@@ -1768,7 +1961,7 @@ ffi::Error E8pMlpImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer norm
   up.y = gu_y->typed_data();
   E8pLinearPlan down{e8p_xs_args(nullptr, f, d, dn_codes.typed_data(), abs.typed_data(), nullptr,
                                  dn_part->typed_data(), bits, resid_scale),
-                     bits, rows_per_warp, warps, prefetch};
+                     bits, rows_per_warp, warps, prefetch, tensor_cores != 0};
   down.x_cluster = gu_y->typed_data();
   down.in_bits = dn_in_bits.typed_data();
   down.in_a = static_cast<int>(di[0]);
@@ -1814,17 +2007,10 @@ struct E8pMmaArgs {
 // The signed, shifted source vector of the 16-bit code in bits 16 HI .. 16 HI + 15 of w, as 4 half2.
 template <int HI>
 __device__ __forceinline__ void e8_decode(uint32_t w, const char* tab, uint32_t copy, uint32_t (&h)[4]) {
-  constexpr uint32_t source_byte = 0x5504u | (2 * HI) << 4, sign_byte = 0x5504u | (2 * HI + 1) << 4;
-  const uint2 av = *reinterpret_cast<const uint2*>(tab + __byte_perm(w, copy, source_byte));
-  const uint2 sv = *reinterpret_cast<const uint2*>(tab + kE8Rep * sizeof(uint2) + __byte_perm(w, copy, sign_byte));
-  const uint32_t lo = av.x ^ sv.x, hi = av.y ^ sv.y;
+  e8_signed<HI>(w, tab, copy, h);
   // -1/4 in both halves (0xB400), the sign cleared when the shift bit (15 + 16 HI) is set
-  const uint32_t shift = 0xB400B400u ^ (((w >> (15 + 16 * HI)) & 1u) * 0x80008000u);
-  const __half2 sh = u2h2(shift);
-  h[0] = h22u(__hadd2(u2h2(__byte_perm(lo, 0u, 0x1404)), sh));
-  h[1] = h22u(__hadd2(u2h2(__byte_perm(lo, 0u, 0x3424)), sh));
-  h[2] = h22u(__hadd2(u2h2(__byte_perm(hi, 0u, 0x1404)), sh));
-  h[3] = h22u(__hadd2(u2h2(__byte_perm(hi, 0u, 0x3424)), sh));
+  const __half2 sh = u2h2(0xB400B400u ^ (((w >> (15 + 16 * HI)) & 1u) * 0x80008000u));
+  static_for<4>([&](auto i) { h[i] = h22u(__hadd2(u2h2(h[i]), sh)); });
 }
 
 constexpr int kE8MmaWarps = 8;
@@ -1839,7 +2025,7 @@ __global__ void __launch_bounds__(32 * kE8MmaWarps) e8p_mma_kernel(E8pMmaArgs a)
   constexpr int kStepInputs = 256 / ST;  // inputs per step: 4 units of a row
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const char* tab = reinterpret_cast<const char*>(e8tab);
-  const uint32_t copy = (lane & 15) * sizeof(uint2);
+  const uint32_t copy = e8_lane_copy(e8tab, lane);
   const int s0 = blockIdx.y * a.steps_per_split, s1 = min(a.steps, s0 + a.steps_per_split);
   const int kx = a.units * 8 / ST;  // a row of x in uint4 (8 fp16): k / 8
   for (int row0 = (blockIdx.x * kE8MmaWarps + (threadIdx.x >> 5)) * 16 * TILES; row0 < a.out;
@@ -3253,7 +3439,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMatvecXs, E8pMatvecXsImpl,
                                   .Attr<int64_t>("rows_per_warp")
                                   .Attr<int64_t>("warps")
                                   .Attr<int64_t>("prefetch")
-                                  .Attr<int64_t>("rht"),
+                                  .Attr<int64_t>("rht")
+                                  .Attr<int64_t>("tensor_cores"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pLinear, E8pLinearImpl,
@@ -3282,7 +3469,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pLinear, E8pLinearImpl,
                                   .Attr<double>("norm_eps")
                                   .Attr<int64_t>("add_resid")
                                   .Attr<int64_t>("split0")
-                                  .Attr<int64_t>("split1"),
+                                  .Attr<int64_t>("split1")
+                                  .Attr<int64_t>("tensor_cores"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMlp, E8pMlpImpl,
@@ -3312,7 +3500,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMlp, E8pMlpImpl,
                                   .Attr<double>("norm_eps")
                                   .Attr<int64_t>("rows_per_warp")
                                   .Attr<int64_t>("warps")
-                                  .Attr<int64_t>("prefetch"),
+                                  .Attr<int64_t>("prefetch")
+                                  .Attr<int64_t>("tensor_cores"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantE8pMma, E8pMmaImpl,

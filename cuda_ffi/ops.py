@@ -247,7 +247,8 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     ``variant=1`` (batch-1 calls only; others use the default): the x-stationary kernel, each warp
     holding one chunk of 32 code units' inputs in registers (made in the kernel from float32 x in
     natural order) and returning per-chunk partials, summed here; its ``prefetch`` (1, 2; 0: 1) is
-    the number of row groups whose codes load while one decodes. ``keep_parts`` returns the partials
+    the number of row groups whose codes load while one decodes. ``variant=2``: the same on tensor
+    cores (16-row tiles, ``rows_per_warp`` of them per warp: 1, 2; chunks of 8 code units). ``keep_parts`` returns the partials
     unsummed, ``[P, ..., out]`` (P = 1 for the other kernels), for ``hadamard(..., sum_parts=True)``.
     ``tensor_cores``: 2-16 rows take ``e8p_mma`` where it fits (False: the CUDA-core kernel).
     ``su`` (the x-stationary kernel only, see ``e8p_xs_rht_fits``): x is unrotated and the kernel
@@ -259,8 +260,8 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     if nbytes != bits or groups * 8 != x.shape[-1] or x.shape[-1] % (64 if bits == 2 else 32):
         raise ValueError(f"e8p_matvec: codes {codes.shape} do not fit x {x.shape} at {bits} bits")
     lead, k_in = x.shape[:-1], x.shape[-1]
-    if su is not None and not (variant == 1 and math.prod(lead) == 1 and e8p_xs_rht_fits(k_in, bits)):
-        raise ValueError(f"e8p_matvec: su (the in-kernel RHT) needs variant=1, one row of x and e8p_xs_rht_fits; "
+    if su is not None and not (variant in (1, 2) and math.prod(lead) == 1 and e8p_xs_rht_fits(k_in, bits, variant)):
+        raise ValueError(f"e8p_matvec: su (the in-kernel RHT) needs variant 1 or 2, one row of x and e8p_xs_rht_fits; "
                          f"got variant={variant}, x {x.shape}, {bits} bits")
     if su is not None and su.shape != (k_in,):
         raise ValueError(f"e8p_matvec: su must have shape ({k_in},), got {su.shape}")
@@ -273,14 +274,14 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     if x2.shape[0] == 0:
         return jnp.zeros((1, *lead, out) if keep_parts else (*lead, out), jnp.float32)
     table = jnp.asarray(abs_table, jnp.uint32).reshape(512)
-    if variant == 1 and x2.shape[0] == 1:
-        chunks = _e8p_chunks(k_in, bits)
+    if variant in (1, 2) and x2.shape[0] == 1:
+        chunks = _e8p_chunks(k_in, bits, variant)
         f = jax.ffi.ffi_call("jaxquant_e8p_matvec_xs", jax.ShapeDtypeStruct((chunks, out), jnp.float32),
                              vmap_method="sequential")
         signs = jnp.zeros((1,), jnp.float32) if su is None else su.astype(jnp.float32)
         part = f(x2.reshape(k_in), codes, table, signs, bits=np.int64(bits), resid_scale=np.float64(resid_scale),
                  rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), prefetch=np.int64(prefetch),
-                 rht=np.int64(su is not None))
+                 rht=np.int64(su is not None), tensor_cores=np.int64(variant == 2))
         return part.reshape(chunks, *lead, out) if keep_parts else part.sum(0).reshape(*lead, out)
     xh, xq = e8p_x_layout(x2, bits)
 
@@ -301,16 +302,20 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
 E8P_XS_RHT_MAX_IN = 8192  # every block of the kernel reads all of x for its chunk of the RHT
 
 
-def e8p_xs_rht_fits(k_in: int, bits: int) -> bool:
-    """Whether the x-stationary E8P kernel can apply the RHT of x itself: ``k_in`` a power of two
-    from one chunk (2048 inputs at 2 bits, 1024 at 4) to ``E8P_XS_RHT_MAX_IN``."""
-    return bits in (2, 4) and k_in & (k_in - 1) == 0 and 4096 // bits <= k_in <= E8P_XS_RHT_MAX_IN
+def e8p_xs_rht_fits(k_in: int, bits: int, variant: int = 1) -> bool:
+    """Whether the batch-1 E8P kernel ``variant`` (1 x-stationary, 2 on tensor cores) can apply the
+    RHT of x itself: ``k_in`` a power of two from one chunk (2048 inputs at 2 bits, 1024 at 4; a
+    quarter of that for variant 2) to ``E8P_XS_RHT_MAX_IN``."""
+    chunk_in = _E8P_CHUNK_UNITS[variant] * 128 // bits
+    return bits in (2, 4) and k_in & (k_in - 1) == 0 and chunk_in <= k_in <= E8P_XS_RHT_MAX_IN
 
 
-def _e8p_chunks(k_in: int, bits: int) -> int:
-    """Row chunks of the x-stationary E8P kernel (its partials' leading axis): 16-byte code units per
-    row, 32 per chunk."""
-    return -(-(k_in * bits // 128) // 32)
+_E8P_CHUNK_UNITS = {1: 32, 2: 8}  # 16-byte code units per chunk of the batch-1 kernels (variant 1, 2)
+
+
+def _e8p_chunks(k_in: int, bits: int, variant: int = 1) -> int:
+    """Row chunks of the batch-1 E8P kernel ``variant`` (its partials' leading axis)."""
+    return -(-(k_in * bits // 128) // _E8P_CHUNK_UNITS[variant])
 
 
 def _multiprocessors() -> int:
@@ -501,16 +506,18 @@ def _kernel_float(v: jax.Array) -> jax.Array:
 
 
 def _e8p_linear_check(name: str, k_in: int, codes: jax.Array, su: jax.Array, sv: jax.Array, bits: int,
-                      in_factor, out_factor) -> int:
+                      in_factor, out_factor, variant: int = 1) -> int:
     """Raise on shapes ``e8p_linear`` / ``e8p_mlp`` cannot take; the output width."""
     if bits not in (2, 4):
         raise ValueError(f"{name}: bits must be 2 or 4, got {bits}")
+    if variant not in _E8P_CHUNK_UNITS:
+        raise ValueError(f"{name}: variant must be 1 (x-stationary) or 2 (tensor cores), got {variant}")
     out, groups, nbytes = codes.shape
     if nbytes != bits or groups * 8 != k_in:
         raise ValueError(f"{name}: codes [out, {k_in} / 8, {bits}] expected, got {codes.shape}")
     if su.shape != (k_in,) or sv.shape != (out,):
         raise ValueError(f"{name}: su [{k_in}] and sv [{out}] expected, got {su.shape} and {sv.shape}")
-    if in_factor is None and not e8p_xs_rht_fits(k_in, bits):
+    if in_factor is None and not e8p_xs_rht_fits(k_in, bits, variant):
         raise ValueError(f"{name}: the E8P kernel cannot rotate {k_in} inputs at {bits} bits; pass in_factor")
     for label, factor, n in (("in_factor", in_factor, k_in), ("out_factor", out_factor, out)):
         if factor is not None and not rht_cluster_fits(factor, n):
@@ -531,13 +538,14 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
                out_factor: np.ndarray, *, bits: int, resid_scale: float = 1.0, in_factor: np.ndarray | None = None,
                rows_per_warp: int = 0, warps: int = 0, prefetch: int = 0, norm_weight: jax.Array | None = None,
                norm_eps: float = 1e-6, residual: jax.Array | None = None, out_scale: jax.Array | None = None,
-               part_rows: tuple[int, ...] = (), out_dtype=jnp.float32, register: bool = True) -> jax.Array:
+               part_rows: tuple[int, ...] = (), out_dtype=jnp.float32, variant: int = 1,
+               register: bool = True) -> jax.Array:
     """QuIP#'s linear of one row in one FFI call: ``rht_inverse(rht(x, su) @ Q.T, sv)`` (float32,
     before the row scale), the three kernels each started programmatically dependent on the one
     before. x's RHT is made by the E8P kernel where ``e8p_xs_rht_fits`` (``in_factor`` None), else
     by ``rht_cluster`` with ``in_factor``; the output's by ``rht_cluster`` with ``out_factor`` (see
     ``rht_cluster`` for the factors). x: ``[..., in]`` with one row; codes and the launch knobs
-    (``rows_per_warp``, ``warps``, ``prefetch``) as ``e8p_matvec``'s x-stationary kernel's.
+    (``rows_per_warp``, ``warps``, ``prefetch``, ``variant`` 1 or 2) as ``e8p_matvec``'s batch-1 kernels'.
     ``norm_weight`` [in] (x's RHT in the E8P kernel only): x is the residual stream and the linear's
     input its RMSNorm, ``(x / rms(x, norm_eps)) * norm_weight``, made by the E8P kernel in float32
     (two XLA kernels fewer before it; the model's norm also rounds it to x's dtype).
@@ -548,7 +556,7 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
     lead, k_in = x.shape[:-1], x.shape[-1]
     if math.prod(lead) != 1:
         raise ValueError(f"e8p_linear: needs one row of x, got {x.shape}")
-    out = _e8p_linear_check("e8p_linear", k_in, codes, su, sv, bits, in_factor, out_factor)
+    out = _e8p_linear_check("e8p_linear", k_in, codes, su, sv, bits, in_factor, out_factor, variant)
     if norm_weight is not None and (in_factor is not None or norm_weight.shape != (k_in,)):
         raise ValueError(f"e8p_linear: norm_weight must be [{k_in}] with x's RHT in the E8P kernel (no in_factor); "
                          f"got {norm_weight.shape}")
@@ -569,7 +577,8 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
     one_u32 = jnp.zeros((1, 1), jnp.uint32)
     y_dtype = out_dtype if residual is None else residual.dtype
     f = jax.ffi.ffi_call("jaxquant_e8p_linear", (jax.ShapeDtypeStruct((out,), y_dtype),
-                                                 jax.ShapeDtypeStruct((_e8p_chunks(k_in, bits), out), jnp.float32),
+                                                 jax.ShapeDtypeStruct((_e8p_chunks(k_in, bits, variant), out),
+                                                                      jnp.float32),
                                                  jax.ShapeDtypeStruct((k_in if in_factor is not None else 1,),
                                                                       jnp.float32)),
                          vmap_method="sequential")
@@ -582,13 +591,13 @@ def e8p_linear(x: jax.Array, codes: jax.Array, abs_table: jax.Array, su: jax.Arr
                 rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), prefetch=np.int64(prefetch),
                 norm=np.int64(norm_weight is not None), norm_eps=np.float64(norm_eps),
                 add_resid=np.int64(residual is not None), split0=np.int64((splits + [0])[0]),
-                split1=np.int64((splits[1:] + [0])[0]))
+                split1=np.int64((splits[1:] + [0])[0]), tensor_cores=np.int64(variant == 2))
     return y.reshape(*lead, out) if residual is None else y.reshape(residual.shape)
 
 
 def e8p_mlp(x: jax.Array, norm_weight: jax.Array, abs_table: jax.Array, gate_up: dict, down: dict, *, bits: int,
             resid_scale: float = 1.0, norm_eps: float = 1e-6, rows_per_warp: int = 0, warps: int = 0,
-            prefetch: int = 0, register: bool = True) -> jax.Array:
+            prefetch: int = 0, variant: int = 1, register: bool = True) -> jax.Array:
     """A Llama MLP block of one row in one FFI call (five kernels, each programmatically dependent
     on the one before): ``x + down(silu(gate) * up)`` with ``[gate, up] = gate_up(rms_norm(x))``,
     both QuIP# linears as ``e8p_linear`` computes them. ``gate_up`` and ``down``: dicts of ``codes``,
@@ -603,21 +612,21 @@ def e8p_mlp(x: jax.Array, norm_weight: jax.Array, abs_table: jax.Array, gate_up:
     if norm_weight.shape != (d,):
         raise ValueError(f"e8p_mlp: norm_weight must be [{d}], got {norm_weight.shape}")
     f2 = _e8p_linear_check("e8p_mlp (gate_up)", d, gate_up["codes"], gate_up["su"], gate_up["sv"], bits, None,
-                           gate_up["out_factor"])
+                           gate_up["out_factor"], variant)
     f = f2 // 2
     if f2 % 2 or down["in_factor"] is None:
         raise ValueError(f"e8p_mlp: gate_up needs an even output width ({f2}) and down an in_factor")
     if _e8p_linear_check("e8p_mlp (down)", f, down["codes"], down["su"], down["sv"], bits, down["in_factor"],
-                         down["out_factor"]) != d:
+                         down["out_factor"], variant) != d:
         raise ValueError(f"e8p_mlp: down must map {f} inputs back to {d}, got codes {down['codes'].shape}")
     if register:
         build.load()
     f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
     call = jax.ffi.ffi_call("jaxquant_e8p_mlp", (jax.ShapeDtypeStruct((d,), x.dtype),
-                                                 jax.ShapeDtypeStruct((_e8p_chunks(d, bits), f2), jnp.float32),
+                                                 jax.ShapeDtypeStruct((_e8p_chunks(d, bits, variant), f2), jnp.float32),
                                                  jax.ShapeDtypeStruct((f2,), jnp.float32),
                                                  jax.ShapeDtypeStruct((f,), jnp.float32),
-                                                 jax.ShapeDtypeStruct((_e8p_chunks(f, bits), d), jnp.float32)),
+                                                 jax.ShapeDtypeStruct((_e8p_chunks(f, bits, variant), d), jnp.float32)),
                             vmap_method="sequential")
     y = call(x.reshape(d), _kernel_float(norm_weight), jnp.asarray(abs_table, jnp.uint32).reshape(512),
              gate_up["codes"], f32(gate_up["su"]), f32(gate_up["sv"]),
@@ -626,7 +635,8 @@ def e8p_mlp(x: jax.Array, norm_weight: jax.Array, abs_table: jax.Array, gate_up:
              down["codes"], f32(down["su"]), f32(down["sv"]), jnp.asarray(sign_bits(down["in_factor"])),
              jnp.asarray(sign_bits(np.asarray(down["out_factor"]).T)), _scalar_scale(down["scale"], 1, "down scale"),
              bits=np.int64(bits), resid_scale=np.float64(resid_scale), norm_eps=np.float64(norm_eps),
-             rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), prefetch=np.int64(prefetch))[0]
+             rows_per_warp=np.int64(rows_per_warp), warps=np.int64(warps), prefetch=np.int64(prefetch),
+             tensor_cores=np.int64(variant == 2))[0]
     return y.reshape(x.shape)
 
 

@@ -1034,7 +1034,8 @@ bool read(FILE* f, std::vector<T>& v, size_t n) { v.resize(n); return fread(v.da
 """
 
 _E8P_HOST_MAIN = r"""
-// argv: kernel (0 default, 1 x-stationary) bits out k rows units blocks warps rht in out
+// argv: kernel (0 default, 1 x-stationary, 2 its tensor-core form: rows = 16-row tiles) bits out k rows units
+// blocks warps rht in out
 // (units: code units per step of the default kernel; row groups in flight of the x-stationary one;
 // rht: the x-stationary kernel makes x's RHT with su; 2, 3: of the RMSNorm (float32) of x in fp16,
 // bf16 (the norm weight, f32, and x in that dtype after su in `in`; eps 1e-5))
@@ -1056,7 +1057,7 @@ int main(int argc, char** argv) {
   std::vector<uint16_t> x16;  // rht >= 2: x in fp16 / bf16, natural order
   if (!read(in, x, k) || !read(in, xh, k) || !read(in, xq, k / 8) || !read(in, codes, size_t(out) * k / 8 * bits) ||
       !read(in, abs, 512) || !read(in, su, k) || (rht >= 2 && (!read(in, norm_w, k) || !read(in, x16, k)))) return 2;
-  const int st = bits / 2, units = k * st / 64, chunks = (units + 31) / 32;
+  const int st = bits / 2, units = k * st / 64, chunks = (units + (xs == 2 ? kE8TcUnits : 32) - 1) / (xs == 2 ? kE8TcUnits : 32);
   std::vector<float> y(size_t(xs ? chunks : 1) * out, NAN);
   E8pArgs a{};
   a.n = 1; a.k = k; a.out = out; a.units = units;
@@ -1082,7 +1083,10 @@ int main(int argc, char** argv) {
 #define XS(R, ST) (units_per_step == 2 ? go([&] { e8p_matvec_xs_kernel<R, ST, 2>(a, chunks, a.y); }) \
                                        : go([&] { e8p_matvec_xs_kernel<R, ST, 1>(a, chunks, a.y); }))
 #define DEF(R, ST, U) go([&] { e8p_matvec_kernel<1, R, ST, U>(a); })
-  if (xs) {
+  if (xs == 2) {
+    if (rows >= 2) { if (st == 1) go([&] { e8p_matvec_tc_kernel<2, 1>(a, chunks, a.y); }); else go([&] { e8p_matvec_tc_kernel<2, 2>(a, chunks, a.y); }); }
+    else { if (st == 1) go([&] { e8p_matvec_tc_kernel<1, 1>(a, chunks, a.y); }); else go([&] { e8p_matvec_tc_kernel<1, 2>(a, chunks, a.y); }); }
+  } else if (xs) {
     if (rows >= 4) { if (st == 1) XS(4, 1); else XS(4, 2); }
     else { if (st == 1) XS(2, 1); else XS(2, 2); }
   } else if (units_per_step == 1) {
@@ -1112,6 +1116,7 @@ _E8P_HOST_CUTS = [
     ("template <int I>\nstruct Idx", "enum DType"),
     ("__device__ __forceinline__ __half2 u2h2", "__device__ __forceinline__ float load_elem"),
     ("__device__ __forceinline__ float warp_sum", "// Four consecutive x values"),
+    ("__device__ __forceinline__ uint32_t uint4_at", "__device__ __forceinline__ uint32_t word_at(const uint4&"),
     ("constexpr int kE8Rep = 16;", "template <int R, int ST, int D>\ncudaError_t launch_e8p_xs"),
 ]
 
@@ -1122,10 +1127,12 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
     per warp 1/2/4, 1/2 units per step (default) or 1/2 row groups in flight (x-stationary), a grid
     with idle warps, fewer blocks than chunks and blocks shared unevenly among chunks, the last chunk
     partly past the row, a row count that is not a multiple of R, and the x-stationary kernel making
-    x's RHT itself (real-valued signs; 1 to 4 chunks' worth of x summed per chunk)."""
+    x's RHT itself (real-valued signs; 1 to 4 chunks' worth of x summed per chunk); the same cases for
+    its tensor-core form (mma.sync emulated by the PTX fragment layout), 16-row tiles past the rows."""
     import subprocess
 
-    exe = _host_harness(tmp_path, _E8P_HOST_CUTS, _HOST_PRELUDE + _E8P_HOST_MAIN)
+    prelude = _HOST_PRELUDE.replace('#include "kernel_part.inc"', _MMA_HOST_EMULATION + '#include "kernel_part.inc"')
+    exe = _host_harness(tmp_path, _E8P_HOST_CUTS, "#include <type_traits>\n" + prelude + _E8P_HOST_MAIN)
     table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
     cases = [  # (x-stationary, bits, out, k, rows per warp, units per step, blocks, warps, RHT in the kernel)
         (0, 2, 37, 512, 1, 2, 2, 3, 0), (0, 2, 37, 512, 2, 1, 1, 4, 0), (0, 4, 37, 1024, 4, 2, 2, 2, 0),
@@ -1135,7 +1142,12 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
         (1, 2, 37, 6144, 2, 0, 7, 2, 0), (1, 4, 45, 3072, 2, 2, 5, 3, 0),  # blocks share chunks unevenly
         (1, 2, 37, 2048, 2, 0, 3, 8, 1), (1, 2, 37, 8192, 4, 0, 6, 3, 1), (1, 2, 21, 4096, 2, 2, 1, 2, 1),
         (1, 4, 37, 1024, 4, 0, 2, 8, 1), (1, 4, 37, 4096, 2, 0, 5, 4, 1),  # the RHT of x in the kernel
-        (1, 2, 37, 4096, 2, 0, 3, 8, 2), (1, 4, 21, 2048, 4, 0, 1, 4, 3)]  # ... of x's RMSNorm (fp16, bf16)
+        (1, 2, 37, 4096, 2, 0, 3, 8, 2), (1, 4, 21, 2048, 4, 0, 1, 4, 3),  # ... of x's RMSNorm (fp16, bf16)
+        # on tensor cores (rows: 16-row tiles): rows past a tile, partial last chunks, fewer blocks than chunks
+        (2, 2, 37, 1536, 1, 0, 3, 4, 0), (2, 2, 45, 1600, 2, 0, 2, 3, 0), (2, 4, 37, 800, 1, 0, 3, 2, 0),
+        (2, 2, 21, 2048, 1, 0, 2, 2, 0), (2, 4, 53, 512, 2, 0, 5, 2, 0),
+        (2, 2, 37, 2048, 2, 0, 5, 4, 1), (2, 4, 21, 1024, 1, 0, 3, 2, 1),  # the RHT of x in the kernel
+        (2, 2, 37, 4096, 1, 0, 9, 3, 2), (2, 4, 21, 512, 2, 0, 2, 4, 3)]  # ... of x's RMSNorm
     for i, (xs, bits, out, k, rows, units, blocks, warps, rht) in enumerate(cases):
         assert 1.0 / (jq_e8p.get_codebook(bits).resid_scale or 1.0) == pytest.approx(
             1.0 / 3.45 if bits == 4 else 1.0)  # the harness's resid
@@ -1156,7 +1168,8 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
                                str(tmp_path / "in.bin"), str(tmp_path / "out.bin")])
         assert proc.returncode == 0, cases[i]
         y = np.fromfile(tmp_path / "out.bin", np.float32).reshape(-1, out)
-        assert y.shape[0] == (-(-(k * bits // 128) // 32) if xs else 1) and np.isfinite(y).all(), cases[i]
+        assert y.shape[0] == (-(-(k * bits // 128) // (8 if xs == 2 else 32)) if xs else 1), cases[i]
+        assert np.isfinite(y).all(), cases[i]
         if norm_dtype:  # the model's RMSNorm, kept in float32
             x = _rms_norm(x, norm_w, 1e-5)
         xr = np.asarray(jq_hadamard.rht(jnp.asarray(x), jnp.asarray(su)), np.float64) if rht else x.astype(np.float64)
@@ -1277,7 +1290,7 @@ _MMA_HOST_CUTS = [  # the E8P harness's helpers and tables, the scalar mma kerne
     *_E8P_HOST_CUTS[:3],
     ("constexpr int kMmaWarps = 4;", "template <class T>\n__device__ __forceinline__ void mma_16816"),
     ("__device__ __forceinline__ uint32_t uint4_at", "ffi::Error ScalarMmaImpl("),
-    _E8P_HOST_CUTS[3],
+    _E8P_HOST_CUTS[-1],
     ("struct E8pMmaArgs", "// x fp16 [8 NT, in]; codes uint8"),
 ]
 
@@ -2020,6 +2033,44 @@ def test_cuda_e8p_matvec_gpu(bits):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 4])
+def test_cuda_e8p_tc_gpu(bits):
+    """The batch-1 E8P / RVQ4 kernel on tensor cores (variant 2) against the rotated matmul at every
+    listed shape, a row count past the last 16-row tile and a partial last chunk: 1 and 2 tiles per
+    warp, 3 warps per block, and x's RHT in the kernel (real-valued signs)."""
+    table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
+    cb = jq_e8p.get_codebook(bits)
+    odd_k = 1600 if bits == 2 else 800  # 25 code units: the last chunk holds one
+    for i, (out, inp) in enumerate(VQ_SHAPES + [(96, 512), (4099, 1024), (40, odd_k)]):
+        qw = random_quip(jax.random.key(1200 + 10 * i + bits), out, inp, bits)
+        x = jax.random.normal(jax.random.key(1300 + i), (1, inp), jnp.float32)
+        q = qw.rotated()
+        ref = np.asarray(jnp.matmul(x, q.T, precision=HIGHEST))
+        for rows, warps in ((0, 0), (1, 0), (2, 0), (1, 3)):
+            y = cuda_ffi.e8p_matvec(x, qw.codes, table, bits=bits, resid_scale=cb.resid_scale or 1.0, variant=2,
+                                    rows_per_warp=rows, warps=warps)
+            assert np.isfinite(np.asarray(y)).all() and rel_err(y, ref) < 4e-3, (out, inp, rows, warps)
+        if cuda_ffi.e8p_xs_rht_fits(inp, bits, 2):
+            su = jax.random.uniform(jax.random.key(1400 + i), (inp,), jnp.float32, 0.5, 1.5) * jq_hadamard.random_signs(
+                jax.random.key(1500 + i), inp)
+            ref = np.asarray(jnp.matmul(jq_hadamard.rht(x, su), q.T, precision=HIGHEST))
+            for rows in (1, 2):
+                y = cuda_ffi.e8p_matvec(x, qw.codes, table, bits=bits, resid_scale=cb.resid_scale or 1.0, variant=2,
+                                        rows_per_warp=rows, su=su)
+                assert rel_err(y, ref) < 4e-3, (out, inp, rows, "rht")
+        del q
+
+
+@pytest.fixture(params=[1, 2], ids=["xs", "tc"])
+def e8p_variant(request, monkeypatch):
+    """Runs a test with each batch-1 E8P kernel behind the QuIP# linears (dispatch.E8P_BATCH1_VARIANT)."""
+    monkeypatch.setattr(dispatch, "E8P_BATCH1_VARIANT", request.param)
+    jax.clear_caches()  # the jitted linears read the switch when traced
+    yield request.param
+    jax.clear_caches()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4])
 def test_cuda_e8p_mma_gpu(bits):
     """The tensor-core E8P / RVQ4 kernel against the rotated weights: 2-16 rows, 1, 2 and 4 tiles per
     warp, forced splits (more than steps included), rows past a tile's end, partial sums kept. x is
@@ -2715,7 +2766,7 @@ def test_rht_fast_lowers_to_the_cluster_kernel_for_few_rows(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 4])
-def test_e8p_linear_gpu(monkeypatch, bits):
+def test_e8p_linear_gpu(monkeypatch, bits, e8p_variant):
     """The one-call batch-1 QuIP# linear equals the three calls it replaces (the same kernels) and
     the reference, at the Llama-2-7B and -70B widths: x's RHT in the E8P kernel and on a cluster."""
     from jaxquant.formats import quip_sharp
@@ -2737,7 +2788,7 @@ def test_e8p_linear_gpu(monkeypatch, bits):
 
 
 @pytest.mark.gpu
-def test_quip_normed_matmul_gpu():
+def test_quip_normed_matmul_gpu(e8p_variant):
     """The E8P kernel's RMSNorm: ``normed_matmul`` against ``matmul(rms_norm(x))`` (the unfused
     decode path, which rounds the normalized x to its dtype) for fp16, bf16 and float32 activations,
     at Llama-2-7B widths, 2 and 4 bits."""
@@ -2758,7 +2809,7 @@ def test_quip_normed_matmul_gpu():
 
 
 @pytest.mark.gpu
-def test_quip_add_and_mlp_block_gpu():
+def test_quip_add_and_mlp_block_gpu(e8p_variant):
     """``matmul_add`` against ``residual + matmul`` and ``swiglu_block`` against the unfused block
     (which rounds gate, up and their product to x's dtype) at Llama-2-7B / Llama-3-8B / SmolLM2
     widths, 2 and 4 bits, fp16 / bf16 / float32 activations; a fused qkv's per-part row scales."""

@@ -226,6 +226,9 @@ E8P_ADD_RESIDUAL = True
 E8P_MLP_ONE_CALL = True
 # Its E8P kernel's launch (``cuda_ffi.e8p_linear``'s rows_per_warp, warps, prefetch; 0: the defaults).
 E8P_LINEAR_LAUNCH = (0, 0, 0)
+# The batch-1 E8P / RVQ4 kernel of every QuIP# linear on CUDA (``cuda_ffi.e8p_matvec``'s variant):
+# 1 x-stationary (HFMA2), 2 the same decode on tensor cores.
+E8P_BATCH1_VARIANT = 1
 
 
 def e8p_linear_factors(k_in: int, out: int, bits: int, seed: int = 0):
@@ -236,7 +239,7 @@ def e8p_linear_factors(k_in: int, out: int, bits: int, seed: int = 0):
     out_factor = cluster_factor(out, seed)
     if out_factor is None:
         return None
-    if cuda_ffi.e8p_xs_rht_fits(k_in, bits):
+    if cuda_ffi.e8p_xs_rht_fits(k_in, bits, E8P_BATCH1_VARIANT):
         return None, out_factor
     in_factor = cluster_factor(k_in, seed)
     return None if in_factor is None else (in_factor, out_factor)

@@ -187,19 +187,22 @@ def _matmul_kernel(x, qw: QuIPSharpQuantized, kernel: str):
         # x-stationary at batch 1 (14% faster 7B decode on an H100): where the width allows it also
         # makes x's RHT, and its per-chunk partial sums are added by the inverse transform's kernel
         # as it loads them (two launches fewer)
-        in_kernel = one_row and cuda_ffi.e8p_xs_rht_fits(qw.shape[1], qw.bits)
+        variant = dispatch.E8P_BATCH1_VARIANT
+        in_kernel = one_row and cuda_ffi.e8p_xs_rht_fits(qw.shape[1], qw.bits, variant)
         xr = x32 if in_kernel else dispatch.rht_fast(x32, qw.SU, seed=qw.had_seed, kernel=kernel)
-        y = cuda_ffi.e8p_matvec(xr, qw.codes, _abs_table(), bits=qw.bits, resid_scale=resid, variant=1,
+        y = cuda_ffi.e8p_matvec(xr, qw.codes, _abs_table(), bits=qw.bits, resid_scale=resid, variant=variant,
                                 keep_parts=True, su=qw.SU if in_kernel else None)
     y = dispatch.rht_fast(y, qw.SV, seed=qw.had_seed, inverse=True, kernel=kernel, sum_parts=kernel == "cuda")
     return (y * qw.row_scale()).astype(x.dtype)
 
 
 def _launch() -> dict:
-    """The E8P kernel's launch knobs for ``cuda_ffi.e8p_linear`` / ``e8p_mlp`` (``dispatch.E8P_LINEAR_LAUNCH``)."""
+    """The E8P kernel's launch knobs for ``cuda_ffi.e8p_linear`` / ``e8p_mlp`` (``dispatch.E8P_LINEAR_LAUNCH``
+    and ``E8P_BATCH1_VARIANT``)."""
     from jaxquant.formats import dispatch
 
-    return dict(zip(("rows_per_warp", "warps", "prefetch"), dispatch.E8P_LINEAR_LAUNCH))
+    return dict(zip(("rows_per_warp", "warps", "prefetch"), dispatch.E8P_LINEAR_LAUNCH),
+                variant=dispatch.E8P_BATCH1_VARIANT)
 
 
 def _one_call(x, qw: QuIPSharpQuantized, factors, norm_weight=None, eps: float = 0.0, residual=None):
