@@ -1510,14 +1510,16 @@ __global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunk
 // Batch 1 on tensor cores: e8p_mma's fragment mapping, lane (g, q) holding rows g and g + 8 of a 16-row
 // tile and code unit 4 s + q of step s, with x as B (the same x in every column, so D's columns agree),
 // over chunks of kE8TcUnits code units (512 inputs at 2 bits) staged per block as in the x-stationary
-// kernel. A warp takes R tiles (16 R rows) of its chunk at a time, the next step's codes loading while
-// one decodes. One HMMA takes the place of four HFMA2s, the sums are fp32, and no warp sum per row is
-// left (the shift terms, summed per lane, need two shuffles). Smaller chunks than the x-stationary
-// kernel's keep every warp busy at 16 rows a tile; their partials go to part[chunk][row] the same way.
+// kernel. A lane keeps its two units of x in registers (64 at 2 bits: x read from shared memory per
+// code made the loop's shared-memory traffic 1.6 times the lookups'); a warp takes R tiles (16 R rows)
+// of its chunk at a time, the next step's codes loading while one decodes. One HMMA takes the place of
+// four HFMA2s, the sums are fp32, and no warp sum per row is left (the shift terms, summed per lane,
+// need two shuffles). Smaller chunks than the x-stationary kernel's keep every warp busy at 16 rows a
+// tile; their partials go to part[chunk][row] the same way.
 constexpr int kE8TcUnits = 8;
 
 template <int R, int ST>
-__global__ void __launch_bounds__(256) e8p_matvec_tc_kernel(E8pArgs a, int chunks, float* part) {
+__global__ void __launch_bounds__(256, 2) e8p_matvec_tc_kernel(E8pArgs a, int chunks, float* part) {
   extern __shared__ uint2 e8tab[];
   constexpr int CU = kE8TcUnits, G = 8 / ST, STEPS = CU / 4;
   uint4* stage_x = reinterpret_cast<uint4*>(e8tab + 2 * 256 * kE8Rep);
@@ -1555,6 +1557,12 @@ __global__ void __launch_bounds__(256) e8p_matvec_tc_kernel(E8pArgs a, int chunk
     }
     e8_xs_stage<ST, CU>(a, chunk, stage_x, stage_hq, xrot);
     if (first) pdl_launch_dependents();
+    uint4 xv[STEPS][G];  // the lane's units 4 s + q of x, kept for all its row groups of the chunk
+    uint32_t hqv[STEPS][4];
+    static_for<STEPS>([&](auto s) {
+      static_for<G>([&](auto j) { xv[s][j] = stage_x[j * CU + 4 * s + q]; });
+      static_for<4>([&](auto wi) { hqv[s][wi] = stage_hq[wi * CU + 4 * s + q]; });
+    });
     for (int grp = first_grp; grp < groups; grp += per_chunk) {
       float d[R][ST][4];
       __half2 ts[R][2];  // shift terms of rows g, g + 8 (per stage in the halves at 4 bits)
@@ -1566,25 +1574,22 @@ __global__ void __launch_bounds__(256) e8p_matvec_tc_kernel(E8pArgs a, int chunk
         constexpr int s = int(decltype(sc){});
         if constexpr (s + 1 < STEPS) load(grp, s + 1, nxt);
         else if (grp + per_chunk < groups) load(grp + per_chunk, 0, nxt);
-        const int u = 4 * s + q;
         static_for<4>([&](auto wi) {
-          uint4 xv = stage_x[(ST == 1 ? 2 * wi : wi) * CU + u];
           static_for<2>([&](auto hi) {  // the word's low and high code
             constexpr int j = ST == 1 ? 2 * wi + hi : wi, st = ST == 1 ? 0 : int(decltype(hi){});
-            if constexpr (ST == 1 && int(decltype(hi){}) == 1) xv = stage_x[j * CU + u];
+            const uint4& x8 = xv[s][j];
             static_for<R>([&](auto t) {
               uint32_t r0[4], r1[4];  // rows g, g + 8
               e8_signed<hi>(uint4_at(cur[t][0], wi), tab, copy, r0);
               e8_signed<hi>(uint4_at(cur[t][1], wi), tab, copy, r1);
               const uint32_t ka[4] = {r0[0], r1[0], r0[1], r1[1]}, kb[4] = {r0[2], r1[2], r0[3], r1[3]};
-              mma_16816<__half>(d[t][st], ka, xv.x, xv.y);
-              mma_16816<__half>(d[t][st], kb, xv.z, xv.w);
+              mma_16816<__half>(d[t][st], ka, x8.x, x8.y);
+              mma_16816<__half>(d[t][st], kb, x8.z, x8.w);
             });
           });
-          const uint32_t hq = stage_hq[wi * CU + u];
           static_for<R>([&](auto t) {
             static_for<2>([&](auto h) {
-              ts[t][h] = __hadd2(ts[t][h], u2h2(hq ^ (uint4_at(cur[t][h], wi) & 0x80008000u)));
+              ts[t][h] = __hadd2(ts[t][h], u2h2(hqv[s][wi] ^ (uint4_at(cur[t][h], wi) & 0x80008000u)));
             });
           });
         });
