@@ -1337,12 +1337,17 @@ __device__ __forceinline__ void e8_load8(const void* p, int dtype, int i, float 
 // pass, and the block's sum is read after the transform's barriers (1 without a norm).
 template <int LOGCK>
 __device__ __forceinline__ float e8_xs_rht_chunk(const E8pArgs& a, int parts, int chunk, float* buf) {
-  constexpr int CK = 1 << LOGCK;
+  constexpr int CK = 1 << LOGCK, TASKS = CK / 8;  // a task: 8 consecutive outputs
   const float* __restrict__ su = a.su;
+  // ps adjacent threads share a task, each summing every ps-th part, when the block has threads to
+  // spare (small chunks: their parts are many); a power of two, so whole warps take part in the sums.
+  int ps = 1;
+  while (ps < 8 && 2 * ps * TASKS <= static_cast<int>(blockDim.x)) ps *= 2;
   float ss = 0.f;
-  for (int g = threadIdx.x; g < CK / 8; g += blockDim.x) {
+  for (int t = threadIdx.x; t < TASKS * ps; t += blockDim.x) {
+    const int g = t / ps;
     float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int c = 0; c < parts; ++c) {
+    for (int c = t % ps; c < parts; c += ps) {
       const float4* sp = reinterpret_cast<const float4*>(su + c * CK) + 2 * g;
       const float4 s0 = __ldg(sp), s1 = __ldg(sp + 1);
       const float m = __popc(chunk & c) & 1 ? -1.f : 1.f;
@@ -1362,9 +1367,15 @@ __device__ __forceinline__ float e8_xs_rht_chunk(const E8pArgs& a, int parts, in
 #pragma unroll
       for (int e = 0; e < 8; ++e) v[e] = fmaf(m, xs[e], v[e]);
     }
-    butterflies<3>(v);
+    for (int o = 1; o < ps; o *= 2) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) buf[pad32(8 * g + e)] = v[e];
+      for (int e = 0; e < 8; ++e) v[e] += __shfl_xor_sync(0xffffffffu, v[e], o);
+    }
+    if (t % ps == 0) {
+      butterflies<3>(v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) buf[pad32(8 * g + e)] = v[e];
+    }
   }
   float* sums = buf + CK + CK / 32;  // past the pad32 layout
   if (a.norm_w) {
