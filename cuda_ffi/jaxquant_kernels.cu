@@ -1447,8 +1447,9 @@ __device__ __forceinline__ void e8_xs_stage(const E8pArgs& a, int chunk, uint4* 
   __syncthreads();
 }
 
-template <int R, int ST, int D = 1>
-__global__ void __launch_bounds__(256) e8p_matvec_xs_kernel(E8pArgs a, int chunks, float* part) {
+// MAXT: the largest block it is built for (768: one block of 24 warps sharing one table per SM).
+template <int R, int ST, int D = 1, int MAXT = 256>
+__global__ void __launch_bounds__(MAXT) e8p_matvec_xs_kernel(E8pArgs a, int chunks, float* part) {
   extern __shared__ uint2 e8tab[];
   constexpr int G = 8 / ST;  // 8-input groups per code unit
   uint4* stage_x = reinterpret_cast<uint4*>(e8tab + 2 * 256 * kE8Rep);  // [G][32]: group g of unit l at g * 32 + l
@@ -1628,25 +1629,22 @@ __global__ void __launch_bounds__(256, 2) e8p_matvec_tc_kernel(E8pArgs a, int ch
   }
 }
 
-template <int R, int ST, int D>
-cudaError_t launch_e8p_xs(cudaStream_t stream, const E8pArgs& a, int nwarps, int chunks, float* part) {
-  auto kernel = e8p_matvec_xs_kernel<R, ST, D>;
+// A batch-1 kernel (x-stationary or tensor-core) as one persistent wave, at least one block per chunk.
+template <class K>
+cudaError_t launch_e8p_batch1(K kernel, cudaStream_t stream, const E8pArgs& a, int nwarps, int chunks, float* part) {
   const size_t smem = kE8XsSmemBytes + (a.su ? kE8XsRhtSmemBytes : 0);
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  // Persistent: one wave, but at least one block per chunk.
   const int blocks = max(multiprocessors() * blocks_per_sm(kernel, nwarps * 32, smem), chunks);
   return launch_dependent(kernel, dim3(blocks), dim3(nwarps * 32), smem, stream, a, chunks, part);
 }
 
-template <int R, int ST>
-cudaError_t launch_e8p_tc(cudaStream_t stream, const E8pArgs& a, int nwarps, int chunks, float* part) {
-  auto kernel = e8p_matvec_tc_kernel<R, ST>;
-  const size_t smem = kE8XsSmemBytes + (a.su ? kE8XsRhtSmemBytes : 0);
-  cudaError_t err = allow_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
-  const int blocks = max(multiprocessors() * blocks_per_sm(kernel, nwarps * 32, smem), chunks);
-  return launch_dependent(kernel, dim3(blocks), dim3(nwarps * 32), smem, stream, a, chunks, part);
+template <int R, int ST, int D>
+cudaError_t launch_e8p_xs(cudaStream_t stream, const E8pArgs& a, int nwarps, int chunks, float* part) {
+  if constexpr (R == 2 && D == 1) {  // more than 8 warps: one block per SM (78 registers a thread)
+    if (nwarps > 8) return launch_e8p_batch1(e8p_matvec_xs_kernel<R, ST, D, 768>, stream, a, nwarps, chunks, part);
+  }
+  return launch_e8p_batch1(e8p_matvec_xs_kernel<R, ST, D>, stream, a, nwarps, chunks, part);
 }
 
 template <int NB, int R, int ST, int U = 2>
@@ -1744,15 +1742,20 @@ int e8p_xs_chunks(int64_t units, bool tc) {
 }
 
 // Launch knobs as e8p_matvec's (0: the measured defaults); tc: the tensor-core kernel, rows_per_warp
-// then its 16-row tiles per warp (1 or 2).
+// then its 16-row tiles per warp (1 or 2). The x-stationary kernel takes up to 24 warps per block.
 cudaError_t e8p_xs_run(cudaStream_t stream, const E8pArgs& a, int64_t bits, int64_t rows_per_warp, int64_t warps,
                        int64_t prefetch, bool tc) {
-  const int st = static_cast<int>(bits / 2), nwarps = (warps >= 1 && warps <= 8) ? static_cast<int>(warps) : 8;
+  const int max_warps = tc ? 8 : 24;  // beyond 8: the x-stationary kernel at 2 rows per warp, one block per SM
+  const int st = static_cast<int>(bits / 2), nwarps = (warps >= 1 && warps <= max_warps) ? static_cast<int>(warps) : 8;
   const int chunks = e8p_xs_chunks(a.units, tc);
+  if (nwarps > 8) {
+    rows_per_warp = 2;
+    prefetch = 1;
+  }
   if (tc) {
     const bool two = rows_per_warp >= 2 || (rows_per_warp == 0 && int64_t{a.out} * a.k >= (int64_t{1} << 27));
-    if (two) return st == 1 ? launch_e8p_tc<2, 1>(stream, a, nwarps, chunks, a.y) : launch_e8p_tc<2, 2>(stream, a, nwarps, chunks, a.y);
-    return st == 1 ? launch_e8p_tc<1, 1>(stream, a, nwarps, chunks, a.y) : launch_e8p_tc<1, 2>(stream, a, nwarps, chunks, a.y);
+    if (two) return st == 1 ? launch_e8p_batch1(e8p_matvec_tc_kernel<2, 1>, stream, a, nwarps, chunks, a.y) : launch_e8p_batch1(e8p_matvec_tc_kernel<2, 2>, stream, a, nwarps, chunks, a.y);
+    return st == 1 ? launch_e8p_batch1(e8p_matvec_tc_kernel<1, 1>, stream, a, nwarps, chunks, a.y) : launch_e8p_batch1(e8p_matvec_tc_kernel<1, 2>, stream, a, nwarps, chunks, a.y);
   }
   auto launch = [&](auto r, auto d) {
     constexpr int R = decltype(r)::value, D = decltype(d)::value;

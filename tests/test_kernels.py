@@ -953,7 +953,7 @@ static thread_local uint3 h_threadIdx, h_blockIdx;
 static dim3 h_blockDim, h_gridDim;
 static std::barrier<>* h_bar = nullptr;
 static std::vector<std::unique_ptr<std::barrier<>>> h_warp_bar;
-static float h_shfl[8][32];
+static float h_shfl[32][32];
 uint2 e8tab[(256 * 2 * 16 * 8 + 8 * 32 * 20 + 2144 * 4) / 8];  // kE8XsSmemBytes + kE8XsRhtSmemBytes
 uint32_t vqcb[1 << 17];
 uint32_t qsm[2 * 512 * 16 + 8 * 8 * 16];  // the QTIP HYB table and the slices' partial sums
@@ -1117,7 +1117,7 @@ _E8P_HOST_CUTS = [
     ("__device__ __forceinline__ __half2 u2h2", "__device__ __forceinline__ float load_elem"),
     ("__device__ __forceinline__ float warp_sum", "// Four consecutive x values"),
     ("__device__ __forceinline__ uint32_t uint4_at", "__device__ __forceinline__ uint32_t word_at(const uint4&"),
-    ("constexpr int kE8Rep = 16;", "template <int R, int ST, int D>\ncudaError_t launch_e8p_xs"),
+    ("constexpr int kE8Rep = 16;", "// A batch-1 kernel (x-stationary or tensor-core) as one persistent wave"),
 ]
 
 
@@ -1143,6 +1143,7 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
         (1, 2, 37, 2048, 2, 0, 3, 8, 1), (1, 2, 37, 8192, 4, 0, 6, 3, 1), (1, 2, 21, 4096, 2, 2, 1, 2, 1),
         (1, 4, 37, 1024, 4, 0, 2, 8, 1), (1, 4, 37, 4096, 2, 0, 5, 4, 1),  # the RHT of x in the kernel
         (1, 2, 37, 4096, 2, 0, 3, 8, 2), (1, 4, 21, 2048, 4, 0, 1, 4, 3),  # ... of x's RMSNorm (fp16, bf16)
+        (1, 2, 37, 4096, 2, 0, 2, 12, 2), (1, 4, 45, 3072, 2, 0, 3, 12, 0),  # 12 warps: a block of 384
         # on tensor cores (rows: 16-row tiles): rows past a tile, partial last chunks, fewer blocks than chunks
         (2, 2, 37, 1536, 1, 0, 3, 4, 0), (2, 2, 45, 1600, 2, 0, 2, 3, 0), (2, 4, 37, 800, 1, 0, 3, 2, 0),
         (2, 2, 21, 2048, 1, 0, 2, 2, 0), (2, 4, 53, 512, 2, 0, 5, 2, 0),
