@@ -2016,10 +2016,10 @@ def test_cuda_e8p_matvec_gpu(bits):
             su = jax.random.uniform(jax.random.key(800 + i), (inp,), jnp.float32, 0.5, 1.5) * jq_hadamard.random_signs(
                 jax.random.key(900 + i), inp)
             ref = np.asarray(jnp.matmul(jq_hadamard.rht(x, su), qw.rotated().T, precision=HIGHEST))
-            for prefetch in (1, 2):
+            for prefetch, warps in ((1, 0), (2, 0), (1, 12), (1, 24)):  # 12, 24 warps: one block per SM
                 y = cuda_ffi.e8p_matvec(x, qw.codes, table, bits=bits, resid_scale=cb.resid_scale or 1.0, variant=1,
-                                        prefetch=prefetch, su=su)
-                assert rel_err(y, ref) < 4e-3, (out, inp, prefetch, "rht")
+                                        prefetch=prefetch, warps=warps, su=su)
+                assert rel_err(y, ref) < 4e-3, (out, inp, prefetch, warps, "rht")
     # the full linear: RHT of 2^p, 12 * 2^p (fused kernel) and 172 * 2^p (einsum) outputs; batch 1
     # sends the x-stationary kernel's partials into the inverse transform (and 2^p inputs: x's RHT
     # made by that kernel)
