@@ -1745,15 +1745,21 @@ int e8p_xs_chunks(int64_t units, bool tc) {
 // then its 16-row tiles per warp (1 or 2). The x-stationary kernel takes up to 24 warps per block.
 cudaError_t e8p_xs_run(cudaStream_t stream, const E8pArgs& a, int64_t bits, int64_t rows_per_warp, int64_t warps,
                        int64_t prefetch, bool tc) {
+  // Default: 4 rows per warp from 2^27 weights (70B shapes on an H100, session 7: E8P 58.0 vs
+  // 56.9%, RVQ4 66.8 vs 63.3% of copy); below, 2 rows per warp and 16 warps in one block per SM (the
+  // Llama-2-7B decode step, session 18: the E8P kernels' mean 12.3 -> 11.8 us against 2 blocks of 8).
+  const bool big = int64_t{a.out} * a.k >= (int64_t{1} << 27);
   const int max_warps = tc ? 8 : 24;  // beyond 8: the x-stationary kernel at 2 rows per warp, one block per SM
-  const int st = static_cast<int>(bits / 2), nwarps = (warps >= 1 && warps <= max_warps) ? static_cast<int>(warps) : 8;
+  const int st = static_cast<int>(bits / 2);
+  const int nwarps = (warps >= 1 && warps <= max_warps) ? static_cast<int>(warps)
+                     : (warps == 0 && !tc && !big && rows_per_warp <= 2 && prefetch <= 1) ? 16 : 8;
   const int chunks = e8p_xs_chunks(a.units, tc);
   if (nwarps > 8) {
     rows_per_warp = 2;
     prefetch = 1;
   }
   if (tc) {
-    const bool two = rows_per_warp >= 2 || (rows_per_warp == 0 && int64_t{a.out} * a.k >= (int64_t{1} << 27));
+    const bool two = rows_per_warp >= 2 || (rows_per_warp == 0 && big);
     if (two) return st == 1 ? launch_e8p_batch1(e8p_matvec_tc_kernel<2, 1>, stream, a, nwarps, chunks, a.y) : launch_e8p_batch1(e8p_matvec_tc_kernel<2, 2>, stream, a, nwarps, chunks, a.y);
     return st == 1 ? launch_e8p_batch1(e8p_matvec_tc_kernel<1, 1>, stream, a, nwarps, chunks, a.y) : launch_e8p_batch1(e8p_matvec_tc_kernel<1, 2>, stream, a, nwarps, chunks, a.y);
   }
@@ -1764,9 +1770,7 @@ cudaError_t e8p_xs_run(cudaStream_t stream, const E8pArgs& a, int64_t bits, int6
   };
   using Two = std::integral_constant<int, 2>;
   using One = std::integral_constant<int, 1>;
-  // Default: 4 rows per warp from 2^27 weights (70B shapes on an H100, session 7: E8P 58.0 vs
-  // 56.9%, RVQ4 66.8 vs 63.3% of copy), 2 below (4096 x 4096: 9.7 vs 7.4%).
-  const bool four = rows_per_warp >= 4 || (rows_per_warp == 0 && int64_t{a.out} * a.k >= (int64_t{1} << 27));
+  const bool four = rows_per_warp >= 4 || (rows_per_warp == 0 && big);
   if (four) return prefetch >= 2 ? launch(std::integral_constant<int, 4>{}, Two{}) : launch(std::integral_constant<int, 4>{}, One{});
   return prefetch >= 2 ? launch(Two{}, Two{}) : launch(Two{}, One{});
 }
