@@ -476,7 +476,7 @@ def main(argv=None):
     p.add_argument("--vq-configs", type=json.loads, default=[{}],
                    help='E8P/RVQ4 kernel launch configurations as a JSON list, e.g. '
                         '\'[{}, {"rows_per_warp": 4, "units_per_step": 1}]\' ({}: the default, at batch 1 the '
-                        'x-stationary kernel, "variant": 1, as the linear runs it; '
+                        'x-stationary kernel, "variant": 1, as the linear runs it; "variant": 2 its tensor-core form; '
                         '"tensor_cores": false keeps 2-16 rows on the CUDA-core kernel; "mma": true takes '
                         'cuda_ffi.e8p_mma with its "tiles" and "splits")')
     p.add_argument("--qtip-configs", type=json.loads, default=[{}],

@@ -1655,6 +1655,16 @@ def test_vq_kernels_lower_for_cuda():
                                                          register=False), jnp.ones((1, 4096), jnp.float32))
     call = [line for line in text.splitlines() if "jaxquant_e8p_matvec_xs" in line]
     assert call and "(tensor<4096xf32>," in call[0] and "-> tensor<2x64xf32>" in call[0]
+    assert "tensor_cores = 0" in call[0]
+    # its tensor-core form: chunks of 8 code units (512 inputs at 2 bits, 256 at 4), x's RHT from 512 inputs
+    for bits, k, chunks in ((2, 4096, 8), (4, 4096, 16), (2, 512, 1)):
+        w = random_quip(jax.random.key(3), 64, k, bits)
+        su = jnp.ones((k,), jnp.float32) if k == 512 else None
+        text = _lower_for_cuda(lambda x, w=w, su=su, bits=bits: cuda_ops.e8p_matvec(
+            x, w.codes, table, bits=bits, variant=2, su=su, register=False), jnp.ones((1, k), jnp.float32))
+        call = [line for line in text.splitlines() if "jaxquant_e8p_matvec_xs" in line]
+        assert call and "tensor_cores = 1" in call[0] and f"-> tensor<{chunks}x64xf32>" in call[0], (bits, k)
+    assert cuda_ffi.e8p_xs_rht_fits(512, 2, 2) and not cuda_ffi.e8p_xs_rht_fits(512, 2, 1)
     # 2-16 rows: the tensor-core kernel on x padded to 8 rows in fp16, partials [splits, 8, out]
     text = _lower_for_cuda(lambda x: cuda_ops.e8p_matvec(x, wide.codes, table, bits=2, register=False),
                            jnp.ones((3, 4096), jnp.float32))
@@ -1938,6 +1948,9 @@ def test_e8p_linear_rejects_bad_input():
     with pytest.raises(TypeError, match="out_dtype"):
         cuda_ffi.e8p_linear(x, qw.codes, table, su, sv, out_factor, bits=2, register=False, in_factor=in_factor,
                             out_dtype=jnp.int8)
+    with pytest.raises(ValueError, match="variant"):
+        cuda_ffi.e8p_linear(x, qw.codes, table, su, sv, out_factor, bits=2, register=False, in_factor=in_factor,
+                            variant=3)
 
 
 def test_rht_fast_takes_the_fused_kernel_only_for_many_rows(monkeypatch):
