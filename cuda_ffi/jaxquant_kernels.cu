@@ -81,6 +81,45 @@ __device__ __forceinline__ uint32_t h22u(__half2 h) {
   return u;
 }
 
+// Table lookups without the table's address in a register: on sm_90 a shared-memory address holds
+// the CTA's rank in its cluster in the top byte, and dynamic shared memory starts 1 KB into the
+// window. A table at that start is read at [offset with the rank byte + 0x400], the constant as the
+// load's immediate; through a pointer ptxas adds the table's address to every offset instead.
+constexpr uint32_t kDynSmemStart = 0x400;
+
+// `offset` (below 2^24) with the CTA's rank byte of `table`'s shared address, for smem_lookup; the
+// table must start dynamic shared memory.
+__device__ __forceinline__ uint32_t smem_rank_offset(const void* table, uint32_t offset) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t at = static_cast<uint32_t>(__cvta_generic_to_shared(table));
+  if ((at & 0x00FFFFFFu) != kDynSmemStart) __trap();  // the lookups' immediate offset would be wrong
+  return (at & 0xFF000000u) | offset;
+#else
+  return offset;
+#endif
+}
+
+// The T (4 or 8 bytes) at byte OFF + off of the table starting dynamic shared memory; off's bytes 0-2
+// are the offset, byte 3 the rank byte (smem_rank_offset). tab: the table (read on the host only).
+template <class T, uint32_t OFF>
+__device__ __forceinline__ T smem_lookup(const char* tab, uint32_t off) {
+  T v;
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 8) {
+    uint2 u;
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2+%3];" : "=r"(u.x), "=r"(u.y) : "r"(off), "n"(kDynSmemStart + OFF));
+    memcpy(&v, &u, sizeof(v));
+  } else {
+    uint32_t u;
+    asm volatile("ld.shared.u32 %0, [%1+%2];" : "=r"(u) : "r"(off), "n"(kDynSmemStart + OFF));
+    memcpy(&v, &u, sizeof(v));
+  }
+#else
+  memcpy(&v, tab + (off & 0x00FFFFFFu) + OFF, sizeof(v));
+#endif
+  return v;
+}
+
 __device__ __forceinline__ float load_elem(const void* p, int64_t i, int dt) {
   if (dt == kF16) return __half2float(static_cast<const __half*>(p)[i]);
   if (dt == kBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
@@ -1107,35 +1146,11 @@ __device__ __forceinline__ uint2 e8_sign_masks(uint32_t s) {
   return make_uint2(lo, hi);
 }
 
-// A lookup's address is one byte permute of the code word with `copy`: on sm_90 a shared-memory
-// address holds the CTA's rank in its cluster in the top byte (kept from `copy`), the entry (the code
-// byte) in the second and the lane's copy offset in the first, and the table, at the start of dynamic
-// shared memory (1 KB into the window), is the load's immediate offset. Through a pointer ptxas adds
-// the table's address to every lookup: two of a code's ~18 instructions.
-constexpr uint32_t kDynSmemStart = 0x400;
-
-// `copy` for the E8P lookups of lane `lane`; the block's table must start dynamic shared memory.
+// An E8P lookup's address is one byte permute of the code word with `copy`: the rank byte (kept
+// from `copy`), the entry (the code byte) and the lane's copy offset; two of a code's ~18
+// instructions fewer than adding the table's address (session 18). `copy` for the lookups of lane `lane`:
 __device__ __forceinline__ uint32_t e8_lane_copy(const void* table, int lane) {
-  const uint32_t copy = (lane & 15) * sizeof(uint2);
-#if defined(__CUDA_ARCH__)
-  const uint32_t at = static_cast<uint32_t>(__cvta_generic_to_shared(table));
-  if ((at & 0x00FFFFFFu) != kDynSmemStart) __trap();  // the lookups' immediate offset would be wrong
-  return (at & 0xFF000000u) | copy;
-#else
-  return copy;
-#endif
-}
-
-// 8 bytes of the table at byte offset `off` (bytes 0-2 of an e8_lane_copy address) plus OFF.
-template <uint32_t OFF>
-__device__ __forceinline__ uint2 e8_lookup(const char* tab, uint32_t off) {
-  uint2 v;
-#if defined(__CUDA_ARCH__)
-  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2+%3];" : "=r"(v.x), "=r"(v.y) : "r"(off), "n"(kDynSmemStart + OFF));
-#else
-  memcpy(&v, tab + off + OFF, sizeof(v));
-#endif
-  return v;
+  return smem_rank_offset(table, (lane & 15) * sizeof(uint2));
 }
 
 // The signed source vector of the 16-bit code in bits 16 HI .. 16 HI + 15 of word w, as 4 half2 (no
@@ -1143,8 +1158,8 @@ __device__ __forceinline__ uint2 e8_lookup(const char* tab, uint32_t off) {
 template <int HI>
 __device__ __forceinline__ void e8_signed(uint32_t w, const char* tab, uint32_t copy, uint32_t (&h)[4]) {
   constexpr uint32_t source_byte = 0x7604u | (2 * HI) << 4, sign_byte = 0x7604u | (2 * HI + 1) << 4;
-  const uint2 av = e8_lookup<0>(tab, __byte_perm(w, copy, source_byte));
-  const uint2 sv = e8_lookup<kE8Rep * sizeof(uint2)>(tab, __byte_perm(w, copy, sign_byte));
+  const uint2 av = smem_lookup<uint2, 0>(tab, __byte_perm(w, copy, source_byte));
+  const uint2 sv = smem_lookup<uint2, kE8Rep * sizeof(uint2)>(tab, __byte_perm(w, copy, sign_byte));
   const uint32_t lo = av.x ^ sv.x, hi = av.y ^ sv.y;
   h[0] = __byte_perm(lo, 0u, 0x1404);
   h[1] = __byte_perm(lo, 0u, 0x3424);
@@ -2371,7 +2386,8 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
   const int jlo = slice * per, jhi = min(a.tc, jlo + per);
   const int wbase = (K * r) >> 1;            // first word of this lane's tile row
   const int sub = (16 * K * r) & 31;          // its bit offset in that word (16 for odd rows at k = 3)
-  const uint32_t copy4 = static_cast<uint32_t>(lane & 15) << 2;  // hyb: byte offset of this lane's table copy
+  // hyb: byte offset of this lane's table copy, with the rank byte (smem_lookup)
+  const uint32_t copy4 = CODE == kHyb ? smem_rank_offset(tab, static_cast<uint32_t>(lane & 15) << 2) : 0u;
   const int ngroups = (a.tr + tsets - 1) / tsets;
 
   for (int grp = blockIdx.x; grp < ngroups; grp += gridDim.x) {
@@ -2430,7 +2446,7 @@ __global__ void __launch_bounds__(256) qtip_matvec_kernel(QtipArgs a) {
                 if constexpr (b0 <= 16) s = aw[w0] >> (16 - b0);
                 else s = __funnelshift_r(aw[w0 + 1 < NW ? w0 + 1 : NW - 1], aw[w0], 48 - b0);
                 const uint32_t h = s * s + s;  // bits 0-15 depend on bits 0-15 of s only
-                dec[i] = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(tab) + ((h & 0xFFC0u) | copy4));
+                dec[i] = smem_lookup<uint32_t, 0>(reinterpret_cast<const char*>(tab), (h & 0xFFC0u) | copy4);
               } else {  // the exact L-bit state: its upper bits reach the value
                 const uint32_t s = __funnelshift_l(aw[o / 32 + 1 < NW ? o / 32 + 1 : NW - 1], aw[o / 32], o % 32) >> (32 - a.L);
                 if constexpr (CODE == kInst3) {
