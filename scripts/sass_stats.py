@@ -5,9 +5,10 @@
 At batch 1 our decode-matvecs are issue-bound (Nsight Compute, session 7), so the instructions in a
 kernel's hot loop per weight predict its speed. This disassembles the built library (or --lib),
 and for every kernel whose mangled name contains the pattern prints its size, its longest loop
-(the widest backward branch) and that loop's opcode histogram. Needs cuobjdump: the CUDA toolkit's,
-or the one in the `nvidia-cuda-cuobjdump` wheel (pip download --no-deps nvidia-cuda-cuobjdump,
-unzip, add nvidia/cu13/bin to PATH).
+(the widest backward branch) and that loop's opcode histogram. Needs cuobjdump and nvdisasm: the
+CUDA toolkit's, or those in the `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` wheels (pip
+download --no-deps both, unzip, add nvidia/cu13/bin to PATH). The longest loop of a kernel with
+nested loops is the outer one: read its inner loops in the listing (--show).
 """
 from __future__ import annotations
 
