@@ -249,8 +249,9 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
     holding one chunk of 32 code units' inputs in registers (made in the kernel from float32 x in
     natural order) and returning per-chunk partials, summed here; its ``prefetch`` (1, 2; 0: 1) is
     the number of row groups whose codes load while one decodes. ``variant=2``: the same on tensor
-    cores (16-row tiles, ``rows_per_warp`` of them per warp: 1, 2; chunks of 8 code units). ``keep_parts`` returns the partials
-    unsummed, ``[P, ..., out]`` (P = 1 for the other kernels), for ``hadamard(..., sum_parts=True)``.
+    cores (16-row tiles, ``rows_per_warp`` of them per warp: 1, 2; chunks of 8 code units).
+    ``keep_parts`` returns the partials unsummed, ``[P, ..., out]`` (P = 1 for the other kernels), for
+    ``hadamard(..., sum_parts=True)``.
     ``tensor_cores``: 2-16 rows take ``e8p_mma`` where it fits (False: the CUDA-core kernel).
     ``su`` (the x-stationary kernel only, see ``e8p_xs_rht_fits``): x is unrotated and the kernel
     applies ``jaxquant.hadamard.rht(x, su)`` itself, saving the Hadamard kernel before it.

@@ -1083,9 +1083,10 @@ int main(int argc, char** argv) {
 #define XS(R, ST) (units_per_step == 2 ? go([&] { e8p_matvec_xs_kernel<R, ST, 2>(a, chunks, a.y); }) \
                                        : go([&] { e8p_matvec_xs_kernel<R, ST, 1>(a, chunks, a.y); }))
 #define DEF(R, ST, U) go([&] { e8p_matvec_kernel<1, R, ST, U>(a); })
+#define TC(R, ST) go([&] { e8p_matvec_tc_kernel<R, ST>(a, chunks, a.y); })
   if (xs == 2) {
-    if (rows >= 2) { if (st == 1) go([&] { e8p_matvec_tc_kernel<2, 1>(a, chunks, a.y); }); else go([&] { e8p_matvec_tc_kernel<2, 2>(a, chunks, a.y); }); }
-    else { if (st == 1) go([&] { e8p_matvec_tc_kernel<1, 1>(a, chunks, a.y); }); else go([&] { e8p_matvec_tc_kernel<1, 2>(a, chunks, a.y); }); }
+    if (rows >= 2) { if (st == 1) TC(2, 1); else TC(2, 2); }
+    else { if (st == 1) TC(1, 1); else TC(1, 2); }
   } else if (xs) {
     if (rows >= 4) { if (st == 1) XS(4, 1); else XS(4, 2); }
     else { if (st == 1) XS(2, 1); else XS(2, 2); }
