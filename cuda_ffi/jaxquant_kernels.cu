@@ -1427,6 +1427,22 @@ __device__ __forceinline__ void e8_prefetch_l2_inputs(const E8pArgs& a) {
   if (a.norm_w) e8_prefetch_l2_share(a.norm_w, a.k * (a.w_dtype ? 2 : 4));
 }
 
+// How the batch-1 kernels deal blocks to chunks: chunk = block % chunks while there are at least as
+// many blocks as chunks (uneven shares allowed), else a block takes chunks in turn (chunk += step).
+// A warp walks every per_chunk-th row group of its chunk from first_grp.
+struct E8ChunkDeal {
+  int chunk, step, per_chunk, first_grp;
+  __device__ __forceinline__ E8ChunkDeal(int chunks, int nwarps, int warp) {
+    const int nblocks = gridDim.x, block = blockIdx.x;
+    const bool shared_chunks = nblocks >= chunks;
+    const int chunk_blocks = shared_chunks ? (nblocks - block % chunks + chunks - 1) / chunks : 1;  // on my chunk
+    chunk = shared_chunks ? block % chunks : block;
+    step = min(nblocks, chunks);
+    per_chunk = nwarps * chunk_blocks;
+    first_grp = (shared_chunks ? block / chunks : 0) * nwarps + warp;
+  }
+};
+
 // Stages chunk `chunk` (CU code units) of x for the batch-1 kernels, then a barrier: fp16 x, group g of
 // unit l at stage_x[g * CU + l], and the shift-term pairs of unit l's code word wi at stage_hq[wi * CU +
 // l] (e8_word's hq). With su the chunk of x's RHT is made first (e8_xs_rht_chunk, into xrot).
@@ -1473,14 +1489,10 @@ __global__ void __launch_bounds__(MAXT) e8p_matvec_xs_kernel(E8pArgs a, int chun
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const char* tab = reinterpret_cast<const char*>(e8tab);
   const uint32_t copy = e8_lane_copy(e8tab, lane);
-  const int nblocks = gridDim.x;
-  const bool shared_chunks = nblocks >= chunks;  // else one block per chunk, chunks in turn
-  const int block = blockIdx.x;
-  const int chunk_blocks = shared_chunks ? (nblocks - block % chunks + chunks - 1) / chunks : 1;  // blocks on my chunk
-  const int per_chunk = nwarps * chunk_blocks;  // warps walking my chunk's row groups
-  const int first_grp = (shared_chunks ? block / chunks : 0) * nwarps + warp;
+  const E8ChunkDeal deal(chunks, nwarps, warp);
+  const int per_chunk = deal.per_chunk, first_grp = deal.first_grp;
   const int groups = (a.out + R - 1) / R;
-  int chunk = shared_chunks ? block % chunks : block;
+  int chunk = deal.chunk;
   int uu = chunk * 32 + lane;
   bool live = uu < a.units;
   auto load = [&](int grp, uint4 (&cw)[R]) {
@@ -1499,7 +1511,7 @@ __global__ void __launch_bounds__(MAXT) e8p_matvec_xs_kernel(E8pArgs a, int chun
   e8_prefetch_l2_inputs(a);
   e8_fill_tables(e8tab, a.abs);
   pdl_wait();  // the codes' loads, the prefetches and the table fill above may overlap the kernel that makes x
-  for (bool first = true; chunk < chunks; chunk += min(nblocks, chunks), first = false) {
+  for (bool first = true; chunk < chunks; chunk += deal.step, first = false) {
     uu = chunk * 32 + lane;
     live = uu < a.units;
     if (!first) {
@@ -1555,13 +1567,10 @@ __global__ void __launch_bounds__(256, 2) e8p_matvec_tc_kernel(E8pArgs a, int ch
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, g = lane >> 2, q = lane & 3;
   const char* tab = reinterpret_cast<const char*>(e8tab);
   const uint32_t copy = e8_lane_copy(e8tab, lane);
-  const int nblocks = gridDim.x, block = blockIdx.x;
-  const bool shared_chunks = nblocks >= chunks;
-  const int chunk_blocks = shared_chunks ? (nblocks - block % chunks + chunks - 1) / chunks : 1;
-  const int per_chunk = nwarps * chunk_blocks;
-  const int first_grp = (shared_chunks ? block / chunks : 0) * nwarps + warp;
+  const E8ChunkDeal deal(chunks, nwarps, warp);
+  const int per_chunk = deal.per_chunk, first_grp = deal.first_grp;
   const int groups = (a.out + 16 * R - 1) / (16 * R);
-  int chunk = shared_chunks ? block % chunks : block;
+  int chunk = deal.chunk;
   // Step s of row group grp: unit 4 s + q of the chunk, rows g and g + 8 of each tile
   auto load = [&](int grp, int s, uint4 (&cw)[R][2]) {
     const int uu = chunk * CU + 4 * s + q;
@@ -1577,7 +1586,7 @@ __global__ void __launch_bounds__(256, 2) e8p_matvec_tc_kernel(E8pArgs a, int ch
   e8_prefetch_l2_inputs(a);
   e8_fill_tables(e8tab, a.abs);
   pdl_wait();
-  for (bool first = true; chunk < chunks; chunk += min(nblocks, chunks), first = false) {
+  for (bool first = true; chunk < chunks; chunk += deal.step, first = false) {
     if (!first) {
       if (first_grp < groups) load(first_grp, 0, cur);
       __syncthreads();  // the previous chunk's x is read
@@ -1620,9 +1629,7 @@ __global__ void __launch_bounds__(256, 2) e8p_matvec_tc_kernel(E8pArgs a, int ch
             });
           });
         });
-        if constexpr (s + 1 < STEPS) {
-          static_for<R>([&](auto t) { cur[t][0] = nxt[t][0]; cur[t][1] = nxt[t][1]; });
-        }
+        static_for<R>([&](auto t) { cur[t][0] = nxt[t][0]; cur[t][1] = nxt[t][1]; });  // the last: next group's
       });
       static_for<R>([&](auto t) {
         static_for<2>([&](auto h) {
@@ -1639,7 +1646,6 @@ __global__ void __launch_bounds__(256, 2) e8p_matvec_tc_kernel(E8pArgs a, int ch
           if (q == 0 && row < a.out) part[static_cast<size_t>(chunk) * a.out + row] = v;
         });
       });
-      static_for<R>([&](auto t) { cur[t][0] = nxt[t][0]; cur[t][1] = nxt[t][1]; });
     }
   }
 }
