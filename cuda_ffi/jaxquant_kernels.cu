@@ -1180,16 +1180,17 @@ __device__ __forceinline__ __half2 e8_dot(uint32_t w, const char* tab, uint32_t 
 }
 
 // Word wi (two 16-bit codes) of a 16-byte code unit c4. ST = 1: the codes of groups 2 wi and
-// 2 wi + 1 (8 weights each) against their fp16 inputs xa, xb, into h[0]. ST = 2: group wi's two
+// 2 wi + 1 (8 weights each) against their fp16 inputs xa, xb, into h[0] and h[1] (two HFMA2 chains
+// half as long as one: at 2 bits one chain a row left the loop waiting on it). ST = 2: group wi's two
 // stages against xa (xb unused), into h[0] and the residual h[1]. hq: the codes' shift terms, the
 // half2 (xq of the low code, xq of the high one); its sign bits sit where the codes' shift bits do
 // (15, 31), so one XOR applies both shifts and one add keeps them in t.
 template <int ST, int wi>
 __device__ __forceinline__ void e8_word(const uint4& c4, const uint4& xa, const uint4& xb, uint32_t hq,
-                                        const char* tab, uint32_t copy, __half2 (&h)[ST], __half2& t) {
+                                        const char* tab, uint32_t copy, __half2 (&h)[2], __half2& t) {
   const uint32_t word = wi == 0 ? c4.x : wi == 1 ? c4.y : wi == 2 ? c4.z : c4.w;
   h[0] = e8_dot<0>(word, tab, copy, xa, h[0]);
-  h[ST - 1] = e8_dot<1>(word, tab, copy, ST == 1 ? xb : xa, h[ST - 1]);
+  h[1] = e8_dot<1>(word, tab, copy, ST == 1 ? xb : xa, h[1]);
   t = __hadd2(t, u2h2(hq ^ (word & 0x80008000u)));
 }
 
@@ -1198,10 +1199,9 @@ __device__ __forceinline__ uint32_t e8_shift_pair(float lo, float hi) { return h
 
 // A unit's value in fp32: the half2 sums plus the shift terms, the residual stage scaled.
 template <int ST>
-__device__ __forceinline__ float e8_unit_total(const __half2 (&h)[ST], __half2 t, float resid) {
-  const float2 f0 = __half22float2(h[0]), ft = __half22float2(t);
-  if constexpr (ST == 1) return (f0.x + f0.y) + (ft.x + ft.y);
-  const float2 f1 = __half22float2(h[ST - 1]);
+__device__ __forceinline__ float e8_unit_total(const __half2 (&h)[2], __half2 t, float resid) {
+  const float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]), ft = __half22float2(t);
+  if constexpr (ST == 1) return ((f0.x + f0.y) + (f1.x + f1.y)) + (ft.x + ft.y);
   return fmaf(resid, (f1.x + f1.y) + ft.y, (f0.x + f0.y) + ft.x);
 }
 
@@ -1255,11 +1255,8 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
               // transposed x to [G][units]; read in unit order, each lane would touch its own line).
               const uint4* xp = a.x + (static_cast<size_t>(b) * kg + uu);
               const float* qp = a.xq + (static_cast<size_t>(b) * kg + uu);
-              __half2 h[R][ST], t[R];
-              static_for<R>([&](auto r) {
-                t[r] = __float2half2_rn(0.f);
-                static_for<ST>([&](auto s) { h[r][s] = t[r]; });
-              });
+              __half2 h[R][2], t[R];
+              static_for<R>([&](auto r) { t[r] = h[r][0] = h[r][1] = __float2half2_rn(0.f); });
               static_for<4>([&](auto wi) {
                 constexpr int ga = ST == 1 ? 2 * wi : wi, gb = ST == 1 ? ga + 1 : ga;  // the word's groups
                 const uint4 xa = __ldg(xp + static_cast<size_t>(ga) * a.units);
@@ -1529,8 +1526,7 @@ __global__ void __launch_bounds__(MAXT) e8p_matvec_xs_kernel(E8pArgs a, int chun
       uint4 (&cur)[R] = q[0];
       float v[R];
       static_for<R>([&](auto r) {
-        __half2 t = __float2half2_rn(0.f), h[ST];
-        static_for<ST>([&](auto s) { h[s] = t; });
+        __half2 t = __float2half2_rn(0.f), h[2] = {t, t};
         static_for<4>([&](auto wi) {
           constexpr int ga = ST == 1 ? 2 * wi : wi;
           e8_word<ST, int(decltype(wi){})>(cur[r], xv[ga], xv[ST == 1 ? ga + 1 : ga], hq[wi], tab, copy, h, t);

@@ -241,7 +241,7 @@ def e8p_matvec(x: jax.Array, codes: jax.Array, abs_table: jax.Array, *, bits: in
 
     codes: uint8 ``[out, in / 8, bits]`` (``jaxquant.formats.quip_sharp``); abs_table: uint32
     ``[256, 2]`` from ``e8p_abs_table``. x is used in float16 (its products accumulate in fp16 over
-    at most 32 terms, then in float32). ``in`` must be a multiple of 64 (2-bit) or 32 (4-bit).
+    at most 16 terms, then in float32). ``in`` must be a multiple of 64 (2-bit) or 32 (4-bit).
     Launch knobs at batch 1 (0: the measured default): ``rows_per_warp`` (1, 2, 4), ``warps`` per
     block (1-8; the x-stationary kernel up to 24, then at 2 rows per warp, one block per SM),
     ``units_per_step`` (1, 2: 16-byte code units each lane loads before decoding).

@@ -1176,7 +1176,7 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
             x = _rms_norm(x, norm_w, 1e-5)
         xr = np.asarray(jq_hadamard.rht(jnp.asarray(x), jnp.asarray(su)), np.float64) if rht else x.astype(np.float64)
         ref = xr @ np.asarray(qw.rotated(), np.float64).T
-        assert rel_err(y.sum(0, keepdims=True), ref) < 4e-3, cases[i]
+        assert rel_err(y.sum(0, keepdims=True), ref) < 1.5e-3, cases[i]  # half2 sums of <= 16 products (fp32 on tensor cores)
 
 
 _MMA_HOST_EMULATION = r"""
