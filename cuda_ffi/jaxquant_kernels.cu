@@ -1295,9 +1295,10 @@ __global__ void __launch_bounds__(256) e8p_matvec_kernel(E8pArgs a) {
 // on one SM for ~3.5 us at batch 1. Each row's partial over the chunk goes to part[chunk][row];
 // the caller sums the chunks (deterministic, no atomics). With fewer blocks than chunks a block
 // takes chunks in turn.
-// Registers (sm_90): E8P 76 at R = 2, 102 at R = 4 (RVQ4 70, 86), no spills; 2 blocks of 256 per SM.
+// Registers (sm_90, two accumulators a row): E8P 96 at R = 2 (80 in the 768-thread build), 128 at R = 4
+// (capped: MINB), RVQ4 80 (78), 124; no spills; 2 blocks of 256 per SM.
 // D: row groups whose codes are in flight while one decodes (1, or 2 to cover more of the DRAM
-// latency per warp: +4 R registers; E8P then spills 4-8 bytes).
+// latency per warp: +4 R registers).
 constexpr int kE8XsStageBytes = 8 * 32 * sizeof(uint4) + 4 * 32 * sizeof(uint32_t);  // x (fp16), shift pairs
 constexpr size_t kE8XsSmemBytes = kE8SmemBytes + kE8XsStageBytes;
 constexpr int kE8XsRhtMaxIn = 8192;  // widest x whose RHT the kernel makes (every block reads all of x)
@@ -1475,9 +1476,10 @@ __device__ __forceinline__ void e8_xs_stage(const E8pArgs& a, int chunk, uint4* 
   __syncthreads();
 }
 
-// MAXT: the largest block it is built for (768: one block of 24 warps sharing one table per SM).
-template <int R, int ST, int D = 1, int MAXT = 256>
-__global__ void __launch_bounds__(MAXT) e8p_matvec_xs_kernel(E8pArgs a, int chunks, float* part) {
+// MAXT: the largest block it is built for (768: one block of 24 warps sharing one table per SM); MINB:
+// the blocks per SM its registers must allow.
+template <int R, int ST, int D = 1, int MAXT = 256, int MINB = 1>
+__global__ void __launch_bounds__(MAXT, MINB) e8p_matvec_xs_kernel(E8pArgs a, int chunks, float* part) {
   extern __shared__ uint2 e8tab[];
   constexpr int G = 8 / ST;  // 8-input groups per code unit
   uint4* stage_x = reinterpret_cast<uint4*>(e8tab + 2 * 256 * kE8Rep);  // [G][32]: group g of unit l at g * 32 + l
@@ -1661,7 +1663,10 @@ cudaError_t launch_e8p_xs(cudaStream_t stream, const E8pArgs& a, int nwarps, int
   if constexpr (R == 2 && D == 1) {  // more than 8 warps: one block per SM (78 registers a thread)
     if (nwarps > 8) return launch_e8p_batch1(e8p_matvec_xs_kernel<R, ST, D, 768>, stream, a, nwarps, chunks, part);
   }
-  return launch_e8p_batch1(e8p_matvec_xs_kernel<R, ST, D>, stream, a, nwarps, chunks, part);
+  // 4 rows, one group in flight: uncapped, ptxas takes 146 registers (one block per SM; session 19: the
+  // cap at 128 for two blocks is 3-5% faster at 70B shapes and 20% at 8192 x 8192, no spills)
+  constexpr int MINB = R == 4 && D == 1 ? 2 : 1;
+  return launch_e8p_batch1(e8p_matvec_xs_kernel<R, ST, D, 256, MINB>, stream, a, nwarps, chunks, part);
 }
 
 template <int NB, int R, int ST, int U = 2>
