@@ -1660,7 +1660,7 @@ cudaError_t launch_e8p_batch1(K kernel, cudaStream_t stream, const E8pArgs& a, i
 
 template <int R, int ST, int D>
 cudaError_t launch_e8p_xs(cudaStream_t stream, const E8pArgs& a, int nwarps, int chunks, float* part) {
-  if constexpr (R == 2 && D == 1) {  // more than 8 warps: one block per SM (78 registers a thread)
+  if constexpr (R == 2 && D == 1) {  // more than 8 warps: one block per SM (80 registers a thread)
     if (nwarps > 8) return launch_e8p_batch1(e8p_matvec_xs_kernel<R, ST, D, 768>, stream, a, nwarps, chunks, part);
   }
   // 4 rows, one group in flight: uncapped, ptxas takes 146 registers (one block per SM; session 19: the
