@@ -1180,8 +1180,8 @@ __device__ __forceinline__ __half2 e8_dot(uint32_t w, const char* tab, uint32_t 
 }
 
 // Word wi (two 16-bit codes) of a 16-byte code unit c4. ST = 1: the codes of groups 2 wi and
-// 2 wi + 1 (8 weights each) against their fp16 inputs xa, xb, into h[0] and h[1] (two HFMA2 chains
-// half as long as one: at 2 bits one chain a row left the loop waiting on it). ST = 2: group wi's two
+// 2 wi + 1 (8 weights each) against their fp16 inputs xa, xb, into h[0] and h[1] (two chains: each
+// fp16 sum over at most 16 products, a third less error than one chain, same speed). ST = 2: group wi's two
 // stages against xa (xb unused), into h[0] and the residual h[1]. hq: the codes' shift terms, the
 // half2 (xq of the low code, xq of the high one); its sign bits sit where the codes' shift bits do
 // (15, 31), so one XOR applies both shifts and one add keeps them in t.
