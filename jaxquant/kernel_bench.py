@@ -352,7 +352,9 @@ def bench_hadamard(args, copy_bw, rows):
 
     dtype = jnp.dtype(args.dtype)
     latency_rows = []
-    for case, few_rows in [("bandwidth", None)] + [("latency", r) for r in args.hadamard_rows]:
+    cases = [("bandwidth", None)] if "bandwidth" in args.hadamard_cases else []
+    cases += [("latency", r) for r in args.hadamard_rows] if "latency" in args.hadamard_cases else []
+    for case, few_rows in cases:
         for n in args.hadamard_n:
             pow2 = n & (n - 1) == 0
             nrows = few_rows or max(1, (64 << 20) // (n * dtype.itemsize))
@@ -458,6 +460,8 @@ def main(argv=None):
     p.add_argument("--hadamard-n", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
     p.add_argument("--hadamard-rows", type=int, nargs="*", default=[1],
                    help="row counts of the Hadamard latency rows (decode batch sizes)")
+    p.add_argument("--hadamard-cases", nargs="+", default=["bandwidth", "latency"], choices=["bandwidth", "latency"],
+                   help="the Hadamard rows to time: 64 MB per call (bandwidth) and/or --hadamard-rows rows (latency)")
     p.add_argument("--no-matvec", action="store_true", help="skip the scalar-format rows")
     p.add_argument("--vq", nargs="*", default=[],
                    help="codebook formats: e8p rvq3 rvq4 qtip-hyb-k2 qtip-1mad-k2 gptvq-d2-k2 ... (rvq3: Pallas only)")

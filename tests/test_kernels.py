@@ -2584,6 +2584,7 @@ int main(int argc, char** argv) {
   const int after = atoi(argv[5]), blocks = atoi(argv[6]), groups = atoi(argv[7]), threads = atoi(argv[8]);
   const int io = atoi(argv[9]), words = (ar + 31) / 32, n = ar * b, dtype = io >= 2 ? io - 2 : 0;
   const size_t esize = dtype ? 2 : 4;
+  if (b % (blocks * groups) || (b / (blocks * groups)) % 4) return 4;  // as launch_rht_cluster refuses
   std::vector<float> x(size_t(io == 1 ? 2 : parts) * rows * n), sg(n), gu(2), in_signs(n), os(3);
   int splits[2];
   std::vector<char> y(size_t(rows) * n * esize, 0x7f), resid(size_t(rows) * n * esize);
@@ -2616,6 +2617,8 @@ int main(int argc, char** argv) {
         case 32: run_cluster<1>(a, g, r, threads); break;
         case 64: run_cluster<2>(a, g, r, threads); break;
         case 128: run_cluster<4>(a, g, r, threads); break;
+        case 256: run_cluster<8>(a, g, r, threads); break;
+        case 512: run_cluster<16>(a, g, r, threads); break;
         case 1024: run_cluster<32>(a, g, r, threads); break;
         default: return 3;
       }
@@ -2643,17 +2646,22 @@ def _rht_reference(x: np.ndarray, factor: np.ndarray, signs: np.ndarray, inverse
 
 def test_rht_cluster_kernel_source_on_cpu(tmp_path):
     """rht_cluster.cu's block function compiled for the host, every block of a cluster as threads at
-    once, against float64: rows of B = 32, 64, 128 and 1024 (the register stages and every shuffle),
-    A from 12 to 224 (partial and several sign words), 1 to 7 summed parts, forward and inverse,
-    clusters of 4 to 16 blocks with fewer rows than warps and more, 1 to 8 clusters per row."""
+    once, against float64: rows of B = 32 to 1024 (the register stages and every shuffle), A from 12
+    to 224 (partial and several sign words), 1 to 18 summed parts (loaded in batches of 16 at B = 128,
+    4 at B = 512), forward and inverse, clusters of 4 to 16 blocks with fewer rows than warps and more,
+    1 to 8 clusters per row."""
     import subprocess
 
     exe = _host_harness(tmp_path, None, _RHTC_HOST_HARNESS, "rht_cluster.cu")
     rng = np.random.default_rng(15)
     for rows, n, parts, inverse, blocks, groups, threads, factor in [
-            (1, 4096, 3, True, 16, 2, 64, None), (2, 11008, 1, False, 16, 1, 64, None),
+            (1, 4096, 3, True, 8, 2, 64, None), (2, 11008, 1, False, 16, 1, 64, None),
             (1, 22016, 2, True, 8, 2, 128, None), (1, 28672, 7, False, 16, 1, 32, None),
-            (1, 640, 2, False, 4, 2, 128, None), (1, 12288, 1, True, 4, 8, 64, jq_hadamard.hadamard_factor(12))]:
+            (1, 640, 2, False, 4, 2, 128, None), (1, 12288, 1, True, 4, 8, 64, jq_hadamard.hadamard_factor(12)),
+            (1, 8192, 18, True, 8, 2, 64, np.kron(jq_hadamard.hadamard_factor(1), jq_hadamard.hadamard_matrix(64))),
+            (1, 28672, 6, True, 8, 4, 64, np.kron(jq_hadamard.hadamard_factor(28), jq_hadamard.hadamard_matrix(2))),
+            (1, 7168, 3, False, 4, 4, 64, np.kron(jq_hadamard.hadamard_factor(28), jq_hadamard.hadamard_matrix(1))),
+            (1, 28672, 5, True, 16, 1, 64, np.kron(jq_hadamard.hadamard_factor(28), jq_hadamard.hadamard_matrix(8)))]:
         factor = dispatch.cluster_factor(n) if factor is None else factor
         a = factor.shape[0]
         x = rng.standard_normal((parts, rows, n)).astype(np.float32)
@@ -2680,9 +2688,9 @@ def test_rht_cluster_io_modes_on_cpu(tmp_path):
     none = 1 << 30
     for rows, n, parts, io, blocks, groups, threads, splits in [
             (1, 11008, 1, 1, 16, 1, 64, None), (2, 640, 1, 1, 4, 2, 128, None),
-            (1, 4096, 3, 2, 16, 2, 64, (none, none)),
-            (1, 4096, 6, 3, 8, 4, 64, (none, none)), (2, 640, 2, 4, 4, 2, 128, (none, none)),
-            (1, 6144, 2, 3, 16, 2, 64, (4096, 5120)), (1, 4096, 1, 4, 16, 2, 64, (1024, none))]:
+            (1, 4096, 3, 2, 8, 2, 64, (none, none)),
+            (1, 4096, 6, 3, 4, 4, 64, (none, none)), (2, 640, 2, 4, 4, 2, 128, (none, none)),
+            (1, 6144, 2, 3, 16, 2, 64, (4096, 5120)), (1, 4096, 1, 4, 8, 2, 64, (1024, none))]:
         factor = dispatch.cluster_factor(n)
         a, inverse = factor.shape[0], io >= 2
         s = rng.choice(np.array([-1.0, 1.0], np.float32), n)
@@ -2862,7 +2870,7 @@ def test_rht_cluster_gpu():
     parts summed."""
     rng = np.random.default_rng(8)
     for rows, n, parts in [(1, 4096, 1), (1, 4096, 6), (1, 11008, 1), (2, 22016, 3), (1, 12288, 2),
-                           (8, 11008, 1), (1, 28672, 2), (4, 14336, 1), (1, 8192, 1), (1, 128, 1)]:
+                           (8, 11008, 1), (1, 28672, 2), (4, 14336, 1), (1, 8192, 1), (1, 8192, 14), (1, 128, 1)]:
         x = jnp.asarray(rng.standard_normal((parts, rows, n)), jnp.float32)
         s = jnp.asarray(rng.choice([-1.0, 1.0], n), jnp.float32)
         assert dispatch.cluster_factor(n) is not None, n

@@ -195,17 +195,28 @@ HADAMARD_K_MIN_ROWS = 32
 # per row (``cuda_ffi.rht_cluster``): the 2^p kernel alone runs a row on one SM, and a K factor adds a
 # pad, a split-K GEMM and a sum of the splits.
 RHT_CLUSTER_MAX_ROWS = 8
+# The cluster transform's split n = A * B (B = 2^q): its warps transform rows of B (loads, registers,
+# shuffles), then each block applies the dense A x A rest to its columns, A additions per element.
+# B is the widest power of two up to 2^RHT_CLUSTER_LOG_B that leaves at least RHT_CLUSTER_MIN_A rows
+# (rows for the warps to share). On an H100 (session 20) this rule against B = 2^min(p, 7): the 70B
+# one-call linear 28672x8192 38.9-39.6 us against 44.3 (A = 56 against 224), 8192x28672 40.1-40.8
+# against 41.0-41.2; the 7B decode step equal (245 us of device time per 2 layers).
+RHT_CLUSTER_LOG_B = 10
+RHT_CLUSTER_MIN_A = 48
 
 
 @functools.lru_cache(maxsize=None)
 def cluster_factor(n: int, seed: int = 0) -> np.ndarray | None:
     """The dense +-1 factor D of width n's transform A_n = D (x) H_B that ``cuda_ffi.rht_cluster`` takes
-    (B = 2^min(p, 7), D = H_K (x) H_{2^p / B}), or None where it takes none."""
+    (B = 2^q, D = H_K (x) H_{2^p / B}; q by ``RHT_CLUSTER_LOG_B`` and ``RHT_CLUSTER_MIN_A``), or None
+    where it takes none."""
     import cuda_ffi
     from jaxquant import hadamard
 
     k, p = hadamard.hadamard_factors(n)
-    q = min(p, 7)
+    q = min(p, RHT_CLUSTER_LOG_B)
+    while q > 5 and n >> q < RHT_CLUSTER_MIN_A:
+        q -= 1
     d = hadamard.hadamard_factor(k, seed=seed)
     if p > q:
         d = np.kron(d, hadamard.hadamard_matrix(2 ** (p - q)))
