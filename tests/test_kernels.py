@@ -2647,9 +2647,8 @@ def _rht_reference(x: np.ndarray, factor: np.ndarray, signs: np.ndarray, inverse
 def test_rht_cluster_kernel_source_on_cpu(tmp_path):
     """rht_cluster.cu's block function compiled for the host, every block of a cluster as threads at
     once, against float64: rows of B = 32 to 1024 (the register stages and every shuffle), A from 12
-    to 224 (partial and several sign words), 1 to 18 summed parts (loaded in batches of 16 at B = 128,
-    4 at B = 512), forward and inverse, clusters of 4 to 16 blocks with fewer rows than warps and more,
-    1 to 8 clusters per row."""
+    to 224 (partial and several sign words), 1 to 18 summed parts, forward and inverse, clusters of 4
+    to 16 blocks with fewer rows than warps and more, 1 to 8 clusters per row."""
     import subprocess
 
     exe = _host_harness(tmp_path, None, _RHTC_HOST_HARNESS, "rht_cluster.cu")
@@ -2658,9 +2657,9 @@ def test_rht_cluster_kernel_source_on_cpu(tmp_path):
             (1, 4096, 3, True, 8, 2, 64, None), (2, 11008, 1, False, 16, 1, 64, None),
             (1, 22016, 2, True, 8, 2, 128, None), (1, 28672, 7, False, 16, 1, 32, None),
             (1, 640, 2, False, 4, 2, 128, None), (1, 12288, 1, True, 4, 8, 64, jq_hadamard.hadamard_factor(12)),
-            (1, 8192, 18, True, 8, 2, 64, np.kron(jq_hadamard.hadamard_factor(1), jq_hadamard.hadamard_matrix(64))),
-            (1, 28672, 6, True, 8, 4, 64, np.kron(jq_hadamard.hadamard_factor(28), jq_hadamard.hadamard_matrix(2))),
-            (1, 7168, 3, False, 4, 4, 64, np.kron(jq_hadamard.hadamard_factor(28), jq_hadamard.hadamard_matrix(1))),
+            (1, 8192, 18, True, 8, 2, 64, jq_hadamard.hadamard_matrix(64)),
+            (1, 28672, 6, True, 8, 4, 64, np.kron(jq_hadamard.hadamard_factor(28), jq_hadamard.hadamard_matrix(4))),
+            (1, 7168, 3, False, 4, 4, 64, jq_hadamard.hadamard_factor(28)),
             (1, 28672, 5, True, 16, 1, 64, np.kron(jq_hadamard.hadamard_factor(28), jq_hadamard.hadamard_matrix(8)))]:
         factor = dispatch.cluster_factor(n) if factor is None else factor
         a = factor.shape[0]
