@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -265,6 +266,17 @@ cudaLaunchConfig_t rhtc_config(int blocks, int groups, int64_t rows, size_t smem
   return cfg;
 }
 
+// JAXQUANT_RHTC_MAX_BLOCKS (2, 4, 8 or 16) caps the default cluster size: a knob for device
+// experiments (after a matvec whose blocks fill every SM, a smaller cluster may find its SMs sooner).
+int rhtc_max_blocks() {
+  static const int cap = [] {
+    const char* e = std::getenv("JAXQUANT_RHTC_MAX_BLOCKS");
+    const int v = e ? std::atoi(e) : 16;
+    return v >= 2 && v <= 16 && !(v & (v - 1)) ? v : 16;
+  }();
+  return cap;
+}
+
 // blocks (C) and groups (G) of 0 take the defaults: the smallest cluster whose warps take a row each
 // (at most 16 where the GPU schedules that, else 8), and as many clusters as leave each block 4
 // columns (on an H100 the fastest or within 0.3 us of it at the Llama widths, session 15).
@@ -284,7 +296,8 @@ cudaError_t launch_rht_cluster(cudaStream_t stream, RhtcArgs a, int64_t rows, in
     return 8;
   }();
   if (blocks <= 0) {
-    for (blocks = 2; blocks < largest && blocks * (kRhtcThreads / 32) < a.a_rows; blocks *= 2) {
+    const int cap = largest < rhtc_max_blocks() ? largest : rhtc_max_blocks();
+    for (blocks = 2; blocks < cap && blocks * (kRhtcThreads / 32) < a.a_rows; blocks *= 2) {
     }
     if (blocks > b / 4) blocks = b / 4;
   }
