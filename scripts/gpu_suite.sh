@@ -76,7 +76,7 @@ case $part in
     # GPTVQ (no transform: kernel = whole product): Pallas ("kernel" rows) against CUDA ("linear-cuda")
     timeout 150 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel linear-cuda \
       --json "$out/bench_gptvq.json" --vq gptvq-d2-k2 ;;
-  linear-tail)  # issue 10: the one-call linear's inverse-transform tail against the cluster size cap
+  linear-tail)  # issue 10: the one-call linear's inverse-transform tail against the rht_cluster knobs (if one wins, time the 7B step too)
     build_cuda
     for knobs in "16 0" "8 0" "16 1" "8 1" "4 1" "16 0"; do  # the rht_cluster knobs are read once per process
       set -- $knobs; tag=c$1f$2; echo "== JAXQUANT_RHTC_MAX_BLOCKS=$1 JAXQUANT_RHTC_FILL=$2"
