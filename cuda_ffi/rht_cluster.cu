@@ -17,7 +17,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -266,31 +265,10 @@ cudaLaunchConfig_t rhtc_config(int blocks, int groups, int64_t rows, size_t smem
   return cfg;
 }
 
-// Knobs for device experiments, read once per process. JAXQUANT_RHTC_MAX_BLOCKS (2, 4, 8 or 16) caps
-// the default cluster size (after a matvec whose blocks fill every SM, a smaller cluster may find its
-// SMs sooner). JAXQUANT_RHTC_FILL=1 gives each block as many columns as keep its threads' dense-factor
-// items (A per 4 columns) within the block's threads, so fewer clusters read the row (default: 4).
-int rhtc_env(const char* name, int fallback) {
-  const char* e = std::getenv(name);
-  return e ? std::atoi(e) : fallback;
-}
-
-int rhtc_max_blocks() {
-  static const int v = rhtc_env("JAXQUANT_RHTC_MAX_BLOCKS", 16);
-  return v >= 2 && v <= 16 && !(v & (v - 1)) ? v : 16;
-}
-
-int rhtc_block_columns(int a_rows, int max_columns) {
-  static const bool fill = rhtc_env("JAXQUANT_RHTC_FILL", 0) == 1;
-  int columns = 4;
-  while (fill && 2 * columns <= max_columns && a_rows * (2 * columns / 4) <= kRhtcThreads) columns *= 2;
-  return columns;
-}
-
 // blocks (C) and groups (G) of 0 take the defaults: the smallest cluster whose warps take a row each
 // (at most 16 where the GPU schedules that, else 8), and as many clusters as leave each block 4
-// columns (on an H100 the fastest or within 0.3 us of it at the Llama widths, session 15; A was
-// 96-224 then: at A = 48-64 most of a block's threads have no factor item, see JAXQUANT_RHTC_FILL).
+// columns (on an H100 the fastest or within 0.3 us of it at the Llama widths, session 15; at A = 56
+// neither smaller clusters nor more columns a block shortened the 70B linear's tail, session 21).
 template <int TB>
 cudaError_t launch_rht_cluster(cudaStream_t stream, RhtcArgs a, int64_t rows, int blocks, int groups) {
   constexpr int b = 32 * TB;
@@ -307,15 +285,11 @@ cudaError_t launch_rht_cluster(cudaStream_t stream, RhtcArgs a, int64_t rows, in
     return 8;
   }();
   if (blocks <= 0) {
-    const int cap = largest < rhtc_max_blocks() ? largest : rhtc_max_blocks();
-    for (blocks = 2; blocks < cap && blocks * (kRhtcThreads / 32) < a.a_rows; blocks *= 2) {
+    for (blocks = 2; blocks < largest && blocks * (kRhtcThreads / 32) < a.a_rows; blocks *= 2) {
     }
     if (blocks > b / 4) blocks = b / 4;
   }
-  if (groups <= 0) {
-    const int columns = rhtc_block_columns(a.a_rows, b / blocks);
-    groups = b / columns / blocks > 1 ? b / columns / blocks : 1;
-  }
+  if (groups <= 0) groups = b / 4 / blocks > 1 ? b / 4 / blocks : 1;
   if (blocks > largest || b % (blocks * groups) || (b / (blocks * groups)) % 4) return cudaErrorInvalidConfiguration;
   a.blocks = blocks;
   a.groups = groups;

@@ -8,7 +8,6 @@
 #   kernels-vq-tests  issue 10: E8P / RVQ4 / QTIP gpu tests
 #   kernels-vq  issue 10: E8P / RVQ4 / QTIP decode-matvec and their full linear (RHT included)
 #   e8p-sweep issue 10: E8P / RVQ4 launch configurations and the x-stationary variant (with their gpu tests)
-#   linear-tail issue 10: the one-call QuIP# linear at 70B shapes, its kernels timed apart, per rht_cluster knob
 #   overhead  issues 10, 11: per-custom-call cost with and without XLA command buffers
 #   ncu       issues 10, 11: Nsight Compute sections of every batch-1 kernel at a 7B and a 70B shape (why they
 #             are slow: latency, occupancy, memory or issue)
@@ -76,18 +75,6 @@ case $part in
     # GPTVQ (no transform: kernel = whole product): Pallas ("kernel" rows) against CUDA ("linear-cuda")
     timeout 150 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel linear-cuda \
       --json "$out/bench_gptvq.json" --vq gptvq-d2-k2 ;;
-  linear-tail)  # issue 10: the one-call linear's inverse-transform tail against the rht_cluster knobs (if one wins, time the 7B step too)
-    build_cuda
-    for knobs in "16 0" "8 0" "16 1" "8 1" "4 1" "16 0"; do  # the rht_cluster knobs are read once per process
-      set -- $knobs; tag=c$1f$2; echo "== JAXQUANT_RHTC_MAX_BLOCKS=$1 JAXQUANT_RHTC_FILL=$2"
-      for shape in 8192x28672 28672x8192; do
-        JAXQUANT_RHTC_MAX_BLOCKS=$1 JAXQUANT_RHTC_FILL=$2 timeout 60 python3 scripts/profile_linear.py --shape $shape \
-          --vq e8p --timeline 2 > "$out/profile_linear_${shape}_$tag.txt" 2>&1; head -4 "$out/profile_linear_${shape}_$tag.txt"
-      done
-      JAXQUANT_RHTC_MAX_BLOCKS=$1 JAXQUANT_RHTC_FILL=$2 timeout 90 python3 scripts/bench_kernels.py --backends cuda \
-        --no-matvec --hadamard-n --vq e8p --vq-cases linear-cuda --shapes 28672x8192 8192x28672 8192x8192 \
-        --json "$out/bench_linear_$tag.json" | grep linear-cuda
-    done ;;
   overhead)  # issues 10, 11: is the ~15 us per custom call XLA's command-buffer tracing? Default, custom calls
     # left out of command buffers, no command buffers
     build_cuda
