@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
 import sys
 import tempfile
@@ -24,32 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxquant import decode_bench as db  # noqa: E402
 from jaxquant.cli import build_parser, config_from_args  # noqa: E402
+from jaxquant.device_trace import busy_time, device_events  # noqa: E402
 from jaxquant.model.params import model_from_params, named_params  # noqa: E402
 from jaxquant.model.shapes import random_model  # noqa: E402
-
-
-def device_events(trace_dir: str) -> list[dict]:
-    """Complete ('X') events on GPU streams of the perfetto trace that jax.profiler wrote."""
-    path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
-    with gzip.open(path) as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    names = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    counts = collections.Counter(e.get("pid") for e in events if e.get("ph") == "X")
-    print("trace processes:", {names.get(pid, pid): n for pid, n in counts.items()})
-    gpu_pids = {pid for pid, name in names.items() if "GPU" in name}
-    return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and e.get("dur", 0) > 0]
-
-
-def busy_time(events: list[dict]) -> float:
-    """Length of the union of the events' intervals (µs): time the device was doing anything."""
-    total, end = 0.0, -1.0
-    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in events):
-        if stop > end:
-            total += stop - max(start, end)
-            end = stop
-    return total
 
 
 def print_timeline(events: list[dict], steps: int, count: int) -> None:

@@ -1,6 +1,7 @@
 """The kernels of one batch-1 quantized linear on the device, timed apart: a jax.profiler trace.
 
-    python scripts/profile_linear.py --shape 8192x28672 --vq e8p [--calls 20] [--timeline 8]
+    python scripts/profile_linear.py --shape 8192x28672 --vq e8p [--calls 20] [--timeline 8] [--sets 16]
+        [--case linear|kernel]
 
 `bench kernels` times a linear as a whole; this says how its time splits between the kernels
 of the call (x's transform, the decode-matvec, the inverse transform of its partial sums) and
@@ -13,17 +14,14 @@ import argparse
 import collections
 import os
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from profile_decode import busy_time, device_events  # noqa: E402
-
 from jaxquant import kernel_bench as bk  # noqa: E402
+from jaxquant.device_trace import busy_time, traced_events  # noqa: E402
 
 
 def main(argv=None):
@@ -35,22 +33,27 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=20, help="linear calls traced (after two untimed ones)")
     p.add_argument("--timeline", type=int, default=8, metavar="N",
                    help="print the kernels of N calls in order: start, duration, and overlap with the one before")
+    p.add_argument("--sets", type=int, default=1,
+                   help="weight sets the calls rotate among (1: the weights stay in L2 when they fit; "
+                        "`bench kernels` rotates over at least 128 MB)")
+    p.add_argument("--case", default="linear", choices=["linear", "kernel"],
+                   help="kernel: the rotated-domain product alone, as `bench kernels --vq-cases kernel` times it")
     args = p.parse_args(argv)
 
     out, inp = (int(v) for v in args.shape.lower().split("x"))
     key = jax.random.key(0)
-    qw = bk.vq_sets(args.vq, key, out, inp, 1)[0]
+    sets = bk.vq_sets(args.vq, key, out, inp, max(1, args.sets))
     x = jax.random.normal(jax.random.fold_in(key, 1), (1, inp), jnp.float32).astype(args.dtype)
-    fn = jax.jit(lambda x, qw: qw.matmul(x, backend=args.backend))
-    for _ in range(2):  # compile, warm up
+    if args.case == "kernel":
+        fn = jax.jit(bk.vq_kernel_fn(args.vq, {}))
+        x = x.astype(jnp.float32)
+    else:
+        fn = jax.jit(lambda x, qw: qw.matmul(x, backend=args.backend))
+    for qw in sets[:2]:  # compile, warm up
         fn(x, qw).block_until_ready()
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            ys = [fn(x, qw) for _ in range(args.calls)]
-            jax.block_until_ready(ys)
-        events = sorted(device_events(tmp), key=lambda e: e["ts"])
+    events = traced_events(lambda: jax.block_until_ready([fn(x, sets[i % len(sets)]) for i in range(args.calls)]))
     per_call = len(events) / args.calls
-    print(f"{args.vq} {out}x{inp} batch 1 ({args.backend}): device busy {busy_time(events) / args.calls:.2f} us a call, "
+    print(f"{args.vq} {out}x{inp} batch 1 ({args.backend}, {args.case}, {len(sets)} weight sets): device busy {busy_time(events) / args.calls:.2f} us a call, "
           f"{per_call:.1f} kernels a call")
     by_name = collections.defaultdict(list)
     for e in events:
