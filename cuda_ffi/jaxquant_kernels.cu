@@ -1476,6 +1476,30 @@ __device__ __forceinline__ void e8_xs_stage(const E8pArgs& a, int chunk, uint4* 
   __syncthreads();
 }
 
+// Diagnostics: built with -DJAXQUANT_E8P_PHASES, the x-stationary kernel stamps each block's phases
+// (%globaltimer, ns) into e8_phase[block]: entry, table filled, after pdl_wait, first chunk staged,
+// first and last warp done; `jaxquant_e8p_phases` copies them out (scripts/e8p_phases.py).
+#ifdef JAXQUANT_E8P_PHASES
+constexpr int kE8PhaseBlocks = 1024;
+__device__ unsigned long long e8_phase[kE8PhaseBlocks][6];
+__device__ __forceinline__ unsigned long long e8_now() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define E8_PHASE(i) \
+  if (threadIdx.x == 0 && blockIdx.x < kE8PhaseBlocks) e8_phase[blockIdx.x][i] = e8_now()
+#define E8_WARP_DONE()                                                            \
+  if ((threadIdx.x & 31) == 0 && blockIdx.x < kE8PhaseBlocks) {                  \
+    const unsigned long long t = e8_now();                                        \
+    atomicMin(&e8_phase[blockIdx.x][4], t);                                       \
+    atomicMax(&e8_phase[blockIdx.x][5], t);                                       \
+  }
+#else
+#define E8_PHASE(i)
+#define E8_WARP_DONE()
+#endif
+
 // MAXT: the largest block it is built for (768: one block of 24 warps sharing one table per SM); MINB:
 // the blocks per SM its registers must allow.
 template <int R, int ST, int D = 1, int MAXT = 256, int MINB = 1>
@@ -1506,10 +1530,16 @@ __global__ void __launch_bounds__(MAXT, MINB) e8p_matvec_xs_kernel(E8pArgs a, in
       if (first_grp + d * per_chunk < groups) load(first_grp + d * per_chunk, q[d]);
     });
   };
+  E8_PHASE(0);
+#ifdef JAXQUANT_E8P_PHASES
+  if (threadIdx.x == 0 && blockIdx.x < kE8PhaseBlocks) e8_phase[blockIdx.x][4] = ~0ull, e8_phase[blockIdx.x][5] = 0;
+#endif
   if (chunk < chunks) prefetch();
   e8_prefetch_l2_inputs(a);
   e8_fill_tables(e8tab, a.abs);
+  E8_PHASE(1);
   pdl_wait();  // the codes' loads, the prefetches and the table fill above may overlap the kernel that makes x
+  E8_PHASE(2);
   for (bool first = true; chunk < chunks; chunk += deal.step, first = false) {
     uu = chunk * 32 + lane;
     live = uu < a.units;
@@ -1518,7 +1548,10 @@ __global__ void __launch_bounds__(MAXT, MINB) e8p_matvec_xs_kernel(E8pArgs a, in
       __syncthreads();  // the previous chunk's x is read
     }
     e8_xs_stage<ST, 32>(a, chunk, stage_x, stage_hq, xrot);
-    if (first) pdl_launch_dependents();  // the next kernel (the inverse transform) may start its prologue
+    if (first) {
+      E8_PHASE(3);
+      pdl_launch_dependents();  // the next kernel (the inverse transform) may start its prologue
+    }
     uint4 xv[G];
     uint32_t hq[4];  // shift-term pairs of the 4 code words (e8_word)
     static_for<G>([&](auto g) { xv[g] = stage_x[g * 32 + lane]; });
@@ -1542,6 +1575,7 @@ __global__ void __launch_bounds__(MAXT, MINB) e8p_matvec_xs_kernel(E8pArgs a, in
       });
     }
   }
+  E8_WARP_DONE();
 }
 
 // Batch 1 on tensor cores: e8p_mma's fragment mapping, lane (g, q) holding rows g and g + 8 of a 16-row
@@ -3603,3 +3637,13 @@ extern "C" int JaxquantHadamardPlan(int logn, int64_t* out, int cap) {
   }
   return had_stages(logn);
 }
+
+#ifdef JAXQUANT_E8P_PHASES
+// The phase stamps of the last x-stationary E8P launch: [blocks][6] (see e8_phase); the number copied.
+extern "C" int jaxquant_e8p_phases(unsigned long long* out, int blocks) {
+  const int n = blocks < kE8PhaseBlocks ? blocks : kE8PhaseBlocks;
+  if (cudaDeviceSynchronize() != cudaSuccess) return -1;
+  if (cudaMemcpyFromSymbol(out, e8_phase, sizeof(unsigned long long) * 6 * n) != cudaSuccess) return -1;
+  return n;
+}
+#endif

@@ -1,0 +1,69 @@
+"""Where the batch-1 E8P kernel's time goes, per block: phase stamps from a diagnostic build.
+
+    python3 -c "from cuda_ffi import build; print(' '.join([build.nvcc_path(), *build.nvcc_flags(),
+        '-DJAXQUANT_E8P_PHASES', *map(str, (build.SOURCE_DIR / s for s in build.SOURCES)), '-o', 'phases.so']))" | sh
+    JAXQUANT_CUDA_LIBRARY=$PWD/phases.so python scripts/e8p_phases.py --shapes 4096x4096 28672x8192
+
+The x-stationary kernel (`--vq-cases kernel` of `bench kernels`, weights rotating over 128 MB so
+they come from DRAM) runs a few times; the last launch's stamps (%globaltimer, 32 ns steps on an
+H100) give per block, from the earliest block's entry (µs): entry, table filled, past pdl_wait,
+first chunk staged, first and last warp done. The spread of the entries is the launch ramp, the
+spread of the last warps the tail.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cuda_ffi  # noqa: E402
+from jaxquant import kernel_bench as bk  # noqa: E402
+
+PHASES = ["entry", "table", "pdl_wait", "staged", "first warp done", "last warp done"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["4096x4096", "28672x8192"], help="OUTxIN")
+    p.add_argument("--vq", default="e8p", choices=["e8p", "rvq4"])
+    p.add_argument("--calls", type=int, default=24, help="launches before the stamps are read")
+    args = p.parse_args(argv)
+    lib = cuda_ffi.load()
+    if not hasattr(lib, "jaxquant_e8p_phases"):
+        sys.exit("this library was built without -DJAXQUANT_E8P_PHASES (see the docstring)")
+    read = lib.jaxquant_e8p_phases
+    read.argtypes = [ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_int]
+    for shape in args.shapes:
+        out, inp = (int(v) for v in shape.lower().split("x"))
+        bits = bk.QUIP_BITS[args.vq]
+        sets = bk.vq_sets(args.vq, jax.random.key(out + inp), out, inp, bk._set_count(out * inp * bits // 8))
+        x = jax.random.normal(jax.random.key(1), (1, inp), jnp.float32)
+        fn = jax.jit(bk.vq_kernel_fn(args.vq, {}))
+        for i in range(args.calls):
+            y = fn(x, sets[i % len(sets)])
+        jax.block_until_ready(y)
+        stamps = np.zeros((1024, 6), np.uint64)
+        n = read(stamps.ctypes.data_as(ctypes.POINTER(ctypes.c_ulonglong)), 1024)
+        if n < 0:
+            sys.exit("jaxquant_e8p_phases failed")
+        s = stamps[:n]
+        s = s[s[:, 0] + 10**6 >= s[:, 0].max()]  # the last launch's blocks (an earlier, larger grid's stay)
+        rel = (s.astype(np.float64) - float(s[:, 0].min())) / 1e3
+        print(f"{args.vq} {shape}: {len(s)} blocks, kernel span {rel[:, 5].max():.2f} us (first entry to last warp)")
+        for k, name in enumerate(PHASES):
+            q = np.percentile(rel[:, k], [0, 50, 100])
+            print(f"   {name:16s} min {q[0]:7.2f}  median {q[1]:7.2f}  max {q[2]:7.2f}")
+        d = np.diff(rel[:, :4], axis=1)
+        print("   per block (median us): fill {:.2f}, pdl_wait {:.2f}, stage {:.2f}, loop to last warp {:.2f}".format(
+            *np.median(d, axis=0), np.median(rel[:, 5] - rel[:, 3])))
+
+
+if __name__ == "__main__":
+    main()
