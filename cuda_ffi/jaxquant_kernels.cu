@@ -1697,6 +1697,9 @@ cudaError_t launch_e8p_xs(cudaStream_t stream, const E8pArgs& a, int nwarps, int
   if constexpr (R == 2 && D == 1) {  // more than 8 warps: one block per SM (80 registers a thread)
     if (nwarps > 8) return launch_e8p_batch1(e8p_matvec_xs_kernel<R, ST, D, 768>, stream, a, nwarps, chunks, part);
   }
+  if constexpr (R == 4 && D == 1) {  // 16 warps of 4 rows: one block (one table) per SM, 128 registers (e8p_xs_run)
+    if (nwarps == 16) return launch_e8p_batch1(e8p_matvec_xs_kernel<R, ST, D, 512, 1>, stream, a, nwarps, chunks, part);
+  }
   // 4 rows, one group in flight: uncapped, ptxas takes 146 registers (one block per SM; session 19: the
   // cap at 128 for two blocks is 3-5% faster at 70B shapes and 20% at 8192 x 8192, no spills)
   constexpr int MINB = R == 4 && D == 1 ? 2 : 1;
@@ -1804,14 +1807,20 @@ cudaError_t e8p_xs_run(cudaStream_t stream, const E8pArgs& a, int64_t bits, int6
   // Default: 4 rows per warp from 2^27 weights (70B shapes on an H100, session 7: E8P 58.0 vs
   // 56.9%, RVQ4 66.8 vs 63.3% of copy); below, 2 rows per warp and 16 warps in one block per SM (the
   // Llama-2-7B decode step, session 18: the E8P kernels' mean 12.3 -> 11.8 us against 2 blocks of 8).
+  // From 2^26 weights with at most 8192 inputs: 16 warps of 4 rows, one block and one table per SM (session
+  // 21, device clock: E8P 28672x8192 -2.5%, 8192^2 -1.7%, 16384x8192 -2%, 28672x4096 -3.5%, 22016x4096 +3%;
+  // RVQ4 1.5-6% faster at all of them; at 8192x28672 2.6% / 7% slower, so not there).
   const bool big = int64_t{a.out} * a.k >= (int64_t{1} << 27);
+  const bool one_table = !tc && rows_per_warp == 0 && warps == 0 && prefetch <= 1 && a.k <= 8192 &&
+                         int64_t{a.out} * a.k >= (int64_t{1} << 26);
+  if (one_table) rows_per_warp = 4;
   const int max_warps = tc ? 8 : 24;  // beyond 8: the x-stationary kernel at 2 rows per warp, one block per SM
   const int st = static_cast<int>(bits / 2);
   const int nwarps = (warps >= 1 && warps <= max_warps) ? static_cast<int>(warps)
-                     : (warps == 0 && !tc && !big && rows_per_warp <= 2 && prefetch <= 1) ? 16 : 8;
+                     : one_table || (warps == 0 && !tc && !big && rows_per_warp <= 2 && prefetch <= 1) ? 16 : 8;
   const int chunks = e8p_xs_chunks(a.units, tc);
   if (nwarps > 8) {
-    rows_per_warp = 2;
+    if (nwarps != 16 || rows_per_warp != 4) rows_per_warp = 2;
     prefetch = 1;
   }
   if (tc) {
