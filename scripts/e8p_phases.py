@@ -5,8 +5,8 @@
     JAXQUANT_CUDA_LIBRARY=$PWD/phases.so python scripts/e8p_phases.py --shapes 4096x4096 28672x8192
 
 The x-stationary kernel (`--vq-cases kernel` of `bench kernels`, weights rotating over 128 MB so
-they come from DRAM) runs a few times; the last launch's stamps (%globaltimer, 32 ns steps on an
-H100) give per block, from the earliest block's entry (µs): entry, table filled, past pdl_wait,
+they come from DRAM) runs a few times; the last launch's stamps (%globaltimer, which ticked in
+0.256 µs steps on an H100) give per block, from the earliest block's entry (µs): entry, table filled, past pdl_wait,
 first chunk staged, first and last warp done. The spread of the entries is the launch ramp, the
 spread of the last warps the tail.
 """
