@@ -6,9 +6,9 @@
 
 The x-stationary kernel (`--vq-cases kernel` of `bench kernels`, weights rotating over 128 MB so
 they come from DRAM) runs a few times; the last launch's stamps (%globaltimer, which ticked in
-0.256 µs steps on an H100) give per block, from the earliest block's entry (µs): entry, table filled, past pdl_wait,
-first chunk staged, first and last warp done. The spread of the entries is the launch ramp, the
-spread of the last warps the tail.
+0.256 µs steps on an H100) give per block, from the earliest block's entry (µs): entry, table
+filled, past pdl_wait, first chunk staged, first and last warp done. The spread of the entries is
+the launch ramp, the spread of the last warps the tail.
 """
 from __future__ import annotations
 
