@@ -53,8 +53,8 @@ def main(argv=None):
         fn(x, qw).block_until_ready()
     events = traced_events(lambda: jax.block_until_ready([fn(x, sets[i % len(sets)]) for i in range(args.calls)]))
     per_call = len(events) / args.calls
-    print(f"{args.vq} {out}x{inp} batch 1 ({args.backend}, {args.case}, {len(sets)} weight sets): device busy {busy_time(events) / args.calls:.2f} us a call, "
-          f"{per_call:.1f} kernels a call")
+    print(f"{args.vq} {out}x{inp} batch 1 ({args.backend}, {args.case}, {len(sets)} weight sets): "
+          f"device busy {busy_time(events) / args.calls:.2f} us a call, {per_call:.1f} kernels a call")
     by_name = collections.defaultdict(list)
     for e in events:
         by_name[e["name"]].append(e["dur"])
