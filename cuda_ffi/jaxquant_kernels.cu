@@ -1478,14 +1478,21 @@ __device__ __forceinline__ void e8_xs_stage(const E8pArgs& a, int chunk, uint4* 
 
 // Diagnostics: built with -DJAXQUANT_E8P_PHASES, the x-stationary kernel stamps each block's phases
 // (%globaltimer, ns) into e8_phase[block]: entry, table filled, after pdl_wait, first chunk staged,
-// first and last warp done; `jaxquant_e8p_phases` copies them out (scripts/e8p_phases.py).
+// first and last warp done, then the SM it ran on; `jaxquant_e8p_phases` copies them out
+// (scripts/e8p_phases.py).
 #ifdef JAXQUANT_E8P_PHASES
 constexpr int kE8PhaseBlocks = 1024;
-__device__ unsigned long long e8_phase[kE8PhaseBlocks][6];
+constexpr int kE8PhaseFields = 7;
+__device__ unsigned long long e8_phase[kE8PhaseBlocks][kE8PhaseFields];
 __device__ __forceinline__ unsigned long long e8_now() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
+}
+__device__ __forceinline__ unsigned int e8_smid() {
+  unsigned int id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
 }
 #define E8_PHASE(i) \
   if (threadIdx.x == 0 && blockIdx.x < kE8PhaseBlocks) e8_phase[blockIdx.x][i] = e8_now()
@@ -1532,7 +1539,11 @@ __global__ void __launch_bounds__(MAXT, MINB) e8p_matvec_xs_kernel(E8pArgs a, in
   };
   E8_PHASE(0);
 #ifdef JAXQUANT_E8P_PHASES
-  if (threadIdx.x == 0 && blockIdx.x < kE8PhaseBlocks) e8_phase[blockIdx.x][4] = ~0ull, e8_phase[blockIdx.x][5] = 0;
+  if (threadIdx.x == 0 && blockIdx.x < kE8PhaseBlocks) {
+    e8_phase[blockIdx.x][4] = ~0ull;
+    e8_phase[blockIdx.x][5] = 0;
+    e8_phase[blockIdx.x][6] = e8_smid();
+  }
 #endif
   if (chunk < chunks) prefetch();
   e8_prefetch_l2_inputs(a);
@@ -3648,11 +3659,11 @@ extern "C" int JaxquantHadamardPlan(int logn, int64_t* out, int cap) {
 }
 
 #ifdef JAXQUANT_E8P_PHASES
-// The phase stamps of the last x-stationary E8P launch: [blocks][6] (see e8_phase); the number copied.
+// The phase stamps of the last x-stationary E8P launch: [blocks][7] (see e8_phase); the number copied.
 extern "C" int jaxquant_e8p_phases(unsigned long long* out, int blocks) {
   const int n = blocks < kE8PhaseBlocks ? blocks : kE8PhaseBlocks;
   if (cudaDeviceSynchronize() != cudaSuccess) return -1;
-  if (cudaMemcpyFromSymbol(out, e8_phase, sizeof(unsigned long long) * 6 * n) != cudaSuccess) return -1;
+  if (cudaMemcpyFromSymbol(out, e8_phase, sizeof(unsigned long long) * kE8PhaseFields * n) != cudaSuccess) return -1;
   return n;
 }
 #endif
