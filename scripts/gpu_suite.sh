@@ -8,6 +8,8 @@
 #   kernels-vq-tests  issue 10: E8P / RVQ4 / QTIP gpu tests
 #   kernels-vq  issue 10: E8P / RVQ4 / QTIP decode-matvec and their full linear (RHT included)
 #   e8p-sweep issue 10: E8P / RVQ4 launch configurations and the x-stationary variant (with their gpu tests)
+#   e8p-phases issue 10: per-block phase stamps and SMs of the batch-1 E8P kernel (a -DJAXQUANT_E8P_PHASES build;
+#             carried as .devcarry/lib/phases.so, else built here)
 #   overhead  issues 10, 11: per-custom-call cost with and without XLA command buffers
 #   ncu       issues 10, 11: Nsight Compute sections of every batch-1 kernel at a 7B and a 70B shape (why they
 #             are slow: latency, occupancy, memory or issue)
@@ -75,6 +77,12 @@ case $part in
     # GPTVQ (no transform: kernel = whole product): Pallas ("kernel" rows) against CUDA ("linear-cuda")
     timeout 150 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel linear-cuda \
       --json "$out/bench_gptvq.json" --vq gptvq-d2-k2 ;;
+  e8p-phases)
+    lib=$PWD/.devcarry/lib/phases.so
+    [ -f "$lib" ] || { lib=/tmp/phases.so; timeout 400 python3 -c "from cuda_ffi import build; print(' '.join([build.nvcc_path(),
+      *build.nvcc_flags(), '-DJAXQUANT_E8P_PHASES', *map(str, (build.SOURCE_DIR / s for s in build.SOURCES)), '-o', '$lib']))" | sh; }
+    JAXQUANT_CUDA_LIBRARY=$lib timeout 150 python3 scripts/e8p_phases.py --save "$out" \
+      --shapes 4096x4096 11008x4096 8192x8192 28672x8192 8192x28672 2>&1 | tee "$out/e8p_phases.txt" ;;
   overhead)  # issues 10, 11: is the ~15 us per custom call XLA's command-buffer tracing? Default, custom calls
     # left out of command buffers, no command buffers
     build_cuda
