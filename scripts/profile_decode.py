@@ -11,17 +11,15 @@ import argparse
 import collections
 import os
 import sys
-import tempfile
 import time
 
-import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxquant import decode_bench as db  # noqa: E402
 from jaxquant.cli import build_parser, config_from_args  # noqa: E402
-from jaxquant.device_trace import busy_time, device_events  # noqa: E402
+from jaxquant.device_trace import busy_time, traced_events  # noqa: E402
 from jaxquant.model.params import model_from_params, named_params  # noqa: E402
 from jaxquant.model.shapes import random_model  # noqa: E402
 
@@ -69,14 +67,17 @@ def main(argv=None):
     for i in range(3):  # compile, warm up
         token, cache = step(state, token, cache, jnp.int32(100 + i))
     token.block_until_ready()
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            start = time.perf_counter()
-            for i in range(args.steps):
-                token, cache = step(state, token, cache, jnp.int32(110 + i))
-            token.block_until_ready()
-            wall = (time.perf_counter() - start) / args.steps * 1e6
-        events = device_events(tmp)
+    wall = 0.0
+
+    def run_steps():
+        nonlocal token, cache, wall
+        start = time.perf_counter()
+        for i in range(args.steps):
+            token, cache = step(state, token, cache, jnp.int32(110 + i))
+        token.block_until_ready()
+        wall = (time.perf_counter() - start) / args.steps * 1e6
+
+    events = traced_events(run_steps)
     by_name = collections.defaultdict(list)
     for e in events:
         by_name[e["name"]].append(e["dur"])

@@ -2,10 +2,11 @@
 import gzip
 import json
 
+import jax
 import numpy as np
 import pytest
 
-from jaxquant import device_trace
+from jaxquant import device_trace, kernel_bench
 
 
 def test_busy_time_is_the_length_of_the_union_of_intervals():
@@ -34,10 +35,6 @@ def test_device_events_keeps_complete_gpu_events_only(tmp_path):
 
 
 def test_bench_kernels_device_clock_needs_a_gpu():
-    import jax
-
-    from jaxquant import kernel_bench
-
     if jax.devices()[0].platform == "gpu":
         pytest.skip("on a GPU the device clock is valid")
 
