@@ -1507,6 +1507,62 @@ __device__ __forceinline__ unsigned int e8_smid() {
 #define E8_WARP_DONE()
 #endif
 
+#ifdef JAXQUANT_E8P_POOL
+// Experiment (session 22; build with -DJAXQUANT_E8P_POOL=N): the last N sixteenths of each chunk's row
+// groups form a pool that warps claim one group at a time once their static share is done, so that warps
+// on fast SMs take over from slow ones (session 21: blocks with equal work finished 20-29 us into a 30 us
+// kernel). A claim is an atomicAdd on the chunk's counter, issued two groups ahead of its load (session
+// 21's claims one group ahead exposed their latency: 31 -> 50 us). Each warp stops at its first empty
+// claim with exactly one more in flight, so a launch makes pool + 2 * (warps on the chunk) claims; the
+// warp that gets the last one zeroes the counter for the next launch (which claims only after pdl_wait).
+constexpr int kE8PoolChunks = 1024;
+__device__ int e8_pool_next[kE8PoolChunks];
+
+template <class Load0, class Load1, class Decode>
+__device__ __forceinline__ void e8_pool_groups(int chunk, int groups, int first_grp, int per_chunk, int lane,
+                                               Load0 load_first, Load1 load_next, Decode decode_group) {
+  const int pool = groups * JAXQUANT_E8P_POOL / 16, fixed = groups - pool;
+  const int total = pool + 2 * per_chunk;
+  int* next = e8_pool_next + chunk;
+  const int n_static = first_grp < fixed ? (fixed - 1 - first_grp) / per_chunk + 1 : 0;
+  int ca = 0, cb = 0, np = 0, empty = -1;  // lane 0: the np pending claims' results, oldest first
+  auto claim = [&] {
+    const int c = lane == 0 ? atomicAdd(next, 1) : 0;
+    if (np == 0) ca = c; else cb = c;
+    ++np;
+  };
+  auto claimed_group = [&] {  // the oldest pending claim's group (groups: the pool is empty)
+    const int c = __shfl_sync(0xffffffffu, ca, 0);
+    ca = cb;
+    --np;
+    if (c < pool) return fixed + c;
+    empty = c;
+    return groups;
+  };
+  int grp = first_grp;
+  if (n_static == 0) {  // no static group: the first claim's latency is exposed
+    claim();
+    claim();
+    grp = claimed_group();
+    if (grp < groups) {
+      load_first(grp);
+      claim();
+    }
+  } else if (n_static <= 2) {
+    claim();
+    if (n_static == 1) claim();
+  }
+  for (int i = 0; grp < groups; ++i) {  // group i of this warp; its claim was issued at group i - 2
+    const int nxt = i + 1 < n_static ? grp + per_chunk : claimed_group();
+    if (nxt < groups && i + 3 >= n_static) claim();
+    if (nxt < groups) load_next(nxt);
+    decode_group(grp);
+    grp = nxt;
+  }
+  if (lane == 0 && (empty == total - 1 || (np > 0 && ca == total - 1))) *next = 0;
+}
+#endif
+
 // MAXT: the largest block it is built for (768: one block of 24 warps sharing one table per SM); MINB:
 // the blocks per SM its registers must allow.
 template <int R, int ST, int D = 1, int MAXT = 256, int MINB = 1>
@@ -1567,8 +1623,7 @@ __global__ void __launch_bounds__(MAXT, MINB) e8p_matvec_xs_kernel(E8pArgs a, in
     uint32_t hq[4];  // shift-term pairs of the 4 code words (e8_word)
     static_for<G>([&](auto g) { xv[g] = stage_x[g * 32 + lane]; });
     static_for<4>([&](auto wi) { hq[wi] = stage_hq[wi * 32 + lane]; });
-    for (int grp = first_grp; grp < groups; grp += per_chunk) {
-      if (grp + D * per_chunk < groups) load(grp + D * per_chunk, q[D]);
+    auto decode_group = [&](int grp) {  // q[0]'s rows into part, then the groups in flight move up
       uint4 (&cur)[R] = q[0];
       float v[R];
       static_for<R>([&](auto r) {
@@ -1584,6 +1639,19 @@ __global__ void __launch_bounds__(MAXT, MINB) e8p_matvec_xs_kernel(E8pArgs a, in
         if (lane == 0 && row < a.out) part[static_cast<size_t>(chunk) * a.out + row] = v[r];
         static_for<D>([&](auto d) { q[d][r] = q[d + 1][r]; });
       });
+    };
+#ifdef JAXQUANT_E8P_POOL
+    if constexpr (D == 1) {
+      if (chunks <= kE8PoolChunks) {
+        e8_pool_groups(chunk, groups, first_grp, per_chunk, lane, [&](int g) { load(g, q[0]); },
+                       [&](int g) { load(g, q[1]); }, decode_group);
+        continue;
+      }
+    }
+#endif
+    for (int grp = first_grp; grp < groups; grp += per_chunk) {
+      if (grp + D * per_chunk < groups) load(grp + D * per_chunk, q[D]);
+      decode_group(grp);
     }
   }
   E8_WARP_DONE();

@@ -10,6 +10,9 @@
 #   e8p-sweep issue 10: E8P / RVQ4 launch configurations and the x-stationary variant (with their gpu tests)
 #   e8p-phases issue 10: per-block phase stamps and SMs of the batch-1 E8P kernel (a -DJAXQUANT_E8P_PHASES build;
 #             carried as .devcarry/lib/phases.so, else built here)
+#   e8p-libs  issue 10: batch-1 E8P / RVQ4 rows (kernel and one-call linear, 7B and 70B shapes, device clock)
+#             with each library carried in .devcarry/lib in turn (a default build beside experiment builds such
+#             as -DJAXQUANT_E8P_POOL=N), then the x-stationary gpu tests with the last one
 #   overhead  issues 10, 11: per-custom-call cost with and without XLA command buffers
 #   ncu       issues 10, 11: Nsight Compute sections of every batch-1 kernel at a 7B and a 70B shape (why they
 #             are slow: latency, occupancy, memory or issue)
@@ -83,6 +86,16 @@ case $part in
       *build.nvcc_flags(), '-DJAXQUANT_E8P_PHASES', *map(str, (build.SOURCE_DIR / s for s in build.SOURCES)), '-o', '$lib']))" | sh; }
     JAXQUANT_CUDA_LIBRARY=$lib timeout 150 python3 scripts/e8p_phases.py --save "$out" \
       --shapes 4096x4096 11008x4096 8192x8192 28672x8192 8192x28672 2>&1 | tee "$out/e8p_phases.txt" ;;
+  e8p-libs)
+    for lib in .devcarry/lib/*.so; do
+      name=$(basename "$lib" .so); echo "=== $name"
+      JAXQUANT_CUDA_LIBRARY=$PWD/$lib timeout 150 python3 scripts/bench_kernels.py --backends cuda --no-matvec \
+        --hadamard-n --batch 1 --vq e8p rvq4 --vq-cases kernel linear-cuda --models llama2-7b llama2-70b \
+        --json "$out/bench_b1_$name.json" 2>&1 | grep -v "warn"
+    done
+    JAXQUANT_CUDA_LIBRARY=$PWD/$lib JAX_PLATFORMS=cuda timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider \
+      tests/test_kernels.py -k "cuda_e8p_matvec_gpu or (e8p_linear_gpu and xs)" > "$out/gpu_tests_$name.log" 2>&1
+    tail -3 "$out/gpu_tests_$name.log" ;;
   overhead)  # issues 10, 11: is the ~15 us per custom call XLA's command-buffer tracing? Default, custom calls
     # left out of command buffers, no command buffers
     build_cuda

@@ -718,11 +718,11 @@ def _cuda_include_dir():
     return None
 
 
-def _host_harness(tmp_path, cuts, harness: str, source: str = "jaxquant_kernels.cu"):
+def _host_harness(tmp_path, cuts, harness: str, source: str = "jaxquant_kernels.cu", defines: tuple = ()):
     """Compile ``harness`` (C++ that includes "kernel_part.inc") with g++ against the pieces of
     ``source`` that ``cuts`` names ((first line, the line after) pairs, cut unchanged; None: all of
-    it, compiled with JAXQUANT_HOST_HARNESS defined); the executable's path. Skips the test without
-    g++ or the CUDA headers."""
+    it, compiled with JAXQUANT_HOST_HARNESS and ``defines`` ("NAME=VALUE") defined); the executable's
+    path. Skips the test without g++ or the CUDA headers."""
     import shutil
     import subprocess
 
@@ -735,7 +735,8 @@ def _host_harness(tmp_path, cuts, harness: str, source: str = "jaxquant_kernels.
     (tmp_path / "kernel_part.inc").write_text(part)
     (tmp_path / "harness.cpp").write_text(harness)
     exe = tmp_path / "harness"
-    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-DJAXQUANT_HOST_HARNESS", f"-I{include}",
+    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-DJAXQUANT_HOST_HARNESS", *(f"-D{d}" for d in defines),
+                           f"-I{include}",
                            f"-I{cuda_build.SOURCE_DIR}",
                            str(tmp_path / "harness.cpp"),
                            "-o", str(exe)], capture_output=True, text=True)
@@ -1084,21 +1085,30 @@ int main(int argc, char** argv) {
                                        : go([&] { e8p_matvec_xs_kernel<R, ST, 1>(a, chunks, a.y); }))
 #define DEF(R, ST, U) go([&] { e8p_matvec_kernel<1, R, ST, U>(a); })
 #define TC(R, ST) go([&] { e8p_matvec_tc_kernel<R, ST>(a, chunks, a.y); })
-  if (xs == 2) {
-    if (rows >= 2) { if (st == 1) TC(2, 1); else TC(2, 2); }
-    else { if (st == 1) TC(1, 1); else TC(1, 2); }
-  } else if (xs) {
-    if (rows >= 4) { if (st == 1) XS(4, 1); else XS(4, 2); }
-    else { if (st == 1) XS(2, 1); else XS(2, 2); }
-  } else if (units_per_step == 1) {
-    if (rows >= 4) { if (st == 1) DEF(4, 1, 1); else DEF(4, 2, 1); }
-    else if (rows == 2) { if (st == 1) DEF(2, 1, 1); else DEF(2, 2, 1); }
-    else { if (st == 1) DEF(1, 1, 1); else DEF(1, 2, 1); }
-  } else {
-    if (rows >= 4) { if (st == 1) DEF(4, 1, 2); else DEF(4, 2, 2); }
-    else if (rows == 2) { if (st == 1) DEF(2, 1, 2); else DEF(2, 2, 2); }
-    else { if (st == 1) DEF(1, 1, 2); else DEF(1, 2, 2); }
-  }
+  auto launch = [&] {
+    if (xs == 2) {
+      if (rows >= 2) { if (st == 1) TC(2, 1); else TC(2, 2); }
+      else { if (st == 1) TC(1, 1); else TC(1, 2); }
+    } else if (xs) {
+      if (rows >= 4) { if (st == 1) XS(4, 1); else XS(4, 2); }
+      else { if (st == 1) XS(2, 1); else XS(2, 2); }
+    } else if (units_per_step == 1) {
+      if (rows >= 4) { if (st == 1) DEF(4, 1, 1); else DEF(4, 2, 1); }
+      else if (rows == 2) { if (st == 1) DEF(2, 1, 1); else DEF(2, 2, 1); }
+      else { if (st == 1) DEF(1, 1, 1); else DEF(1, 2, 1); }
+    } else {
+      if (rows >= 4) { if (st == 1) DEF(4, 1, 2); else DEF(4, 2, 2); }
+      else if (rows == 2) { if (st == 1) DEF(2, 1, 2); else DEF(2, 2, 2); }
+      else { if (st == 1) DEF(1, 1, 2); else DEF(1, 2, 2); }
+    }
+  };
+  launch();
+#ifdef JAXQUANT_E8P_POOL  // the pool build: counters back at zero, and a second launch claims the whole pool again
+  if (std::any_of(e8_pool_next, e8_pool_next + kE8PoolChunks, [](int c) { return c != 0; })) return 5;
+  std::fill(y.begin(), y.end(), NAN);
+  launch();
+  if (std::any_of(e8_pool_next, e8_pool_next + kE8PoolChunks, [](int c) { return c != 0; })) return 5;
+#endif
   const bool ok = fwrite(y.data(), 4, y.size(), fo) == y.size();
   fclose(in);
   fclose(fo);
@@ -1130,8 +1140,6 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
     partly past the row, a row count that is not a multiple of R, and the x-stationary kernel making
     x's RHT itself (real-valued signs; 1 to 4 chunks' worth of x summed per chunk); the same cases for
     its tensor-core form (mma.sync emulated by the PTX fragment layout), 16-row tiles past the rows."""
-    import subprocess
-
     prelude = _HOST_PRELUDE.replace('#include "kernel_part.inc"', _MMA_HOST_EMULATION + '#include "kernel_part.inc"')
     exe = _host_harness(tmp_path, _E8P_HOST_CUTS, "#include <type_traits>\n" + prelude + _E8P_HOST_MAIN)
     table = cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set())
@@ -1150,6 +1158,13 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
         (2, 2, 21, 2048, 1, 0, 2, 2, 0), (2, 4, 53, 512, 2, 0, 5, 2, 0),
         (2, 2, 37, 2048, 2, 0, 5, 4, 1), (2, 4, 21, 1024, 1, 0, 3, 2, 1),  # the RHT of x in the kernel
         (2, 2, 37, 4096, 1, 0, 9, 3, 2), (2, 4, 21, 512, 2, 0, 2, 4, 3)]  # ... of x's RMSNorm
+    _run_e8p_host_cases(exe, tmp_path, cases, table)
+
+
+def _run_e8p_host_cases(exe, tmp_path, cases, table):
+    """Run the E8P host harness on each case (see test_e8p_kernels_source_on_cpu) against float64 x @ Q.T."""
+    import subprocess
+
     for i, (xs, bits, out, k, rows, units, blocks, warps, rht) in enumerate(cases):
         assert 1.0 / (jq_e8p.get_codebook(bits).resid_scale or 1.0) == pytest.approx(
             1.0 / 3.45 if bits == 4 else 1.0)  # the harness's resid
@@ -1177,6 +1192,40 @@ def test_e8p_kernels_source_on_cpu(tmp_path):
         xr = np.asarray(jq_hadamard.rht(jnp.asarray(x), jnp.asarray(su)), np.float64) if rht else x.astype(np.float64)
         ref = xr @ np.asarray(qw.rotated(), np.float64).T
         assert rel_err(y.sum(0, keepdims=True), ref) < 1.5e-3, cases[i]  # half2 sums of <= 16 products (fp32 on tensor cores)
+
+
+# Atomic claims and a lane broadcast for the host harness (the pool build of the x-stationary kernel).
+_HOST_CLAIMS = r"""
+#include <algorithm>
+static int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static int __shfl_sync(unsigned, int v, int src) {
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  float f, r;
+  memcpy(&f, &v, 4);
+  h_shfl[w][l] = f;
+  h_warp_bar[w]->arrive_and_wait();
+  r = h_shfl[w][src];
+  h_warp_bar[w]->arrive_and_wait();
+  memcpy(&v, &r, 4);
+  return v;
+}
+"""
+
+
+def test_e8p_claimed_pool_on_cpu(tmp_path):
+    """The x-stationary kernel built with -DJAXQUANT_E8P_POOL=5 (an experiment: each chunk's last 5/16
+    of row groups claimed by atomicAdd; blocks run in turn here, so the first block on a chunk takes
+    the whole pool): every row written once per chunk and right, the counters back at zero after a
+    launch and the second launch right too (the harness returns 5 otherwise). Warps with 0, 1, 2 and
+    more static groups, chunks shared evenly and unevenly, fewer blocks than chunks, 2 and 4 bits."""
+    prelude = _HOST_PRELUDE.replace('#include "kernel_part.inc"',
+                                    _HOST_CLAIMS + _MMA_HOST_EMULATION + '#include "kernel_part.inc"')
+    exe = _host_harness(tmp_path, _E8P_HOST_CUTS, "#include <type_traits>\n" + prelude + _E8P_HOST_MAIN,
+                        defines=("JAXQUANT_E8P_POOL=5",))
+    cases = [  # as in test_e8p_kernels_source_on_cpu, x-stationary with one group in flight
+        (1, 2, 37, 512, 4, 0, 1, 8, 0), (1, 2, 301, 6144, 2, 0, 7, 2, 0), (1, 4, 301, 3072, 4, 0, 5, 3, 0),
+        (1, 2, 203, 6144, 2, 0, 2, 4, 0), (1, 4, 45, 1056, 2, 0, 3, 1, 0), (1, 2, 301, 4096, 2, 0, 3, 4, 1)]
+    _run_e8p_host_cases(exe, tmp_path, cases, cuda_ffi.e8p_abs_table(jq_e8p.e8p_source_set()))
 
 
 _MMA_HOST_EMULATION = r"""
