@@ -12,7 +12,8 @@
 #             carried as .devcarry/lib/phases.so, else built here)
 #   e8p-libs  issue 10: batch-1 E8P / RVQ4 rows (kernel and one-call linear, 7B and 70B shapes, device clock)
 #             with each library carried in .devcarry/lib in turn (a default build beside experiment builds such
-#             as -DJAXQUANT_E8P_POOL=N), then the x-stationary gpu tests with the last one
+#             as -DJAXQUANT_E8P_POOL=N; ~1-1.5 minutes a library); to test one, carry it as
+#             .devcarry/lib/libjaxquant_cuda_ffi.so and run kernels-vq-tests
 #   overhead  issues 10, 11: per-custom-call cost with and without XLA command buffers
 #   ncu       issues 10, 11: Nsight Compute sections of every batch-1 kernel at a 7B and a 70B shape (why they
 #             are slow: latency, occupancy, memory or issue)
@@ -81,7 +82,7 @@ case $part in
     timeout 150 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel linear-cuda \
       --json "$out/bench_gptvq.json" --vq gptvq-d2-k2 ;;
   e8p-phases)
-    lib=$PWD/.devcarry/lib/phases.so
+    lib=$PWD/.devcarry/lib/${PHASES_LIB:-phases}.so  # PHASES_LIB=phases_pool3: a build with both flags
     [ -f "$lib" ] || { lib=/tmp/phases.so; timeout 400 python3 -c "from cuda_ffi import build; print(' '.join([build.nvcc_path(),
       *build.nvcc_flags(), '-DJAXQUANT_E8P_PHASES', *map(str, (build.SOURCE_DIR / s for s in build.SOURCES)), '-o', '$lib']))" | sh; }
     JAXQUANT_CUDA_LIBRARY=$lib timeout 150 python3 scripts/e8p_phases.py --save "$out" \
@@ -92,10 +93,7 @@ case $part in
       JAXQUANT_CUDA_LIBRARY=$PWD/$lib timeout 150 python3 scripts/bench_kernels.py --backends cuda --no-matvec \
         --hadamard-n --batch 1 --vq e8p rvq4 --vq-cases kernel linear-cuda --models llama2-7b llama2-70b \
         --json "$out/bench_b1_$name.json" 2>&1 | grep -v "warn"
-    done
-    JAXQUANT_CUDA_LIBRARY=$PWD/$lib JAX_PLATFORMS=cuda timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider \
-      tests/test_kernels.py -k "cuda_e8p_matvec_gpu or (e8p_linear_gpu and xs)" > "$out/gpu_tests_$name.log" 2>&1
-    tail -3 "$out/gpu_tests_$name.log" ;;
+    done ;;
   overhead)  # issues 10, 11: is the ~15 us per custom call XLA's command-buffer tracing? Default, custom calls
     # left out of command buffers, no command buffers
     build_cuda
