@@ -9,7 +9,7 @@
 #   kernels-vq  issue 10: E8P / RVQ4 / QTIP decode-matvec and their full linear (RHT included)
 #   e8p-sweep issue 10: E8P / RVQ4 launch configurations and the x-stationary variant (with their gpu tests)
 #   e8p-phases issue 10: per-block phase stamps and SMs of the batch-1 E8P kernel (a -DJAXQUANT_E8P_PHASES build;
-#             carried as .devcarry/lib/phases.so, else built here)
+#             carried as .devcarry/phases/$PHASES_LIB.so, default phases.so, else built here)
 #   e8p-libs  issue 10: batch-1 E8P / RVQ4 rows (kernel and one-call linear, 7B and 70B shapes, device clock)
 #             with each library carried in .devcarry/lib in turn (a default build beside experiment builds such
 #             as -DJAXQUANT_E8P_POOL=N; ~1-1.5 minutes a library); to test one, carry it as
@@ -82,7 +82,7 @@ case $part in
     timeout 150 python3 scripts/bench_kernels.py --backends cuda --no-matvec --hadamard-n --vq-cases kernel linear-cuda \
       --json "$out/bench_gptvq.json" --vq gptvq-d2-k2 ;;
   e8p-phases)
-    lib=$PWD/.devcarry/lib/${PHASES_LIB:-phases}.so  # PHASES_LIB=phases_pool3: a build with both flags
+    lib=$PWD/.devcarry/phases/${PHASES_LIB:-phases}.so  # PHASES_LIB=phases_pool3: a build with both flags
     [ -f "$lib" ] || { lib=/tmp/phases.so; timeout 400 python3 -c "from cuda_ffi import build; print(' '.join([build.nvcc_path(),
       *build.nvcc_flags(), '-DJAXQUANT_E8P_PHASES', *map(str, (build.SOURCE_DIR / s for s in build.SOURCES)), '-o', '$lib']))" | sh; }
     JAXQUANT_CUDA_LIBRARY=$lib timeout 150 python3 scripts/e8p_phases.py --save "$out" \
