@@ -25,7 +25,9 @@ FAST = FinetuneConfig(lr=1e-3, sign_lr=3e-3, lora_lr=3e-3, epochs=4, batch_size=
 
 
 def _seed() -> int:
-    return int(np.random.SeedSequence().entropy % 2**31)
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print(f"seed {seed}")  # shown with a failure: the case can be replayed
+    return seed
 
 
 def _layer(rng, out=32, n=64, tokens=256):
