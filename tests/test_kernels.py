@@ -1104,10 +1104,11 @@ int main(int argc, char** argv) {
   };
   launch();
 #ifdef JAXQUANT_E8P_POOL  // the pool build: counters back at zero, and a second launch claims the whole pool again
-  if (std::any_of(e8_pool_next, e8_pool_next + kE8PoolChunks, [](int c) { return c != 0; })) return 5;
+  auto counters_zero = [] { return std::all_of(e8_pool_next, e8_pool_next + kE8PoolChunks, [](int c) { return c == 0; }); };
+  if (!counters_zero()) return 5;
   std::fill(y.begin(), y.end(), NAN);
   launch();
-  if (std::any_of(e8_pool_next, e8_pool_next + kE8PoolChunks, [](int c) { return c != 0; })) return 5;
+  if (!counters_zero()) return 5;
 #endif
   const bool ok = fwrite(y.data(), 4, y.size(), fo) == y.size();
   fclose(in);
